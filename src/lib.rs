@@ -1,0 +1,12 @@
+//! An external session cache and a DTLS peer session manager for OpenSSL-based servers.
+#![deny(unsafe_code)]
+
+mod clock;
+mod error;
+mod stats;
+mod store;
+
+pub use clock::{Clock, ManualClock, SystemClock};
+pub use error::{Error, StoreError};
+pub use stats::{CacheStats, EvictionStats};
+pub use store::{MemoryStore, MemoryStoreBuilder, NullStore, SessionId, SessionStore, StoredSession, MAX_SESSION_ID_LEN};

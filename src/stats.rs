@@ -1,0 +1,93 @@
+//! Cache counters: atomics updated from the session callbacks, and the snapshot users read.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// A snapshot of a [`SessionCache`](crate::SessionCache)'s counters, from
+/// [`SessionCache::stats`](crate::SessionCache::stats).
+///
+/// Counters only grow; `entries` and `bytes` are the store's occupancy when the snapshot was taken.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct CacheStats {
+    /// Lookups that handed OpenSSL a session to resume.
+    pub hits: u64,
+    /// Lookups that found nothing usable (includes expired, undecodable and failed lookups).
+    pub misses: u64,
+    /// Sessions written to the store by the new-session callback.
+    pub inserts: u64,
+    /// Entries found expired on lookup, or purged by a sweep.
+    pub expired: u64,
+    /// Entries the store evicted because it held `max_entries`.
+    pub evicted_capacity: u64,
+    /// Entries the store evicted because it held `max_bytes`.
+    pub evicted_bytes: u64,
+    /// Entries deleted because OpenSSL called the remove callback, or taken for single use.
+    pub removed: u64,
+    /// Stored bytes that OpenSSL could not decode (each removed, and a miss).
+    pub decode_errors: u64,
+    /// Sessions not stored because their DER was larger than `max_session_size`.
+    pub rejected_oversize: u64,
+    /// Store operations that failed (each lookup failure is also a miss).
+    pub store_errors: u64,
+    /// Entries in the store now (0 if the store could not say).
+    pub entries: u64,
+    /// Bytes of session data in the store now (0 if the store could not say).
+    pub bytes: u64,
+}
+
+/// Eviction counts kept by a store, merged into [`CacheStats`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct EvictionStats {
+    /// Evicted because the entry limit was reached.
+    pub capacity: u64,
+    /// Evicted because the byte limit was reached.
+    pub bytes: u64,
+}
+
+impl EvictionStats {
+    /// Eviction counts with the given values.
+    pub fn new(capacity: u64, bytes: u64) -> Self {
+        Self { capacity, bytes }
+    }
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub(crate) hits: AtomicU64,
+    pub(crate) misses: AtomicU64,
+    pub(crate) inserts: AtomicU64,
+    pub(crate) expired: AtomicU64,
+    pub(crate) removed: AtomicU64,
+    pub(crate) decode_errors: AtomicU64,
+    pub(crate) rejected_oversize: AtomicU64,
+    pub(crate) store_errors: AtomicU64,
+}
+
+impl Counters {
+    pub(crate) fn bump(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub(crate) fn snapshot(&self, evictions: EvictionStats, entries: u64, bytes: u64) -> CacheStats {
+        let r = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        CacheStats {
+            hits: r(&self.hits),
+            misses: r(&self.misses),
+            inserts: r(&self.inserts),
+            expired: r(&self.expired),
+            evicted_capacity: evictions.capacity,
+            evicted_bytes: evictions.bytes,
+            removed: r(&self.removed),
+            decode_errors: r(&self.decode_errors),
+            rejected_oversize: r(&self.rejected_oversize),
+            store_errors: r(&self.store_errors),
+            entries,
+            bytes,
+        }
+    }
+}

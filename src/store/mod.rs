@@ -1,0 +1,314 @@
+//! Where sessions rest: bytes in, bytes out. Nothing here knows an `SslSession`.
+//!
+//! The [`SessionStore`] trait is modelled on Erlang's `ssl_session_cache_api` (lookup, update,
+//! delete, fold, size) and rustls's `StoresServerSessions` (`take` for single use). The cache
+//! calls it from inside OpenSSL's callbacks, so implementations must answer in bounded time and
+//! report failure as a [`StoreError`] rather than panic or block.
+
+use std::fmt;
+use std::hash::{Hash, Hasher};
+use std::time::SystemTime;
+
+use zeroize::Zeroize;
+
+use crate::clock::{from_unix_millis, unix_millis};
+use crate::error::{Error, StoreError};
+use crate::stats::EvictionStats;
+
+pub(crate) mod memory;
+
+pub use memory::{MemoryStore, MemoryStoreBuilder};
+
+/// The longest session id OpenSSL accepts (`SSL_MAX_SSL_SESSION_ID_LENGTH`).
+pub const MAX_SESSION_ID_LEN: usize = 32;
+
+/// A session id: 1 to 32 bytes, as OpenSSL hands it to the get-session callback.
+///
+/// Ids arrive from the network (a ClientHello's session_id, a TLS 1.3 PSK identity), so they are
+/// untrusted input; the constructor rejects what OpenSSL itself would never produce.
+#[derive(Clone, Copy)]
+pub struct SessionId {
+    len: u8,
+    bytes: [u8; MAX_SESSION_ID_LEN],
+}
+
+impl SessionId {
+    /// An id from its bytes.
+    ///
+    /// # Errors
+    /// [`Error::InvalidSessionId`] if `id` is empty or longer than 32 bytes.
+    pub fn new(id: &[u8]) -> Result<Self, Error> {
+        if id.is_empty() || id.len() > MAX_SESSION_ID_LEN {
+            return Err(Error::InvalidSessionId(id.len()));
+        }
+        let mut bytes = [0u8; MAX_SESSION_ID_LEN];
+        bytes[..id.len()].copy_from_slice(id);
+        Ok(Self {
+            len: id.len() as u8,
+            bytes,
+        })
+    }
+
+    /// The id's bytes.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.bytes[..usize::from(self.len)]
+    }
+
+    /// The id as lowercase hex (used for Redis keys and logs; an id is not a secret).
+    pub fn to_hex(&self) -> String {
+        use fmt::Write;
+        let mut s = String::with_capacity(usize::from(self.len) * 2);
+        for b in self.as_bytes() {
+            let _ = write!(s, "{b:02x}");
+        }
+        s
+    }
+}
+
+impl PartialEq for SessionId {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_bytes() == other.as_bytes()
+    }
+}
+
+impl Eq for SessionId {}
+
+impl Hash for SessionId {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.as_bytes().hash(state);
+    }
+}
+
+impl fmt::Debug for SessionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SessionId({})", self.to_hex())
+    }
+}
+
+/// A stored session: its serialized bytes (secret: they hold the master key) and its expiry.
+///
+/// The bytes are zeroized when the value is dropped. `Debug` never prints them.
+#[derive(Clone, PartialEq, Eq)]
+pub struct StoredSession {
+    data: SecretBytes,
+    expires_at_ms: u64,
+}
+
+impl StoredSession {
+    /// A stored session holding `data` until `expires_at`.
+    pub fn new(data: Vec<u8>, expires_at: SystemTime) -> Self {
+        Self {
+            data: SecretBytes::from(data),
+            expires_at_ms: unix_millis(expires_at),
+        }
+    }
+
+    /// The same, with the expiry in milliseconds since the Unix epoch.
+    pub fn from_millis(data: Vec<u8>, expires_at_ms: u64) -> Self {
+        Self {
+            data: SecretBytes::from(data),
+            expires_at_ms,
+        }
+    }
+
+    /// The session's bytes (DER from `i2d_SSL_SESSION`, unless a layer above chose otherwise).
+    pub fn data(&self) -> &[u8] {
+        &self.data.0
+    }
+
+    /// When the session stops being resumable.
+    pub fn expires_at(&self) -> SystemTime {
+        from_unix_millis(self.expires_at_ms)
+    }
+
+    /// [`expires_at`](Self::expires_at) in milliseconds since the Unix epoch.
+    pub fn expires_at_millis(&self) -> u64 {
+        self.expires_at_ms
+    }
+
+    /// True when `now` is at or past the expiry.
+    pub fn is_expired(&self, now: SystemTime) -> bool {
+        unix_millis(now) >= self.expires_at_ms
+    }
+
+    /// The number of bytes of session data.
+    pub fn len(&self) -> usize {
+        self.data.0.len()
+    }
+
+    /// True when there are no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.data.0.is_empty()
+    }
+}
+
+impl fmt::Debug for StoredSession {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StoredSession")
+            .field("len", &self.len())
+            .field("expires_at_ms", &self.expires_at_ms)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Heap bytes that are zeroized on drop.
+#[derive(Clone, PartialEq, Eq)]
+pub(crate) struct SecretBytes(pub(crate) Box<[u8]>);
+
+impl From<Vec<u8>> for SecretBytes {
+    fn from(mut v: Vec<u8>) -> Self {
+        if v.len() == v.capacity() {
+            return Self(v.into_boxed_slice());
+        }
+        // Shrinking would reallocate and leave the old buffer unzeroized: copy, then wipe.
+        let boxed: Box<[u8]> = v.as_slice().into();
+        v.zeroize();
+        Self(boxed)
+    }
+}
+
+impl Drop for SecretBytes {
+    fn drop(&mut self) {
+        self.0.zeroize();
+    }
+}
+
+/// Pluggable storage for serialized sessions.
+///
+/// All methods take `&self` and may be called concurrently from OpenSSL's callbacks on any
+/// thread, so they must return in bounded time; a slow or broken backend must fail with a
+/// [`StoreError`] (the cache turns that into a miss and a full handshake).
+///
+/// Which operations may be lossy: `put` may drop the entry (or evict others) to stay within
+/// bounds; `get` may miss. Which must be reliable: **`take` must reliably delete** what it returns,
+/// atomically, so a single-use session is never handed out twice; `remove` must delete if present.
+///
+/// Implementations: [`MemoryStore`] (the default), [`NullStore`], and with the `redis` feature a
+/// shared store for server farms.
+pub trait SessionStore: fmt::Debug + Send + Sync {
+    /// Looks up `id`. Expired entries may be returned; the caller checks expiry.
+    fn get(&self, id: &SessionId) -> Result<Option<StoredSession>, StoreError>;
+
+    /// Stores `session` under `id`, replacing what was there.
+    fn put(&self, id: SessionId, session: StoredSession) -> Result<(), StoreError>;
+
+    /// Looks up and deletes `id` in one atomic step.
+    fn take(&self, id: &SessionId) -> Result<Option<StoredSession>, StoreError>;
+
+    /// Deletes `id`; returns whether it was present.
+    fn remove(&self, id: &SessionId) -> Result<bool, StoreError>;
+
+    /// Number of entries.
+    fn len(&self) -> Result<usize, StoreError>;
+
+    /// True when the store holds no entries.
+    fn is_empty(&self) -> Result<bool, StoreError> {
+        Ok(self.len()? == 0)
+    }
+
+    /// Bytes of session data held (the sum of [`StoredSession::len`]).
+    fn bytes(&self) -> Result<usize, StoreError>;
+
+    /// Calls `f` for every entry (Erlang's `foldl`). The order is unspecified. Implementations
+    /// may hold locks while calling `f`, so `f` must not call back into the store.
+    fn for_each(&self, f: &mut dyn FnMut(&SessionId, &StoredSession)) -> Result<(), StoreError>;
+
+    /// Deletes every entry.
+    fn clear(&self) -> Result<(), StoreError>;
+
+    /// Deletes up to `max` entries that expired at or before `now`, and returns how many it
+    /// deleted. Bounded work per call: call again to continue.
+    fn purge_expired(&self, now: SystemTime, max: usize) -> Result<usize, StoreError>;
+
+    /// How many entries the store evicted to stay within its bounds, by cause.
+    fn evictions(&self) -> EvictionStats {
+        EvictionStats::default()
+    }
+}
+
+/// A store that stores nothing: every lookup misses. Sessions never resume through it.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NullStore;
+
+impl SessionStore for NullStore {
+    fn get(&self, _id: &SessionId) -> Result<Option<StoredSession>, StoreError> {
+        Ok(None)
+    }
+
+    fn put(&self, _id: SessionId, _session: StoredSession) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    fn take(&self, _id: &SessionId) -> Result<Option<StoredSession>, StoreError> {
+        Ok(None)
+    }
+
+    fn remove(&self, _id: &SessionId) -> Result<bool, StoreError> {
+        Ok(false)
+    }
+
+    fn len(&self) -> Result<usize, StoreError> {
+        Ok(0)
+    }
+
+    fn bytes(&self) -> Result<usize, StoreError> {
+        Ok(0)
+    }
+
+    fn for_each(&self, _f: &mut dyn FnMut(&SessionId, &StoredSession)) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    fn clear(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    fn purge_expired(&self, _now: SystemTime, _max: usize) -> Result<usize, StoreError> {
+        Ok(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, UNIX_EPOCH};
+
+    use super::*;
+
+    #[test]
+    fn session_id_rejects_empty_and_oversized() {
+        assert!(matches!(SessionId::new(&[]), Err(Error::InvalidSessionId(0))));
+        assert!(matches!(SessionId::new(&[7; 33]), Err(Error::InvalidSessionId(33))));
+        let id = SessionId::new(&[0xab; 32]).unwrap();
+        assert_eq!(id.as_bytes(), &[0xab; 32]);
+        assert_eq!(id.to_hex().len(), 64);
+    }
+
+    #[test]
+    fn session_ids_compare_by_used_bytes_only() {
+        let a = SessionId::new(&[1, 2]).unwrap();
+        let b = SessionId::new(&[1, 2, 0]).unwrap();
+        assert_ne!(a, b);
+        assert_eq!(a, SessionId::new(&[1, 2]).unwrap());
+    }
+
+    #[test]
+    fn stored_session_debug_hides_the_secret() {
+        let s = StoredSession::new(vec![0x42; 16], UNIX_EPOCH + Duration::from_secs(10));
+        let dbg = format!("{s:?}");
+        assert!(dbg.contains("len: 16"), "{dbg}");
+        assert!(!dbg.contains("66"), "{dbg}");
+        assert!(s.is_expired(UNIX_EPOCH + Duration::from_secs(10)));
+        assert!(!s.is_expired(UNIX_EPOCH + Duration::from_secs(9)));
+    }
+
+    #[test]
+    fn null_store_stores_nothing() {
+        let id = SessionId::new(b"id").unwrap();
+        let store = NullStore;
+        store
+            .put(id, StoredSession::new(vec![1], SystemTime::now()))
+            .unwrap();
+        assert!(store.get(&id).unwrap().is_none());
+        assert_eq!(store.len().unwrap(), 0);
+    }
+}
