@@ -3,10 +3,14 @@
 
 mod clock;
 mod error;
+mod ffi;
 mod stats;
 mod store;
 
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use error::{Error, StoreError};
 pub use stats::{CacheStats, EvictionStats};
-pub use store::{MemoryStore, MemoryStoreBuilder, NullStore, SessionId, SessionStore, StoredSession, MAX_SESSION_ID_LEN};
+pub use store::{
+    MemoryStore, MemoryStoreBuilder, NullStore, SessionId, SessionStore, StoredSession,
+    MAX_SESSION_ID_LEN,
+};

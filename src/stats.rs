@@ -73,7 +73,12 @@ impl Counters {
         counter.fetch_add(n, Ordering::Relaxed);
     }
 
-    pub(crate) fn snapshot(&self, evictions: EvictionStats, entries: u64, bytes: u64) -> CacheStats {
+    pub(crate) fn snapshot(
+        &self,
+        evictions: EvictionStats,
+        entries: u64,
+        bytes: u64,
+    ) -> CacheStats {
         let r = |c: &AtomicU64| c.load(Ordering::Relaxed);
         CacheStats {
             hits: r(&self.hits),

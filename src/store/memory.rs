@@ -226,7 +226,8 @@ impl SessionStore for MemoryStore {
                 .fetch_add(evicted.capacity, Ordering::Relaxed);
         }
         if evicted.bytes > 0 {
-            self.evicted_bytes.fetch_add(evicted.bytes, Ordering::Relaxed);
+            self.evicted_bytes
+                .fetch_add(evicted.bytes, Ordering::Relaxed);
         }
         Ok(())
     }

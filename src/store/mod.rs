@@ -276,8 +276,14 @@ mod tests {
 
     #[test]
     fn session_id_rejects_empty_and_oversized() {
-        assert!(matches!(SessionId::new(&[]), Err(Error::InvalidSessionId(0))));
-        assert!(matches!(SessionId::new(&[7; 33]), Err(Error::InvalidSessionId(33))));
+        assert!(matches!(
+            SessionId::new(&[]),
+            Err(Error::InvalidSessionId(0))
+        ));
+        assert!(matches!(
+            SessionId::new(&[7; 33]),
+            Err(Error::InvalidSessionId(33))
+        ));
         let id = SessionId::new(&[0xab; 32]).unwrap();
         assert_eq!(id.as_bytes(), &[0xab; 32]);
         assert_eq!(id.to_hex().len(), 64);
