@@ -29,7 +29,10 @@ unsafe impl GlobalAlloc for Counting {
         unsafe { System.dealloc(ptr, layout) }
     }
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        LIVE.fetch_add(new_size as isize - layout.size() as isize, Ordering::Relaxed);
+        LIVE.fetch_add(
+            new_size as isize - layout.size() as isize,
+            Ordering::Relaxed,
+        );
         // SAFETY: forwarded unchanged.
         unsafe { System.realloc(ptr, layout, new_size) }
     }
@@ -66,7 +69,10 @@ fn main() {
             .unwrap();
         for i in 0..n {
             store
-                .put(SessionId::new(&id(i)).unwrap(), StoredSession::new(vec![7; DER_LEN], expires))
+                .put(
+                    SessionId::new(&id(i)).unwrap(),
+                    StoredSession::new(vec![7; DER_LEN], expires),
+                )
                 .unwrap();
         }
         assert_eq!(store.len().unwrap(), n as usize);

@@ -63,7 +63,10 @@ fn link() -> (End, End) {
     let a: Queue = Rc::default();
     let b: Queue = Rc::default();
     (
-        End { rx: a.clone(), tx: b.clone() },
+        End {
+            rx: a.clone(),
+            tx: b.clone(),
+        },
         End { rx: b, tx: a },
     )
 }
@@ -79,8 +82,10 @@ fn identity(cn: &str) -> (X509, PKey<Private>) {
     b.set_subject_name(&name).unwrap();
     b.set_issuer_name(&name).unwrap();
     b.set_pubkey(&key).unwrap();
-    b.set_not_before(&Asn1Time::days_from_now(0).unwrap()).unwrap();
-    b.set_not_after(&Asn1Time::days_from_now(2).unwrap()).unwrap();
+    b.set_not_before(&Asn1Time::days_from_now(0).unwrap())
+        .unwrap();
+    b.set_not_after(&Asn1Time::days_from_now(2).unwrap())
+        .unwrap();
     b.sign(&key, MessageDigest::sha256()).unwrap();
     (b.build(), key)
 }
@@ -112,7 +117,8 @@ fn server_ctx(pki: &Pki, mtls: bool, cache: Option<&SessionCache>) -> SslContext
             // The baseline: OpenSSL's internal cache, configured the same way.
             b.set_session_cache_mode(SslSessionCacheMode::SERVER);
             b.set_options(SslOptions::NO_TICKET);
-            b.set_session_id_context(DEFAULT_SESSION_ID_CONTEXT).unwrap();
+            b.set_session_id_context(DEFAULT_SESSION_ID_CONTEXT)
+                .unwrap();
         }
     }
     b.build()
@@ -142,7 +148,11 @@ fn step(r: Result<SslStream<End>, HandshakeError<End>>) -> Side {
 }
 
 /// One handshake in lockstep; returns (server time, client session, reused).
-fn handshake(server: &SslContext, client: &SslContext, session: Option<&SslSession>) -> (Duration, SslSession, bool) {
+fn handshake(
+    server: &SslContext,
+    client: &SslContext,
+    session: Option<&SslSession>,
+) -> (Duration, SslSession, bool) {
     let (s_end, c_end) = link();
     let mut c_ssl = Ssl::new(client).unwrap();
     c_ssl.set_mtu(1400).unwrap();
@@ -173,7 +183,9 @@ fn handshake(server: &SslContext, client: &SslContext, session: Option<&SslSessi
             break;
         }
     }
-    let (Side::Done(mut c), Side::Done(mut s)) = (c, s) else { unreachable!() };
+    let (Side::Done(mut c), Side::Done(mut s)) = (c, s) else {
+        unreachable!()
+    };
     let reused = s.ssl().session_reused();
     // Keep both sessions resumable when the streams drop.
     s.set_shutdown(ShutdownState::SENT);
@@ -219,7 +231,11 @@ fn bench(c: &mut Criterion) {
             });
         }
         group.bench_function("full_handshake_reference", |b| {
-            b.iter_custom(|iters| (0..iters).map(|_| handshake(&external, &client, None).0).sum())
+            b.iter_custom(|iters| {
+                (0..iters)
+                    .map(|_| handshake(&external, &client, None).0)
+                    .sum()
+            })
         });
         group.finish();
         let s = cache.stats();

@@ -65,8 +65,12 @@ fn bench(c: &mut Criterion) {
     let store = memory_store();
     let base = baseline();
     for id in &ids {
-        store.put(*id, StoredSession::new(vec![7; DER_LEN], expiry())).unwrap();
-        base.lock().unwrap().put(id.as_bytes().to_vec(), vec![7; DER_LEN]);
+        store
+            .put(*id, StoredSession::new(vec![7; DER_LEN], expiry()))
+            .unwrap();
+        base.lock()
+            .unwrap()
+            .put(id.as_bytes().to_vec(), vec![7; DER_LEN]);
     }
     for threads in [1usize, 2] {
         let mut group = c.benchmark_group(format!("store_get_hit/{threads}_threads"));
@@ -102,7 +106,9 @@ fn bench(c: &mut Criterion) {
                 let per = iters.div_ceil(threads as u64);
                 let wall = parallel(threads, per, |t, i| {
                     let id = &ids[((i as usize) * 7 + t * 13) % ENTRIES];
-                    base.lock().unwrap().put(id.as_bytes().to_vec(), vec![7; DER_LEN]);
+                    base.lock()
+                        .unwrap()
+                        .put(id.as_bytes().to_vec(), vec![7; DER_LEN]);
                 });
                 wall / threads as u32
             })
@@ -113,7 +119,9 @@ fn bench(c: &mut Criterion) {
                 let per = iters.div_ceil(threads as u64);
                 let wall = parallel(threads, per, |t, i| {
                     let id = ids[((i as usize) * 7 + t * 13) % ENTRIES];
-                    store.put(id, StoredSession::new(vec![7; DER_LEN], exp)).unwrap();
+                    store
+                        .put(id, StoredSession::new(vec![7; DER_LEN], exp))
+                        .unwrap();
                 });
                 wall / threads as u32
             })
