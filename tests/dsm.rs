@@ -164,6 +164,14 @@ fn store_follows_riot_for_every_state() {
 }
 
 #[test]
+fn the_manager_and_sweeper_can_be_shared_across_threads() {
+    fn send_sync<T: Send + Sync>() {}
+    send_sync::<Dsm<SocketAddr, u32>>();
+    send_sync::<Dsm<SocketPeer, Arc<Vec<u8>>>>();
+    send_sync::<Sweeper>();
+}
+
+#[test]
 fn states_numbers_match_dsm_state_t() {
     assert_eq!(
         [NoSpace, NONE, HS, EST].map(PeerState::to_riot),

@@ -1,87 +1,5 @@
-//! The DTLS session manager: a bounded table of peers, their handshake state, and an idle sweeper.
-//!
-//! A DTLS server must bound what any number of peers can make it hold. [`Dsm`] follows RIOT's
-//! `dsm` module (`sys/net/dsm/dsm.c`): a fixed number of slots, one per peer, each holding a
-//! [`PeerState`] and a caller value; [`Dsm::store`] returns the *previous* state (`None` when a
-//! slot was taken, `NoSpace` when nothing could be stored), a stored `Established` state is never
-//! downgraded, and [`Dsm::least_recently_used`] names the established peer to evict by hand.
-//!
-//! On top of RIOT's semantics it adds the hardening that RIOT and the tinydtls gem lack:
-//!
-//! - **Handshake budget.** At most [`DsmConfig::max_handshakes`] slots can be in `Handshake`, so a
-//!   flood of half-open handshakes can never take the slots that established peers need, and
-//!   established peers are never evicted to make room for a handshake.
-//! - **Handshake timeout.** A `Handshake` slot not used for [`DsmConfig::handshake_timeout`] is
-//!   freed by [`Dsm::sweep`], or reclaimed at once when a new peer needs its room (RIOT never frees
-//!   stuck `HANDSHAKE` slots).
-//! - **Per-source quota.** At most [`DsmConfig::max_per_source`] slots per source address (IPv6
-//!   grouped by [`DsmConfig::ipv6_quota_prefix`]), so one host cannot take the table.
-//! - **Eviction of idle peers when full** ([`DsmConfig::evict_idle_after`], off by default as in
-//!   RIOT): a new peer may take the slot of the least recently used established peer if that one
-//!   has been idle long enough. This is what RIOT's gcoap does by hand with a timer.
-//! - **Idle sweeper.** A second-chance clock: every [`store`](Dsm::store) and
-//!   [`touch`](Dsm::touch) sets a peer's *used* bit; each tick pass of [`Dsm::sweep`] clears the
-//!   bits of established peers and frees those whose bit was already clear, i.e. peers not used
-//!   since the previous pass. Unlike the tinydtls gem, the bit is set on *every* use, so live
-//!   peers are never freed. [`Sweeper`] runs the sweep on a thread, or the server calls
-//!   [`Dsm::sweep`] itself when [`Dsm::next_deadline`] is due.
-//! - **Close hook.** Peers freed by the sweeper or evicted are handed to the hook set with
-//!   [`Dsm::set_close_hook`] (called outside the lock), so the server can end their DTLS
-//!   connection cleanly and keep their session resumable.
-//! - **Only authenticated traffic refreshes a peer.** [`Dsm::touch`] needs an [`Authenticated`]
-//!   proof, which [`Authenticated::from_ssl`] only gives for a connection whose handshake has
-//!   finished; spoofed datagrams cannot keep a slot alive.
-//! - Counters ([`DsmStats`]) for stores, removals, refusals and every kind of free.
-//!
-//! Time is injected: every call that depends on time takes an [`Instant`], so tests never sleep.
-//! Time never runs backwards inside a manager: a `now` earlier than one already seen counts as the
-//! latest one seen (threads that read the clock before waiting for the lock stay consistent).
-//!
-//! # Example
-//!
-//! ```
-//! use std::net::SocketAddr;
-//! use std::time::{Duration, Instant};
-//! use openssl_session_cache::{Authenticated, Dsm, DsmConfig, FreeReason, PeerState};
-//!
-//! let config = DsmConfig::new(2)
-//!     .with_max_handshakes(1)
-//!     .with_idle_tick(Duration::from_secs(60));
-//! let dsm: Dsm<SocketAddr, u32> = Dsm::new(config)?;
-//! let t0 = Instant::now();
-//! let alice: SocketAddr = "192.0.2.1:5684".parse().unwrap();
-//! let bob: SocketAddr = "192.0.2.2:5684".parse().unwrap();
-//!
-//! // A ClientHello with a valid cookie: take a slot in the handshake budget.
-//! assert_eq!(dsm.store(&alice, PeerState::Handshake, 1, false, t0).previous, PeerState::None);
-//! // The budget holds one handshake, so a second one is refused and nothing changes.
-//! assert_eq!(dsm.store(&bob, PeerState::Handshake, 2, false, t0).previous, PeerState::NoSpace);
-//! // Alice's handshake finishes: she moves out of the handshake budget.
-//! let done = dsm.store(&alice, PeerState::Established, 0, true, t0);
-//! assert_eq!(done.previous, PeerState::Handshake);
-//! assert_eq!(done.restored, Some(1)); // the stored value is kept and handed back
-//! assert_eq!(dsm.store(&bob, PeerState::Handshake, 2, false, t0).previous, PeerState::None);
-//! assert_eq!(dsm.available_slots(), 0);
-//!
-//! // Authenticated application data from Alice keeps her alive across sweeper ticks;
-//! // Bob never finishes his handshake and times out.
-//! let tick = Duration::from_secs(60);
-//! for i in 1..=3 {
-//!     let now = t0 + tick * i;
-//!     let freed = dsm.sweep(now); // a tick pass: clears Alice's used bit
-//!     if i == 1 {
-//!         assert_eq!(freed, vec![(bob, 2, FreeReason::HandshakeTimeout)]);
-//!     } else {
-//!         assert!(freed.is_empty());
-//!     }
-//!     assert!(dsm.touch(&alice, Authenticated::assume_verified(), now));
-//! }
-//! // Once Alice goes quiet, the next pass clears her used bit and the one after frees her.
-//! assert!(dsm.sweep(t0 + tick * 4).is_empty());
-//! assert_eq!(dsm.sweep(t0 + tick * 5), vec![(alice, 1, FreeReason::Idle)]);
-//! assert!(dsm.is_empty());
-//! # Ok::<(), openssl_session_cache::Error>(())
-//! ```
+//! The DTLS session manager ([`Dsm`]): a bounded table of peers, their handshake state, and an
+//! idle sweeper, after RIOT's `dsm` module. The overview and an example are on [`Dsm`].
 
 mod slab;
 mod sweeper;
@@ -184,8 +102,9 @@ pub struct DsmConfig {
     /// A `Handshake` slot not used (stored or touched) for this long is freed. Default 10 s; must
     /// not be zero.
     pub handshake_timeout: Duration,
-    /// The sweeper's tick: an established peer not used for two ticks is freed. Default 60 s;
-    /// must not be zero.
+    /// The sweeper's tick: an established peer not used for two ticks is freed (one that was last
+    /// used just before a tick pass goes at the next pass, so after one to two ticks of silence).
+    /// Default 60 s; must not be zero.
     pub idle_tick: Duration,
     /// When the table is full, a new peer takes the slot of the least recently used established
     /// peer if that one has been idle for at least this long. `None` (the default, RIOT's
@@ -418,10 +337,100 @@ struct Inner<K, V> {
     hook: Option<Arc<CloseHook<K, V>>>,
 }
 
-/// The DTLS session manager; see the [module docs](self).
+/// The DTLS session manager: a bounded table of peers, their handshake state, and an idle sweeper.
 ///
-/// All methods take `&self`; one mutex guards the table, and every operation except the sweep's
-/// tick pass is O(1). The close hook runs outside that mutex.
+/// A DTLS server must bound what any number of peers can make it hold. [`Dsm`] follows RIOT's
+/// `dsm` module (`sys/net/dsm/dsm.c`): a fixed number of slots, one per peer, each holding a
+/// [`PeerState`] and a caller value; [`Dsm::store`] returns the *previous* state (`None` when a
+/// slot was taken, `NoSpace` when nothing could be stored), a stored `Established` state is never
+/// downgraded, and [`Dsm::least_recently_used`] names the established peer to evict by hand.
+///
+/// On top of RIOT's semantics it adds the hardening that RIOT and the tinydtls gem lack:
+///
+/// - **Handshake budget.** At most [`DsmConfig::max_handshakes`] slots can be in `Handshake`, so a
+///   flood of half-open handshakes can never take the slots that established peers need, and
+///   established peers are never evicted to make room for a handshake.
+/// - **Handshake timeout.** A `Handshake` slot not used for [`DsmConfig::handshake_timeout`] is
+///   freed by [`Dsm::sweep`], or reclaimed at once when a new peer needs its room (RIOT never frees
+///   stuck `HANDSHAKE` slots).
+/// - **Per-source quota.** At most [`DsmConfig::max_per_source`] slots per source address (IPv6
+///   grouped by [`DsmConfig::ipv6_quota_prefix`]), so one host cannot take the table.
+/// - **Eviction of idle peers when full** ([`DsmConfig::evict_idle_after`], off by default as in
+///   RIOT): a new peer may take the slot of the least recently used established peer if that one
+///   has been idle long enough. This is what RIOT's gcoap does by hand with a timer.
+/// - **Idle sweeper.** A second-chance clock: every [`store`](Dsm::store) and
+///   [`touch`](Dsm::touch) sets a peer's *used* bit; each tick pass of [`Dsm::sweep`] clears the
+///   bits of established peers and frees those whose bit was already clear, i.e. peers not used
+///   since the previous pass. Unlike the tinydtls gem, the bit is set on *every* use, so live
+///   peers are never freed. [`Sweeper`] runs the sweep on a thread, or the server calls
+///   [`Dsm::sweep`] itself when [`Dsm::next_deadline`] is due.
+/// - **Close hook.** Peers freed by the sweeper or evicted are handed to the hook set with
+///   [`Dsm::set_close_hook`] (called outside the lock), so the server can end their DTLS
+///   connection cleanly and keep their session resumable.
+/// - **Only authenticated traffic refreshes a peer.** [`Dsm::touch`] needs an [`Authenticated`]
+///   proof, which [`Authenticated::from_ssl`] only gives for a connection whose handshake has
+///   finished; spoofed datagrams cannot keep a slot alive.
+/// - Counters ([`DsmStats`]) for stores, removals, refusals and every kind of free.
+///
+/// Time is injected: every call that depends on time takes an [`Instant`], so tests never sleep.
+/// Time never runs backwards inside a manager: a `now` earlier than one already seen counts as the
+/// latest one seen (threads that read the clock before waiting for the lock stay consistent).
+///
+/// # Example
+///
+/// ```
+/// use std::net::SocketAddr;
+/// use std::time::{Duration, Instant};
+/// use openssl_session_cache::{Authenticated, Dsm, DsmConfig, FreeReason, PeerState};
+///
+/// let config = DsmConfig::new(2)
+///     .with_max_handshakes(1)
+///     .with_idle_tick(Duration::from_secs(60));
+/// let dsm: Dsm<SocketAddr, u32> = Dsm::new(config)?;
+/// let t0 = Instant::now();
+/// let alice: SocketAddr = "192.0.2.1:5684".parse().unwrap();
+/// let bob: SocketAddr = "192.0.2.2:5684".parse().unwrap();
+///
+/// // A ClientHello with a valid cookie: take a slot in the handshake budget.
+/// assert_eq!(dsm.store(&alice, PeerState::Handshake, 1, false, t0).previous, PeerState::None);
+/// // The budget holds one handshake, so a second one is refused and nothing changes.
+/// assert_eq!(dsm.store(&bob, PeerState::Handshake, 2, false, t0).previous, PeerState::NoSpace);
+/// // Alice's handshake finishes: she moves out of the handshake budget.
+/// let done = dsm.store(&alice, PeerState::Established, 0, true, t0);
+/// assert_eq!(done.previous, PeerState::Handshake);
+/// assert_eq!(done.restored, Some(1)); // the stored value is kept and handed back
+/// assert_eq!(dsm.store(&bob, PeerState::Handshake, 2, false, t0).previous, PeerState::None);
+/// assert_eq!(dsm.available_slots(), 0);
+///
+/// // Authenticated application data from Alice keeps her alive across sweeper ticks;
+/// // Bob never finishes his handshake and times out.
+/// let tick = Duration::from_secs(60);
+/// for i in 1..=3 {
+///     let now = t0 + tick * i;
+///     let freed = dsm.sweep(now); // a tick pass: clears Alice's used bit
+///     if i == 1 {
+///         assert_eq!(freed, vec![(bob, 2, FreeReason::HandshakeTimeout)]);
+///     } else {
+///         assert!(freed.is_empty());
+///     }
+///     assert!(dsm.touch(&alice, Authenticated::assume_verified(), now));
+/// }
+/// // Once Alice goes quiet, the next pass clears her used bit and the one after frees her.
+/// assert!(dsm.sweep(t0 + tick * 4).is_empty());
+/// assert_eq!(dsm.sweep(t0 + tick * 5), vec![(alice, 1, FreeReason::Idle)]);
+/// assert!(dsm.is_empty());
+/// # Ok::<(), openssl_session_cache::Error>(())
+/// ```
+///
+/// # Concurrency and cost
+///
+/// `Dsm` is `Send + Sync` and all methods take `&self`; one mutex guards the table. Every
+/// operation is O(1) (a hash map from key to slot, and intrusive recency lists for handshakes and
+/// established peers) except [`Dsm::sweep`]'s tick pass and
+/// [`Dsm::least_recently_used_matching`], which walk the established peers. Memory is bounded by
+/// `max_slots`: the per-source counts hold only stored peers, and refused peers leave nothing
+/// behind. The close hook runs outside the mutex.
+
 pub struct Dsm<K: PeerKey, V = ()> {
     config: DsmConfig,
     inner: Mutex<Inner<K, V>>,
