@@ -430,7 +430,6 @@ struct Inner<K, V> {
 /// [`Dsm::least_recently_used_matching`], which walk the established peers. Memory is bounded by
 /// `max_slots`: the per-source counts hold only stored peers, and refused peers leave nothing
 /// behind. The close hook runs outside the mutex.
-
 pub struct Dsm<K: PeerKey, V = ()> {
     config: DsmConfig,
     inner: Mutex<Inner<K, V>>,
@@ -539,6 +538,7 @@ impl<K: PeerKey, V: Clone + Send + 'static> Dsm<K, V> {
             }
         }
         if wants_handshake && !self.handshake_budget_left(&inner) {
+            debug_assert!(freed.is_none(), "a reclaimed handshake leaves budget");
             inner.counters.no_space += 1;
             return no_space;
         }
@@ -551,13 +551,14 @@ impl<K: PeerKey, V: Clone + Send + 'static> Dsm<K, V> {
                     freed = Some(inner.free(idx, FreeReason::Evicted));
                 }
                 _ => {
+                    debug_assert!(freed.is_none(), "a reclaimed handshake leaves a slot");
                     inner.counters.no_space += 1;
                     return no_space;
                 }
             }
         }
         inner.insert(peer, new_state, value, source, now);
-        let hook = inner.hook.clone();
+        let hook = freed.as_ref().and_then(|_| inner.hook.clone());
         drop(inner);
         let evicted = freed.map(|(key, value, reason)| {
             if let Some(hook) = &hook {
