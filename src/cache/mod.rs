@@ -355,6 +355,12 @@ impl SessionCache {
             .snapshot(inner.store.evictions(), entries, bytes)
     }
 
+    /// Stores `session` as if OpenSSL had just handed it to the new-session callback (to warm a
+    /// cache, or to move sessions between caches). Counted like the callback's inserts.
+    pub fn insert(&self, session: &SslSessionRef) {
+        self.shared.inner.on_new_session(session);
+    }
+
     /// The store behind the cache.
     pub fn store(&self) -> &Arc<dyn SessionStore> {
         &self.shared.inner.store
@@ -405,7 +411,7 @@ struct Decoded {
 
 impl Inner {
     /// The new-session callback: serialize (outside any lock) and store.
-    pub(crate) fn on_new_session(&self, session: SslSession) {
+    pub(crate) fn on_new_session(&self, session: &SslSessionRef) {
         let Ok(id) = SessionId::new(session.id()) else {
             return; // empty id: nothing a client could offer back
         };
@@ -422,7 +428,6 @@ impl Inner {
                 return;
             }
         };
-        drop(session);
         if der.len() > self.max_session_size {
             tracing::debug!(len = der.len(), "session too large to cache");
             der.zeroize();
