@@ -1,12 +1,41 @@
 //! An external session cache and a DTLS peer session manager for OpenSSL-based servers.
+//!
+//! OpenSSL leaves two things to a DTLS (or TLS) server: where its sessions live, and how many
+//! peers it holds state for. This crate gives it both:
+//!
+//! - [`SessionCache`] installs OpenSSL's new/get/remove session callbacks on an
+//!   `SslContextBuilder` and keeps serialized sessions in a [`SessionStore`]: bounded by entries
+//!   and bytes with LRU eviction, honouring each session's timeout, zeroizing secrets, and counting
+//!   every hit, miss, expiry, eviction and reject ([`CacheStats`]). Contexts that share a cache
+//!   share sessions. [`ClientSessionCache`] does the client side.
+//! - [`MemoryStore`] is the default store; [`NullStore`] stores nothing; with the `redis` feature a
+//!   shared, encrypted store serves server farms.
+//!
+//! ```
+//! use openssl::ssl::{SslContext, SslMethod};
+//! use openssl_session_cache::SessionCache;
+//!
+//! let cache = SessionCache::builder().max_entries(10_000).build()?;
+//! let mut ctx = SslContext::builder(SslMethod::dtls())?;
+//! cache.install(&mut ctx)?; // callbacks, SERVER|NO_INTERNAL, NO_TICKET, session id context
+//! // ... certificate, key, accept connections ...
+//! println!("{:?}", cache.stats());
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
+//! # Crate features
+//! - `redis`: a Redis-backed [`SessionStore`] for server farms (the `redis` crate).
 #![deny(unsafe_code)]
 
+mod cache;
 mod clock;
 mod error;
 mod ffi;
 mod stats;
 mod store;
 
+pub use cache::client::ClientSessionCache;
+pub use cache::{SessionCache, SessionCacheBuilder, DEFAULT_SESSION_ID_CONTEXT};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use error::{Error, StoreError};
 pub use stats::{CacheStats, EvictionStats};
@@ -18,3 +47,8 @@ pub use store::{
 };
 #[cfg(feature = "redis")]
 pub use store::{RedisStore, RedisStoreBuilder, RedisStoreStats};
+
+// Runs the README's code blocks as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
