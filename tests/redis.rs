@@ -3,6 +3,7 @@
 
 #[path = "support/redis_server.rs"]
 mod redis_server;
+mod support;
 
 use std::collections::HashSet;
 use std::sync::{Arc, Barrier};
@@ -11,11 +12,13 @@ use std::time::{Duration, Instant, SystemTime};
 
 use openssl_session_cache::envelope::envelope_key_id;
 use openssl_session_cache::{
-    KeyRing, MemoryStore, RedisStore, SessionId, SessionStore, StoreError, StoredSession,
+    KeyRing, MemoryStore, RedisStore, SessionCache, SessionId, SessionStore, StoreError,
+    StoredSession,
 };
 use redis::Commands;
 
 use redis_server::RedisServer;
+use support::{client_ctx, connect, server_ctx, Ctx, Proto, ServerClose};
 
 const CMD_TIMEOUT: Duration = Duration::from_millis(50);
 
@@ -352,7 +355,7 @@ fn outage(server: &mut RedisServer, down: fn(&mut RedisServer), up: fn(&mut Redi
     for i in 0..50 {
         let (r, d) = timed(|| s.put(id(i), sess(2, Duration::from_secs(60))));
         assert!(matches!(r, Err(StoreError::Unavailable(_))), "{r:?}");
-        assert!(d < Duration::from_millis(5), "a skipped op took {d:?}");
+        assert!(d < Duration::from_millis(25), "a skipped op took {d:?}");
     }
     assert_eq!(s.stats().breaker_open_skips, 50);
     assert_eq!(s.stats().redis_errors, 3);
@@ -387,6 +390,23 @@ fn redis_hung_times_out_opens_the_breaker_and_recovers() {
 }
 
 #[test]
+fn a_quick_redis_restart_costs_no_failed_operation() {
+    let mut server = RedisServer::start();
+    let s = store(&server, ring(), 0);
+    for i in 0..4 {
+        s.put(id(i), sess(1, Duration::from_secs(60))).unwrap();
+    }
+    server.restart(); // no persistence: the sessions are gone, the idle connections dead
+    assert!(
+        s.get(&id(0)).unwrap().is_none(),
+        "a dead idle connection is replaced, not an error"
+    );
+    s.put(id(5), sess(5, Duration::from_secs(60))).unwrap();
+    assert!(s.get(&id(5)).unwrap().is_some());
+    assert_eq!(s.stats().redis_errors, 0);
+}
+
+#[test]
 fn tier_serves_hot_sessions_while_redis_is_down() {
     let mut server = RedisServer::start();
     let tier = MemoryStore::builder().max_entries(8).build().unwrap();
@@ -407,4 +427,115 @@ fn tier_serves_hot_sessions_while_redis_is_down() {
     // A take cannot be proven single-use across hosts without Redis: it fails.
     assert!(s.take(&id(1)).is_err());
     assert!(s.get(&id(1)).is_err(), "and the tier copy is gone");
+}
+
+/// One "host": a context whose cache sits on its own RedisStore, and that store.
+struct Host {
+    ctx: Ctx,
+    cache: SessionCache,
+    store: Arc<RedisStore>,
+}
+
+fn host(server: &RedisServer, proto: Proto, single_use: bool, backoff: Duration) -> Host {
+    let store = Arc::new(
+        RedisStore::builder(server.url())
+            .key_ring(ring())
+            .connect_timeout(CMD_TIMEOUT)
+            .command_timeout(CMD_TIMEOUT)
+            .breaker(3, backoff)
+            .build()
+            .unwrap(),
+    );
+    let cache = SessionCache::builder()
+        .store(store.clone())
+        .single_use(single_use)
+        .build()
+        .unwrap();
+    let ctx = server_ctx(proto, &cache, false);
+    Host { ctx, cache, store }
+}
+
+#[test]
+fn a_session_made_on_one_host_resumes_on_the_other() {
+    let server = RedisServer::start();
+    for proto in [Proto::Tls12, Proto::Dtls12] {
+        let a = host(&server, proto, false, Duration::from_secs(1));
+        let b = host(&server, proto, false, Duration::from_secs(1));
+        let client = client_ctx(proto, false);
+        let first = connect(&a.ctx, &client, None, ServerClose::Clean);
+        assert!(!first.server_reused);
+        assert_eq!(a.cache.stats().inserts, 1);
+        let second = connect(&b.ctx, &client, first.session.as_ref(), ServerClose::Clean);
+        assert!(
+            second.server_reused && second.client_reused,
+            "{proto:?}: B did not resume A's session"
+        );
+        let st = b.cache.stats();
+        assert_eq!((st.hits, st.misses, st.store_errors), (1, 0, 0), "{st:?}");
+        assert_eq!(b.store.stats().tier_hits, 0, "B read it from Redis");
+    }
+}
+
+#[test]
+fn tls13_single_use_session_resumes_once_across_two_hosts() {
+    let server = RedisServer::start();
+    let a = host(&server, Proto::Tls13, true, Duration::from_secs(1));
+    let b = host(&server, Proto::Tls13, true, Duration::from_secs(1));
+    let client = client_ctx(Proto::Tls13, false);
+    let first = connect(&a.ctx, &client, None, ServerClose::Clean);
+    let ticket = first.session.expect("a TLS 1.3 ticket");
+    let on_b = connect(&b.ctx, &client, Some(&ticket), ServerClose::Clean);
+    assert!(on_b.server_reused, "the ticket resumes once, on B");
+    let again_a = connect(&a.ctx, &client, Some(&ticket), ServerClose::Clean);
+    assert!(
+        !again_a.server_reused,
+        "and never again, not even on A which issued it"
+    );
+    let again_b = connect(&b.ctx, &client, Some(&ticket), ServerClose::Clean);
+    assert!(!again_b.server_reused);
+    assert_eq!(a.cache.stats().hits + b.cache.stats().hits, 1);
+}
+
+#[test]
+fn handshakes_go_on_as_full_ones_while_redis_is_down_and_resume_after() {
+    let mut server = RedisServer::start();
+    let backoff = Duration::from_millis(300);
+    let a = host(&server, Proto::Tls12, false, backoff);
+    let b = host(&server, Proto::Tls12, false, backoff);
+    let client = client_ctx(Proto::Tls12, false);
+    let before = connect(&a.ctx, &client, None, ServerClose::Clean);
+
+    server.kill();
+    for i in 0..10 {
+        // A session from before the outage, offered to B (not in B's tiers): a full handshake.
+        let (out, d) =
+            timed(|| connect(&b.ctx, &client, before.session.as_ref(), ServerClose::Clean));
+        assert!(!out.server_reused, "handshake {i} resumed without Redis");
+        assert!(d < Duration::from_millis(500), "handshake {i} took {d:?}");
+    }
+    let st = b.cache.stats();
+    assert!(
+        st.store_errors >= 10,
+        "lookups and inserts failed and were counted: {st:?}"
+    );
+    assert_eq!(st.hits, 0);
+    let rs = b.store.stats();
+    assert_eq!(
+        rs.redis_errors, 3,
+        "only the breaker's first failures reached the network: {rs:?}"
+    );
+    assert!(rs.breaker_open_skips > 10, "{rs:?}");
+
+    let port = server.port();
+    server = RedisServer::start_on(port);
+    thread::sleep(backoff + Duration::from_millis(50));
+    // Resumption across hosts works again (the first request probes and closes the breaker).
+    let fresh = connect(&a.ctx, &client, None, ServerClose::Clean);
+    let resumed = connect(&b.ctx, &client, fresh.session.as_ref(), ServerClose::Clean);
+    assert!(
+        resumed.server_reused,
+        "resumption did not come back with Redis"
+    );
+    assert!(!b.store.stats().breaker_open);
+    drop(server);
 }

@@ -336,7 +336,15 @@ impl RedisStore {
     }
 
     /// Runs `f` on a pooled connection, through the breaker, counting and mapping failures.
-    fn run<T>(&self, f: impl FnOnce(&mut Connection) -> RedisResult<T>) -> Result<T, StoreError> {
+    ///
+    /// An idle connection that turns out dead (Redis restarted, the connection was reset: not a
+    /// timeout) is dropped with the rest of the idle ones and `f` runs once more on a fresh
+    /// connection. Re-running is safe for every command used here: `SET`/`DEL` are idempotent,
+    /// and a `GETDEL` whose reply was lost only loses the session (at most once, never twice).
+    fn run<T>(
+        &self,
+        mut f: impl FnMut(&mut Connection) -> RedisResult<T>,
+    ) -> Result<T, StoreError> {
         if !self.breaker.lock().admit(Instant::now()) {
             self.counters
                 .breaker_open_skips
@@ -345,13 +353,25 @@ impl RedisStore {
                 "redis circuit breaker open: redis skipped".into(),
             ));
         }
-        let result = self.pool.get().and_then(|mut conn| {
-            let r = f(&mut conn);
-            if r.is_ok() {
-                self.pool.put(conn);
-            }
-            r
-        });
+        let mut attempt = |conn: RedisResult<Connection>| {
+            conn.and_then(|mut conn| {
+                let r = f(&mut conn);
+                if r.is_ok() {
+                    self.pool.put(conn);
+                }
+                r
+            })
+        };
+        let result = match self.pool.take_idle() {
+            Some(idle) => match attempt(Ok(idle)) {
+                Err(e) if is_connection_failure(&e) && !e.is_timeout() => {
+                    self.pool.clear();
+                    attempt(self.pool.connect())
+                }
+                other => other,
+            },
+            None => attempt(self.pool.connect()),
+        };
         match result {
             Ok(v) => {
                 self.breaker.lock().success();
@@ -649,10 +669,11 @@ struct Pool {
 }
 
 impl Pool {
-    fn get(&self) -> RedisResult<Connection> {
-        if let Some(conn) = self.idle.lock().pop() {
-            return Ok(conn);
-        }
+    fn take_idle(&self) -> Option<Connection> {
+        self.idle.lock().pop()
+    }
+
+    fn connect(&self) -> RedisResult<Connection> {
         let conn = self
             .client
             .get_connection_with_timeout(self.connect_timeout)?;
