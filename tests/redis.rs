@@ -539,3 +539,78 @@ fn handshakes_go_on_as_full_ones_while_redis_is_down_and_resume_after() {
     assert!(!b.store.stats().breaker_open);
     drop(server);
 }
+
+/// Handshake figures for BENCHMARKS-redis.md (not a test of behaviour):
+/// `cargo test --release --features redis --test redis -- --ignored --nocapture handshake_latency`
+#[test]
+#[ignore = "a measurement; run by hand"]
+fn handshake_latency() {
+    const N: usize = 300;
+    let mut server = RedisServer::start();
+    let client = client_ctx(Proto::Tls12, false);
+    let report = |name: &str, mut samples: Vec<Duration>| {
+        samples.sort_unstable();
+        let mean = samples.iter().sum::<Duration>() / samples.len() as u32;
+        println!(
+            "{name:<52} mean {mean:>9.1?}  p50 {:>9.1?}  p99 {:>9.1?}",
+            samples[samples.len() / 2],
+            samples[samples.len() * 99 / 100]
+        );
+    };
+    // Sessions made on `a`, then resumed on `b` (each session once).
+    let resume = |a: &Ctx, b: &Ctx, expect_reuse: bool| {
+        let sessions: Vec<_> = (0..N)
+            .map(|_| {
+                connect(a, &client, None, ServerClose::Clean)
+                    .session
+                    .unwrap()
+            })
+            .collect();
+        sessions
+            .iter()
+            .map(|s| {
+                let (out, d) = timed(|| connect(b, &client, Some(s), ServerClose::Clean));
+                assert_eq!(out.server_reused, expect_reuse);
+                d
+            })
+            .collect::<Vec<_>>()
+    };
+    let full = |a: &Ctx| {
+        (0..N)
+            .map(|_| timed(|| connect(a, &client, None, ServerClose::Clean)).1)
+            .collect::<Vec<_>>()
+    };
+
+    let mem_cache = SessionCache::builder().build().unwrap();
+    let mem = server_ctx(Proto::Tls12, &mem_cache, false);
+    report("memory store: full handshake", full(&mem));
+    report("memory store: resumed", resume(&mem, &mem, true));
+
+    let a = host(&server, Proto::Tls12, false, Duration::from_secs(60));
+    let b = host(&server, Proto::Tls12, false, Duration::from_secs(60));
+    report(
+        "redis store: resumed on the same host (tier hit)",
+        resume(&a.ctx, &a.ctx, true),
+    );
+    report(
+        "redis store: resumed on another host (tier miss)",
+        resume(&a.ctx, &b.ctx, true),
+    );
+    report("redis store: full handshake (put to redis)", full(&a.ctx));
+    let sessions: Vec<_> = (0..N)
+        .map(|_| {
+            connect(&a.ctx, &client, None, ServerClose::Clean)
+                .session
+                .unwrap()
+        })
+        .collect();
+    server.kill();
+    let down: Vec<_> = sessions
+        .iter()
+        .map(|s| timed(|| connect(&b.ctx, &client, Some(s), ServerClose::Clean)).1)
+        .collect();
+    report("redis down: resumption offered, full handshake", down);
+    report("redis down: new client, full handshake", full(&b.ctx));
+    println!("host b store stats: {:?}", b.store.stats());
+    println!("host b cache stats: {:?}", b.cache.stats());
+}
