@@ -29,6 +29,7 @@
 
 mod cache;
 mod clock;
+mod dsm;
 mod error;
 mod ffi;
 mod stats;
@@ -37,6 +38,10 @@ mod store;
 pub use cache::client::ClientSessionCache;
 pub use cache::{SessionCache, SessionCacheBuilder, DEFAULT_SESSION_ID_CONTEXT};
 pub use clock::{Clock, ManualClock, SystemClock};
+pub use dsm::{
+    Authenticated, Dsm, DsmConfig, DsmStats, FreeReason, PeerKey, PeerState, SocketPeer,
+    StoreOutcome, Sweeper, DEFAULT_MAX_SLOTS,
+};
 pub use error::{Error, StoreError};
 pub use stats::{CacheStats, EvictionStats};
 pub use store::envelope;

@@ -32,6 +32,7 @@ use crate::store::{MemoryStore, SessionId, SessionStore, StoredSession};
 
 mod callbacks;
 pub(crate) mod client;
+mod der;
 
 /// The session id context set by default (`SSL_CTX_set_session_id_context`).
 pub const DEFAULT_SESSION_ID_CONTEXT: &[u8] = b"openssl-session-cache";
@@ -428,7 +429,14 @@ impl Inner {
             Counters::bump(&self.counters.rejected_oversize);
             return;
         }
-        match self.store.put(id, StoredSession::new(der, expires_at)) {
+        let stored = match der::compact(&der, id.as_bytes()) {
+            Some(small) => {
+                der.zeroize();
+                small
+            }
+            None => der,
+        };
+        match self.store.put(id, StoredSession::new(stored, expires_at)) {
             Ok(()) => Counters::bump(&self.counters.inserts),
             Err(e) => {
                 tracing::debug!(error = %e, "session store put failed");
@@ -481,7 +489,15 @@ impl Inner {
         if let Some(session) = self.decoded_session(&id) {
             return Some(session);
         }
-        match SslSession::from_der(stored.data()) {
+        let decoded = match der::expand(stored.data(), id.as_bytes()) {
+            Some(mut full) => {
+                let session = SslSession::from_der(&full);
+                full.zeroize();
+                session
+            }
+            None => SslSession::from_der(stored.data()),
+        };
+        match decoded {
             Ok(session) => {
                 self.remember_decoded(id, &session);
                 Some(session)
