@@ -437,9 +437,19 @@ struct Host {
 }
 
 fn host(server: &RedisServer, proto: Proto, single_use: bool, backoff: Duration) -> Host {
+    host_with(server, proto, single_use, backoff, ring())
+}
+
+fn host_with(
+    server: &RedisServer,
+    proto: Proto,
+    single_use: bool,
+    backoff: Duration,
+    ring: KeyRing,
+) -> Host {
     let store = Arc::new(
         RedisStore::builder(server.url())
-            .key_ring(ring())
+            .key_ring(ring)
             .connect_timeout(CMD_TIMEOUT)
             .command_timeout(CMD_TIMEOUT)
             .breaker(3, backoff)
@@ -474,6 +484,51 @@ fn a_session_made_on_one_host_resumes_on_the_other() {
         assert_eq!((st.hits, st.misses, st.store_errors), (1, 0, 0), "{st:?}");
         assert_eq!(b.store.stats().tier_hits, 0, "B read it from Redis");
     }
+}
+
+#[test]
+fn sessions_resume_across_a_key_rotation_and_not_under_a_wrong_key() {
+    let server = RedisServer::start();
+    let second = Duration::from_secs(1);
+    let old = host(&server, Proto::Tls12, false, second);
+    let rotated_ring = ring().rotate(2, [0x77; 32]).unwrap();
+    let rotated = host_with(&server, Proto::Tls12, false, second, rotated_ring);
+    let wrong = host_with(
+        &server,
+        Proto::Tls12,
+        false,
+        second,
+        KeyRing::new(1, [0x11; 32]),
+    );
+    let client = client_ctx(Proto::Tls12, false);
+    // Written under key 1, resumed by a host whose active key is 2.
+    let made = connect(&old.ctx, &client, None, ServerClose::Clean);
+    let resumed = connect(
+        &rotated.ctx,
+        &client,
+        made.session.as_ref(),
+        ServerClose::Clean,
+    );
+    assert!(
+        resumed.server_reused,
+        "the old key still opens sessions after a rotation"
+    );
+    // New sessions are sealed with key 2.
+    let fresh = connect(&rotated.ctx, &client, None, ServerClose::Clean);
+    let id = SessionId::new(fresh.session.as_ref().unwrap().id()).unwrap();
+    let v = raw_get(&server, &rotated.store.key_for(&id)).unwrap();
+    assert_eq!(envelope_key_id(&v), Some(2));
+    // A host with the wrong key (same id 1) misses, counts it, and the handshake goes on.
+    let other = connect(&old.ctx, &client, None, ServerClose::Clean);
+    let out = connect(
+        &wrong.ctx,
+        &client,
+        other.session.as_ref(),
+        ServerClose::Clean,
+    );
+    assert!(!out.server_reused);
+    assert_eq!(wrong.store.stats().decrypt_failures, 1);
+    assert_eq!(wrong.cache.stats().store_errors, 1);
 }
 
 #[test]

@@ -141,6 +141,18 @@ impl KeyRing {
     /// line is malformed, an id repeats, or the file holds no key.
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self, Error> {
         let path = path.as_ref();
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = fs::metadata(path)?.permissions().mode();
+            if mode & 0o077 != 0 {
+                tracing::warn!(
+                    path = %path.display(),
+                    mode = format_args!("{:o}", mode & 0o777),
+                    "session key file is readable by group or others; chmod 600 it"
+                );
+            }
+        }
         let text = Zeroizing::new(fs::read_to_string(path)?);
         Self::parse(&text).map_err(|e| match e {
             Error::Config(msg) => Error::Config(format!("key file {}: {msg}", path.display())),

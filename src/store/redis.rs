@@ -20,7 +20,9 @@
 //!   with a full handshake.
 //! - **A write-through memory tier** in front answers hot sessions without a round trip. `get`
 //!   reads the tier first; `take` always asks Redis (`GETDEL`) and fails over the tier's copy if
-//!   Redis says another host took it.
+//!   Redis says another host took it. A tier copy is not invalidated when another host removes
+//!   the session (it lives at most until the session expires); single-use sessions go through
+//!   `take`, which never trusts the tier.
 //!
 //! Use an IP address in the URL: the host name is resolved before the connect timeout applies.
 
@@ -525,6 +527,8 @@ impl SessionStore for RedisStore {
         Ok(deleted > 0 || in_tier)
     }
 
+    /// Walks the prefix with `SCAN` (O(keys in Redis); [`CacheStats`](crate::CacheStats)
+    /// snapshots call it, so do not take them per handshake).
     fn len(&self) -> Result<usize, StoreError> {
         self.run(|c| self.scan_keys(c).map(|k| k.len()))
     }

@@ -282,6 +282,19 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        #[test]
+        fn random_files_never_panic(mut bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300), magic in proptest::prelude::any::<bool>()) {
+            if magic && bytes.len() >= 17 {
+                bytes[..8].copy_from_slice(SNAPSHOT_MAGIC);
+                bytes[8] = SNAPSHOT_VERSION;
+                bytes[9..13].copy_from_slice(&1u32.to_be_bytes());
+            }
+            let ring = KeyRing::new(1, [1; 32]);
+            proptest::prop_assert!(parse(&bytes, &ring, UNIX_EPOCH).is_err());
+        }
+    }
+
     #[test]
     fn round_trip_through_parse() {
         let ring = KeyRing::new(4, [4; 32]);
