@@ -44,10 +44,14 @@ pub use dsm::{
 };
 pub use error::{Error, StoreError};
 pub use stats::{CacheStats, EvictionStats};
+pub use store::envelope;
+pub use store::snapshot;
 pub use store::{
-    MemoryStore, MemoryStoreBuilder, NullStore, SessionId, SessionStore, StoredSession,
-    MAX_SESSION_ID_LEN,
+    load_snapshot, save_snapshot, store_from_url, KeyRing, MemoryStore, MemoryStoreBuilder,
+    NullStore, SessionId, SessionStore, StoredSession, MAX_SESSION_ID_LEN,
 };
+#[cfg(feature = "redis")]
+pub use store::{RedisStore, RedisStoreBuilder, RedisStoreStats};
 
 // Runs the README's code blocks as doctests.
 #[cfg(doctest)]
