@@ -416,7 +416,7 @@ impl Inner {
             return; // empty id: nothing a client could offer back
         };
         let now = self.clock.now();
-        let expires_at = session_expiry(&session, now, self.max_ttl);
+        let expires_at = session_expiry(session, now, self.max_ttl);
         if expires_at <= now {
             return;
         }
