@@ -248,26 +248,38 @@ impl SessionStore for MemoryStore {
         let len = session.len();
         let home = self.shard_index(&id);
         let mut shard = self.shards[home].lock();
-        if let Some(old) = shard.lru.pop(&id) {
-            self.unaccount(&old);
-        }
         if len > self.max_bytes {
             // It can never fit; storing it would only flush the store.
+            if let Some(old) = shard.lru.pop(&id) {
+                self.unaccount(&old);
+            }
             self.evicted_bytes.fetch_add(1, Ordering::Relaxed);
             return Ok(());
         }
-        // Make room in this shard first (exact LRU when there is one shard)...
-        while let Some(cause) = self.over(1, len) {
-            if !self.evict_from(&mut shard, cause) {
-                break;
+        if let Some(slot) = shard.lru.get_mut(&id) {
+            // Replace in place (one lookup; the entry becomes the most recently used).
+            let old = std::mem::replace(slot, session);
+            self.bytes.fetch_add(len, Ordering::Relaxed);
+            self.bytes.fetch_sub(old.len(), Ordering::Relaxed);
+            drop(shard);
+            drop(old);
+        } else {
+            // Make room in this shard first (exact LRU when there is one shard)...
+            while let Some(cause) = self.over(1, len) {
+                if !self.evict_from(&mut shard, cause) {
+                    break;
+                }
             }
+            shard.lru.put(id, session);
+            self.len.fetch_add(1, Ordering::Relaxed);
+            self.bytes.fetch_add(len, Ordering::Relaxed);
+            drop(shard);
         }
-        shard.lru.put(id, session);
-        self.len.fetch_add(1, Ordering::Relaxed);
-        self.bytes.fetch_add(len, Ordering::Relaxed);
-        drop(shard);
-        // ...then in the others, one lock at a time, if this shard had too little to give.
-        for k in 1..self.shards.len() {
+        // ...then in the others, one lock at a time, if that was not enough.
+        if self.over(0, 0).is_none() {
+            return Ok(());
+        }
+        for k in 1..=self.shards.len() {
             while let Some(cause) = self.over(0, 0) {
                 let mut other = self.shards[(home + k) % self.shards.len()].lock();
                 if !self.evict_from(&mut other, cause) {
