@@ -555,3 +555,338 @@ impl Endpoint {
         self.peers.len()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use openssl::ssl::{
+        ErrorCode, SslContext, SslMethod, SslOptions, SslSession, SslStream, SslVerifyMode,
+    };
+
+    use super::*;
+    use crate::server::config::{DEFAULT_MAX_DATAGRAM, DEFAULT_MTU};
+    use crate::server::peer::PeerIo;
+    use crate::server::record::test_hello;
+    use crate::server::shim::{DsmConfig, SessionCache};
+
+    fn config_with(dsm: DsmConfig) -> Arc<ServerConfig> {
+        ServerConfig::builder(SessionCache::new())
+            .dsm(dsm)
+            .build()
+            .unwrap()
+    }
+
+    fn config() -> Arc<ServerConfig> {
+        config_with(DsmConfig::default())
+    }
+
+    fn addr(port: u16) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], port))
+    }
+
+    /// An openssl-crate DTLS client over in-memory datagrams.
+    struct Client {
+        addr: SocketAddr,
+        stream: SslStream<PeerIo>,
+        established: bool,
+        received: Vec<Vec<u8>>,
+    }
+
+    impl Client {
+        fn new(port: u16, session: Option<&SslSession>) -> Self {
+            let mut ctx = SslContext::builder(SslMethod::dtls_client()).unwrap();
+            ctx.set_verify(SslVerifyMode::NONE);
+            ctx.set_options(SslOptions::NO_QUERY_MTU | SslOptions::NO_TICKET);
+            let ctx = ctx.build();
+            let mut ssl = Ssl::new(&ctx).unwrap();
+            ssl.set_mtu(1400).unwrap();
+            ssl.set_connect_state();
+            if let Some(s) = session {
+                crate::ffi::set_client_session(&mut ssl, s).unwrap();
+            }
+            Self {
+                addr: addr(port),
+                stream: SslStream::new(ssl, PeerIo::default()).unwrap(),
+                established: false,
+                received: Vec::new(),
+            }
+        }
+
+        /// Runs the client and returns what it wants to send.
+        fn drive(&mut self) -> Vec<Vec<u8>> {
+            if !self.established {
+                match self.stream.do_handshake() {
+                    Ok(()) => self.established = true,
+                    Err(e) => assert_eq!(e.code(), ErrorCode::WANT_READ, "{e}"),
+                }
+            }
+            if self.established {
+                let mut buf = [0u8; 2048];
+                loop {
+                    match self.stream.ssl_read(&mut buf) {
+                        Ok(n) => self.received.push(buf[..n].to_vec()),
+                        Err(e) if e.code() == ErrorCode::WANT_READ => break,
+                        Err(e) if e.code() == ErrorCode::ZERO_RETURN => break,
+                        Err(e) => panic!("client read: {e}"),
+                    }
+                }
+            }
+            self.stream.get_mut().take()
+        }
+
+        fn send(&mut self, data: &[u8]) -> Vec<Vec<u8>> {
+            self.stream.ssl_write(data).unwrap();
+            self.stream.get_mut().take()
+        }
+    }
+
+    /// Moves datagrams both ways until nothing moves.
+    fn pump(ep: &mut Endpoint, client: &mut Client, now: Instant) {
+        let mut out = client.drive();
+        for _ in 0..20 {
+            for d in out.drain(..) {
+                ep.handle(now, client.addr, &d);
+            }
+            let mut any = false;
+            while let Some(t) = ep.poll_transmit() {
+                assert_eq!(t.to, client.addr);
+                assert!(
+                    t.payload.len() <= DEFAULT_MTU as usize,
+                    "datagram over the mtu"
+                );
+                client.stream.get_mut().push(t.payload);
+                any = true;
+            }
+            out = client.drive();
+            if !any && out.is_empty() {
+                return;
+            }
+        }
+    }
+
+    fn events(ep: &mut Endpoint) -> Vec<Event> {
+        std::iter::from_fn(|| ep.poll_event()).collect()
+    }
+
+    #[test]
+    fn handshake_then_echo() {
+        let mut ep = Endpoint::new(config()).unwrap();
+        let now = Instant::now();
+        let mut c = Client::new(1000, None);
+        pump(&mut ep, &mut c, now);
+        assert!(c.established);
+        for d in c.send(b"ping") {
+            ep.handle(now, c.addr, &d);
+        }
+        pump(&mut ep, &mut c, now);
+        assert_eq!(c.received, vec![b"ping".to_vec()]);
+        let s = ep.stats();
+        assert_eq!(s.hello_verify_requests, 1);
+        assert_eq!((s.handshakes, s.resumed, s.echoed_records), (1, 0, 1));
+        assert_eq!(ep.peer_state(c.addr), PeerState::Established);
+        let ev = events(&mut ep);
+        assert!(ev.contains(&Event::Established {
+            peer: c.addr,
+            resumed: false
+        }));
+        assert!(ev.contains(&Event::Echoed {
+            peer: c.addr,
+            records: 1,
+            bytes: 4
+        }));
+    }
+
+    #[test]
+    fn close_notify_keeps_the_session_resumable() {
+        let config = config();
+        let mut ep = Endpoint::new(Arc::clone(&config)).unwrap();
+        let now = Instant::now();
+        let mut c = Client::new(1000, None);
+        pump(&mut ep, &mut c, now);
+        let session = c.stream.ssl().session().unwrap().to_owned();
+        c.stream.shutdown().unwrap();
+        for d in c.stream.get_mut().take() {
+            ep.handle(now, c.addr, &d);
+        }
+        assert_eq!(ep.peer_count(), 0);
+        assert!(events(&mut ep).contains(&Event::Closed {
+            peer: c.addr,
+            reason: CloseReason::CloseNotify
+        }));
+        let answer = ep.poll_transmit().expect("close_notify answered");
+        assert_eq!(answer.to, c.addr);
+        let mut again = Client::new(1001, Some(&session));
+        pump(&mut ep, &mut again, now);
+        assert!(again.established);
+        assert!(again.stream.ssl().session_reused());
+        assert_eq!(ep.stats().resumed, 1);
+        assert_eq!(config.session_cache().stats().hits, 1);
+    }
+
+    #[test]
+    fn garbage_and_strays_are_dropped_and_counted() {
+        let mut ep = Endpoint::new(config()).unwrap();
+        let now = Instant::now();
+        ep.handle(now, addr(1), b"");
+        ep.handle(now, addr(1), b"GET / HTTP/1.1\r\n\r\n");
+        let mut appdata = test_hello(1, 0, &[], &[]);
+        appdata[0] = 23;
+        ep.handle(now, addr(2), &appdata);
+        ep.handle(now, addr(3), &vec![22; DEFAULT_MAX_DATAGRAM + 1]);
+        let s = ep.stats();
+        assert_eq!(s.dropped_garbage, 2);
+        assert_eq!(s.dropped_not_client_hello, 1);
+        assert_eq!(s.dropped_oversize, 1);
+        assert_eq!(s.dropped(), 4);
+        assert_eq!(ep.peer_count(), 0);
+        assert!(ep.poll_transmit().is_none());
+        assert_eq!(ep.dsm_stats().stored, 0);
+    }
+
+    fn cookie_of(hvr: &[u8]) -> Vec<u8> {
+        hvr[13 + 12 + 3..].to_vec()
+    }
+
+    #[test]
+    fn cookieless_hellos_keep_no_state() {
+        let mut ep = Endpoint::new(config()).unwrap();
+        let now = Instant::now();
+        for port in 0..1000 {
+            ep.handle(now, addr(port), &test_hello(0, 0, &[], &[]));
+        }
+        assert_eq!(ep.stats().hello_verify_requests, 1000);
+        assert_eq!(ep.peer_count(), 0);
+        assert_eq!(ep.dsm_stats().stored, 0);
+        // A wrong cookie gets a fresh HelloVerifyRequest, not a peer.
+        ep.handle(now, addr(5), &test_hello(1, 1, &[], &[0; 32]));
+        assert_eq!(ep.stats().bad_cookies, 1);
+        assert_eq!(ep.peer_count(), 0);
+        // A cookie made for another address does not verify either.
+        let hvr = std::iter::from_fn(|| ep.poll_transmit()).last().unwrap();
+        assert_eq!(hvr.to, addr(5));
+        ep.handle(
+            now,
+            addr(6),
+            &test_hello(1, 1, &[], &cookie_of(&hvr.payload)),
+        );
+        assert_eq!(ep.stats().bad_cookies, 2);
+        assert_eq!(ep.peer_count(), 0);
+    }
+
+    /// A real client from `port` does the cookie exchange, sends its second ClientHello and
+    /// goes silent.
+    fn half_open(ep: &mut Endpoint, port: u16, now: Instant) {
+        while ep.poll_transmit().is_some() {}
+        let mut c = Client::new(port, None);
+        for d in c.drive() {
+            ep.handle(now, c.addr, &d);
+        }
+        let hvr = ep.poll_transmit().unwrap();
+        c.stream.get_mut().push(hvr.payload);
+        for d in c.drive() {
+            ep.handle(now, c.addr, &d);
+        }
+    }
+
+    #[test]
+    fn handshake_budget_is_never_exceeded() {
+        let mut dsm = DsmConfig::default();
+        dsm.max_handshakes = 3;
+        let mut ep = Endpoint::new(config_with(dsm)).unwrap();
+        let now = Instant::now();
+        for port in 0..10 {
+            half_open(&mut ep, port, now);
+        }
+        assert_eq!(ep.peer_count(), 3);
+        assert_eq!(ep.stats().dropped_no_space, 7);
+        assert_eq!(ep.stats().max_handshaking, 3);
+        assert_eq!(ep.dsm_stats().handshakes, 3);
+    }
+
+    #[test]
+    fn stalled_handshake_is_freed_after_the_timeout() {
+        let mut dsm = DsmConfig::default();
+        dsm.handshake_timeout = Duration::from_millis(300);
+        let mut ep = Endpoint::new(config_with(dsm)).unwrap();
+        let t0 = Instant::now();
+        half_open(&mut ep, 7, t0);
+        assert_eq!(ep.peer_state(addr(7)), PeerState::Handshake);
+        let deadline = ep.poll_timeout().unwrap();
+        assert!(deadline <= t0 + Duration::from_millis(300));
+        ep.handle_timeout(t0 + Duration::from_millis(299));
+        assert_eq!(ep.peer_count(), 1);
+        ep.handle_timeout(t0 + Duration::from_millis(300));
+        assert_eq!(ep.peer_count(), 0);
+        assert_eq!(ep.peer_state(addr(7)), PeerState::None);
+        assert_eq!(ep.stats().handshake_timeouts, 1);
+        assert!(events(&mut ep).contains(&Event::Closed {
+            peer: addr(7),
+            reason: CloseReason::HandshakeTimeout
+        }));
+    }
+
+    #[test]
+    fn idle_peer_is_shut_down_and_resumes() {
+        let mut dsm = DsmConfig::default();
+        dsm.idle_tick = Duration::from_secs(1);
+        let config = config_with(dsm);
+        let mut ep = Endpoint::new(Arc::clone(&config)).unwrap();
+        let t0 = Instant::now();
+        let mut c = Client::new(1000, None);
+        pump(&mut ep, &mut c, t0);
+        let session = c.stream.ssl().session().unwrap().to_owned();
+        while ep.poll_transmit().is_some() {}
+        ep.handle_timeout(t0 + Duration::from_secs(5));
+        assert_eq!(ep.peer_count(), 0);
+        assert_eq!(ep.stats().idle_closed, 1);
+        // The server's close_notify went out.
+        let bye = ep.poll_transmit().expect("close_notify");
+        c.stream.get_mut().push(bye.payload);
+        c.drive();
+        assert!(c
+            .stream
+            .get_shutdown()
+            .contains(openssl::ssl::ShutdownState::RECEIVED));
+        let mut again = Client::new(1001, Some(&session));
+        pump(&mut ep, &mut again, t0 + Duration::from_secs(6));
+        assert!(again.stream.ssl().session_reused());
+    }
+
+    #[test]
+    fn lost_flight_is_retransmitted_by_the_timer() {
+        let mut ep = Endpoint::new(config()).unwrap();
+        let mut c = Client::new(1000, None);
+        // Cookie exchange, then the client's second hello; the server's flight is lost.
+        for d in c.drive() {
+            ep.handle(Instant::now(), c.addr, &d);
+        }
+        let hvr = ep.poll_transmit().unwrap();
+        c.stream.get_mut().push(hvr.payload);
+        for d in c.drive() {
+            ep.handle(Instant::now(), c.addr, &d);
+        }
+        let lost: Vec<_> = std::iter::from_fn(|| ep.poll_transmit()).collect();
+        assert!(!lost.is_empty());
+        let deadline = ep.poll_timeout().unwrap();
+        let wait = deadline.saturating_duration_since(Instant::now());
+        assert!(
+            wait <= Duration::from_secs(1),
+            "first DTLS timer is 1 s, got {wait:?}"
+        );
+        // Before the deadline nothing is resent.
+        ep.handle_timeout(Instant::now());
+        assert!(ep.poll_transmit().is_none());
+        // OpenSSL's DTLS timer reads the real clock, so this one test waits for it.
+        std::thread::sleep(wait + Duration::from_millis(20));
+        ep.handle_timeout(Instant::now());
+        let resent: Vec<_> = std::iter::from_fn(|| ep.poll_transmit()).collect();
+        assert!(!resent.is_empty(), "flight retransmitted");
+        for t in resent {
+            c.stream.get_mut().push(t.payload);
+        }
+        pump(&mut ep, &mut c, Instant::now());
+        assert!(c.established);
+        assert_eq!(ep.stats().handshakes, 1);
+    }
+}

@@ -18,6 +18,20 @@ pub(crate) struct PeerIo {
     outbound: Vec<Vec<u8>>,
 }
 
+impl PeerIo {
+    /// Queues one inbound datagram.
+    #[cfg(test)]
+    pub(crate) fn push(&mut self, datagram: Vec<u8>) {
+        self.inbound.push_back(datagram);
+    }
+
+    /// Takes the datagrams written so far.
+    #[cfg(test)]
+    pub(crate) fn take(&mut self) -> Vec<Vec<u8>> {
+        std::mem::take(&mut self.outbound)
+    }
+}
+
 impl Read for PeerIo {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         match self.inbound.pop_front() {

@@ -174,30 +174,33 @@ impl<'a> ClientHello<'a> {
 }
 
 #[cfg(test)]
+/// A minimal ClientHello record (tests only): version, random, session id, cookie, one suite, null compression.
+pub(crate) fn test_hello(record_seq: u64, message_seq: u16, sid: &[u8], cookie: &[u8]) -> Vec<u8> {
+    let mut body = vec![0xfe, 0xfd];
+    body.extend_from_slice(&[7u8; 32]);
+    body.push(sid.len() as u8);
+    body.extend_from_slice(sid);
+    body.push(cookie.len() as u8);
+    body.extend_from_slice(cookie);
+    body.extend_from_slice(&[0, 2, 0xc0, 0x2b, 1, 0]);
+    let mut hs = vec![CLIENT_HELLO];
+    hs.extend_from_slice(&(body.len() as u32).to_be_bytes()[1..]);
+    hs.extend_from_slice(&message_seq.to_be_bytes());
+    hs.extend_from_slice(&[0, 0, 0]);
+    hs.extend_from_slice(&(body.len() as u32).to_be_bytes()[1..]);
+    hs.extend_from_slice(&body);
+    let mut rec = vec![CONTENT_HANDSHAKE, 0xfe, 0xfd, 0, 0];
+    rec.extend_from_slice(&record_seq.to_be_bytes()[2..]);
+    rec.extend_from_slice(&(hs.len() as u16).to_be_bytes());
+    rec.extend_from_slice(&hs);
+    rec
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
-    /// A minimal ClientHello record: version, random, session id, cookie, one suite, null compression.
-    pub(crate) fn hello(record_seq: u64, message_seq: u16, sid: &[u8], cookie: &[u8]) -> Vec<u8> {
-        let mut body = vec![0xfe, 0xfd];
-        body.extend_from_slice(&[7u8; 32]);
-        body.push(sid.len() as u8);
-        body.extend_from_slice(sid);
-        body.push(cookie.len() as u8);
-        body.extend_from_slice(cookie);
-        body.extend_from_slice(&[0, 2, 0xc0, 0x2b, 1, 0]);
-        let mut hs = vec![CLIENT_HELLO];
-        hs.extend_from_slice(&(body.len() as u32).to_be_bytes()[1..]);
-        hs.extend_from_slice(&message_seq.to_be_bytes());
-        hs.extend_from_slice(&[0, 0, 0]);
-        hs.extend_from_slice(&(body.len() as u32).to_be_bytes()[1..]);
-        hs.extend_from_slice(&body);
-        let mut rec = vec![CONTENT_HANDSHAKE, 0xfe, 0xfd, 0, 0];
-        rec.extend_from_slice(&record_seq.to_be_bytes()[2..]);
-        rec.extend_from_slice(&(hs.len() as u16).to_be_bytes());
-        rec.extend_from_slice(&hs);
-        rec
-    }
+    use super::test_hello as hello;
 
     #[test]
     fn parses_cookie_and_sequence_numbers() {
