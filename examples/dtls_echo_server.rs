@@ -101,7 +101,10 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         .init();
 
     let cache = match args.store.as_str() {
-        "memory" => SessionCache::new(),
+        "memory" => SessionCache::builder()
+            .max_entries(args.cache_entries)
+            .max_ttl(Duration::from_secs(args.session_ttl))
+            .build()?,
         other => {
             return Err(format!(
                 "unknown --store {other:?}: only `memory` is available \
@@ -110,7 +113,6 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
             .into())
         }
     };
-    let _ = (args.cache_entries, args.session_ttl);
 
     let mut dsm = DsmConfig::default();
     dsm.max_slots = args.max_peers;

@@ -18,8 +18,10 @@ extern "C" {
 }
 
 /// `DTLS_CTRL_GET_TIMEOUT` from OpenSSL 3.0's `ssl.h` (the `DTLSv1_get_timeout` macro).
+#[allow(dead_code)]
 const DTLS_CTRL_GET_TIMEOUT: c_int = 73;
 /// `DTLS_CTRL_HANDLE_TIMEOUT` (the `DTLSv1_handle_timeout` macro).
+#[allow(dead_code)]
 const DTLS_CTRL_HANDLE_TIMEOUT: c_int = 74;
 
 /// Installs the get-session callback (`SSL_CTX_sess_set_get_cb`).
@@ -69,6 +71,7 @@ pub(crate) fn mark_shutdown_sent(ssl: &mut SslRef) {
     }
 }
 
+#[allow(dead_code)] // used by the DTLS server
 /// How long until the DTLS retransmission timer of `ssl` fires (`DTLSv1_get_timeout`), or
 /// `None` when no timer runs.
 pub(crate) fn dtls_get_timeout(ssl: &SslRef) -> Option<Duration> {
@@ -94,6 +97,7 @@ pub(crate) fn dtls_get_timeout(ssl: &SslRef) -> Option<Duration> {
     })
 }
 
+#[allow(dead_code)] // used by the DTLS server
 /// Runs the DTLS retransmission timer of `ssl` if it expired (`DTLSv1_handle_timeout`):
 /// 1 = retransmitted, 0 = nothing to do, -1 = fatal (too many retransmissions).
 pub(crate) fn dtls_handle_timeout(ssl: &mut SslRef) -> c_long {

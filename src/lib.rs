@@ -1,12 +1,41 @@
 //! An external session cache and a DTLS peer session manager for OpenSSL-based servers.
+//!
+//! OpenSSL leaves two things to a DTLS (or TLS) server: where its sessions live, and how many
+//! peers it holds state for. This crate gives it both:
+//!
+//! - [`SessionCache`] installs OpenSSL's new/get/remove session callbacks on an
+//!   `SslContextBuilder` and keeps serialized sessions in a [`SessionStore`]: bounded by entries
+//!   and bytes with LRU eviction, honouring each session's timeout, zeroizing secrets, and counting
+//!   every hit, miss, expiry, eviction and reject ([`CacheStats`]). Contexts that share a cache
+//!   share sessions. [`ClientSessionCache`] does the client side.
+//! - [`MemoryStore`] is the default store; [`NullStore`] stores nothing; with the `redis` feature a
+//!   shared, encrypted store serves server farms.
+//!
+//! ```
+//! use openssl::ssl::{SslContext, SslMethod};
+//! use openssl_session_cache::SessionCache;
+//!
+//! let cache = SessionCache::builder().max_entries(10_000).build()?;
+//! let mut ctx = SslContext::builder(SslMethod::dtls())?;
+//! cache.install(&mut ctx)?; // callbacks, SERVER|NO_INTERNAL, NO_TICKET, session id context
+//! // ... certificate, key, accept connections ...
+//! println!("{:?}", cache.stats());
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
+//! # Crate features
+//! - `redis`: a Redis-backed [`SessionStore`] for server farms (the `redis` crate).
 #![deny(unsafe_code)]
 
+mod cache;
 mod clock;
 mod error;
 mod ffi;
 mod stats;
 mod store;
 
+pub use cache::client::ClientSessionCache;
+pub use cache::{SessionCache, SessionCacheBuilder, DEFAULT_SESSION_ID_CONTEXT};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use error::{Error, StoreError};
 pub use stats::{CacheStats, EvictionStats};
@@ -16,10 +45,15 @@ pub use store::{
 };
 
 mod server;
-/// TEMPORARY until the DSM and the session cache land on main.
-pub use server::shim::{DsmConfig, SessionCache};
+/// TEMPORARY until the DSM lands on main.
+pub use server::shim::DsmConfig;
 pub use server::{
     certificate_fingerprint, self_signed_certificate, CloseReason, DropReason, Endpoint,
     EndpointStats, Event, ServerConfig, ServerConfigBuilder, StopHandle, Transmit, UdpOptions,
     UdpServer, DEFAULT_COOKIE_ROTATION, DEFAULT_MAX_DATAGRAM, DEFAULT_MTU, PSK_CIPHERS,
 };
+
+// Runs the README's code blocks as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

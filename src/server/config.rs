@@ -19,8 +19,8 @@ use openssl::x509::{X509Name, X509};
 use zeroize::Zeroizing;
 
 use super::cookie::CookieKeys;
-use super::shim::{DsmConfig, SessionCache};
-use crate::Error;
+use super::shim::DsmConfig;
+use crate::{Error, SessionCache};
 
 /// The path MTU the server assumes (`SSL_set_mtu`, with `SSL_OP_NO_QUERY_MTU`).
 pub const DEFAULT_MTU: u32 = 1400;

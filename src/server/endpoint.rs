@@ -568,10 +568,11 @@ mod tests {
     use crate::server::config::{DEFAULT_MAX_DATAGRAM, DEFAULT_MTU};
     use crate::server::peer::PeerIo;
     use crate::server::record::test_hello;
-    use crate::server::shim::{DsmConfig, SessionCache};
+    use crate::server::shim::DsmConfig;
+    use crate::SessionCache;
 
     fn config_with(dsm: DsmConfig) -> Arc<ServerConfig> {
-        ServerConfig::builder(SessionCache::new())
+        ServerConfig::builder(SessionCache::builder().build().unwrap())
             .dsm(dsm)
             .build()
             .unwrap()

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use openssl::ssl::{ErrorCode, Ssl, SslStream};
 
-use crate::ffi;
+use crate::{ffi, SessionCache};
 
 /// The stream an `Ssl` of the endpoint reads and writes: whole datagrams, never blocking.
 ///
@@ -224,6 +224,8 @@ impl Peer {
     pub(crate) fn close(&mut self) {
         if self.established && !self.finished {
             let _ = self.stream.shutdown();
+            // shutdown() marks close_notify as sent; make sure even if it failed.
+            SessionCache::keep_resumable(&mut self.stream);
         }
         self.finished = true;
         self.deadline = None;

@@ -1,15 +1,13 @@
-//! TEMPORARY stand-ins for `crate::Dsm` and `crate::SessionCache` until they land on main.
+//! TEMPORARY stand-in for `crate::Dsm` until it lands on main.
 #![allow(missing_docs, unreachable_pub, dead_code)]
 
 use std::collections::HashMap;
 use std::fmt::Debug;
 use std::hash::Hash;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use openssl::ssl::{SslContextBuilder, SslOptions, SslRef, SslSession, SslSessionCacheMode};
+use openssl::ssl::SslRef;
 use parking_lot::Mutex;
 
 use crate::Error;
@@ -230,72 +228,5 @@ impl<K: PeerKey, V: Clone + Send + 'static> Dsm<K, V> {
             .filter(|s| s.state == PeerState::Established)
             .count();
         s
-    }
-}
-
-#[derive(Debug, Clone, Copy, Default)]
-pub struct CacheStats {
-    pub hits: u64,
-    pub misses: u64,
-    pub inserts: u64,
-    pub entries: u64,
-}
-#[derive(Clone, Default)]
-pub struct SessionCache {
-    map: Arc<Mutex<HashMap<Vec<u8>, Vec<u8>>>>,
-    hits: Arc<AtomicU64>,
-    misses: Arc<AtomicU64>,
-    inserts: Arc<AtomicU64>,
-}
-impl Debug for SessionCache {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SessionCache").finish_non_exhaustive()
-    }
-}
-impl SessionCache {
-    pub fn new() -> Self {
-        Self::default()
-    }
-    pub fn install(&self, ctx: &mut SslContextBuilder) -> Result<(), Error> {
-        ctx.set_session_cache_mode(SslSessionCacheMode::SERVER | SslSessionCacheMode::NO_INTERNAL);
-        ctx.set_options(SslOptions::NO_TICKET);
-        ctx.set_session_id_context(b"oscache")?;
-        let me = self.clone();
-        ctx.set_new_session_callback(move |_, s| {
-            if let Ok(der) = s.to_der() {
-                me.map.lock().insert(s.id().to_vec(), der);
-                me.inserts.fetch_add(1, Ordering::Relaxed);
-            }
-        });
-        let me = self.clone();
-        ctx.set_remove_session_callback(move |_, s| {
-            me.map.lock().remove(s.id());
-        });
-        let me = self.clone();
-        crate::ffi::set_get_session_callback(ctx, move |_, id| {
-            let der = me.map.lock().get(id).cloned();
-            match der.and_then(|d| SslSession::from_der(&d).ok()) {
-                Some(s) => {
-                    me.hits.fetch_add(1, Ordering::Relaxed);
-                    Some(s)
-                }
-                None => {
-                    me.misses.fetch_add(1, Ordering::Relaxed);
-                    None
-                }
-            }
-        });
-        Ok(())
-    }
-    pub fn stats(&self) -> CacheStats {
-        CacheStats {
-            hits: self.hits.load(Ordering::Relaxed),
-            misses: self.misses.load(Ordering::Relaxed),
-            inserts: self.inserts.load(Ordering::Relaxed),
-            entries: self.map.lock().len() as u64,
-        }
-    }
-    pub fn keep_resumable(ssl: &mut SslRef) {
-        crate::ffi::mark_shutdown_sent(ssl);
     }
 }

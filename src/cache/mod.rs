@@ -1,0 +1,644 @@
+//! The server-side session cache: what OpenSSL sees.
+//!
+//! [`SessionCache::install`] puts three callbacks on an `SslContextBuilder`; they serialize each
+//! new session with `i2d_SSL_SESSION` into a [`SessionStore`], look sessions up by id when a
+//! client offers one, and delete them when OpenSSL says a session must not be resumed. Every
+//! outcome is counted ([`CacheStats`]).
+//!
+//! A small tier of already-decoded sessions sits beside the store so that resuming a session that
+//! holds a peer certificate does not pay `d2i_SSL_SESSION` (hundreds of microseconds in OpenSSL
+//! 3.0) every time. The store stays the one source of truth: the decoded tier is only consulted
+//! after the store confirmed the entry, so a session evicted, expired or removed from the store
+//! never resumes.
+
+use std::fmt;
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use lru::LruCache;
+use openssl::ssl::{
+    ShutdownState, SslContextBuilder, SslOptions, SslRef, SslSession, SslSessionCacheMode,
+    SslSessionRef, SslStream,
+};
+use parking_lot::{Condvar, Mutex};
+use zeroize::Zeroize;
+
+use crate::clock::{Clock, SystemClock};
+use crate::error::Error;
+use crate::ffi;
+use crate::stats::{CacheStats, Counters};
+use crate::store::{MemoryStore, SessionId, SessionStore, StoredSession};
+
+mod callbacks;
+pub(crate) mod client;
+
+/// The session id context set by default (`SSL_CTX_set_session_id_context`).
+pub const DEFAULT_SESSION_ID_CONTEXT: &[u8] = b"openssl-session-cache";
+
+/// Builds a [`SessionCache`]. Every setting has a default; see each method.
+#[derive(Debug, Clone)]
+#[must_use]
+pub struct SessionCacheBuilder {
+    max_entries: usize,
+    max_bytes: usize,
+    max_ttl: Duration,
+    max_session_size: usize,
+    store: Option<Arc<dyn SessionStore>>,
+    clock: Arc<dyn Clock>,
+    session_id_context: Vec<u8>,
+    tickets: bool,
+    single_use: bool,
+    honor_remove: bool,
+    internal_store: bool,
+    decoded_entries: usize,
+    purge_interval: Option<Duration>,
+    purge_batch: usize,
+}
+
+impl Default for SessionCacheBuilder {
+    fn default() -> Self {
+        Self {
+            max_entries: 20_480,
+            max_bytes: 8 << 20,
+            max_ttl: Duration::from_secs(7200),
+            max_session_size: 8192,
+            store: None,
+            clock: Arc::new(SystemClock),
+            session_id_context: DEFAULT_SESSION_ID_CONTEXT.to_vec(),
+            tickets: false,
+            single_use: false,
+            honor_remove: true,
+            internal_store: false,
+            decoded_entries: 1024,
+            purge_interval: None,
+            purge_batch: 4096,
+        }
+    }
+}
+
+impl SessionCacheBuilder {
+    /// At most this many sessions in the default memory store; beyond it the least recently used
+    /// goes (default 20 480). Ignored when [`store`](Self::store) is set.
+    pub fn max_entries(mut self, n: usize) -> Self {
+        self.max_entries = n;
+        self
+    }
+
+    /// At most this many bytes of serialized sessions in the default memory store (default
+    /// 8 MiB). Ignored when [`store`](Self::store) is set.
+    pub fn max_bytes(mut self, n: usize) -> Self {
+        self.max_bytes = n;
+        self
+    }
+
+    /// No session lives longer than this, whatever its own timeout says (default 2 hours,
+    /// OpenSSL's default session timeout). A session expires at its creation time plus the
+    /// smaller of its timeout and this.
+    pub fn max_ttl(mut self, ttl: Duration) -> Self {
+        self.max_ttl = ttl;
+        self
+    }
+
+    /// Sessions whose DER is larger than this are not stored and are counted in
+    /// [`CacheStats::rejected_oversize`] (default 8192 bytes, nginx's limit).
+    pub fn max_session_size(mut self, bytes: usize) -> Self {
+        self.max_session_size = bytes;
+        self
+    }
+
+    /// Where sessions are kept (default: a [`MemoryStore`] bounded by `max_entries` and
+    /// `max_bytes`).
+    pub fn store(mut self, store: Arc<dyn SessionStore>) -> Self {
+        self.store = Some(store);
+        self
+    }
+
+    /// The time source for expiry (default: the system clock). Tests pass a
+    /// [`ManualClock`](crate::ManualClock).
+    pub fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// The session id context set on every context this cache is installed on, at most 32 bytes
+    /// (default `b"openssl-session-cache"`). Contexts that share a cache must use the same
+    /// value; OpenSSL silently refuses to resume a session made under another context, and a
+    /// server that verifies client certificates cannot cache at all without one.
+    pub fn session_id_context(mut self, ctx: impl AsRef<[u8]>) -> Self {
+        self.session_id_context = ctx.as_ref().to_vec();
+        self
+    }
+
+    /// Whether to leave session tickets on (default: off, `SSL_OP_NO_TICKET`).
+    ///
+    /// With tickets on, TLS 1.2 and DTLS clients that support them resume statelessly from the
+    /// ticket and never consult this cache, and TLS 1.3 tickets are stateless too (OpenSSL still
+    /// calls the new-session callback for them, filling the store with ids nobody looks up).
+    /// Turn tickets on only if you manage ticket keys across your servers yourself.
+    pub fn tickets(mut self, on: bool) -> Self {
+        self.tickets = on;
+        self
+    }
+
+    /// Whether a session may be resumed only once (default: off). On, a lookup takes the entry out
+    /// of the store atomically ([`SessionStore::take`]), as TLS 1.3 recommends for tickets
+    /// (RFC 8446 §8.1). OpenSSL issues a fresh ticket on every TLS 1.3 resumption, so clients keep
+    /// resuming; TLS 1.2 and DTLS resumptions issue no new session, so with single use each
+    /// session id resumes once.
+    ///
+    /// Early data: OpenSSL's own anti-replay (on when `max_early_data > 0` unless
+    /// `SSL_OP_NO_ANTI_REPLAY`) works by removing the session from its *internal* cache, which
+    /// this cache turns off; with early data on and anti-replay on, OpenSSL refuses every TLS 1.3
+    /// resumption served from an external cache. Use single use here and set
+    /// `SSL_OP_NO_ANTI_REPLAY` (`SslOptions::from_bits_retain(1 << 24)`) instead.
+    pub fn single_use(mut self, on: bool) -> Self {
+        self.single_use = on;
+        self
+    }
+
+    /// Whether OpenSSL's remove-session callback deletes the session from the store (default:
+    /// on).
+    ///
+    /// OpenSSL calls it for expired sessions, after fatal alerts, and also when an `Ssl` whose
+    /// handshake finished is freed without having sent close_notify (`ssl_clear_bad_session`):
+    /// a server that drops an idle connection without a clean shutdown loses that session. Either
+    /// call [`SessionCache::keep_resumable`] before dropping such a connection (preferred), or turn
+    /// this off to ignore every remove (fatal alerts then no longer invalidate sessions either).
+    pub fn honor_remove_callback(mut self, on: bool) -> Self {
+        self.honor_remove = on;
+        self
+    }
+
+    /// Whether OpenSSL also keeps sessions in its internal per-context cache (default: off, cache
+    /// mode `SERVER | NO_INTERNAL`). Off, the store is the one source of truth and decoded
+    /// sessions can be shared between connections; on, every lookup decodes afresh.
+    pub fn internal_store(mut self, on: bool) -> Self {
+        self.internal_store = on;
+        self
+    }
+
+    /// How many decoded sessions to keep beside the store so that resumption skips
+    /// `d2i_SSL_SESSION` (default 1024; 0 turns the tier off). Only used when the internal store
+    /// is off.
+    pub fn decoded_entries(mut self, n: usize) -> Self {
+        self.decoded_entries = n;
+        self
+    }
+
+    /// Runs [`SessionCache::purge_expired`] on a background thread every `interval` (default:
+    /// no thread; expiry is then lazy, on lookup). The thread is joined when the last clone of
+    /// the cache is dropped.
+    pub fn purge_interval(mut self, interval: Duration) -> Self {
+        self.purge_interval = Some(interval);
+        self
+    }
+
+    /// How many entries one [`SessionCache::purge_expired`] call examines at most (default 4096).
+    pub fn purge_batch(mut self, n: usize) -> Self {
+        self.purge_batch = n;
+        self
+    }
+
+    /// Builds the cache.
+    ///
+    /// # Errors
+    /// [`Error::Config`] for a session id context longer than 32 bytes, a zero TTL, size limit or
+    /// purge interval, and limits the memory store refuses.
+    pub fn build(self) -> Result<SessionCache, Error> {
+        if self.session_id_context.len() > 32 {
+            return Err(Error::Config(format!(
+                "session id context is {} bytes, at most 32 allowed",
+                self.session_id_context.len()
+            )));
+        }
+        if self.max_ttl.is_zero() || self.max_session_size == 0 || self.purge_batch == 0 {
+            return Err(Error::Config(
+                "max_ttl, max_session_size and purge_batch must be non-zero".into(),
+            ));
+        }
+        if self.purge_interval.is_some_and(|d| d.is_zero()) {
+            return Err(Error::Config("purge interval must be non-zero".into()));
+        }
+        let store = match self.store {
+            Some(store) => store,
+            None => Arc::new(
+                MemoryStore::builder()
+                    .max_entries(self.max_entries)
+                    .max_bytes(self.max_bytes)
+                    .build()?,
+            ),
+        };
+        let decoded = match (
+            self.internal_store,
+            std::num::NonZeroUsize::new(self.decoded_entries),
+        ) {
+            (false, Some(n)) => Some(Mutex::new(LruCache::new(n))),
+            _ => None,
+        };
+        let inner = Arc::new(Inner {
+            store,
+            clock: self.clock,
+            counters: Counters::default(),
+            max_ttl: self.max_ttl,
+            max_session_size: self.max_session_size,
+            single_use: self.single_use,
+            honor_remove: self.honor_remove,
+            decoded,
+            purge_batch: self.purge_batch,
+        });
+        let purger = self
+            .purge_interval
+            .map(|every| Purger::start(inner.clone(), every))
+            .transpose()?;
+        Ok(SessionCache {
+            shared: Arc::new(Shared {
+                inner,
+                _purger: purger,
+                config: InstallConfig {
+                    session_id_context: self.session_id_context,
+                    tickets: self.tickets,
+                    internal_store: self.internal_store,
+                },
+            }),
+        })
+    }
+}
+
+/// An external session cache for OpenSSL servers (TLS and DTLS).
+///
+/// Cheap to clone; clones share one store and one set of counters. Install it on every
+/// `SslContextBuilder` that should share sessions.
+///
+/// ```
+/// use std::time::Duration;
+/// use openssl::ssl::{SslContext, SslMethod};
+/// use openssl_session_cache::SessionCache;
+///
+/// let cache = SessionCache::builder()
+///     .max_entries(20_480)
+///     .max_bytes(8 << 20)
+///     .max_ttl(Duration::from_secs(7200))
+///     .build()?;
+/// let mut ctx = SslContext::builder(SslMethod::dtls())?;
+/// cache.install(&mut ctx)?;
+/// // ... set the certificate, build the context, accept connections; later:
+/// let stats = cache.stats();
+/// assert_eq!(stats.hits + stats.misses, 0);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Clone)]
+pub struct SessionCache {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    inner: Arc<Inner>,
+    // Held for its Drop: stops and joins the purge thread with the last clone.
+    _purger: Option<Purger>,
+    config: InstallConfig,
+}
+
+struct InstallConfig {
+    session_id_context: Vec<u8>,
+    tickets: bool,
+    internal_store: bool,
+}
+
+impl fmt::Debug for SessionCache {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SessionCache")
+            .field("store", &self.shared.inner.store)
+            .field("stats", &self.stats())
+            .finish_non_exhaustive()
+    }
+}
+
+impl SessionCache {
+    /// A builder with the defaults.
+    pub fn builder() -> SessionCacheBuilder {
+        SessionCacheBuilder::default()
+    }
+
+    /// Installs the cache on a context: the new, get and remove session callbacks
+    /// (`SSL_CTX_sess_set_new_cb`, `SSL_CTX_sess_set_get_cb`, `SSL_CTX_sess_set_remove_cb`), the
+    /// cache mode `SERVER | NO_INTERNAL` (or `SERVER` with the internal store on),
+    /// `SSL_OP_NO_TICKET` unless tickets are on, and the session id context.
+    ///
+    /// # Errors
+    /// An OpenSSL error from setting the session id context.
+    pub fn install(&self, ctx: &mut SslContextBuilder) -> Result<(), Error> {
+        let config = &self.shared.config;
+        let mut mode = SslSessionCacheMode::SERVER;
+        if !config.internal_store {
+            mode |= SslSessionCacheMode::NO_INTERNAL;
+        }
+        ctx.set_session_cache_mode(mode);
+        if !config.tickets {
+            ctx.set_options(SslOptions::NO_TICKET);
+        }
+        ctx.set_session_id_context(&config.session_id_context)?;
+        callbacks::install(ctx, self.shared.inner.clone());
+        Ok(())
+    }
+
+    /// A snapshot of the counters, with the store's current size.
+    ///
+    /// `entries` and `bytes` ask the store; for a remote store that is a network round trip.
+    pub fn stats(&self) -> CacheStats {
+        let inner = &self.shared.inner;
+        let entries = inner.store.len().unwrap_or(0) as u64;
+        let bytes = inner.store.bytes().unwrap_or(0) as u64;
+        inner
+            .counters
+            .snapshot(inner.store.evictions(), entries, bytes)
+    }
+
+    /// The store behind the cache.
+    pub fn store(&self) -> &Arc<dyn SessionStore> {
+        &self.shared.inner.store
+    }
+
+    /// Deletes expired entries, examining at most `purge_batch` of them, and returns how many it
+    /// deleted (counted in [`CacheStats::expired`]). Call it periodically, or let
+    /// [`SessionCacheBuilder::purge_interval`] run it on a thread.
+    pub fn purge_expired(&self) -> usize {
+        self.shared.inner.purge_expired()
+    }
+
+    /// Keeps the session of `ssl` resumable when `ssl` is dropped without a clean shutdown.
+    ///
+    /// OpenSSL removes the session of a connection freed before it sent close_notify
+    /// (`SSL_free` → `ssl_clear_bad_session` → the remove callback). Servers that drop idle or
+    /// vanished peers call this first; it marks the connection as having sent close_notify
+    /// (`SSL_set_shutdown(SSL_SENT_SHUTDOWN)`) without sending anything.
+    pub fn keep_resumable<S: std::io::Read + std::io::Write>(stream: &mut SslStream<S>) {
+        let state = stream.get_shutdown();
+        stream.set_shutdown(state | ShutdownState::SENT);
+    }
+
+    /// [`keep_resumable`](Self::keep_resumable) for a bare `SslRef` (for example the one a
+    /// `MidHandshakeSslStream` lends).
+    pub fn keep_resumable_ssl(ssl: &mut SslRef) {
+        ffi::mark_shutdown_sent(ssl);
+    }
+}
+
+/// The state the callbacks share.
+pub(crate) struct Inner {
+    store: Arc<dyn SessionStore>,
+    clock: Arc<dyn Clock>,
+    counters: Counters,
+    max_ttl: Duration,
+    max_session_size: usize,
+    single_use: bool,
+    honor_remove: bool,
+    decoded: Option<Mutex<LruCache<SessionId, Decoded>>>,
+    purge_batch: usize,
+}
+
+/// A session kept decoded; the store decides whether it is still valid.
+struct Decoded {
+    session: SslSession,
+}
+
+impl Inner {
+    /// The new-session callback: serialize (outside any lock) and store.
+    pub(crate) fn on_new_session(&self, session: SslSession) {
+        let Ok(id) = SessionId::new(session.id()) else {
+            return; // empty id: nothing a client could offer back
+        };
+        let now = self.clock.now();
+        let expires_at = session_expiry(&session, now, self.max_ttl);
+        if expires_at <= now {
+            return;
+        }
+        let mut der = match session.to_der() {
+            Ok(der) => der,
+            Err(e) => {
+                tracing::warn!(error = %e, "i2d_SSL_SESSION failed; session not cached");
+                Counters::bump(&self.counters.store_errors);
+                return;
+            }
+        };
+        drop(session);
+        if der.len() > self.max_session_size {
+            tracing::debug!(len = der.len(), "session too large to cache");
+            der.zeroize();
+            Counters::bump(&self.counters.rejected_oversize);
+            return;
+        }
+        match self.store.put(id, StoredSession::new(der, expires_at)) {
+            Ok(()) => Counters::bump(&self.counters.inserts),
+            Err(e) => {
+                tracing::debug!(error = %e, "session store put failed");
+                Counters::bump(&self.counters.store_errors);
+            }
+        }
+    }
+
+    /// The get-session callback.
+    pub(crate) fn on_get_session(&self, id: &[u8]) -> Option<SslSession> {
+        let found = self.lookup(id);
+        match found {
+            Some(_) => Counters::bump(&self.counters.hits),
+            None => Counters::bump(&self.counters.misses),
+        }
+        found
+    }
+
+    fn lookup(&self, id: &[u8]) -> Option<SslSession> {
+        let id = SessionId::new(id).ok()?;
+        let now = self.clock.now();
+        let fetched = if self.single_use {
+            self.store.take(&id)
+        } else {
+            self.store.get(&id)
+        };
+        let stored = match fetched {
+            Ok(Some(stored)) => stored,
+            Ok(None) => {
+                self.forget_decoded(&id);
+                return None;
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "session store lookup failed; full handshake");
+                Counters::bump(&self.counters.store_errors);
+                return None;
+            }
+        };
+        if stored.is_expired(now) {
+            Counters::bump(&self.counters.expired);
+            if !self.single_use {
+                if let Err(e) = self.store.remove(&id) {
+                    tracing::debug!(error = %e, "removing an expired session failed");
+                    Counters::bump(&self.counters.store_errors);
+                }
+            }
+            self.forget_decoded(&id);
+            return None;
+        }
+        if let Some(session) = self.decoded_session(&id) {
+            return Some(session);
+        }
+        match SslSession::from_der(stored.data()) {
+            Ok(session) => {
+                self.remember_decoded(id, &session);
+                Some(session)
+            }
+            Err(_) => {
+                tracing::debug!(id = %id.to_hex(), "stored session does not decode; removed");
+                Counters::bump(&self.counters.decode_errors);
+                if !self.single_use {
+                    if let Err(e) = self.store.remove(&id) {
+                        tracing::debug!(error = %e, "removing an undecodable session failed");
+                        Counters::bump(&self.counters.store_errors);
+                    }
+                }
+                None
+            }
+        }
+    }
+
+    /// A decoded session for `id`, if the tier holds one OpenSSL would still resume.
+    fn decoded_session(&self, id: &SessionId) -> Option<SslSession> {
+        let tier = self.decoded.as_ref()?;
+        let mut tier = tier.lock();
+        let usable = tier
+            .get(id)
+            .map(|d| ffi::session_is_resumable(&d.session))?;
+        if !usable {
+            let stale = tier.pop(id);
+            drop(tier);
+            drop(stale);
+            return None;
+        }
+        if self.single_use {
+            let taken = tier.pop(id).map(|d| d.session);
+            return taken;
+        }
+        tier.get(id).map(|d| d.session.clone())
+    }
+
+    fn remember_decoded(&self, id: SessionId, session: &SslSession) {
+        if self.single_use {
+            return;
+        }
+        if let Some(tier) = &self.decoded {
+            let evicted = tier.lock().push(
+                id,
+                Decoded {
+                    session: session.clone(),
+                },
+            );
+            drop(evicted); // SSL_SESSION_free outside the lock
+        }
+    }
+
+    fn forget_decoded(&self, id: &SessionId) {
+        if let Some(tier) = &self.decoded {
+            let gone = tier.lock().pop(id);
+            drop(gone);
+        }
+    }
+
+    /// The remove-session callback. May run with OpenSSL's context lock held: it must not call
+    /// back into OpenSSL for that context.
+    pub(crate) fn on_remove_session(&self, session: &SslSessionRef) {
+        if !self.honor_remove {
+            return;
+        }
+        let Ok(id) = SessionId::new(session.id()) else {
+            return;
+        };
+        self.forget_decoded(&id);
+        match self.store.remove(&id) {
+            Ok(true) => Counters::bump(&self.counters.removed),
+            Ok(false) => {}
+            Err(e) => {
+                tracing::debug!(error = %e, "session store remove failed");
+                Counters::bump(&self.counters.store_errors);
+            }
+        }
+    }
+
+    fn purge_expired(&self) -> usize {
+        let now = self.clock.now();
+        match self.store.purge_expired(now, self.purge_batch) {
+            Ok(n) => {
+                Counters::add(&self.counters.expired, n as u64);
+                n
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "session store purge failed");
+                Counters::bump(&self.counters.store_errors);
+                0
+            }
+        }
+    }
+}
+
+/// The expiry of `session` stored at `now`: `now` plus the smaller of its timeout and `max_ttl`,
+/// and never later than OpenSSL's own view of it (its creation time plus its timeout).
+///
+/// Counting from `now` (the cache's clock) rather than from the session's own timestamp keeps
+/// expiry consistent with an injected clock; the cap keeps the store from holding a session
+/// OpenSSL would refuse anyway.
+pub(crate) fn session_expiry(
+    session: &SslSessionRef,
+    now: SystemTime,
+    max_ttl: Duration,
+) -> SystemTime {
+    let created = UNIX_EPOCH + Duration::from_secs(u64::try_from(session.time()).unwrap_or(0));
+    let timeout = Duration::from_secs(u64::try_from(session.timeout()).unwrap_or(0));
+    (now + timeout.min(max_ttl)).min(created + timeout)
+}
+
+/// The background purge thread; stopped and joined on drop.
+struct Purger {
+    stop: Arc<(Mutex<bool>, Condvar)>,
+    handle: Option<thread::JoinHandle<()>>,
+}
+
+impl Purger {
+    fn start(inner: Arc<Inner>, every: Duration) -> Result<Self, Error> {
+        let stop = Arc::new((Mutex::new(false), Condvar::new()));
+        let signal = stop.clone();
+        let handle = thread::Builder::new()
+            .name("session-cache-purge".into())
+            .spawn(move || {
+                let (lock, cvar) = &*signal;
+                let mut stopped = lock.lock();
+                while !*stopped {
+                    if cvar.wait_for(&mut stopped, every).timed_out() {
+                        drop(stopped);
+                        let n = inner.purge_expired();
+                        if n > 0 {
+                            tracing::debug!(purged = n, "expired sessions purged");
+                        }
+                        stopped = lock.lock();
+                    }
+                }
+            })?;
+        Ok(Self {
+            stop,
+            handle: Some(handle),
+        })
+    }
+}
+
+impl Drop for Purger {
+    fn drop(&mut self) {
+        *self.stop.0.lock() = true;
+        self.stop.1.notify_all();
+        if let Some(handle) = self.handle.take() {
+            let _ = handle.join();
+        }
+    }
+}
+
+impl fmt::Debug for Inner {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Inner").finish_non_exhaustive()
+    }
+}

@@ -1,0 +1,494 @@
+//! Real OpenSSL handshakes resumed through the external cache, with exact counters.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use openssl_session_cache::{
+    CacheStats, ManualClock, MemoryStore, SessionCache, SessionId, SessionStore, StoreError,
+    StoredSession,
+};
+use support::{client_ctx, connect, server_ctx, Proto, ServerClose};
+
+fn counts(s: &CacheStats) -> (u64, u64, u64) {
+    (s.hits, s.misses, s.inserts)
+}
+
+/// Full handshake, then resumption: the exact counts OpenSSL's callbacks produce.
+fn full_then_resume(proto: Proto, inserts_per_full: u64, inserts_per_resume: u64) {
+    let cache = SessionCache::builder().build().unwrap();
+    let server = server_ctx(proto, &cache, false);
+    let client = client_ctx(proto, false);
+
+    let first = connect(&server, &client, None, ServerClose::Clean);
+    assert!(!first.client_reused && !first.server_reused);
+    let s = cache.stats();
+    assert_eq!(counts(&s), (0, 0, inserts_per_full), "{s:?}");
+    assert_eq!(s.entries, inserts_per_full);
+
+    let second = connect(&server, &client, first.session.as_ref(), ServerClose::Clean);
+    assert!(
+        second.client_reused && second.server_reused,
+        "{proto:?} did not resume"
+    );
+    let s = cache.stats();
+    assert_eq!(
+        counts(&s),
+        (1, 0, inserts_per_full + inserts_per_resume),
+        "{s:?}"
+    );
+    assert_eq!(s.removed, 0);
+    assert_eq!(s.decode_errors + s.store_errors + s.expired, 0);
+}
+
+#[test]
+fn tls12_resumes_through_the_cache() {
+    full_then_resume(Proto::Tls12, 1, 0);
+}
+
+#[test]
+fn tls13_stateful_tickets_resume_through_the_cache() {
+    // Two tickets after a full handshake, one more after a resumption (OpenSSL's defaults).
+    full_then_resume(Proto::Tls13, 2, 1);
+}
+
+#[test]
+fn dtls12_resumes_through_the_cache() {
+    full_then_resume(Proto::Dtls12, 1, 0);
+}
+
+#[test]
+fn a_second_context_sharing_the_cache_resumes_the_first_ones_session() {
+    for proto in [Proto::Tls12, Proto::Tls13, Proto::Dtls12] {
+        let cache = SessionCache::builder().build().unwrap();
+        let a = server_ctx(proto, &cache, false);
+        let b = server_ctx(proto, &cache, false);
+        let client = client_ctx(proto, false);
+        let first = connect(&a, &client, None, ServerClose::Clean);
+        let second = connect(&b, &client, first.session.as_ref(), ServerClose::Clean);
+        assert!(
+            second.server_reused,
+            "{proto:?}: context B did not resume A's session"
+        );
+        assert_eq!(cache.stats().hits, 1);
+    }
+}
+
+#[test]
+fn mutual_tls_resumption_keeps_the_peer_certificate() {
+    for proto in [Proto::Tls12, Proto::Dtls12] {
+        let cache = SessionCache::builder().build().unwrap();
+        let server = server_ctx(proto, &cache, true);
+        let client = client_ctx(proto, true);
+        let first = connect(&server, &client, None, ServerClose::Clean);
+        assert!(first.server_saw_client_cert);
+        // Twice: once decoded from DER, once from the decoded tier.
+        for _ in 0..2 {
+            let again = connect(&server, &client, first.session.as_ref(), ServerClose::Clean);
+            assert!(again.server_reused, "{proto:?}");
+            assert!(
+                again.server_saw_client_cert,
+                "{proto:?}: peer cert lost on resumption"
+            );
+        }
+        assert_eq!(cache.stats().hits, 2);
+    }
+}
+
+#[test]
+fn a_session_id_context_mismatch_does_not_resume() {
+    let store: Arc<dyn SessionStore> = Arc::new(MemoryStore::builder().build().unwrap());
+    let cache_a = SessionCache::builder()
+        .store(store.clone())
+        .session_id_context(b"service-a")
+        .build()
+        .unwrap();
+    let cache_b = SessionCache::builder()
+        .store(store)
+        .session_id_context(b"service-b")
+        .build()
+        .unwrap();
+    let a = server_ctx(Proto::Tls12, &cache_a, false);
+    let b = server_ctx(Proto::Tls12, &cache_b, false);
+    let client = client_ctx(Proto::Tls12, false);
+    let first = connect(&a, &client, None, ServerClose::Clean);
+    let second = connect(&b, &client, first.session.as_ref(), ServerClose::Clean);
+    assert!(!second.server_reused);
+    // The store did hand the session over; OpenSSL refused it and made a new one.
+    assert_eq!(cache_b.stats().hits, 1);
+    assert_eq!(cache_b.stats().inserts, 1);
+}
+
+#[test]
+fn session_id_context_longer_than_32_bytes_is_refused() {
+    let err = SessionCache::builder()
+        .session_id_context([b'x'; 33])
+        .build()
+        .unwrap_err();
+    assert!(err.to_string().contains("at most 32"), "{err}");
+}
+
+#[test]
+fn with_tickets_on_tls12_resumes_statelessly_and_bypasses_the_cache() {
+    let cache = SessionCache::builder().tickets(true).build().unwrap();
+    let server = server_ctx(Proto::Tls12, &cache, false);
+    let client = client_ctx(Proto::Tls12, false);
+    let first = connect(&server, &client, None, ServerClose::Clean);
+    let second = connect(&server, &client, first.session.as_ref(), ServerClose::Clean);
+    assert!(second.server_reused);
+    let s = cache.stats();
+    assert_eq!(counts(&s), (0, 0, 0), "the cache was consulted: {s:?}");
+}
+
+#[test]
+fn dropping_a_connection_without_shutdown_removes_its_session_unless_kept() {
+    for proto in [Proto::Tls12, Proto::Dtls12] {
+        let cache = SessionCache::builder().build().unwrap();
+        let server = server_ctx(proto, &cache, false);
+        let client = client_ctx(proto, false);
+
+        let dropped = connect(&server, &client, None, ServerClose::Drop);
+        assert_eq!(cache.stats().removed, 1, "{proto:?}");
+        let retry = connect(
+            &server,
+            &client,
+            dropped.session.as_ref(),
+            ServerClose::Clean,
+        );
+        assert!(!retry.server_reused, "{proto:?}");
+
+        let kept = connect(&server, &client, None, ServerClose::KeepResumable);
+        let s = cache.stats();
+        assert_eq!(s.removed, 1, "{proto:?}: keep_resumable did not keep it");
+        let again = connect(&server, &client, kept.session.as_ref(), ServerClose::Clean);
+        assert!(again.server_reused, "{proto:?}");
+    }
+}
+
+#[test]
+fn ignoring_remove_callbacks_keeps_sessions_of_dropped_connections() {
+    let cache = SessionCache::builder()
+        .honor_remove_callback(false)
+        .build()
+        .unwrap();
+    let server = server_ctx(Proto::Tls12, &cache, false);
+    let client = client_ctx(Proto::Tls12, false);
+    let first = connect(&server, &client, None, ServerClose::Clean);
+    // A resumed connection dropped uncleanly marks the shared decoded session not resumable;
+    // the next lookup must notice and decode afresh from the store.
+    let dropped = connect(&server, &client, first.session.as_ref(), ServerClose::Drop);
+    assert!(dropped.server_reused);
+    let again = connect(&server, &client, first.session.as_ref(), ServerClose::Clean);
+    assert!(again.server_reused);
+    assert_eq!(cache.stats().removed, 0);
+}
+
+#[test]
+fn single_use_tls13_tickets_resume_once() {
+    let cache = SessionCache::builder().single_use(true).build().unwrap();
+    let server = server_ctx(Proto::Tls13, &cache, false);
+    let client = client_ctx(Proto::Tls13, false);
+    let first = connect(&server, &client, None, ServerClose::Clean);
+    let ticket = first.session.unwrap();
+    let second = connect(&server, &client, Some(&ticket), ServerClose::Clean);
+    assert!(second.server_reused);
+    let replay = connect(&server, &client, Some(&ticket), ServerClose::Clean);
+    assert!(!replay.server_reused, "a single-use ticket resumed twice");
+    // The fresh ticket from the resumption still works.
+    let fresh = connect(
+        &server,
+        &client,
+        second.session.as_ref(),
+        ServerClose::Clean,
+    );
+    assert!(fresh.server_reused);
+    let s = cache.stats();
+    assert_eq!((s.hits, s.misses), (2, 1), "{s:?}");
+}
+
+#[test]
+fn lru_by_entries_drops_the_oldest_unused_session() {
+    let cache = SessionCache::builder().max_entries(2).build().unwrap();
+    let server = server_ctx(Proto::Tls12, &cache, false);
+    let client = client_ctx(Proto::Tls12, false);
+    let a = connect(&server, &client, None, ServerClose::Clean).session;
+    let b = connect(&server, &client, None, ServerClose::Clean).session;
+    // Resume A so that B becomes the least recently used.
+    assert!(connect(&server, &client, a.as_ref(), ServerClose::Clean).server_reused);
+    let _c = connect(&server, &client, None, ServerClose::Clean).session;
+    assert_eq!(cache.stats().evicted_capacity, 1);
+    // A first: B's failed attempt makes a new session, which evicts the next LRU entry.
+    assert!(connect(&server, &client, a.as_ref(), ServerClose::Clean).server_reused);
+    assert!(!connect(&server, &client, b.as_ref(), ServerClose::Clean).server_reused);
+}
+
+#[test]
+fn lru_by_bytes_drops_the_oldest_unused_session() {
+    // Measure one session's size, then allow a little over two.
+    let probe = SessionCache::builder().build().unwrap();
+    let server = server_ctx(Proto::Tls12, &probe, false);
+    let client = client_ctx(Proto::Tls12, false);
+    connect(&server, &client, None, ServerClose::Clean);
+    let one = probe.stats().bytes as usize;
+    assert!(one > 64, "a TLS 1.2 session is {one} bytes?");
+
+    let cache = SessionCache::builder()
+        .max_entries(1000)
+        .max_bytes(2 * one + one / 2)
+        .build()
+        .unwrap();
+    let server = server_ctx(Proto::Tls12, &cache, false);
+    let a = connect(&server, &client, None, ServerClose::Clean).session;
+    let b = connect(&server, &client, None, ServerClose::Clean).session;
+    assert!(connect(&server, &client, a.as_ref(), ServerClose::Clean).server_reused);
+    connect(&server, &client, None, ServerClose::Clean);
+    let s = cache.stats();
+    assert_eq!((s.evicted_bytes, s.evicted_capacity), (1, 0), "{s:?}");
+    assert!(connect(&server, &client, a.as_ref(), ServerClose::Clean).server_reused);
+    assert!(!connect(&server, &client, b.as_ref(), ServerClose::Clean).server_reused);
+}
+
+#[test]
+fn past_the_ttl_resumption_falls_back_to_a_full_handshake() {
+    let clock = Arc::new(ManualClock::starting_now());
+    let cache = SessionCache::builder()
+        .clock(clock.clone())
+        .max_ttl(Duration::from_secs(60))
+        .build()
+        .unwrap();
+    let server = server_ctx(Proto::Dtls12, &cache, false);
+    let client = client_ctx(Proto::Dtls12, false);
+    let first = connect(&server, &client, None, ServerClose::Clean);
+    clock.advance(Duration::from_secs(30));
+    assert!(connect(&server, &client, first.session.as_ref(), ServerClose::Clean).server_reused);
+    clock.advance(Duration::from_secs(31));
+    let late = connect(&server, &client, first.session.as_ref(), ServerClose::Clean);
+    assert!(!late.server_reused);
+    let s = cache.stats();
+    assert_eq!((s.hits, s.misses, s.expired), (1, 1, 1), "{s:?}");
+    // The expired entry is gone; the new full handshake stored its own session.
+    assert_eq!((s.entries, s.inserts), (1, 2), "{s:?}");
+}
+
+#[test]
+fn the_sweep_removes_expired_entries_and_keeps_live_ones() {
+    let clock = Arc::new(ManualClock::starting_now());
+    let store = Arc::new(MemoryStore::builder().build().unwrap());
+    let cache = SessionCache::builder()
+        .clock(clock.clone())
+        .store(store.clone())
+        .max_ttl(Duration::from_secs(60))
+        .build()
+        .unwrap();
+    let server = server_ctx(Proto::Tls12, &cache, false);
+    let client = client_ctx(Proto::Tls12, false);
+    let old = connect(&server, &client, None, ServerClose::Clean)
+        .session
+        .unwrap();
+    let live = connect(&server, &client, None, ServerClose::Clean)
+        .session
+        .unwrap();
+    // Give the second session a longer life in the store.
+    let live_id = SessionId::new(live.id()).unwrap();
+    let entry = store.get(&live_id).unwrap().unwrap();
+    store
+        .put(
+            live_id,
+            StoredSession::new(
+                entry.data().to_vec(),
+                clock.now_plus(Duration::from_secs(600)),
+            ),
+        )
+        .unwrap();
+    clock.advance(Duration::from_secs(120));
+    assert_eq!(cache.purge_expired(), 1);
+    assert_eq!(cache.stats().expired, 1);
+    assert!(store
+        .get(&SessionId::new(old.id()).unwrap())
+        .unwrap()
+        .is_none());
+    assert!(connect(&server, &client, Some(&live), ServerClose::Clean).server_reused);
+}
+
+trait NowPlus {
+    fn now_plus(&self, d: Duration) -> std::time::SystemTime;
+}
+
+impl NowPlus for ManualClock {
+    fn now_plus(&self, d: Duration) -> std::time::SystemTime {
+        use openssl_session_cache::Clock;
+        self.now() + d
+    }
+}
+
+#[test]
+fn a_background_purge_thread_runs_and_stops_with_the_cache() {
+    let clock = Arc::new(ManualClock::starting_now());
+    let store = Arc::new(MemoryStore::builder().build().unwrap());
+    let cache = SessionCache::builder()
+        .clock(clock.clone())
+        .store(store.clone())
+        .purge_interval(Duration::from_millis(5))
+        .build()
+        .unwrap();
+    store
+        .put(
+            SessionId::new(b"stale").unwrap(),
+            StoredSession::new(vec![1; 10], clock.now_plus(Duration::from_secs(1))),
+        )
+        .unwrap();
+    clock.advance(Duration::from_secs(2));
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while store.len().unwrap() > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the purge thread never ran"
+        );
+        std::thread::yield_now();
+    }
+    assert_eq!(cache.stats().expired, 1);
+    drop(cache); // joins the thread; a hang here fails the test by timeout
+}
+
+#[test]
+fn corrupted_stored_bytes_are_a_full_handshake_and_a_decode_error() {
+    let store = Arc::new(MemoryStore::builder().build().unwrap());
+    let cache = SessionCache::builder()
+        .store(store.clone())
+        .build()
+        .unwrap();
+    let server = server_ctx(Proto::Dtls12, &cache, false);
+    let client = client_ctx(Proto::Dtls12, false);
+    let first = connect(&server, &client, None, ServerClose::Clean)
+        .session
+        .unwrap();
+    let id = SessionId::new(first.id()).unwrap();
+    let entry = store.get(&id).unwrap().unwrap();
+    let mut bytes = entry.data().to_vec();
+    bytes.truncate(bytes.len() / 2);
+    store
+        .put(id, StoredSession::new(bytes, entry.expires_at()))
+        .unwrap();
+
+    let second = connect(&server, &client, Some(&first), ServerClose::Clean);
+    assert!(!second.server_reused);
+    let s = cache.stats();
+    assert_eq!((s.decode_errors, s.hits, s.misses), (1, 0, 1), "{s:?}");
+    assert!(
+        store.get(&id).unwrap().is_none(),
+        "the corrupt entry was kept"
+    );
+}
+
+/// A store that fails every call, as a down backend would.
+#[derive(Debug)]
+struct BrokenStore;
+
+impl SessionStore for BrokenStore {
+    fn get(&self, _: &SessionId) -> Result<Option<StoredSession>, StoreError> {
+        Err(StoreError::Unavailable("down".into()))
+    }
+    fn put(&self, _: SessionId, _: StoredSession) -> Result<(), StoreError> {
+        Err(StoreError::Timeout)
+    }
+    fn take(&self, _: &SessionId) -> Result<Option<StoredSession>, StoreError> {
+        Err(StoreError::Timeout)
+    }
+    fn remove(&self, _: &SessionId) -> Result<bool, StoreError> {
+        Err(StoreError::Timeout)
+    }
+    fn len(&self) -> Result<usize, StoreError> {
+        Err(StoreError::Timeout)
+    }
+    fn bytes(&self) -> Result<usize, StoreError> {
+        Err(StoreError::Timeout)
+    }
+    fn for_each(&self, _: &mut dyn FnMut(&SessionId, &StoredSession)) -> Result<(), StoreError> {
+        Err(StoreError::Timeout)
+    }
+    fn clear(&self) -> Result<(), StoreError> {
+        Err(StoreError::Timeout)
+    }
+    fn purge_expired(&self, _: std::time::SystemTime, _: usize) -> Result<usize, StoreError> {
+        Err(StoreError::Timeout)
+    }
+}
+
+#[test]
+fn a_store_that_fails_never_fails_a_handshake() {
+    for proto in [Proto::Tls12, Proto::Tls13, Proto::Dtls12] {
+        let cache = SessionCache::builder()
+            .store(Arc::new(BrokenStore))
+            .build()
+            .unwrap();
+        let server = server_ctx(proto, &cache, false);
+        let client = client_ctx(proto, false);
+        let first = connect(&server, &client, None, ServerClose::Clean);
+        let second = connect(&server, &client, first.session.as_ref(), ServerClose::Clean);
+        assert!(!second.server_reused);
+        let s = cache.stats();
+        assert_eq!((s.hits, s.inserts), (0, 0), "{proto:?} {s:?}");
+        assert_eq!(s.misses, 1, "{proto:?} {s:?}");
+        assert!(s.store_errors >= 2, "{proto:?} {s:?}");
+        assert_eq!(cache.purge_expired(), 0);
+    }
+}
+
+#[test]
+fn oversized_sessions_are_rejected_and_counted() {
+    let cache = SessionCache::builder()
+        .max_session_size(64)
+        .build()
+        .unwrap();
+    let server = server_ctx(Proto::Tls12, &cache, false);
+    let client = client_ctx(Proto::Tls12, false);
+    let first = connect(&server, &client, None, ServerClose::Clean);
+    assert!(!connect(&server, &client, first.session.as_ref(), ServerClose::Clean).server_reused);
+    let s = cache.stats();
+    assert_eq!(
+        (s.rejected_oversize, s.inserts, s.entries),
+        (2, 0, 0),
+        "{s:?}"
+    );
+}
+
+#[test]
+fn concurrent_handshakes_add_up_and_do_not_deadlock() {
+    const THREADS: usize = 4;
+    const ROUNDS: usize = 10;
+    for proto in [Proto::Tls12, Proto::Dtls12] {
+        let cache = SessionCache::builder().max_entries(64).build().unwrap();
+        let server = server_ctx(proto, &cache, false);
+        let client = client_ctx(proto, false);
+        let resumed: usize = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..THREADS)
+                .map(|_| {
+                    scope.spawn(|| {
+                        let mut resumed = 0;
+                        let first = connect(&server, &client, None, ServerClose::Clean);
+                        for _ in 0..ROUNDS {
+                            let r = connect(
+                                &server,
+                                &client,
+                                first.session.as_ref(),
+                                ServerClose::Clean,
+                            );
+                            resumed += usize::from(r.server_reused);
+                        }
+                        resumed
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).sum()
+        });
+        let s = cache.stats();
+        assert_eq!(resumed, THREADS * ROUNDS, "{proto:?} {s:?}");
+        assert_eq!(s.hits as usize, THREADS * ROUNDS, "{proto:?} {s:?}");
+        assert_eq!(
+            (s.misses, s.inserts as usize),
+            (0, THREADS),
+            "{proto:?} {s:?}"
+        );
+    }
+}

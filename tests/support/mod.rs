@@ -1,0 +1,291 @@
+//! Shared test helpers: a throwaway PKI and in-process TLS/DTLS handshakes over socket pairs.
+#![allow(dead_code, unsafe_code, unreachable_pub)]
+
+use std::io::{self, Read, Write};
+use std::os::unix::net::{UnixDatagram, UnixStream};
+use std::sync::OnceLock;
+use std::thread;
+
+use openssl::asn1::Asn1Time;
+use openssl::bn::{BigNum, MsbOption};
+use openssl::ec::{EcGroup, EcKey};
+use openssl::hash::MessageDigest;
+use openssl::nid::Nid;
+use openssl::pkey::{PKey, Private};
+use openssl::ssl::{
+    ErrorCode, Ssl, SslContext, SslContextBuilder, SslMethod, SslOptions, SslSession, SslStream,
+    SslVerifyMode, SslVersion,
+};
+use openssl::x509::store::X509StoreBuilder;
+use openssl::x509::{X509NameBuilder, X509};
+use openssl_session_cache::SessionCache;
+
+/// A key and a self-signed certificate.
+pub struct Identity {
+    pub cert: X509,
+    pub key: PKey<Private>,
+}
+
+pub struct Pki {
+    pub server: Identity,
+    pub client: Identity,
+}
+
+pub fn self_signed(cn: &str) -> Identity {
+    let group = EcGroup::from_curve_name(Nid::X9_62_PRIME256V1).unwrap();
+    let key = PKey::from_ec_key(EcKey::generate(&group).unwrap()).unwrap();
+    let mut name = X509NameBuilder::new().unwrap();
+    name.append_entry_by_nid(Nid::COMMONNAME, cn).unwrap();
+    let name = name.build();
+    let mut b = X509::builder().unwrap();
+    b.set_version(2).unwrap();
+    let mut serial = BigNum::new().unwrap();
+    serial.rand(64, MsbOption::MAYBE_ZERO, false).unwrap();
+    b.set_serial_number(&serial.to_asn1_integer().unwrap())
+        .unwrap();
+    b.set_subject_name(&name).unwrap();
+    b.set_issuer_name(&name).unwrap();
+    b.set_pubkey(&key).unwrap();
+    b.set_not_before(&Asn1Time::days_from_now(0).unwrap())
+        .unwrap();
+    b.set_not_after(&Asn1Time::days_from_now(2).unwrap())
+        .unwrap();
+    b.sign(&key, MessageDigest::sha256()).unwrap();
+    Identity {
+        cert: b.build(),
+        key,
+    }
+}
+
+pub fn pki() -> &'static Pki {
+    static PKI: OnceLock<Pki> = OnceLock::new();
+    PKI.get_or_init(|| Pki {
+        server: self_signed("server.test"),
+        client: self_signed("client.test"),
+    })
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Proto {
+    Tls12,
+    Tls13,
+    Dtls12,
+}
+
+impl Proto {
+    fn method(self) -> SslMethod {
+        match self {
+            Self::Dtls12 => SslMethod::dtls(),
+            _ => SslMethod::tls(),
+        }
+    }
+
+    fn pin(self, b: &mut SslContextBuilder) {
+        let v = match self {
+            Self::Tls12 => SslVersion::TLS1_2,
+            Self::Tls13 => SslVersion::TLS1_3,
+            Self::Dtls12 => SslVersion::DTLS1_2,
+        };
+        b.set_min_proto_version(Some(v)).unwrap();
+        b.set_max_proto_version(Some(v)).unwrap();
+        if self == Self::Dtls12 {
+            b.set_options(SslOptions::NO_QUERY_MTU);
+        }
+    }
+}
+
+/// A server context builder with the server identity; `mtls` requires a client certificate.
+pub fn server_builder(proto: Proto, mtls: bool) -> SslContextBuilder {
+    let pki = pki();
+    let mut b = SslContext::builder(proto.method()).unwrap();
+    proto.pin(&mut b);
+    b.set_certificate(&pki.server.cert).unwrap();
+    b.set_private_key(&pki.server.key).unwrap();
+    if mtls {
+        let mut store = X509StoreBuilder::new().unwrap();
+        store.add_cert(pki.client.cert.clone()).unwrap();
+        b.set_verify_cert_store(store.build()).unwrap();
+        b.set_verify(SslVerifyMode::PEER | SslVerifyMode::FAIL_IF_NO_PEER_CERT);
+    }
+    b
+}
+
+/// A context and the protocol it is pinned to.
+pub struct Ctx {
+    pub ctx: SslContext,
+    pub proto: Proto,
+}
+
+/// A server context with `cache` installed.
+pub fn server_ctx(proto: Proto, cache: &SessionCache, mtls: bool) -> Ctx {
+    let mut b = server_builder(proto, mtls);
+    cache.install(&mut b).unwrap();
+    Ctx {
+        ctx: b.build(),
+        proto,
+    }
+}
+
+/// A client context: trusts nothing (no verification of the server); presents the client
+/// identity when `mtls`.
+pub fn client_ctx(proto: Proto, mtls: bool) -> Ctx {
+    let mut b = SslContext::builder(proto.method()).unwrap();
+    proto.pin(&mut b);
+    b.set_verify(SslVerifyMode::NONE);
+    if mtls {
+        let pki = pki();
+        b.set_certificate(&pki.client.cert).unwrap();
+        b.set_private_key(&pki.client.key).unwrap();
+    }
+    Ctx {
+        ctx: b.build(),
+        proto,
+    }
+}
+
+/// How the server ends the connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ServerClose {
+    /// Waits for close_notify and answers it.
+    Clean,
+    /// Drops the connection right after the echo, without shutdown.
+    Drop,
+    /// Drops it after `SessionCache::keep_resumable`.
+    KeepResumable,
+}
+
+/// What a connection did.
+pub struct Outcome {
+    pub client_reused: bool,
+    pub server_reused: bool,
+    pub server_saw_client_cert: bool,
+    /// The client's session after the exchange (for TLS 1.3, the newest ticket).
+    pub session: Option<SslSession>,
+}
+
+/// One datagram per read and write over a Unix datagram socket pair.
+#[derive(Debug)]
+struct Dgram(UnixDatagram);
+
+impl Read for Dgram {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.0.recv(buf)
+    }
+}
+
+impl Write for Dgram {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.send(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+#[derive(Debug)]
+enum Pipe {
+    Stream(UnixStream),
+    Dgram(Dgram),
+}
+
+impl Read for Pipe {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Self::Stream(s) => s.read(buf),
+            Self::Dgram(d) => d.read(buf),
+        }
+    }
+}
+
+impl Write for Pipe {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Self::Stream(s) => s.write(buf),
+            Self::Dgram(d) => d.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+fn pipes(dtls: bool) -> (Pipe, Pipe) {
+    if dtls {
+        let (a, b) = UnixDatagram::pair().unwrap();
+        (Pipe::Dgram(Dgram(a)), Pipe::Dgram(Dgram(b)))
+    } else {
+        let (a, b) = UnixStream::pair().unwrap();
+        (Pipe::Stream(a), Pipe::Stream(b))
+    }
+}
+
+/// Runs one connection: handshake (offering `session`), one echo, close as `close` says.
+pub fn connect(
+    server: &Ctx,
+    client: &Ctx,
+    session: Option<&SslSession>,
+    close: ServerClose,
+) -> Outcome {
+    let dtls = client.proto == Proto::Dtls12;
+    let (server, client) = (&server.ctx, &client.ctx);
+    let (spipe, cpipe) = pipes(dtls);
+    thread::scope(|scope| {
+        let server_side = scope.spawn(move || {
+            let mut ssl = Ssl::new(server).unwrap();
+            if dtls {
+                ssl.set_mtu(1400).unwrap();
+            }
+            let mut s: SslStream<Pipe> = ssl.accept(spipe).expect("server handshake");
+            let reused = s.ssl().session_reused();
+            let saw_cert = s.ssl().peer_certificate().is_some();
+            let mut buf = [0u8; 64];
+            let n = s.read(&mut buf).expect("server read");
+            s.write_all(&buf[..n]).expect("server write");
+            match close {
+                ServerClose::Clean => {
+                    match s.ssl_read(&mut buf) {
+                        Err(e) if e.code() == ErrorCode::ZERO_RETURN => {}
+                        Ok(0) => {}
+                        other => panic!("expected close_notify, got {other:?}"),
+                    }
+                    let _ = s.shutdown();
+                }
+                ServerClose::Drop => drop(s),
+                ServerClose::KeepResumable => {
+                    SessionCache::keep_resumable(&mut s);
+                    drop(s);
+                }
+            }
+            (reused, saw_cert)
+        });
+        let mut ssl = Ssl::new(client).unwrap();
+        if dtls {
+            ssl.set_mtu(1400).unwrap();
+        }
+        if let Some(sess) = session {
+            // SAFETY: the client contexts in these tests keep no internal session cache that the
+            // session could be linked into.
+            unsafe { ssl.set_session(sess).unwrap() };
+        }
+        let mut c = ssl.connect(cpipe).expect("client handshake");
+        c.write_all(b"ping").unwrap();
+        let mut buf = [0u8; 4];
+        c.read_exact(&mut buf).unwrap();
+        assert_eq!(&buf, b"ping");
+        let client_reused = c.ssl().session_reused();
+        let session = c.ssl().session().map(|s| s.to_owned());
+        // Always send close_notify: a client that frees its SSL without it marks its own copy of
+        // the session not resumable (ssl_clear_bad_session), and would not offer it again.
+        let _ = c.shutdown();
+        let (server_reused, server_saw_client_cert) = server_side.join().unwrap();
+        drop(c);
+        Outcome {
+            client_reused,
+            server_reused,
+            server_saw_client_cert,
+            session,
+        }
+    })
+}
