@@ -28,6 +28,7 @@ impl PeerKey for SocketAddr {
     }
 }
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct DsmConfig {
     pub max_slots: usize,
     pub max_handshakes: usize,
