@@ -29,6 +29,7 @@
 
 mod cache;
 mod clock;
+mod dsm;
 mod error;
 mod ffi;
 mod stats;
@@ -37,12 +38,20 @@ mod store;
 pub use cache::client::ClientSessionCache;
 pub use cache::{SessionCache, SessionCacheBuilder, DEFAULT_SESSION_ID_CONTEXT};
 pub use clock::{Clock, ManualClock, SystemClock};
+pub use dsm::{
+    Authenticated, Dsm, DsmConfig, DsmStats, FreeReason, PeerKey, PeerState, SocketPeer,
+    StoreOutcome, Sweeper, DEFAULT_MAX_SLOTS,
+};
 pub use error::{Error, StoreError};
 pub use stats::{CacheStats, EvictionStats};
+pub use store::envelope;
+pub use store::snapshot;
 pub use store::{
-    MemoryStore, MemoryStoreBuilder, NullStore, SessionId, SessionStore, StoredSession,
-    MAX_SESSION_ID_LEN,
+    load_snapshot, save_snapshot, store_from_url, KeyRing, MemoryStore, MemoryStoreBuilder,
+    NullStore, SessionId, SessionStore, StoredSession, MAX_SESSION_ID_LEN,
 };
+#[cfg(feature = "redis")]
+pub use store::{RedisStore, RedisStoreBuilder, RedisStoreStats};
 
 mod server;
 /// TEMPORARY until the DSM lands on main.

@@ -19,7 +19,7 @@ pub(crate) fn install(ctx: &mut SslContextBuilder, inner: Arc<Inner>) {
     let on_new = inner.clone();
     // SSL_CTX_sess_set_new_cb. rust-openssl returns 1 to OpenSSL: the closure owns the reference.
     ctx.set_new_session_callback(move |_ssl, session| {
-        if catch_unwind(AssertUnwindSafe(|| on_new.on_new_session(session))).is_err() {
+        if catch_unwind(AssertUnwindSafe(|| on_new.on_new_session(&session))).is_err() {
             tracing::error!("BUG: panic in the new-session callback; session not cached");
         }
     });

@@ -32,6 +32,7 @@ use crate::store::{MemoryStore, SessionId, SessionStore, StoredSession};
 
 mod callbacks;
 pub(crate) mod client;
+mod der;
 
 /// The session id context set by default (`SSL_CTX_set_session_id_context`).
 pub const DEFAULT_SESSION_ID_CONTEXT: &[u8] = b"openssl-session-cache";
@@ -354,6 +355,12 @@ impl SessionCache {
             .snapshot(inner.store.evictions(), entries, bytes)
     }
 
+    /// Stores `session` as if OpenSSL had just handed it to the new-session callback (to warm a
+    /// cache, or to move sessions between caches). Counted like the callback's inserts.
+    pub fn insert(&self, session: &SslSessionRef) {
+        self.shared.inner.on_new_session(session);
+    }
+
     /// The store behind the cache.
     pub fn store(&self) -> &Arc<dyn SessionStore> {
         &self.shared.inner.store
@@ -404,12 +411,12 @@ struct Decoded {
 
 impl Inner {
     /// The new-session callback: serialize (outside any lock) and store.
-    pub(crate) fn on_new_session(&self, session: SslSession) {
+    pub(crate) fn on_new_session(&self, session: &SslSessionRef) {
         let Ok(id) = SessionId::new(session.id()) else {
             return; // empty id: nothing a client could offer back
         };
         let now = self.clock.now();
-        let expires_at = session_expiry(&session, now, self.max_ttl);
+        let expires_at = session_expiry(session, now, self.max_ttl);
         if expires_at <= now {
             return;
         }
@@ -421,14 +428,20 @@ impl Inner {
                 return;
             }
         };
-        drop(session);
         if der.len() > self.max_session_size {
             tracing::debug!(len = der.len(), "session too large to cache");
             der.zeroize();
             Counters::bump(&self.counters.rejected_oversize);
             return;
         }
-        match self.store.put(id, StoredSession::new(der, expires_at)) {
+        let stored = match der::compact(&der, id.as_bytes()) {
+            Some(small) => {
+                der.zeroize();
+                small
+            }
+            None => der,
+        };
+        match self.store.put(id, StoredSession::new(stored, expires_at)) {
             Ok(()) => Counters::bump(&self.counters.inserts),
             Err(e) => {
                 tracing::debug!(error = %e, "session store put failed");
@@ -481,7 +494,15 @@ impl Inner {
         if let Some(session) = self.decoded_session(&id) {
             return Some(session);
         }
-        match SslSession::from_der(stored.data()) {
+        let decoded = match der::expand(stored.data(), id.as_bytes()) {
+            Some(mut full) => {
+                let session = SslSession::from_der(&full);
+                full.zeroize();
+                session
+            }
+            None => SslSession::from_der(stored.data()),
+        };
+        match decoded {
             Ok(session) => {
                 self.remember_decoded(id, &session);
                 Some(session)

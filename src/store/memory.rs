@@ -1,17 +1,18 @@
 //! The in-memory store: a sharded LRU bounded by entries and bytes together.
 //!
 //! Each shard is a `parking_lot` mutex over an [`lru::LruCache`], so get, put and remove are O(1)
-//! and threads that touch different shards do not contend. Both bounds are split evenly over the
-//! shards and hold globally; least-recently-used order is kept per shard. Small stores (fewer
-//! than 1024 entries) use one shard, so their eviction order is exact LRU. Session bytes are
-//! zeroized when an entry is evicted, replaced, removed or cleared.
+//! and threads that touch different shards do not contend. Both bounds are global (atomic
+//! counters, so no shard can fill up early because ids hash unevenly): a put that would cross
+//! them evicts the least recently used entries of its own shard first, then of the others.
+//! Small stores (fewer than 1024 entries or 64 KiB) use one shard, so their eviction order is
+//! exact LRU; sharded stores are LRU within each shard. Session bytes are zeroized when an entry
+//! is evicted, replaced, removed or cleared.
 
-use std::collections::hash_map::RandomState;
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::SystemTime;
 
-use lru::LruCache;
+use lru::{DefaultHasher, LruCache};
 use parking_lot::Mutex;
 
 use crate::clock::unix_millis;
@@ -23,7 +24,33 @@ use crate::store::{SessionId, SessionStore, StoredSession};
 const MIN_ENTRIES_PER_SHARD: usize = 1024;
 /// Bytes per shard below which the store does not shard at all.
 const MIN_BYTES_PER_SHARD: usize = 64 << 10;
-const MAX_SHARDS: usize = 16;
+/// At most this many shards by default (up to twice as many when that fills tables better).
+const DEFAULT_MAX_SHARDS: usize = 16;
+const MAX_SHARDS: usize = 64;
+
+/// The buckets a hashbrown table allocates to hold `entries` (it keeps at most 7/8 full).
+fn table_buckets(entries: usize) -> usize {
+    match entries {
+        0..=3 => 4,
+        4..=7 => 8,
+        _ => (entries.saturating_mul(8) / 7).next_power_of_two(),
+    }
+}
+
+/// About one shard per 1024 entries and 64 KiB, at most 16; then, among that count up to twice
+/// it, the one whose tables waste least memory when the store is full (a million entries in 16
+/// shards leave every table half empty; in 18 they are 85% full).
+fn default_shards(max_entries: usize, max_bytes: usize) -> usize {
+    let base = (max_entries / MIN_ENTRIES_PER_SHARD)
+        .min(max_bytes / MIN_BYTES_PER_SHARD)
+        .clamp(1, DEFAULT_MAX_SHARDS);
+    if base == 1 {
+        return 1;
+    }
+    (base..=2 * base)
+        .min_by_key(|&n| table_buckets(max_entries.div_ceil(n)).saturating_mul(n))
+        .unwrap_or(base)
+}
 
 /// Builds a [`MemoryStore`].
 #[derive(Debug, Clone)]
@@ -57,8 +84,9 @@ impl MemoryStoreBuilder {
         self
     }
 
-    /// The number of shards, a power of two from 1 to 16. By default, one shard per 1024
-    /// entries and 64 KiB, at most 16.
+    /// The number of shards, from 1 to 64. By default about one shard per 1024 entries and
+    /// 64 KiB (16 to 32 shards for large stores), choosing the count whose hash tables are best
+    /// filled when the store is full.
     pub fn shards(mut self, n: usize) -> Self {
         self.shards = Some(n);
         self
@@ -75,35 +103,29 @@ impl MemoryStoreBuilder {
             ));
         }
         let shards = match self.shards {
-            Some(n) if n.is_power_of_two() && n <= MAX_SHARDS => n,
+            Some(n) if (1..=MAX_SHARDS).contains(&n) => n,
             Some(n) => {
                 return Err(Error::Config(format!(
-                    "shard count {n} is not a power of two in 1..=16"
+                    "shard count {n} is not in 1..={MAX_SHARDS}"
                 )))
             }
-            None => (self.max_entries / MIN_ENTRIES_PER_SHARD)
-                .min(self.max_bytes / MIN_BYTES_PER_SHARD)
-                .clamp(1, MAX_SHARDS)
-                .next_power_of_two()
-                .min(MAX_SHARDS),
+            None => default_shards(self.max_entries, self.max_bytes),
         };
-        let per_entries = self.max_entries.div_ceil(shards);
-        let per_bytes = self.max_bytes.div_ceil(shards);
         let shards = (0..shards)
             .map(|_| {
                 Mutex::new(Shard {
                     lru: LruCache::unbounded(),
-                    bytes: 0,
-                    max_entries: per_entries,
-                    max_bytes: per_bytes,
                 })
             })
             .collect::<Vec<_>>()
             .into_boxed_slice();
         Ok(MemoryStore {
-            mask: shards.len() - 1,
             shards,
-            hasher: RandomState::new(),
+            hasher: DefaultHasher::default(),
+            max_entries: self.max_entries,
+            max_bytes: self.max_bytes,
+            len: AtomicUsize::new(0),
+            bytes: AtomicUsize::new(0),
             evicted_capacity: AtomicU64::new(0),
             evicted_bytes: AtomicU64::new(0),
             purge_cursor: AtomicUsize::new(0),
@@ -130,8 +152,13 @@ impl MemoryStoreBuilder {
 #[derive(Debug)]
 pub struct MemoryStore {
     shards: Box<[Mutex<Shard>]>,
-    mask: usize,
-    hasher: RandomState,
+    // foldhash, randomly seeded per store: the same fast hash the shards' maps use.
+    hasher: DefaultHasher,
+    max_entries: usize,
+    max_bytes: usize,
+    // Totals over all shards; changed only under the lock of the shard that changes.
+    len: AtomicUsize,
+    bytes: AtomicUsize,
     evicted_capacity: AtomicU64,
     evicted_bytes: AtomicU64,
     purge_cursor: AtomicUsize,
@@ -140,56 +167,13 @@ pub struct MemoryStore {
 #[derive(Debug)]
 struct Shard {
     lru: LruCache<SessionId, StoredSession>,
-    bytes: usize,
-    max_entries: usize,
-    max_bytes: usize,
 }
 
-/// Why [`Shard::put`] evicted entries.
-#[derive(Debug, Default, PartialEq, Eq)]
-struct Evicted {
-    capacity: u64,
-    bytes: u64,
-}
-
-impl Shard {
-    fn put(&mut self, id: SessionId, session: StoredSession) -> Evicted {
-        let mut evicted = Evicted::default();
-        let len = session.len();
-        if let Some(old) = self.lru.pop(&id) {
-            self.bytes -= old.len();
-        }
-        if len > self.max_bytes {
-            // It can never fit; storing it would only flush the shard.
-            evicted.bytes += 1;
-            return evicted;
-        }
-        while self.lru.len() >= self.max_entries {
-            self.evict_lru();
-            evicted.capacity += 1;
-        }
-        while self.bytes + len > self.max_bytes {
-            self.evict_lru();
-            evicted.bytes += 1;
-        }
-        self.bytes += len;
-        self.lru.put(id, session);
-        evicted
-    }
-
-    fn evict_lru(&mut self) {
-        let (_, old) = self
-            .lru
-            .pop_lru()
-            .expect("BUG: shard over its limits but empty");
-        self.bytes -= old.len();
-    }
-
-    fn remove(&mut self, id: &SessionId) -> Option<StoredSession> {
-        let old = self.lru.pop(id)?;
-        self.bytes -= old.len();
-        Some(old)
-    }
+/// Why an entry is evicted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Cause {
+    Capacity,
+    Bytes,
 }
 
 impl MemoryStore {
@@ -198,9 +182,9 @@ impl MemoryStore {
         MemoryStoreBuilder::default()
     }
 
-    fn shard(&self, id: &SessionId) -> &Mutex<Shard> {
-        let i = (self.hasher.hash_one(id) as usize) & self.mask;
-        &self.shards[i]
+    fn shard_index(&self, id: &SessionId) -> usize {
+        // Multiply-shift maps the 64-bit hash onto any shard count without a division.
+        ((u128::from(self.hasher.hash_one(id)) * self.shards.len() as u128) >> 64) as usize
     }
 
     /// The number of shards.
@@ -210,42 +194,116 @@ impl MemoryStore {
 
     /// True if `id` is stored, without refreshing its LRU position.
     pub fn contains(&self, id: &SessionId) -> bool {
-        self.shard(id).lock().lru.contains(id)
+        self.shards[self.shard_index(id)].lock().lru.contains(id)
+    }
+
+    /// Whether adding `extra_entries` entries of `extra_bytes` bytes would cross a bound, and
+    /// which one (entries are checked first).
+    fn over(&self, extra_entries: usize, extra_bytes: usize) -> Option<Cause> {
+        if self.len.load(Ordering::Relaxed) + extra_entries > self.max_entries {
+            Some(Cause::Capacity)
+        } else if self.bytes.load(Ordering::Relaxed) + extra_bytes > self.max_bytes {
+            Some(Cause::Bytes)
+        } else {
+            None
+        }
+    }
+
+    /// Evicts the least recently used entry of `shard` (whose lock the caller holds).
+    fn evict_from(&self, shard: &mut Shard, cause: Cause) -> bool {
+        let Some((_, old)) = shard.lru.pop_lru() else {
+            return false;
+        };
+        self.unaccount(&old);
+        let counter = match cause {
+            Cause::Capacity => &self.evicted_capacity,
+            Cause::Bytes => &self.evicted_bytes,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        true
+    }
+
+    fn unaccount(&self, old: &StoredSession) {
+        self.len.fetch_sub(1, Ordering::Relaxed);
+        self.bytes.fetch_sub(old.len(), Ordering::Relaxed);
+    }
+
+    fn remove_entry(&self, id: &SessionId) -> Option<StoredSession> {
+        let old = self.shards[self.shard_index(id)].lock().lru.pop(id)?;
+        self.unaccount(&old);
+        Some(old)
     }
 }
 
 impl SessionStore for MemoryStore {
     fn get(&self, id: &SessionId) -> Result<Option<StoredSession>, StoreError> {
-        Ok(self.shard(id).lock().lru.get(id).cloned())
+        Ok(self.shards[self.shard_index(id)]
+            .lock()
+            .lru
+            .get(id)
+            .cloned())
     }
 
     fn put(&self, id: SessionId, session: StoredSession) -> Result<(), StoreError> {
-        let evicted = self.shard(&id).lock().put(id, session);
-        if evicted.capacity > 0 {
-            self.evicted_capacity
-                .fetch_add(evicted.capacity, Ordering::Relaxed);
+        let len = session.len();
+        let home = self.shard_index(&id);
+        let mut shard = self.shards[home].lock();
+        if len > self.max_bytes {
+            // It can never fit; storing it would only flush the store.
+            if let Some(old) = shard.lru.pop(&id) {
+                self.unaccount(&old);
+            }
+            self.evicted_bytes.fetch_add(1, Ordering::Relaxed);
+            return Ok(());
         }
-        if evicted.bytes > 0 {
-            self.evicted_bytes
-                .fetch_add(evicted.bytes, Ordering::Relaxed);
+        if let Some(slot) = shard.lru.get_mut(&id) {
+            // Replace in place (one lookup; the entry becomes the most recently used).
+            let old = std::mem::replace(slot, session);
+            self.bytes.fetch_add(len, Ordering::Relaxed);
+            self.bytes.fetch_sub(old.len(), Ordering::Relaxed);
+            drop(shard);
+            drop(old);
+        } else {
+            // Make room in this shard first (exact LRU when there is one shard)...
+            while let Some(cause) = self.over(1, len) {
+                if !self.evict_from(&mut shard, cause) {
+                    break;
+                }
+            }
+            shard.lru.put(id, session);
+            self.len.fetch_add(1, Ordering::Relaxed);
+            self.bytes.fetch_add(len, Ordering::Relaxed);
+            drop(shard);
+        }
+        // ...then in the others, one lock at a time, if that was not enough.
+        if self.over(0, 0).is_none() {
+            return Ok(());
+        }
+        for k in 1..=self.shards.len() {
+            while let Some(cause) = self.over(0, 0) {
+                let mut other = self.shards[(home + k) % self.shards.len()].lock();
+                if !self.evict_from(&mut other, cause) {
+                    break;
+                }
+            }
         }
         Ok(())
     }
 
     fn take(&self, id: &SessionId) -> Result<Option<StoredSession>, StoreError> {
-        Ok(self.shard(id).lock().remove(id))
+        Ok(self.remove_entry(id))
     }
 
     fn remove(&self, id: &SessionId) -> Result<bool, StoreError> {
-        Ok(self.shard(id).lock().remove(id).is_some())
+        Ok(self.remove_entry(id).is_some())
     }
 
     fn len(&self) -> Result<usize, StoreError> {
-        Ok(self.shards.iter().map(|s| s.lock().lru.len()).sum())
+        Ok(self.len.load(Ordering::Relaxed))
     }
 
     fn bytes(&self) -> Result<usize, StoreError> {
-        Ok(self.shards.iter().map(|s| s.lock().bytes).sum())
+        Ok(self.bytes.load(Ordering::Relaxed))
     }
 
     fn for_each(&self, f: &mut dyn FnMut(&SessionId, &StoredSession)) -> Result<(), StoreError> {
@@ -261,8 +319,9 @@ impl SessionStore for MemoryStore {
     fn clear(&self) -> Result<(), StoreError> {
         for shard in self.shards.iter() {
             let mut shard = shard.lock();
-            shard.lru.clear();
-            shard.bytes = 0;
+            while let Some((_, old)) = shard.lru.pop_lru() {
+                self.unaccount(&old);
+            }
         }
         Ok(())
     }
@@ -279,7 +338,7 @@ impl SessionStore for MemoryStore {
             if budget == 0 {
                 break;
             }
-            let mut shard = self.shards[(start + k) & self.mask].lock();
+            let mut shard = self.shards[(start + k) % self.shards.len()].lock();
             let examine = budget.min(shard.lru.len());
             budget -= examine;
             let expired: Vec<SessionId> = shard
@@ -291,7 +350,9 @@ impl SessionStore for MemoryStore {
                 .map(|(id, _)| *id)
                 .collect();
             for id in &expired {
-                shard.remove(id);
+                if let Some(old) = shard.lru.pop(id) {
+                    self.unaccount(&old);
+                }
             }
             purged += expired.len();
         }
@@ -379,7 +440,7 @@ mod tests {
 
     #[test]
     fn purge_removes_only_expired_entries_with_bounded_work() {
-        let store = MemoryStore::builder().build().unwrap();
+        let store = MemoryStore::builder().shards(1).build().unwrap();
         for i in 0..10 {
             store
                 .put(id(i), sess(10, if i % 2 == 0 { 50 } else { 500 }))
@@ -395,17 +456,54 @@ mod tests {
     }
 
     #[test]
+    fn bounds_are_global_so_uneven_shards_do_not_evict_early() {
+        let store = MemoryStore::builder()
+            .max_entries(64)
+            .max_bytes(1 << 20)
+            .shards(16)
+            .build()
+            .unwrap();
+        for i in 0..64 {
+            store.put(id(i), sess(10, 100)).unwrap();
+        }
+        assert_eq!(store.len().unwrap(), 64);
+        assert_eq!(store.evictions(), EvictionStats::new(0, 0));
+        for i in 64..200 {
+            store.put(id(i), sess(10, 100)).unwrap();
+            assert_eq!(store.len().unwrap(), 64);
+        }
+        assert_eq!(store.evictions().capacity, 136);
+        let mut seen = 0;
+        store.for_each(&mut |_, _| seen += 1).unwrap();
+        assert_eq!(seen, 64);
+    }
+
+    #[test]
     fn rejects_zero_limits_and_bad_shard_counts() {
         assert!(MemoryStore::builder().max_entries(0).build().is_err());
-        assert!(MemoryStore::builder().shards(3).build().is_err());
+        assert!(MemoryStore::builder().shards(0).build().is_err());
+        assert!(MemoryStore::builder().shards(65).build().is_err());
         assert_eq!(
             MemoryStore::builder()
-                .max_entries(1 << 20)
-                .max_bytes(1 << 30)
+                .shards(3)
                 .build()
                 .unwrap()
                 .shard_count(),
-            16
+            3
         );
+    }
+
+    #[test]
+    fn default_shard_count_fills_hash_tables_well() {
+        assert_eq!(default_shards(1000, 1 << 30), 1);
+        assert_eq!(
+            default_shards(1 << 20, 100),
+            1,
+            "a small byte budget is not split"
+        );
+        let n = default_shards(1_000_000, 1 << 30);
+        assert!((16..=32).contains(&n), "{n}");
+        let load = 1_000_000.0 / (table_buckets(1_000_000usize.div_ceil(n)) * n) as f64;
+        assert!(load > 0.8, "tables only {load:.2} full with {n} shards");
     }
 }

@@ -15,9 +15,19 @@ use crate::clock::{from_unix_millis, unix_millis};
 use crate::error::{Error, StoreError};
 use crate::stats::EvictionStats;
 
+pub mod envelope;
+mod from_url;
 pub(crate) mod memory;
+#[cfg(feature = "redis")]
+mod redis;
+pub mod snapshot;
 
+pub use envelope::KeyRing;
+pub use from_url::store_from_url;
 pub use memory::{MemoryStore, MemoryStoreBuilder};
+#[cfg(feature = "redis")]
+pub use redis::{RedisStore, RedisStoreBuilder, RedisStoreStats};
+pub use snapshot::{load_snapshot, save_snapshot};
 
 /// The longest session id OpenSSL accepts (`SSL_MAX_SSL_SESSION_ID_LENGTH`).
 pub const MAX_SESSION_ID_LEN: usize = 32;

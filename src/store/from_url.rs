@@ -1,0 +1,99 @@
+//! A store from a command-line URL (`--store redis://…`), for the echo server.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use crate::error::Error;
+use crate::store::SessionStore;
+
+/// Builds the shared store named by `url`, sealing values with the keys in `key_file`, with a
+/// memory tier of `tier_entries` sessions in front (0 for none).
+///
+/// `url` is `redis://host:port[/db]` (use an IP address: the name is resolved outside the connect
+/// timeout). The store uses the default prefix, timeouts and breaker of
+/// [`RedisStore::builder`](crate::RedisStore::builder).
+///
+/// # Errors
+/// [`Error::Config`] if the scheme is not `redis://` (the memory store is the caller's business),
+/// if the crate was built without the `redis` feature, or if `key_file` is `None` (sessions are
+/// never stored in plaintext from here); [`Error::Io`] / [`Error::Config`] if the key file cannot
+/// be read or parsed.
+pub fn store_from_url(
+    url: &str,
+    key_file: Option<&Path>,
+    tier_entries: usize,
+) -> Result<Arc<dyn SessionStore>, Error> {
+    if !(url.starts_with("redis://")
+        || url.starts_with("redis+unix://")
+        || url.starts_with("unix://"))
+    {
+        return Err(Error::Config(format!(
+            "unsupported store url {url:?}: expected redis://host:port"
+        )));
+    }
+    build(url, key_file, tier_entries)
+}
+
+#[cfg(feature = "redis")]
+fn build(
+    url: &str,
+    key_file: Option<&Path>,
+    tier_entries: usize,
+) -> Result<Arc<dyn SessionStore>, Error> {
+    let key_file = key_file.ok_or_else(|| {
+        Error::Config(
+            "a redis store needs a key file to encrypt sessions at rest (--store-key FILE, \
+             lines of ID:HEX64; the last key seals)"
+                .into(),
+        )
+    })?;
+    let ring = crate::store::KeyRing::from_file(key_file)?;
+    let store = crate::store::RedisStore::builder(url)
+        .key_ring(ring)
+        .tier_entries(tier_entries)
+        .build()?;
+    Ok(Arc::new(store))
+}
+
+#[cfg(not(feature = "redis"))]
+fn build(
+    _url: &str,
+    _key_file: Option<&Path>,
+    _tier_entries: usize,
+) -> Result<Arc<dyn SessionStore>, Error> {
+    Err(Error::Config(
+        "this build has no redis store: rebuild with `--features redis`".into(),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refuses_other_schemes_and_missing_key_file() {
+        let err = store_from_url("memory", None, 0).unwrap_err().to_string();
+        assert!(err.contains("unsupported store url"), "{err}");
+        let err = store_from_url("redis://127.0.0.1:1", None, 0)
+            .unwrap_err()
+            .to_string();
+        if cfg!(feature = "redis") {
+            assert!(err.contains("key file"), "{err}");
+        } else {
+            assert!(err.contains("--features redis"), "{err}");
+        }
+    }
+
+    #[cfg(feature = "redis")]
+    #[test]
+    fn builds_from_a_key_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k");
+        crate::store::KeyRing::generate()
+            .unwrap()
+            .write_file(&path)
+            .unwrap();
+        let store = store_from_url("redis://127.0.0.1:1", Some(&path), 16).unwrap();
+        assert!(format!("{store:?}").contains("RedisStore"));
+    }
+}
