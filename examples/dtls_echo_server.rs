@@ -114,12 +114,13 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         }
     };
 
-    let mut dsm = DsmConfig::default();
-    dsm.max_slots = args.max_peers;
-    dsm.max_handshakes = args.max_handshakes;
-    dsm.max_per_source = args.per_ip;
-    dsm.handshake_timeout = Duration::from_secs_f64(args.handshake_timeout);
-    dsm.idle_tick = Duration::from_secs(args.idle_timeout.max(2) / 2);
+    // A peer silent for two sweeper ticks is shut down: a tick of half the idle timeout frees
+    // it after between one half and one whole idle timeout of silence.
+    let dsm = DsmConfig::new(args.max_peers)
+        .with_max_handshakes(args.max_handshakes)
+        .with_max_per_source(args.per_ip)
+        .with_handshake_timeout(Duration::from_secs_f64(args.handshake_timeout))
+        .with_idle_tick(Duration::from_secs(args.idle_timeout.max(2) / 2));
 
     let mut builder = ServerConfig::builder(cache).dsm(dsm);
     if let (Some(cert), Some(key)) = (&args.cert, &args.key) {

@@ -54,8 +54,6 @@ pub use store::{
 pub use store::{RedisStore, RedisStoreBuilder, RedisStoreStats};
 
 mod server;
-/// TEMPORARY until the DSM lands on main.
-pub use server::shim::DsmConfig;
 pub use server::{
     certificate_fingerprint, self_signed_certificate, CloseReason, DropReason, Endpoint,
     EndpointStats, Event, ServerConfig, ServerConfigBuilder, StopHandle, Transmit, UdpOptions,

@@ -21,7 +21,7 @@ use common::{
 const PSK_HEX: &str = "00112233445566778899aabbccddeeff";
 
 fn default_server() -> TestServer {
-    TestServer::start(DsmConfig::default(), |b| b)
+    TestServer::start(DsmConfig::new(1024), |b| b)
 }
 
 fn sess_file(dir: &tempfile::TempDir, name: &str) -> String {
@@ -87,8 +87,7 @@ fn fifty_sequential_resumptions_all_reuse() {
 
 #[test]
 fn vanished_client_session_still_resumes() {
-    let mut dsm = DsmConfig::default();
-    dsm.idle_tick = Duration::from_millis(100);
+    let dsm = DsmConfig::new(1024).with_idle_tick(Duration::from_millis(100));
     let server = TestServer::start(dsm, |b| b);
     let dir = tempfile::tempdir().unwrap();
     let sess = sess_file(&dir, "s.pem");
@@ -110,7 +109,7 @@ fn vanished_client_session_still_resumes() {
 
 #[test]
 fn psk_connection_echoes_and_resumes() {
-    let server = TestServer::start(DsmConfig::default(), |b| b.psk(b"client1", &hex(PSK_HEX)));
+    let server = TestServer::start(DsmConfig::new(1024), |b| b.psk(b"client1", &hex(PSK_HEX)));
     let dir = tempfile::tempdir().unwrap();
     let sess = sess_file(&dir, "p.pem");
     let psk = [
@@ -172,8 +171,7 @@ fn stall_after_cookie(server: std::net::SocketAddr) -> Option<UdpSocket> {
 
 #[test]
 fn stalled_handshake_frees_its_slot_after_the_timeout() {
-    let mut dsm = DsmConfig::default();
-    dsm.handshake_timeout = Duration::from_millis(300);
+    let dsm = DsmConfig::new(1024).with_handshake_timeout(Duration::from_millis(300));
     let server = TestServer::start(dsm, |b| b);
     let _sock = stall_after_cookie(server.addr()).expect("client got through the cookie exchange");
     assert!(
@@ -197,10 +195,9 @@ fn stalled_handshake_frees_its_slot_after_the_timeout() {
 #[test]
 fn flood_stays_within_budgets_and_established_peer_keeps_echoing() {
     const MAX_HANDSHAKES: usize = 8;
-    let mut dsm = DsmConfig::default();
-    dsm.max_handshakes = MAX_HANDSHAKES;
-    dsm.max_slots = 32;
-    dsm.handshake_timeout = Duration::from_secs(30);
+    let dsm = DsmConfig::new(32)
+        .with_max_handshakes(MAX_HANDSHAKES)
+        .with_handshake_timeout(Duration::from_secs(30));
     let server = TestServer::start(dsm, |b| b);
     let addr = server.addr();
 

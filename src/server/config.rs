@@ -19,8 +19,7 @@ use openssl::x509::{X509Name, X509};
 use zeroize::Zeroizing;
 
 use super::cookie::CookieKeys;
-use super::shim::DsmConfig;
-use crate::{Error, SessionCache};
+use crate::{DsmConfig, Error, SessionCache};
 
 /// The path MTU the server assumes (`SSL_set_mtu`, with `SSL_OP_NO_QUERY_MTU`).
 pub const DEFAULT_MTU: u32 = 1400;

@@ -12,8 +12,7 @@ use openssl::ssl::Ssl;
 use super::config::ServerConfig;
 use super::peer::{Peer, Progress};
 use super::record::{ClientHello, NotHello};
-use super::shim::{Authenticated, Dsm, DsmStats, FreeReason, PeerState};
-use crate::Error;
+use crate::{Authenticated, Dsm, DsmStats, Error, FreeReason, PeerState};
 
 /// Events kept for [`Endpoint::poll_event`] before further ones are only counted.
 const MAX_QUEUED_EVENTS: usize = 4096;
@@ -342,7 +341,17 @@ impl Endpoint {
     fn admit(&mut self, now: Instant, from: SocketAddr) -> bool {
         let outcome = self.dsm.store(&from, PeerState::Handshake, (), false, now);
         if let Some((evicted, ())) = outcome.evicted {
-            self.close_peer(evicted, CloseReason::Evicted, false);
+            // The DSM reclaims an expired handshake or (with `evict_idle_after`) evicts the least
+            // recently used idle peer; the latter is shut down so its session stays resumable.
+            let handshaking = self
+                .peers
+                .get(&evicted)
+                .is_some_and(|p| !p.is_established());
+            if handshaking {
+                self.close_peer(evicted, CloseReason::HandshakeTimeout, false);
+            } else {
+                self.close_peer(evicted, CloseReason::Evicted, true);
+            }
         }
         outcome.previous != PeerState::NoSpace
     }
@@ -568,8 +577,7 @@ mod tests {
     use crate::server::config::{DEFAULT_MAX_DATAGRAM, DEFAULT_MTU};
     use crate::server::peer::PeerIo;
     use crate::server::record::test_hello;
-    use crate::server::shim::DsmConfig;
-    use crate::SessionCache;
+    use crate::{DsmConfig, SessionCache};
 
     fn config_with(dsm: DsmConfig) -> Arc<ServerConfig> {
         ServerConfig::builder(SessionCache::builder().build().unwrap())
@@ -579,7 +587,7 @@ mod tests {
     }
 
     fn config() -> Arc<ServerConfig> {
-        config_with(DsmConfig::default())
+        config_with(DsmConfig::new(64))
     }
 
     fn addr(port: u16) -> SocketAddr {
@@ -792,8 +800,7 @@ mod tests {
 
     #[test]
     fn handshake_budget_is_never_exceeded() {
-        let mut dsm = DsmConfig::default();
-        dsm.max_handshakes = 3;
+        let dsm = DsmConfig::new(64).with_max_handshakes(3);
         let mut ep = Endpoint::new(config_with(dsm)).unwrap();
         let now = Instant::now();
         for port in 0..10 {
@@ -807,8 +814,7 @@ mod tests {
 
     #[test]
     fn stalled_handshake_is_freed_after_the_timeout() {
-        let mut dsm = DsmConfig::default();
-        dsm.handshake_timeout = Duration::from_millis(300);
+        let dsm = DsmConfig::new(64).with_handshake_timeout(Duration::from_millis(300));
         let mut ep = Endpoint::new(config_with(dsm)).unwrap();
         let t0 = Instant::now();
         half_open(&mut ep, 7, t0);
@@ -829,8 +835,7 @@ mod tests {
 
     #[test]
     fn idle_peer_is_shut_down_and_resumes() {
-        let mut dsm = DsmConfig::default();
-        dsm.idle_tick = Duration::from_secs(1);
+        let dsm = DsmConfig::new(64).with_idle_tick(Duration::from_secs(1));
         let config = config_with(dsm);
         let mut ep = Endpoint::new(Arc::clone(&config)).unwrap();
         let t0 = Instant::now();
@@ -838,7 +843,12 @@ mod tests {
         pump(&mut ep, &mut c, t0);
         let session = c.stream.ssl().session().unwrap().to_owned();
         while ep.poll_transmit().is_some() {}
-        ep.handle_timeout(t0 + Duration::from_secs(5));
+        // The DSM frees a peer unused for two sweeper ticks (one pass per tick).
+        ep.handle_timeout(t0 + Duration::from_millis(1500));
+        assert_eq!(ep.peer_count(), 1, "one tick of silence is not idle yet");
+        let next = ep.poll_timeout().unwrap();
+        assert!(next <= t0 + Duration::from_millis(2500));
+        ep.handle_timeout(next);
         assert_eq!(ep.peer_count(), 0);
         assert_eq!(ep.stats().idle_closed, 1);
         // The server's close_notify went out.

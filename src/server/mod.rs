@@ -21,7 +21,6 @@ mod cookie;
 mod endpoint;
 mod peer;
 mod record;
-pub(crate) mod shim;
 mod udp;
 
 pub use config::{

@@ -19,8 +19,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 
 use super::config::ServerConfig;
 use super::endpoint::{Endpoint, EndpointStats};
-use super::shim::DsmStats;
-use crate::Error;
+use crate::{DsmStats, Error};
 
 /// The longest a worker sleeps before checking whether it should stop.
 const STOP_POLL: Duration = Duration::from_millis(50);

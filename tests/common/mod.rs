@@ -1,6 +1,6 @@
 //! Helpers for the DTLS server tests: an in-process server, the `openssl s_client` CLI with
 //! bounded runs, and an openssl-crate DTLS client over a UDP socket.
-#![allow(dead_code)]
+#![allow(dead_code, unreachable_pub)]
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, UdpSocket};
