@@ -31,9 +31,19 @@ pub const DEFAULT_COOKIE_ROTATION: Duration = Duration::from_secs(120);
 /// The cipher suites offered when a PSK is configured, in order of preference.
 pub const PSK_CIPHERS: &str = "PSK-AES128-CCM8:PSK-AES128-CCM:PSK-AES128-GCM-SHA256";
 
-/// The `Ssl` ex_data slot holding the peer's address, read by the cookie callbacks.
-pub(crate) fn peer_addr_index() -> Result<Index<Ssl, SocketAddr>, Error> {
-    static INDEX: OnceLock<Option<Index<Ssl, SocketAddr>>> = OnceLock::new();
+/// What the cookie callbacks know about the peer of an `Ssl` (its ex_data).
+#[derive(Debug, Clone)]
+pub(crate) struct PeerInfo {
+    /// The peer's address, which cookies are made for.
+    pub(crate) addr: SocketAddr,
+    /// The cookie the endpoint already verified for the ClientHello that created this `Ssl`, so
+    /// OpenSSL's own verification of the same cookie is a comparison, not a second HMAC.
+    pub(crate) verified_cookie: Vec<u8>,
+}
+
+/// The `Ssl` ex_data slot holding the [`PeerInfo`], read by the cookie callbacks.
+pub(crate) fn peer_addr_index() -> Result<Index<Ssl, PeerInfo>, Error> {
+    static INDEX: OnceLock<Option<Index<Ssl, PeerInfo>>> = OnceLock::new();
     INDEX
         .get_or_init(|| Ssl::new_ex_index().ok())
         .ok_or_else(|| Error::Config("no ssl ex_data index for the peer address".into()))
@@ -46,7 +56,7 @@ pub struct ServerConfig {
     pub(crate) dsm: DsmConfig,
     pub(crate) mtu: u32,
     pub(crate) max_datagram: usize,
-    pub(crate) peer_addr: Index<Ssl, SocketAddr>,
+    pub(crate) peer_addr: Index<Ssl, PeerInfo>,
     cache: SessionCache,
     fingerprint: Option<String>,
 }
@@ -199,20 +209,26 @@ impl ServerConfigBuilder {
             });
         }
 
+        // OpenSSL only generates a cookie for the reconstructed first ClientHello the endpoint
+        // feeds a new `Ssl` (its HelloVerifyRequest is discarded): real cookieless hellos are
+        // answered by the endpoint without an `Ssl`. It is still a real cookie.
         let gen_keys = Arc::clone(&cookies);
         ctx.set_cookie_generate_cb(move |ssl, out| {
-            let addr = ssl
+            let info = ssl
                 .ex_data(peer_addr)
-                .copied()
                 .ok_or_else(openssl::error::ErrorStack::get)?;
-            let cookie = gen_keys.generate(addr)?;
+            let cookie = gen_keys.generate(info.addr);
             out[..cookie.len()].copy_from_slice(&cookie);
             Ok(cookie.len())
         });
         let verify_keys = Arc::clone(&cookies);
         ctx.set_cookie_verify_cb(move |ssl, cookie| {
-            ssl.ex_data(peer_addr)
-                .is_some_and(|addr| verify_keys.verify(*addr, cookie))
+            ssl.ex_data(peer_addr).is_some_and(|info| {
+                (!info.verified_cookie.is_empty()
+                    && info.verified_cookie.len() == cookie.len()
+                    && openssl::memcmp::eq(&info.verified_cookie, cookie))
+                    || verify_keys.verify(info.addr, cookie)
+            })
         });
         self.cache.install(&mut ctx)?;
 

@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use openssl::ssl::Ssl;
 
-use super::config::ServerConfig;
+use super::config::{PeerInfo, ServerConfig};
 use super::peer::{Peer, Progress};
 use super::record::{ClientHello, NotHello};
 use crate::{Authenticated, Dsm, DsmStats, Error, FreeReason, PeerState};
@@ -288,14 +288,10 @@ impl Endpoint {
             if !hello.cookie().is_empty() {
                 self.stats.bad_cookies += 1;
             }
-            match self.config.cookies.generate(from) {
-                Ok(cookie) => {
-                    self.stats.hello_verify_requests += 1;
-                    let payload = hello.hello_verify_request(&cookie);
-                    self.transmit(from, payload);
-                }
-                Err(e) => tracing::warn!(error = %e, "cookie generation failed"),
-            }
+            let cookie = self.config.cookies.generate(from);
+            self.stats.hello_verify_requests += 1;
+            let payload = hello.hello_verify_request(&cookie);
+            self.transmit(from, payload);
             return;
         }
         // Before the cookie exchange the client's hello had message_seq 0; a retransmission of
@@ -314,7 +310,7 @@ impl Endpoint {
         if !self.admit(now, from) {
             return self.drop_datagram(from, DropReason::NoSpace);
         }
-        let mut peer = match self.new_peer(from) {
+        let mut peer = match self.new_peer(from, hello.cookie()) {
             Ok(p) => p,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot create an ssl for a peer");
@@ -356,9 +352,15 @@ impl Endpoint {
         outcome.previous != PeerState::NoSpace
     }
 
-    fn new_peer(&self, from: SocketAddr) -> Result<Peer, Error> {
+    fn new_peer(&self, from: SocketAddr, verified_cookie: &[u8]) -> Result<Peer, Error> {
         let mut ssl = Ssl::new(&self.config.ctx)?;
-        ssl.set_ex_data(self.config.peer_addr, from);
+        ssl.set_ex_data(
+            self.config.peer_addr,
+            PeerInfo {
+                addr: from,
+                verified_cookie: verified_cookie.to_vec(),
+            },
+        );
         ssl.set_mtu(self.config.mtu)?;
         Ok(Peer::new(ssl)?)
     }
