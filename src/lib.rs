@@ -53,6 +53,13 @@ pub use store::{
 #[cfg(feature = "redis")]
 pub use store::{RedisStore, RedisStoreBuilder, RedisStoreStats};
 
+mod server;
+pub use server::{
+    certificate_fingerprint, self_signed_certificate, CloseReason, DropReason, Endpoint,
+    EndpointStats, Event, ServerConfig, ServerConfigBuilder, StopHandle, Transmit, UdpOptions,
+    UdpServer, DEFAULT_COOKIE_ROTATION, DEFAULT_MAX_DATAGRAM, DEFAULT_MTU, PSK_CIPHERS,
+};
+
 // Runs the README's code blocks as doctests.
 #[cfg(doctest)]
 #[doc = include_str!("../README.md")]

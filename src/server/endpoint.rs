@@ -1,0 +1,905 @@
+//! The sans-IO DTLS endpoint: datagrams and the current time in; datagrams to send, events and
+//! the next deadline out.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use openssl::ssl::Ssl;
+
+use super::config::{PeerInfo, ServerConfig};
+use super::peer::{Peer, Progress};
+use super::record::{ClientHello, NotHello};
+use crate::{Authenticated, Dsm, DsmStats, Error, FreeReason, PeerState};
+
+/// Events kept for [`Endpoint::poll_event`] before further ones are only counted.
+const MAX_QUEUED_EVENTS: usize = 4096;
+
+/// A datagram to send.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transmit {
+    /// Where to send it.
+    pub to: SocketAddr,
+    /// The whole datagram.
+    pub payload: Vec<u8>,
+}
+
+/// Something that happened to a peer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Event {
+    /// A handshake finished.
+    Established {
+        /// The peer.
+        peer: SocketAddr,
+        /// Whether it resumed a cached session.
+        resumed: bool,
+    },
+    /// Application records from the peer were echoed back.
+    Echoed {
+        /// The peer.
+        peer: SocketAddr,
+        /// How many records.
+        records: usize,
+        /// How many bytes.
+        bytes: usize,
+    },
+    /// A peer's state was freed.
+    Closed {
+        /// The peer.
+        peer: SocketAddr,
+        /// Why.
+        reason: CloseReason,
+    },
+    /// A datagram was dropped without creating or touching any peer state.
+    Dropped {
+        /// Its source.
+        from: SocketAddr,
+        /// Why.
+        reason: DropReason,
+    },
+}
+
+/// Why a peer's state was freed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum CloseReason {
+    /// The peer sent close_notify (answered; the session stays resumable).
+    CloseNotify,
+    /// The connection failed (handshake failure, bad record, too many retransmissions).
+    Failed,
+    /// The handshake did not finish within the DSM's handshake timeout.
+    HandshakeTimeout,
+    /// The peer sent nothing for the DSM's idle period (shut down; the session stays resumable).
+    Idle,
+    /// The DSM evicted the peer to make room (shut down; the session stays resumable).
+    Evicted,
+    /// The same address started a new handshake with a valid cookie (RFC 6347 §4.2.8).
+    Replaced,
+    /// [`Endpoint::close_all`] (server shutdown).
+    Shutdown,
+}
+
+/// Why a datagram was dropped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum DropReason {
+    /// Not a DTLS record, or a malformed one.
+    Garbage,
+    /// From an unknown peer and not a ClientHello.
+    NotClientHello,
+    /// A ClientHello fragmented over several records (not supported).
+    Fragmented,
+    /// Larger than the configured maximum datagram size.
+    Oversize,
+    /// A ClientHello whose message or record sequence numbers cannot follow a cookie exchange.
+    BadSequence,
+    /// The DSM had no slot, handshake budget or per-source quota left.
+    NoSpace,
+}
+
+/// The endpoint's counters, from [`Endpoint::stats`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct EndpointStats {
+    /// Datagrams handed to [`Endpoint::handle`].
+    pub datagrams_in: u64,
+    /// Datagrams produced for [`Endpoint::poll_transmit`].
+    pub datagrams_out: u64,
+    /// HelloVerifyRequests sent without creating state.
+    pub hello_verify_requests: u64,
+    /// ClientHellos with a cookie that did not verify (answered with a fresh HelloVerifyRequest).
+    pub bad_cookies: u64,
+    /// Datagrams dropped as garbage.
+    pub dropped_garbage: u64,
+    /// Datagrams from unknown peers that were not ClientHellos.
+    pub dropped_not_client_hello: u64,
+    /// Fragmented ClientHellos dropped.
+    pub dropped_fragmented: u64,
+    /// Oversized datagrams dropped.
+    pub dropped_oversize: u64,
+    /// ClientHellos with impossible sequence numbers dropped.
+    pub dropped_bad_sequence: u64,
+    /// Cookie-valid ClientHellos refused by the DSM (no slot, budget or quota).
+    pub dropped_no_space: u64,
+    /// Events not queued because [`Endpoint::poll_event`] was not called.
+    pub dropped_events: u64,
+    /// Handshakes completed (full and resumed).
+    pub handshakes: u64,
+    /// Of those, resumed.
+    pub resumed: u64,
+    /// Connections that failed.
+    pub failed: u64,
+    /// Peers closed by close_notify.
+    pub closed: u64,
+    /// Handshakes freed by the handshake timeout.
+    pub handshake_timeouts: u64,
+    /// Peers shut down as idle or evicted.
+    pub idle_closed: u64,
+    /// Application records echoed.
+    pub echoed_records: u64,
+    /// Application bytes echoed.
+    pub echoed_bytes: u64,
+    /// Peers now.
+    pub peers: u64,
+    /// Peers now in the handshake.
+    pub handshaking: u64,
+    /// The most peers ever in the handshake at once.
+    pub max_handshaking: u64,
+}
+
+impl EndpointStats {
+    /// Adds `other`'s counters to these (for summing workers); gauges add up too, except
+    /// `max_handshaking`, which takes the larger.
+    pub fn merge(&mut self, other: &Self) {
+        let max = self.max_handshaking.max(other.max_handshaking);
+        macro_rules! add { ($($f:ident),*) => { $(self.$f += other.$f;)* } }
+        add!(
+            datagrams_in,
+            datagrams_out,
+            hello_verify_requests,
+            bad_cookies,
+            dropped_garbage,
+            dropped_not_client_hello,
+            dropped_fragmented,
+            dropped_oversize,
+            dropped_bad_sequence,
+            dropped_no_space,
+            dropped_events,
+            handshakes,
+            resumed,
+            failed,
+            closed,
+            handshake_timeouts,
+            idle_closed,
+            echoed_records,
+            echoed_bytes,
+            peers,
+            handshaking
+        );
+        self.max_handshaking = max;
+    }
+
+    /// All dropped datagrams.
+    pub fn dropped(&self) -> u64 {
+        self.dropped_garbage
+            + self.dropped_not_client_hello
+            + self.dropped_fragmented
+            + self.dropped_oversize
+            + self.dropped_bad_sequence
+            + self.dropped_no_space
+    }
+}
+
+/// A sans-IO DTLS 1.2 echo server for many peers, demultiplexed by source address.
+///
+/// Feed it datagrams with [`handle`](Self::handle) and the passing of time with
+/// [`handle_timeout`](Self::handle_timeout); send what [`poll_transmit`](Self::poll_transmit)
+/// returns, and wake up at [`poll_timeout`](Self::poll_timeout) at the latest.
+///
+/// * A ClientHello without a valid cookie gets a HelloVerifyRequest built here, statelessly; only
+///   a ClientHello with a valid cookie asks the DSM for a handshake slot and gets an `Ssl`, so a
+///   spoofed flood costs an HMAC per datagram and no memory.
+/// * Peers move through the DSM's states; its sweep frees stalled handshakes and shuts idle
+///   peers down with close_notify, which keeps their sessions resumable.
+/// * Every application record is echoed back.
+pub struct Endpoint {
+    config: Arc<ServerConfig>,
+    dsm: Dsm<SocketAddr>,
+    peers: HashMap<SocketAddr, Peer>,
+    /// DTLS retransmission deadlines; entries whose peer moved on are skipped lazily.
+    timers: BinaryHeap<Reverse<(Instant, SocketAddr)>>,
+    transmits: VecDeque<Transmit>,
+    events: VecDeque<Event>,
+    stats: EndpointStats,
+    scratch: Vec<Progress>,
+}
+
+impl std::fmt::Debug for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Endpoint")
+            .field("peers", &self.peers.len())
+            .field("stats", &self.stats)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Endpoint {
+    /// An endpoint with its own DSM built from `config`'s limits.
+    pub fn new(config: Arc<ServerConfig>) -> Result<Self, Error> {
+        let dsm = Dsm::new(config.dsm.clone())?;
+        Ok(Self {
+            config,
+            dsm,
+            peers: HashMap::new(),
+            timers: BinaryHeap::new(),
+            transmits: VecDeque::new(),
+            events: VecDeque::new(),
+            stats: EndpointStats::default(),
+            scratch: Vec::new(),
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &Arc<ServerConfig> {
+        &self.config
+    }
+
+    /// Processes one datagram received from `from` at `now`.
+    pub fn handle(&mut self, now: Instant, from: SocketAddr, datagram: &[u8]) {
+        self.stats.datagrams_in += 1;
+        self.rotate_cookies(now);
+        if datagram.len() > self.config.max_datagram {
+            self.drop_datagram(from, DropReason::Oversize);
+            return;
+        }
+        if let Some(peer) = self.peers.get_mut(&from) {
+            let restart = peer.is_established() && Self::is_client_hello(datagram);
+            if !restart {
+                peer.push(datagram.to_vec());
+                peer.drive(now, &mut self.scratch);
+                self.after_drive(now, from);
+                return;
+            }
+            // A new epoch-0 ClientHello on an established association: answer it like one from
+            // an unknown peer; the old association goes only once the new cookie verifies.
+        }
+        self.handle_unknown(now, from, datagram);
+    }
+
+    fn is_client_hello(datagram: &[u8]) -> bool {
+        ClientHello::parse(datagram).is_ok()
+    }
+
+    fn handle_unknown(&mut self, now: Instant, from: SocketAddr, datagram: &[u8]) {
+        let hello = match ClientHello::parse(datagram) {
+            Ok(h) => h,
+            Err(NotHello::Garbage) => return self.drop_datagram(from, DropReason::Garbage),
+            Err(NotHello::NotClientHello) => {
+                return self.drop_datagram(from, DropReason::NotClientHello)
+            }
+            Err(NotHello::Fragmented) => return self.drop_datagram(from, DropReason::Fragmented),
+        };
+        let cookie_ok =
+            !hello.cookie().is_empty() && self.config.cookies.verify(from, hello.cookie());
+        if !cookie_ok {
+            if !hello.cookie().is_empty() {
+                self.stats.bad_cookies += 1;
+            }
+            let cookie = self.config.cookies.generate(from);
+            self.stats.hello_verify_requests += 1;
+            let payload = hello.hello_verify_request(&cookie);
+            self.transmit(from, payload);
+            return;
+        }
+        // Before the cookie exchange the client's hello had message_seq 0; a retransmission of
+        // it with the cookie has 1. A hello that was never answered statelessly (0) is fed as is.
+        let first = match hello.message_seq() {
+            0 => None,
+            1 => match hello.reconstruct_first() {
+                Some(first) => Some(first),
+                None => return self.drop_datagram(from, DropReason::BadSequence),
+            },
+            _ => return self.drop_datagram(from, DropReason::BadSequence),
+        };
+        if self.peers.contains_key(&from) {
+            self.close_peer(from, CloseReason::Replaced, true);
+        }
+        if !self.admit(now, from) {
+            return self.drop_datagram(from, DropReason::NoSpace);
+        }
+        let mut peer = match self.new_peer(from, hello.cookie()) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot create an ssl for a peer");
+                self.dsm.remove(&from);
+                self.stats.failed += 1;
+                return;
+            }
+        };
+        if let Some(first) = first {
+            peer.push(first);
+            peer.drive(now, &mut self.scratch);
+            peer.discard_outbound();
+        }
+        peer.push(datagram.to_vec());
+        peer.drive(now, &mut self.scratch);
+        self.peers.insert(from, peer);
+        self.stats.peers = self.peers.len() as u64;
+        self.stats.handshaking += 1;
+        self.stats.max_handshaking = self.stats.max_handshaking.max(self.stats.handshaking);
+        self.after_drive(now, from);
+    }
+
+    /// Asks the DSM for a handshake slot for `from`.
+    fn admit(&mut self, now: Instant, from: SocketAddr) -> bool {
+        let outcome = self.dsm.store(&from, PeerState::Handshake, (), false, now);
+        if let Some((evicted, ())) = outcome.evicted {
+            // The DSM reclaims an expired handshake or (with `evict_idle_after`) evicts the least
+            // recently used idle peer; the latter is shut down so its session stays resumable.
+            let handshaking = self
+                .peers
+                .get(&evicted)
+                .is_some_and(|p| !p.is_established());
+            if handshaking {
+                self.close_peer(evicted, CloseReason::HandshakeTimeout, false);
+            } else {
+                self.close_peer(evicted, CloseReason::Evicted, true);
+            }
+        }
+        outcome.previous != PeerState::NoSpace
+    }
+
+    fn new_peer(&self, from: SocketAddr, verified_cookie: &[u8]) -> Result<Peer, Error> {
+        let mut ssl = Ssl::new(&self.config.ctx)?;
+        ssl.set_ex_data(
+            self.config.peer_addr,
+            PeerInfo {
+                addr: from,
+                verified_cookie: verified_cookie.to_vec(),
+            },
+        );
+        ssl.set_mtu(self.config.mtu)?;
+        Ok(Peer::new(ssl)?)
+    }
+
+    /// Handles what driving the peer at `addr` produced: events, DSM updates, transmits, timer.
+    fn after_drive(&mut self, now: Instant, addr: SocketAddr) {
+        let progress = std::mem::take(&mut self.scratch);
+        let mut end = None;
+        for p in &progress {
+            match *p {
+                Progress::Established { resumed } => {
+                    self.dsm
+                        .store(&addr, PeerState::Established, (), false, now);
+                    self.stats.handshakes += 1;
+                    self.stats.resumed += u64::from(resumed);
+                    self.stats.handshaking = self.stats.handshaking.saturating_sub(1);
+                    tracing::debug!(%addr, resumed, "dtls handshake done");
+                    self.event(Event::Established {
+                        peer: addr,
+                        resumed,
+                    });
+                }
+                Progress::Echoed { records, bytes } => {
+                    if let Some(peer) = self.peers.get(&addr) {
+                        if let Some(proof) = Authenticated::from_ssl(peer.ssl()) {
+                            self.dsm.touch(&addr, proof, now);
+                        }
+                    }
+                    self.stats.echoed_records += records as u64;
+                    self.stats.echoed_bytes += bytes as u64;
+                    self.event(Event::Echoed {
+                        peer: addr,
+                        records,
+                        bytes,
+                    });
+                }
+                Progress::Closed => end = Some(CloseReason::CloseNotify),
+                Progress::Failed => end = Some(CloseReason::Failed),
+            }
+        }
+        self.scratch = progress;
+        self.scratch.clear();
+        self.flush_peer(addr);
+        if let Some(reason) = end {
+            self.close_peer(addr, reason, false);
+        } else if let Some(deadline) = self.peers.get(&addr).and_then(|p| p.deadline) {
+            self.timers.push(Reverse((deadline, addr)));
+        }
+    }
+
+    fn flush_peer(&mut self, addr: SocketAddr) {
+        if let Some(peer) = self.peers.get_mut(&addr) {
+            for payload in peer.take_outbound() {
+                self.transmits.push_back(Transmit { to: addr, payload });
+                self.stats.datagrams_out += 1;
+            }
+        }
+    }
+
+    /// Frees `addr`'s state; with `shutdown`, an established peer is sent close_notify first.
+    fn close_peer(&mut self, addr: SocketAddr, reason: CloseReason, shutdown: bool) {
+        let Some(mut peer) = self.peers.remove(&addr) else {
+            return;
+        };
+        if !peer.is_established() {
+            self.stats.handshaking = self.stats.handshaking.saturating_sub(1);
+        }
+        if shutdown {
+            peer.close();
+            for payload in peer.take_outbound() {
+                self.transmits.push_back(Transmit { to: addr, payload });
+                self.stats.datagrams_out += 1;
+            }
+        }
+        self.dsm.remove(&addr);
+        match reason {
+            CloseReason::CloseNotify => self.stats.closed += 1,
+            CloseReason::Failed => self.stats.failed += 1,
+            CloseReason::HandshakeTimeout => self.stats.handshake_timeouts += 1,
+            CloseReason::Idle | CloseReason::Evicted => self.stats.idle_closed += 1,
+            CloseReason::Replaced | CloseReason::Shutdown => {}
+        }
+        self.stats.peers = self.peers.len() as u64;
+        tracing::debug!(%addr, ?reason, "peer closed");
+        self.event(Event::Closed { peer: addr, reason });
+    }
+
+    fn transmit(&mut self, to: SocketAddr, payload: Vec<u8>) {
+        self.stats.datagrams_out += 1;
+        self.transmits.push_back(Transmit { to, payload });
+    }
+
+    fn drop_datagram(&mut self, from: SocketAddr, reason: DropReason) {
+        match reason {
+            DropReason::Garbage => self.stats.dropped_garbage += 1,
+            DropReason::NotClientHello => self.stats.dropped_not_client_hello += 1,
+            DropReason::Fragmented => self.stats.dropped_fragmented += 1,
+            DropReason::Oversize => self.stats.dropped_oversize += 1,
+            DropReason::BadSequence => self.stats.dropped_bad_sequence += 1,
+            DropReason::NoSpace => self.stats.dropped_no_space += 1,
+        }
+        tracing::trace!(%from, ?reason, "datagram dropped");
+        self.event(Event::Dropped { from, reason });
+    }
+
+    fn event(&mut self, event: Event) {
+        if self.events.len() < MAX_QUEUED_EVENTS {
+            self.events.push_back(event);
+        } else {
+            self.stats.dropped_events += 1;
+        }
+    }
+
+    fn rotate_cookies(&self, now: Instant) {
+        if let Err(e) = self.config.cookies.rotate_if_due(now) {
+            tracing::warn!(error = %e, "cookie secret rotation failed");
+        }
+    }
+
+    /// Runs everything due at `now`: DTLS retransmissions, the DSM sweep (stalled handshakes,
+    /// idle peers), cookie rotation.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        self.rotate_cookies(now);
+        for (addr, (), reason) in self.dsm.sweep(now) {
+            let reason = match reason {
+                FreeReason::HandshakeTimeout => CloseReason::HandshakeTimeout,
+                FreeReason::Idle => CloseReason::Idle,
+                FreeReason::Evicted | FreeReason::Removed => CloseReason::Evicted,
+            };
+            self.close_peer(addr, reason, true);
+        }
+        while let Some(&Reverse((deadline, addr))) = self.timers.peek() {
+            if deadline > now {
+                break;
+            }
+            self.timers.pop();
+            let Some(peer) = self.peers.get_mut(&addr) else {
+                continue;
+            };
+            if peer.deadline != Some(deadline) {
+                continue;
+            }
+            peer.handle_timeout(now, &mut self.scratch);
+            self.after_drive(now, addr);
+        }
+    }
+
+    /// The next time [`handle_timeout`](Self::handle_timeout) has something to do.
+    pub fn poll_timeout(&mut self) -> Option<Instant> {
+        while let Some(&Reverse((deadline, addr))) = self.timers.peek() {
+            if self.peers.get(&addr).and_then(|p| p.deadline) == Some(deadline) {
+                break;
+            }
+            self.timers.pop();
+        }
+        let timer = self.timers.peek().map(|Reverse((d, _))| *d);
+        [
+            timer,
+            self.dsm.next_deadline(),
+            self.config.cookies.next_rotation(),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+    }
+
+    /// The next datagram to send.
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.transmits.pop_front()
+    }
+
+    /// The next event.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// Shuts every peer down (close_notify to established ones, keeping their sessions
+    /// resumable) and frees them; send the transmits afterwards.
+    pub fn close_all(&mut self) {
+        let addrs: Vec<_> = self.peers.keys().copied().collect();
+        for addr in addrs {
+            self.close_peer(addr, CloseReason::Shutdown, true);
+        }
+    }
+
+    /// The endpoint's counters.
+    pub fn stats(&self) -> EndpointStats {
+        self.stats
+    }
+
+    /// The endpoint's DSM counters.
+    pub fn dsm_stats(&self) -> DsmStats {
+        self.dsm.stats()
+    }
+
+    /// The DSM state of `peer`.
+    pub fn peer_state(&self, peer: SocketAddr) -> PeerState {
+        self.dsm.state(&peer)
+    }
+
+    /// Number of peers with state.
+    pub fn peer_count(&self) -> usize {
+        self.peers.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use openssl::ssl::{
+        ErrorCode, SslContext, SslMethod, SslOptions, SslSession, SslStream, SslVerifyMode,
+    };
+
+    use super::*;
+    use crate::server::config::{DEFAULT_MAX_DATAGRAM, DEFAULT_MTU};
+    use crate::server::peer::PeerIo;
+    use crate::server::record::test_hello;
+    use crate::{DsmConfig, SessionCache};
+
+    fn config_with(dsm: DsmConfig) -> Arc<ServerConfig> {
+        ServerConfig::builder(SessionCache::builder().build().unwrap())
+            .dsm(dsm)
+            .build()
+            .unwrap()
+    }
+
+    fn config() -> Arc<ServerConfig> {
+        config_with(DsmConfig::new(64))
+    }
+
+    fn addr(port: u16) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], port))
+    }
+
+    /// An openssl-crate DTLS client over in-memory datagrams.
+    struct Client {
+        addr: SocketAddr,
+        stream: SslStream<PeerIo>,
+        established: bool,
+        received: Vec<Vec<u8>>,
+    }
+
+    impl Client {
+        fn new(port: u16, session: Option<&SslSession>) -> Self {
+            let mut ctx = SslContext::builder(SslMethod::dtls_client()).unwrap();
+            ctx.set_verify(SslVerifyMode::NONE);
+            ctx.set_options(SslOptions::NO_QUERY_MTU | SslOptions::NO_TICKET);
+            let ctx = ctx.build();
+            let mut ssl = Ssl::new(&ctx).unwrap();
+            ssl.set_mtu(1400).unwrap();
+            ssl.set_connect_state();
+            if let Some(s) = session {
+                crate::ffi::set_client_session(&mut ssl, s).unwrap();
+            }
+            Self {
+                addr: addr(port),
+                stream: SslStream::new(ssl, PeerIo::default()).unwrap(),
+                established: false,
+                received: Vec::new(),
+            }
+        }
+
+        /// Runs the client and returns what it wants to send.
+        fn drive(&mut self) -> Vec<Vec<u8>> {
+            if !self.established {
+                match self.stream.do_handshake() {
+                    Ok(()) => self.established = true,
+                    Err(e) => assert_eq!(e.code(), ErrorCode::WANT_READ, "{e}"),
+                }
+            }
+            if self.established {
+                let mut buf = [0u8; 2048];
+                loop {
+                    match self.stream.ssl_read(&mut buf) {
+                        Ok(n) => self.received.push(buf[..n].to_vec()),
+                        Err(e) if e.code() == ErrorCode::WANT_READ => break,
+                        Err(e) if e.code() == ErrorCode::ZERO_RETURN => break,
+                        Err(e) => panic!("client read: {e}"),
+                    }
+                }
+            }
+            self.stream.get_mut().take()
+        }
+
+        fn send(&mut self, data: &[u8]) -> Vec<Vec<u8>> {
+            self.stream.ssl_write(data).unwrap();
+            self.stream.get_mut().take()
+        }
+    }
+
+    /// Moves datagrams both ways until nothing moves.
+    fn pump(ep: &mut Endpoint, client: &mut Client, now: Instant) {
+        let mut out = client.drive();
+        for _ in 0..20 {
+            for d in out.drain(..) {
+                ep.handle(now, client.addr, &d);
+            }
+            let mut any = false;
+            while let Some(t) = ep.poll_transmit() {
+                assert_eq!(t.to, client.addr);
+                assert!(
+                    t.payload.len() <= DEFAULT_MTU as usize,
+                    "datagram over the mtu"
+                );
+                client.stream.get_mut().push(t.payload);
+                any = true;
+            }
+            out = client.drive();
+            if !any && out.is_empty() {
+                return;
+            }
+        }
+    }
+
+    fn events(ep: &mut Endpoint) -> Vec<Event> {
+        std::iter::from_fn(|| ep.poll_event()).collect()
+    }
+
+    #[test]
+    fn handshake_then_echo() {
+        let mut ep = Endpoint::new(config()).unwrap();
+        let now = Instant::now();
+        let mut c = Client::new(1000, None);
+        pump(&mut ep, &mut c, now);
+        assert!(c.established);
+        for d in c.send(b"ping") {
+            ep.handle(now, c.addr, &d);
+        }
+        pump(&mut ep, &mut c, now);
+        assert_eq!(c.received, vec![b"ping".to_vec()]);
+        let s = ep.stats();
+        assert_eq!(s.hello_verify_requests, 1);
+        assert_eq!((s.handshakes, s.resumed, s.echoed_records), (1, 0, 1));
+        assert_eq!(ep.peer_state(c.addr), PeerState::Established);
+        let ev = events(&mut ep);
+        assert!(ev.contains(&Event::Established {
+            peer: c.addr,
+            resumed: false
+        }));
+        assert!(ev.contains(&Event::Echoed {
+            peer: c.addr,
+            records: 1,
+            bytes: 4
+        }));
+    }
+
+    #[test]
+    fn close_notify_keeps_the_session_resumable() {
+        let config = config();
+        let mut ep = Endpoint::new(Arc::clone(&config)).unwrap();
+        let now = Instant::now();
+        let mut c = Client::new(1000, None);
+        pump(&mut ep, &mut c, now);
+        let session = c.stream.ssl().session().unwrap().to_owned();
+        c.stream.shutdown().unwrap();
+        for d in c.stream.get_mut().take() {
+            ep.handle(now, c.addr, &d);
+        }
+        assert_eq!(ep.peer_count(), 0);
+        assert!(events(&mut ep).contains(&Event::Closed {
+            peer: c.addr,
+            reason: CloseReason::CloseNotify
+        }));
+        let answer = ep.poll_transmit().expect("close_notify answered");
+        assert_eq!(answer.to, c.addr);
+        let mut again = Client::new(1001, Some(&session));
+        pump(&mut ep, &mut again, now);
+        assert!(again.established);
+        assert!(again.stream.ssl().session_reused());
+        assert_eq!(ep.stats().resumed, 1);
+        assert_eq!(config.session_cache().stats().hits, 1);
+    }
+
+    #[test]
+    fn garbage_and_strays_are_dropped_and_counted() {
+        let mut ep = Endpoint::new(config()).unwrap();
+        let now = Instant::now();
+        ep.handle(now, addr(1), b"");
+        ep.handle(now, addr(1), b"GET / HTTP/1.1\r\n\r\n");
+        let mut appdata = test_hello(1, 0, &[], &[]);
+        appdata[0] = 23;
+        ep.handle(now, addr(2), &appdata);
+        ep.handle(now, addr(3), &vec![22; DEFAULT_MAX_DATAGRAM + 1]);
+        let s = ep.stats();
+        assert_eq!(s.dropped_garbage, 2);
+        assert_eq!(s.dropped_not_client_hello, 1);
+        assert_eq!(s.dropped_oversize, 1);
+        assert_eq!(s.dropped(), 4);
+        assert_eq!(ep.peer_count(), 0);
+        assert!(ep.poll_transmit().is_none());
+        assert_eq!(ep.dsm_stats().stored, 0);
+    }
+
+    fn cookie_of(hvr: &[u8]) -> Vec<u8> {
+        hvr[13 + 12 + 3..].to_vec()
+    }
+
+    #[test]
+    fn cookieless_hellos_keep_no_state() {
+        let mut ep = Endpoint::new(config()).unwrap();
+        let now = Instant::now();
+        for port in 0..1000 {
+            ep.handle(now, addr(port), &test_hello(0, 0, &[], &[]));
+        }
+        assert_eq!(ep.stats().hello_verify_requests, 1000);
+        assert_eq!(ep.peer_count(), 0);
+        assert_eq!(ep.dsm_stats().stored, 0);
+        // A wrong cookie gets a fresh HelloVerifyRequest, not a peer.
+        ep.handle(now, addr(5), &test_hello(1, 1, &[], &[0; 32]));
+        assert_eq!(ep.stats().bad_cookies, 1);
+        assert_eq!(ep.peer_count(), 0);
+        // A cookie made for another address does not verify either.
+        let hvr = std::iter::from_fn(|| ep.poll_transmit()).last().unwrap();
+        assert_eq!(hvr.to, addr(5));
+        ep.handle(
+            now,
+            addr(6),
+            &test_hello(1, 1, &[], &cookie_of(&hvr.payload)),
+        );
+        assert_eq!(ep.stats().bad_cookies, 2);
+        assert_eq!(ep.peer_count(), 0);
+    }
+
+    /// A real client from `port` does the cookie exchange, sends its second ClientHello and
+    /// goes silent.
+    fn half_open(ep: &mut Endpoint, port: u16, now: Instant) {
+        while ep.poll_transmit().is_some() {}
+        let mut c = Client::new(port, None);
+        for d in c.drive() {
+            ep.handle(now, c.addr, &d);
+        }
+        let hvr = ep.poll_transmit().unwrap();
+        c.stream.get_mut().push(hvr.payload);
+        for d in c.drive() {
+            ep.handle(now, c.addr, &d);
+        }
+    }
+
+    #[test]
+    fn handshake_budget_is_never_exceeded() {
+        let dsm = DsmConfig::new(64).with_max_handshakes(3);
+        let mut ep = Endpoint::new(config_with(dsm)).unwrap();
+        let now = Instant::now();
+        for port in 0..10 {
+            half_open(&mut ep, port, now);
+        }
+        assert_eq!(ep.peer_count(), 3);
+        assert_eq!(ep.stats().dropped_no_space, 7);
+        assert_eq!(ep.stats().max_handshaking, 3);
+        assert_eq!(ep.dsm_stats().handshakes, 3);
+    }
+
+    #[test]
+    fn stalled_handshake_is_freed_after_the_timeout() {
+        let dsm = DsmConfig::new(64).with_handshake_timeout(Duration::from_millis(300));
+        let mut ep = Endpoint::new(config_with(dsm)).unwrap();
+        let t0 = Instant::now();
+        half_open(&mut ep, 7, t0);
+        assert_eq!(ep.peer_state(addr(7)), PeerState::Handshake);
+        let deadline = ep.poll_timeout().unwrap();
+        assert!(deadline <= t0 + Duration::from_millis(300));
+        ep.handle_timeout(t0 + Duration::from_millis(299));
+        assert_eq!(ep.peer_count(), 1);
+        ep.handle_timeout(t0 + Duration::from_millis(300));
+        assert_eq!(ep.peer_count(), 0);
+        assert_eq!(ep.peer_state(addr(7)), PeerState::None);
+        assert_eq!(ep.stats().handshake_timeouts, 1);
+        assert!(events(&mut ep).contains(&Event::Closed {
+            peer: addr(7),
+            reason: CloseReason::HandshakeTimeout
+        }));
+    }
+
+    #[test]
+    fn idle_peer_is_shut_down_and_resumes() {
+        let dsm = DsmConfig::new(64).with_idle_tick(Duration::from_secs(1));
+        let config = config_with(dsm);
+        let mut ep = Endpoint::new(Arc::clone(&config)).unwrap();
+        let t0 = Instant::now();
+        let mut c = Client::new(1000, None);
+        pump(&mut ep, &mut c, t0);
+        let session = c.stream.ssl().session().unwrap().to_owned();
+        while ep.poll_transmit().is_some() {}
+        // The DSM frees a peer unused for two sweeper ticks (one pass per tick).
+        ep.handle_timeout(t0 + Duration::from_millis(1500));
+        assert_eq!(ep.peer_count(), 1, "one tick of silence is not idle yet");
+        let next = ep.poll_timeout().unwrap();
+        assert!(next <= t0 + Duration::from_millis(2500));
+        ep.handle_timeout(next);
+        assert_eq!(ep.peer_count(), 0);
+        assert_eq!(ep.stats().idle_closed, 1);
+        // The server's close_notify went out.
+        let bye = ep.poll_transmit().expect("close_notify");
+        c.stream.get_mut().push(bye.payload);
+        c.drive();
+        assert!(c
+            .stream
+            .get_shutdown()
+            .contains(openssl::ssl::ShutdownState::RECEIVED));
+        let mut again = Client::new(1001, Some(&session));
+        pump(&mut ep, &mut again, t0 + Duration::from_secs(6));
+        assert!(again.stream.ssl().session_reused());
+    }
+
+    #[test]
+    fn lost_flight_is_retransmitted_by_the_timer() {
+        let mut ep = Endpoint::new(config()).unwrap();
+        let mut c = Client::new(1000, None);
+        // Cookie exchange, then the client's second hello; the server's flight is lost.
+        for d in c.drive() {
+            ep.handle(Instant::now(), c.addr, &d);
+        }
+        let hvr = ep.poll_transmit().unwrap();
+        c.stream.get_mut().push(hvr.payload);
+        for d in c.drive() {
+            ep.handle(Instant::now(), c.addr, &d);
+        }
+        let lost: Vec<_> = std::iter::from_fn(|| ep.poll_transmit()).collect();
+        assert!(!lost.is_empty());
+        let deadline = ep.poll_timeout().unwrap();
+        let wait = deadline.saturating_duration_since(Instant::now());
+        assert!(
+            wait <= Duration::from_secs(1),
+            "first DTLS timer is 1 s, got {wait:?}"
+        );
+        // Before the deadline nothing is resent.
+        ep.handle_timeout(Instant::now());
+        assert!(ep.poll_transmit().is_none());
+        // OpenSSL's DTLS timer reads the real clock, so this one test waits for it.
+        std::thread::sleep(wait + Duration::from_millis(20));
+        ep.handle_timeout(Instant::now());
+        let resent: Vec<_> = std::iter::from_fn(|| ep.poll_transmit()).collect();
+        assert!(!resent.is_empty(), "flight retransmitted");
+        for t in resent {
+            c.stream.get_mut().push(t.payload);
+        }
+        pump(&mut ep, &mut c, Instant::now());
+        assert!(c.established);
+        assert_eq!(ep.stats().handshakes, 1);
+    }
+}

@@ -1,0 +1,233 @@
+//! One DTLS peer: its `Ssl` over an in-memory datagram pipe.
+
+use std::collections::VecDeque;
+use std::io::{self, Read, Write};
+use std::time::{Duration, Instant};
+
+use openssl::ssl::{ErrorCode, Ssl, SslStream};
+
+use crate::{ffi, SessionCache};
+
+/// The stream an `Ssl` of the endpoint reads and writes: whole datagrams, never blocking.
+///
+/// `read` hands out exactly one queued datagram (truncated to the buffer if it is larger, which
+/// OpenSSL's DTLS read buffer never is) or `WouldBlock`; every `write` is one outbound datagram.
+#[derive(Debug, Default)]
+pub(crate) struct PeerIo {
+    inbound: VecDeque<Vec<u8>>,
+    outbound: Vec<Vec<u8>>,
+}
+
+impl PeerIo {
+    /// Queues one inbound datagram.
+    #[cfg(test)]
+    pub(crate) fn push(&mut self, datagram: Vec<u8>) {
+        self.inbound.push_back(datagram);
+    }
+
+    /// Takes the datagrams written so far.
+    #[cfg(test)]
+    pub(crate) fn take(&mut self) -> Vec<Vec<u8>> {
+        std::mem::take(&mut self.outbound)
+    }
+}
+
+impl Read for PeerIo {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self.inbound.pop_front() {
+            Some(d) => {
+                let n = d.len().min(buf.len());
+                buf[..n].copy_from_slice(&d[..n]);
+                Ok(n)
+            }
+            None => Err(io::ErrorKind::WouldBlock.into()),
+        }
+    }
+}
+
+impl Write for PeerIo {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.outbound.push(buf.to_vec());
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// What driving a peer produced, besides datagrams.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Progress {
+    /// The handshake finished.
+    Established {
+        /// Whether a cached session was resumed.
+        resumed: bool,
+    },
+    /// Application records read and echoed back.
+    Echoed {
+        /// Number of records.
+        records: usize,
+        /// Bytes echoed.
+        bytes: usize,
+    },
+    /// The peer sent close_notify; the server answered with its own.
+    Closed,
+    /// The connection failed (bad record MAC, handshake failure, too many retransmissions).
+    Failed,
+}
+
+/// A peer's connection.
+pub(crate) struct Peer {
+    stream: SslStream<PeerIo>,
+    established: bool,
+    /// The DTLS retransmission deadline, if a timer runs.
+    pub(crate) deadline: Option<Instant>,
+    /// The last time an authenticated record arrived (for the DSM's idle clock).
+    pub(crate) finished: bool,
+}
+
+impl std::fmt::Debug for Peer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Peer")
+            .field("established", &self.established)
+            .field("deadline", &self.deadline)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Largest plaintext of one DTLS record.
+const MAX_PLAINTEXT: usize = 16 * 1024;
+
+impl Peer {
+    /// A server-side peer on `ssl` (already configured: MTU, ex_data), not yet fed.
+    pub(crate) fn new(mut ssl: Ssl) -> Result<Self, openssl::error::ErrorStack> {
+        ssl.set_accept_state();
+        Ok(Self {
+            stream: SslStream::new(ssl, PeerIo::default())?,
+            established: false,
+            deadline: None,
+            finished: false,
+        })
+    }
+
+    /// Whether the handshake has finished.
+    pub(crate) fn is_established(&self) -> bool {
+        self.established
+    }
+
+    /// The peer's `Ssl`.
+    pub(crate) fn ssl(&self) -> &openssl::ssl::SslRef {
+        self.stream.ssl()
+    }
+
+    /// Queues one inbound datagram.
+    pub(crate) fn push(&mut self, datagram: Vec<u8>) {
+        self.stream.get_mut().inbound.push_back(datagram);
+    }
+
+    /// Takes the datagrams OpenSSL wrote.
+    pub(crate) fn take_outbound(&mut self) -> Vec<Vec<u8>> {
+        std::mem::take(&mut self.stream.get_mut().outbound)
+    }
+
+    /// Drops whatever OpenSSL wrote so far (the HelloVerifyRequest answering a reconstructed
+    /// first ClientHello).
+    pub(crate) fn discard_outbound(&mut self) {
+        self.stream.get_mut().outbound.clear();
+    }
+
+    /// Runs the connection on everything queued: the handshake, then reading and echoing
+    /// application records. Pushes what happened onto `progress`.
+    pub(crate) fn drive(&mut self, now: Instant, progress: &mut Vec<Progress>) {
+        if !self.finished {
+            self.drive_inner(progress);
+        }
+        self.update_deadline(now);
+    }
+
+    fn drive_inner(&mut self, progress: &mut Vec<Progress>) {
+        if !self.established {
+            match self.stream.do_handshake() {
+                Ok(()) => {
+                    self.established = true;
+                    progress.push(Progress::Established {
+                        resumed: self.stream.ssl().session_reused(),
+                    });
+                }
+                Err(e) if e.code() == ErrorCode::WANT_READ || e.code() == ErrorCode::WANT_WRITE => {
+                    return;
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "dtls handshake failed");
+                    self.finished = true;
+                    progress.push(Progress::Failed);
+                    return;
+                }
+            }
+        }
+        let mut buf = [0u8; MAX_PLAINTEXT];
+        let (mut records, mut bytes) = (0, 0);
+        let outcome = loop {
+            match self.stream.ssl_read(&mut buf) {
+                Ok(0) => continue,
+                Ok(n) => match self.stream.ssl_write(&buf[..n]) {
+                    Ok(_) => {
+                        records += 1;
+                        bytes += n;
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, "dtls write failed");
+                        break Some(Progress::Failed);
+                    }
+                },
+                Err(e) if e.code() == ErrorCode::WANT_READ => break None,
+                Err(e) if e.code() == ErrorCode::ZERO_RETURN => {
+                    // close_notify: answer with ours, which also keeps the session resumable.
+                    let _ = self.stream.shutdown();
+                    break Some(Progress::Closed);
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "dtls read failed");
+                    break Some(Progress::Failed);
+                }
+            }
+        };
+        if records > 0 {
+            progress.push(Progress::Echoed { records, bytes });
+        }
+        if let Some(p) = outcome {
+            self.finished = true;
+            progress.push(p);
+        }
+    }
+
+    /// Runs the DTLS retransmission timer if it expired; `Failed` after too many retransmissions.
+    ///
+    /// `SslStream` gives no `&mut SslRef` for `DTLSv1_handle_timeout`, so this re-drives the
+    /// connection instead: OpenSSL's DTLS record read (`dtls1_read_bytes`) runs the expired timer
+    /// itself, retransmitting the last flight, before it reports that nothing is queued.
+    pub(crate) fn handle_timeout(&mut self, now: Instant, progress: &mut Vec<Progress>) {
+        self.drive(now, progress);
+    }
+
+    fn update_deadline(&mut self, now: Instant) {
+        self.deadline = if self.finished {
+            None
+        } else {
+            ffi::dtls_get_timeout(self.stream.ssl()).map(|d| now + d.max(Duration::from_millis(1)))
+        };
+    }
+
+    /// Sends close_notify (if the handshake finished) so that dropping the peer keeps its session
+    /// resumable.
+    pub(crate) fn close(&mut self) {
+        if self.established && !self.finished {
+            let _ = self.stream.shutdown();
+            // shutdown() marks close_notify as sent; make sure even if it failed.
+            SessionCache::keep_resumable(&mut self.stream);
+        }
+        self.finished = true;
+        self.deadline = None;
+    }
+}

@@ -1,0 +1,300 @@
+//! Just enough of the DTLS record layer to answer a ClientHello without keeping state.
+//!
+//! The endpoint reads the first record of a datagram from an unknown peer: a ClientHello without
+//! a cookie is answered with a HelloVerifyRequest built here, so no `Ssl` exists for a source
+//! address that has not proven it can receive. Only a ClientHello with a valid cookie gets an
+//! `Ssl`; OpenSSL then parses everything properly.
+
+use std::ops::Range;
+
+/// DTLS record header length (type, version, epoch, sequence number, length).
+const RECORD_HEADER: usize = 13;
+/// DTLS handshake header length (type, length, message_seq, fragment offset and length).
+const HANDSHAKE_HEADER: usize = 12;
+const CONTENT_HANDSHAKE: u8 = 22;
+const CLIENT_HELLO: u8 = 1;
+const HELLO_VERIFY_REQUEST: u8 = 3;
+/// DTLS 1.0's version, which RFC 6347 §4.2.1 says a HelloVerifyRequest carries.
+const DTLS1_VERSION: [u8; 2] = [0xfe, 0xff];
+
+/// Why a datagram from an unknown peer is not a ClientHello the endpoint can answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum NotHello {
+    /// Not a DTLS record at all, or a truncated or inconsistent one.
+    Garbage,
+    /// A well-formed DTLS record that is not an epoch-0 ClientHello (stale data, alerts...).
+    NotClientHello,
+    /// A ClientHello split over several fragments (not supported for the stateless exchange).
+    Fragmented,
+}
+
+/// The parts of a ClientHello's first record that the stateless cookie exchange needs.
+#[derive(Debug, Clone)]
+pub(crate) struct ClientHello<'a> {
+    record: &'a [u8],
+    record_seq: u64,
+    message_seq: u16,
+    cookie: Range<usize>,
+}
+
+fn u16_at(b: &[u8], at: usize) -> usize {
+    usize::from(u16::from_be_bytes([b[at], b[at + 1]]))
+}
+
+fn u24_at(b: &[u8], at: usize) -> usize {
+    (usize::from(b[at]) << 16) | (usize::from(b[at + 1]) << 8) | usize::from(b[at + 2])
+}
+
+fn u48_at(b: &[u8], at: usize) -> u64 {
+    b[at..at + 6]
+        .iter()
+        .fold(0u64, |acc, &x| (acc << 8) | u64::from(x))
+}
+
+impl<'a> ClientHello<'a> {
+    /// Parses the first record of `datagram` as an unfragmented epoch-0 ClientHello.
+    pub(crate) fn parse(datagram: &'a [u8]) -> Result<Self, NotHello> {
+        if datagram.len() < RECORD_HEADER {
+            return Err(NotHello::Garbage);
+        }
+        // Versions are 0xfeXX for DTLS (0xfeff 1.0, 0xfefd 1.2).
+        if datagram[1] != 0xfe {
+            return Err(NotHello::Garbage);
+        }
+        let record_len = u16_at(datagram, 11);
+        let record_end = RECORD_HEADER + record_len;
+        if record_end > datagram.len() {
+            return Err(NotHello::Garbage);
+        }
+        if datagram[0] != CONTENT_HANDSHAKE || datagram[3..5] != [0, 0] {
+            return Err(NotHello::NotClientHello);
+        }
+        let record = &datagram[..record_end];
+        let hs = &record[RECORD_HEADER..];
+        if hs.len() < HANDSHAKE_HEADER {
+            return Err(NotHello::Garbage);
+        }
+        if hs[0] != CLIENT_HELLO {
+            return Err(NotHello::NotClientHello);
+        }
+        let length = u24_at(hs, 1);
+        let message_seq = u16::from_be_bytes([hs[4], hs[5]]);
+        let fragment_offset = u24_at(hs, 6);
+        let fragment_length = u24_at(hs, 9);
+        if fragment_offset != 0 || fragment_length != length {
+            return Err(NotHello::Fragmented);
+        }
+        if HANDSHAKE_HEADER + length != hs.len() {
+            return Err(NotHello::Garbage);
+        }
+        // client_version (2), random (32), session_id <0..32>, cookie <0..255>, then the rest.
+        let body = RECORD_HEADER + HANDSHAKE_HEADER;
+        let sid_len_at = body + 2 + 32;
+        let sid_len = usize::from(*record.get(sid_len_at).ok_or(NotHello::Garbage)?);
+        if sid_len > 32 {
+            return Err(NotHello::Garbage);
+        }
+        let cookie_len_at = sid_len_at + 1 + sid_len;
+        let cookie_len = usize::from(*record.get(cookie_len_at).ok_or(NotHello::Garbage)?);
+        let cookie = cookie_len_at + 1..cookie_len_at + 1 + cookie_len;
+        // Cipher suites must follow the cookie.
+        if cookie.end + 2 > record.len() {
+            return Err(NotHello::Garbage);
+        }
+        Ok(Self {
+            record,
+            record_seq: u48_at(record, 5),
+            message_seq,
+            cookie,
+        })
+    }
+
+    /// The cookie the client echoed (empty on a first ClientHello).
+    pub(crate) fn cookie(&self) -> &'a [u8] {
+        &self.record[self.cookie.clone()]
+    }
+
+    /// The handshake message sequence number (0 first, 1 after a HelloVerifyRequest).
+    pub(crate) fn message_seq(&self) -> u16 {
+        self.message_seq
+    }
+
+    /// The record sequence number.
+    #[cfg(test)]
+    pub(crate) fn record_seq(&self) -> u64 {
+        self.record_seq
+    }
+
+    /// A HelloVerifyRequest carrying `cookie`, as OpenSSL's `DTLSv1_listen` builds it: the
+    /// record sequence and message sequence numbers copied from this ClientHello.
+    pub(crate) fn hello_verify_request(&self, cookie: &[u8]) -> Vec<u8> {
+        debug_assert!(cookie.len() <= 255);
+        let body_len = 2 + 1 + cookie.len();
+        let mut out = Vec::with_capacity(RECORD_HEADER + HANDSHAKE_HEADER + body_len);
+        out.push(CONTENT_HANDSHAKE);
+        out.extend_from_slice(&DTLS1_VERSION);
+        out.extend_from_slice(&self.record[3..11]); // epoch 0 and the client's record sequence
+        out.extend_from_slice(&((HANDSHAKE_HEADER + body_len) as u16).to_be_bytes());
+        out.push(HELLO_VERIFY_REQUEST);
+        out.extend_from_slice(&(body_len as u32).to_be_bytes()[1..]);
+        out.extend_from_slice(&self.message_seq.to_be_bytes());
+        out.extend_from_slice(&[0, 0, 0]);
+        out.extend_from_slice(&(body_len as u32).to_be_bytes()[1..]);
+        out.extend_from_slice(&DTLS1_VERSION);
+        out.push(cookie.len() as u8);
+        out.extend_from_slice(cookie);
+        out
+    }
+
+    /// The cookieless first ClientHello this one answers: the same hello with the cookie removed,
+    /// message_seq 0 and the previous record sequence number.
+    ///
+    /// A fresh `Ssl` fed this record answers with its own HelloVerifyRequest (discarded) and then
+    /// expects message_seq 1, exactly the state the client is in. The first ClientHello and the
+    /// HelloVerifyRequest are not part of the handshake transcript (RFC 6347 §4.2.1), so the
+    /// reconstruction does not need to be byte-identical to what the client first sent.
+    /// `None` when the record sequence number is 0 (no earlier record can exist).
+    pub(crate) fn reconstruct_first(&self) -> Option<Vec<u8>> {
+        let seq = self.record_seq.checked_sub(1)?;
+        let cookie_len = self.cookie.len();
+        let mut out = Vec::with_capacity(self.record.len() - cookie_len);
+        out.extend_from_slice(&self.record[..self.cookie.start]);
+        out.extend_from_slice(&self.record[self.cookie.end..]);
+        out[5..11].copy_from_slice(&seq.to_be_bytes()[2..]);
+        let record_len = u16_at(&out, 11) - cookie_len;
+        out[11..13].copy_from_slice(&(record_len as u16).to_be_bytes());
+        let hs = RECORD_HEADER;
+        let length = (u24_at(&out, hs + 1) - cookie_len) as u32;
+        out[hs + 1..hs + 4].copy_from_slice(&length.to_be_bytes()[1..]);
+        out[hs + 4..hs + 6].copy_from_slice(&[0, 0]);
+        out[hs + 9..hs + 12].copy_from_slice(&length.to_be_bytes()[1..]);
+        out[self.cookie.start - 1] = 0;
+        Some(out)
+    }
+}
+
+#[cfg(test)]
+/// A minimal ClientHello record (tests only): version, random, session id, cookie, one suite, null compression.
+pub(crate) fn test_hello(record_seq: u64, message_seq: u16, sid: &[u8], cookie: &[u8]) -> Vec<u8> {
+    let mut body = vec![0xfe, 0xfd];
+    body.extend_from_slice(&[7u8; 32]);
+    body.push(sid.len() as u8);
+    body.extend_from_slice(sid);
+    body.push(cookie.len() as u8);
+    body.extend_from_slice(cookie);
+    body.extend_from_slice(&[0, 2, 0xc0, 0x2b, 1, 0]);
+    let mut hs = vec![CLIENT_HELLO];
+    hs.extend_from_slice(&(body.len() as u32).to_be_bytes()[1..]);
+    hs.extend_from_slice(&message_seq.to_be_bytes());
+    hs.extend_from_slice(&[0, 0, 0]);
+    hs.extend_from_slice(&(body.len() as u32).to_be_bytes()[1..]);
+    hs.extend_from_slice(&body);
+    let mut rec = vec![CONTENT_HANDSHAKE, 0xfe, 0xfd, 0, 0];
+    rec.extend_from_slice(&record_seq.to_be_bytes()[2..]);
+    rec.extend_from_slice(&(hs.len() as u16).to_be_bytes());
+    rec.extend_from_slice(&hs);
+    rec
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use super::test_hello as hello;
+
+    #[test]
+    fn parses_cookie_and_sequence_numbers() {
+        let rec = hello(5, 1, &[9; 32], b"cookie!");
+        let ch = ClientHello::parse(&rec).unwrap();
+        assert_eq!(ch.cookie(), b"cookie!");
+        assert_eq!(ch.message_seq(), 1);
+        assert_eq!(ch.record_seq(), 5);
+        let first = hello(0, 0, &[], &[]);
+        let ch = ClientHello::parse(&first).unwrap();
+        assert!(ch.cookie().is_empty());
+    }
+
+    #[test]
+    fn reconstructed_first_hello_drops_the_cookie() {
+        let rec = hello(5, 1, &[9; 3], b"cookie!");
+        let first = ClientHello::parse(&rec)
+            .unwrap()
+            .reconstruct_first()
+            .unwrap();
+        assert_eq!(first, hello(4, 0, &[9; 3], &[]));
+        assert!(ClientHello::parse(&hello(0, 1, &[], b"c"))
+            .unwrap()
+            .reconstruct_first()
+            .is_none());
+    }
+
+    #[test]
+    fn hello_verify_request_layout() {
+        let rec = hello(3, 0, &[], &[]);
+        let hvr = ClientHello::parse(&rec)
+            .unwrap()
+            .hello_verify_request(&[1, 2, 3]);
+        assert_eq!(
+            hvr,
+            [
+                22, 0xfe, 0xff, 0, 0, 0, 0, 0, 0, 0, 3, 0, 18, // record header
+                3, 0, 0, 6, 0, 0, 0, 0, 0, 0, 0, 6, // handshake header
+                0xfe, 0xff, 3, 1, 2, 3
+            ]
+        );
+    }
+
+    #[test]
+    fn rejects_garbage_and_other_records() {
+        assert_eq!(ClientHello::parse(b"").unwrap_err(), NotHello::Garbage);
+        assert_eq!(
+            ClientHello::parse(&[0xff; 40]).unwrap_err(),
+            NotHello::Garbage
+        );
+        let rec = hello(0, 0, &[], &[]);
+        // Truncated anywhere: never a panic, never a hello.
+        for n in 0..rec.len() {
+            assert!(ClientHello::parse(&rec[..n]).is_err(), "prefix {n}");
+        }
+        let mut appdata = rec.clone();
+        appdata[0] = 23;
+        assert_eq!(
+            ClientHello::parse(&appdata).unwrap_err(),
+            NotHello::NotClientHello
+        );
+        let mut epoch1 = rec.clone();
+        epoch1[4] = 1;
+        assert_eq!(
+            ClientHello::parse(&epoch1).unwrap_err(),
+            NotHello::NotClientHello
+        );
+        let mut frag = rec.clone();
+        frag[13 + 11] -= 1; // fragment_length != length
+        assert_eq!(ClientHello::parse(&frag).unwrap_err(), NotHello::Fragmented);
+        let mut long_sid = hello(0, 0, &[1; 32], &[]);
+        long_sid[13 + 12 + 34] = 33;
+        assert_eq!(
+            ClientHello::parse(&long_sid).unwrap_err(),
+            NotHello::Garbage
+        );
+    }
+
+    #[test]
+    fn random_bytes_never_panic() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::SmallRng::seed_from_u64(4);
+        let base = hello(1, 1, &[2; 8], &[3; 32]);
+        for _ in 0..20_000 {
+            let mut d = base.clone();
+            for _ in 0..rng.random_range(1..4) {
+                let i = rng.random_range(0..d.len());
+                d[i] = rng.random();
+            }
+            d.truncate(rng.random_range(0..=d.len()));
+            if let Ok(ch) = ClientHello::parse(&d) {
+                let _ = ch.reconstruct_first();
+                let _ = ch.hello_verify_request(ch.cookie());
+            }
+        }
+    }
+}

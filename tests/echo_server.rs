@@ -1,0 +1,264 @@
+//! The DTLS echo server against real clients: `openssl s_client -dtls1_2` (full handshakes,
+//! `-sess_out`/`-sess_in`, `-reconnect`, PSK, a vanished client) and openssl-crate clients over
+//! UDP (a ClientHello flood, a stalled handshake). Every server binds 127.0.0.1:0 and stops when
+//! the test ends; every s_client run is bounded and killed by PID.
+
+mod common;
+
+use std::net::UdpSocket;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use openssl::ssl::ErrorCode;
+use openssl_session_cache::DsmConfig;
+
+use common::{
+    count, dtls_connect, echo, memory_client, s_client_echo, s_client_echo_fast, SClient,
+    TestServer,
+};
+
+const PSK_HEX: &str = "00112233445566778899aabbccddeeff";
+
+fn default_server() -> TestServer {
+    TestServer::start(DsmConfig::new(1024), |b| b)
+}
+
+fn sess_file(dir: &tempfile::TempDir, name: &str) -> String {
+    dir.path().join(name).to_str().unwrap().to_owned()
+}
+
+#[test]
+fn s_client_gets_its_line_echoed() {
+    let server = default_server();
+    let out = s_client_echo(server.addr(), &[], "hello dtls");
+    assert_eq!(count(&out, "New, TLSv1.2"), 1, "{out:?}");
+    // Worker counters are published every few milliseconds.
+    assert!(server.wait_for(Duration::from_secs(2), |s| s.server.stats().closed == 1));
+    let stats = server.server.stats();
+    assert_eq!(stats.handshakes, 1);
+    assert_eq!(stats.echoed_records, 1);
+}
+
+#[test]
+fn sess_out_then_sess_in_is_reused_and_a_cache_hit() {
+    let server = default_server();
+    let dir = tempfile::tempdir().unwrap();
+    let sess = sess_file(&dir, "s.pem");
+    let first = s_client_echo(server.addr(), &["-sess_out", &sess], "one");
+    assert_eq!(count(&first, "New,"), 1, "{first:?}");
+    let second = s_client_echo(server.addr(), &["-sess_in", &sess], "two");
+    assert_eq!(count(&second, "Reused,"), 1, "{second:?}");
+    assert_eq!(server.cache.stats().hits, 1);
+    assert!(server.wait_for(Duration::from_secs(2), |s| s.server.stats().resumed == 1));
+}
+
+#[test]
+fn reconnect_reuses_every_time() {
+    let server = default_server();
+    let mut c = SClient::spawn(server.addr(), &["-reconnect"]);
+    // s_client -reconnect: one full handshake, then five reconnections from new source ports.
+    let mut reused = 0;
+    let done = c.wait_line(Duration::from_secs(10), |l| {
+        if l.starts_with("Reused,") {
+            reused += 1;
+        }
+        reused == 5
+    });
+    let out = c.finish(Duration::from_secs(5));
+    assert!(done, "{out:?}");
+    assert_eq!(count(&out, "New,"), 1, "{out:?}");
+    assert_eq!(count(&out, "Reused,"), 5, "{out:?}");
+    assert_eq!(server.cache.stats().hits, 5);
+}
+
+#[test]
+fn fifty_sequential_resumptions_all_reuse() {
+    let server = default_server();
+    let dir = tempfile::tempdir().unwrap();
+    let sess = sess_file(&dir, "s.pem");
+    s_client_echo(server.addr(), &["-sess_out", &sess], "first");
+    for i in 0..50 {
+        let out = s_client_echo_fast(server.addr(), &["-sess_in", &sess], &format!("line {i}"));
+        assert_eq!(count(&out, "Reused,"), 1, "resumption {i}: {out:?}");
+    }
+    assert_eq!(server.cache.stats().hits, 50);
+    // Worker counters are published every few milliseconds.
+    assert!(server.wait_for(Duration::from_secs(2), |s| s.server.stats().resumed == 50));
+}
+
+#[test]
+fn vanished_client_session_still_resumes() {
+    let dsm = DsmConfig::new(1024).with_idle_tick(Duration::from_millis(100));
+    let server = TestServer::start(dsm, |b| b);
+    let dir = tempfile::tempdir().unwrap();
+    let sess = sess_file(&dir, "s.pem");
+    let mut c = SClient::spawn(server.addr(), &["-sess_out", &sess]);
+    c.send_line("then vanish");
+    assert!(c.wait_line(Duration::from_secs(5), |l| l == "then vanish"));
+    // s_client writes -sess_out after the handshake; give it a moment, then SIGKILL it.
+    std::thread::sleep(Duration::from_millis(100));
+    c.kill();
+    // The server's idle sweep shuts the silent peer down (close_notify; session kept).
+    assert!(
+        server.wait_for(Duration::from_secs(3), |s| s.server.stats().idle_closed
+            == 1)
+    );
+    assert_eq!(server.server.stats().peers, 0);
+    let out = s_client_echo(server.addr(), &["-sess_in", &sess], "back");
+    assert_eq!(count(&out, "Reused,"), 1, "{out:?}");
+}
+
+#[test]
+fn psk_connection_echoes_and_resumes() {
+    let server = TestServer::start(DsmConfig::new(1024), |b| b.psk(b"client1", &hex(PSK_HEX)));
+    let dir = tempfile::tempdir().unwrap();
+    let sess = sess_file(&dir, "p.pem");
+    let psk = [
+        "-psk",
+        PSK_HEX,
+        "-psk_identity",
+        "client1",
+        "-cipher",
+        "PSK-AES128-CCM8",
+    ];
+    let first = s_client_echo(
+        server.addr(),
+        &[&psk[..], &["-sess_out", &sess]].concat(),
+        "psk",
+    );
+    assert_eq!(
+        count(&first, "New, TLSv1.2, Cipher is PSK-AES128-CCM8"),
+        1,
+        "{first:?}"
+    );
+    let again = s_client_echo(
+        server.addr(),
+        &[&psk[..], &["-sess_in", &sess]].concat(),
+        "psk2",
+    );
+    assert_eq!(
+        count(&again, "Reused, TLSv1.2, Cipher is PSK-AES128-CCM8"),
+        1,
+        "{again:?}"
+    );
+}
+
+fn hex(s: &str) -> Vec<u8> {
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+        .collect()
+}
+
+/// A client that sends its first ClientHello, reads the HelloVerifyRequest, sends the second
+/// ClientHello (with the cookie) and then goes silent. Returns the socket to keep the port.
+fn stall_after_cookie(server: std::net::SocketAddr) -> Option<UdpSocket> {
+    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    sock.connect(server).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+    let mut client = memory_client();
+    sock.send(&client.get_mut().out.remove(0)).ok()?;
+    let mut buf = [0u8; 2048];
+    let n = sock.recv(&mut buf).ok()?;
+    client.get_mut().inbound.push_back(buf[..n].to_vec());
+    match client.do_handshake() {
+        Err(e) if e.code() == ErrorCode::WANT_READ => {}
+        _ => return None,
+    }
+    let second = client.get_mut().out.pop()?;
+    sock.send(&second).ok()?;
+    Some(sock)
+}
+
+#[test]
+fn stalled_handshake_frees_its_slot_after_the_timeout() {
+    let dsm = DsmConfig::new(1024).with_handshake_timeout(Duration::from_millis(300));
+    let server = TestServer::start(dsm, |b| b);
+    let _sock = stall_after_cookie(server.addr()).expect("client got through the cookie exchange");
+    assert!(
+        server.wait_for(Duration::from_secs(1), |s| s.server.stats().handshaking
+            == 1)
+    );
+    assert!(
+        server.wait_for(Duration::from_secs(2), |s| s
+            .server
+            .stats()
+            .handshake_timeouts
+            == 1),
+        "{:?}",
+        server.server.stats()
+    );
+    let stats = server.server.stats();
+    assert_eq!((stats.peers, stats.handshaking), (0, 0));
+    assert_eq!(server.server.dsm_stats()[0].handshakes, 0);
+}
+
+#[test]
+fn flood_stays_within_budgets_and_established_peer_keeps_echoing() {
+    const MAX_HANDSHAKES: usize = 8;
+    let dsm = DsmConfig::new(32)
+        .with_max_handshakes(MAX_HANDSHAKES)
+        .with_handshake_timeout(Duration::from_secs(30));
+    let server = TestServer::start(dsm, |b| b);
+    let addr = server.addr();
+
+    let mut established = dtls_connect(addr);
+    assert_eq!(echo(&mut established, b"before"), b"before");
+
+    // A real first ClientHello to replay from many ports.
+    let hello = memory_client().get_mut().out.remove(0);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let flooder = {
+        let stop = Arc::clone(&stop);
+        let hello = hello.clone();
+        std::thread::spawn(move || {
+            let mut sent = 0usize;
+            let sockets: Vec<UdpSocket> = (0..200)
+                .map(|_| UdpSocket::bind("127.0.0.1:0").unwrap())
+                .collect();
+            'outer: for round in 0..10 {
+                for s in &sockets {
+                    let _ = s.send_to(&hello, addr);
+                    sent += 1;
+                }
+                // Some ports complete the cookie exchange and stall, eating handshake budget.
+                for _ in 0..10 {
+                    if stop.load(Ordering::Relaxed) {
+                        break 'outer;
+                    }
+                    let _ = stall_after_cookie(addr);
+                }
+                let _ = round;
+            }
+            sent
+        })
+    };
+    let mut echoes = 0;
+    while !flooder.is_finished() {
+        let msg = format!("during {echoes}");
+        assert_eq!(echo(&mut established, msg.as_bytes()), msg.as_bytes());
+        echoes += 1;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let sent = flooder.join().unwrap();
+    assert!(sent >= 2000);
+    assert!(echoes > 0);
+    assert_eq!(echo(&mut established, b"after"), b"after");
+
+    assert!(server.wait_for(
+        Duration::from_secs(3),
+        |s| s.server.stats().hello_verify_requests as usize >= sent
+    ));
+    let stats = server.server.stats();
+    assert!(stats.hello_verify_requests as usize >= 2000, "{stats:?}");
+    assert!(
+        stats.max_handshaking as usize <= MAX_HANDSHAKES,
+        "{stats:?}"
+    );
+    assert!(stats.dropped_no_space > 0, "budget was hit: {stats:?}");
+    let dsm_stats = server.server.dsm_stats()[0];
+    assert!(dsm_stats.handshakes <= MAX_HANDSHAKES);
+    assert_eq!(dsm_stats.established, 1);
+}
