@@ -9,7 +9,15 @@
 //!   every hit, miss, expiry, eviction and reject ([`CacheStats`]). Contexts that share a cache
 //!   share sessions. [`ClientSessionCache`] does the client side.
 //! - [`MemoryStore`] is the default store; [`NullStore`] stores nothing; with the `redis` feature a
-//!   shared, encrypted store serves server farms.
+//!   shared, encrypted store serves server farms ([`KeyRing`], [`envelope`]); [`snapshot`]
+//!   carries the memory store across restarts.
+//! - [`Dsm`], the DTLS session manager (after RIOT's `dsm`), bounds what peers can make a server
+//!   hold: a fixed number of slots with states NONE/HANDSHAKE/ESTABLISHED and `NO_SPACE` when full,
+//!   a separate handshake budget and timeout, a per-source quota, LRU eviction of idle peers, and
+//!   a second-chance idle sweeper. Only [`Authenticated`] traffic keeps a peer alive.
+//! - [`Endpoint`] is a sans-IO DTLS 1.2 server (datagrams and the time in; datagrams, events and
+//!   the next deadline out) with stateless HMAC cookies, DSM admission and the session cache;
+//!   [`UdpServer`] drives it on UDP sockets. `examples/dtls_echo_server.rs` runs it.
 //!
 //! ```
 //! use openssl::ssl::{SslContext, SslMethod};
@@ -32,6 +40,7 @@ mod clock;
 mod dsm;
 mod error;
 mod ffi;
+mod server;
 mod stats;
 mod store;
 
@@ -43,6 +52,11 @@ pub use dsm::{
     StoreOutcome, Sweeper, DEFAULT_MAX_SLOTS,
 };
 pub use error::{Error, StoreError};
+pub use server::{
+    certificate_fingerprint, self_signed_certificate, CloseReason, DropReason, Endpoint,
+    EndpointStats, Event, ServerConfig, ServerConfigBuilder, StopHandle, Transmit, UdpOptions,
+    UdpServer, DEFAULT_COOKIE_ROTATION, DEFAULT_MAX_DATAGRAM, DEFAULT_MTU, PSK_CIPHERS,
+};
 pub use stats::{CacheStats, EvictionStats};
 pub use store::envelope;
 pub use store::snapshot;
@@ -52,13 +66,6 @@ pub use store::{
 };
 #[cfg(feature = "redis")]
 pub use store::{RedisStore, RedisStoreBuilder, RedisStoreStats};
-
-mod server;
-pub use server::{
-    certificate_fingerprint, self_signed_certificate, CloseReason, DropReason, Endpoint,
-    EndpointStats, Event, ServerConfig, ServerConfigBuilder, StopHandle, Transmit, UdpOptions,
-    UdpServer, DEFAULT_COOKIE_ROTATION, DEFAULT_MAX_DATAGRAM, DEFAULT_MTU, PSK_CIPHERS,
-};
 
 // Runs the README's code blocks as doctests.
 #[cfg(doctest)]
