@@ -8,6 +8,7 @@
 //! exact LRU; sharded stores are LRU within each shard. Session bytes are zeroized when an entry
 //! is evicted, replaced, removed or cleared.
 
+use std::fmt;
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::SystemTime;
@@ -18,7 +19,7 @@ use parking_lot::Mutex;
 use crate::clock::unix_millis;
 use crate::error::{Error, StoreError};
 use crate::stats::EvictionStats;
-use crate::store::{SessionId, SessionStore, StoredSession};
+use crate::store::{SecretBytes, SessionId, SessionStore, StoredSession, MAX_SESSION_ID_LEN};
 
 /// Entries per shard below which the store does not shard at all.
 const MIN_ENTRIES_PER_SHARD: usize = 1024;
@@ -47,8 +48,14 @@ fn default_shards(max_entries: usize, max_bytes: usize) -> usize {
     if base == 1 {
         return 1;
     }
+    // Ids hash unevenly: size each table for its share plus four standard deviations, so that no
+    // shard outgrows its table when the store fills.
+    let per_shard = |n: usize| {
+        let mean = max_entries.div_ceil(n);
+        mean + 4 * (mean as f64).sqrt() as usize
+    };
     (base..=2 * base)
-        .min_by_key(|&n| table_buckets(max_entries.div_ceil(n)).saturating_mul(n))
+        .min_by_key(|&n| table_buckets(per_shard(n)).saturating_mul(n))
         .unwrap_or(base)
 }
 
@@ -166,7 +173,81 @@ pub struct MemoryStore {
 
 #[derive(Debug)]
 struct Shard {
-    lru: LruCache<SessionId, StoredSession>,
+    lru: LruCache<PackedId, Slot>,
+}
+
+/// A session id zero-padded to 32 bytes: the map key. Its real length lives in the [`Slot`], so
+/// a key costs 32 bytes, not 33 (which an 8-aligned LRU node would round up to 40). OpenSSL's
+/// ids are always 32 bytes; a shorter id and a 32-byte id that is the same followed by zeros
+/// share a key, and storing one replaces the other.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct PackedId([u8; MAX_SESSION_ID_LEN]);
+
+impl PackedId {
+    fn of(id: &SessionId) -> Self {
+        let mut bytes = [0u8; MAX_SESSION_ID_LEN];
+        bytes[..id.as_bytes().len()].copy_from_slice(id.as_bytes());
+        Self(bytes)
+    }
+}
+
+/// A stored value: the session bytes, and the id's length (top 8 bits) with the expiry in
+/// milliseconds since the epoch (low 56 bits, good for two million years) in one word.
+struct Slot {
+    data: SecretBytes,
+    meta: u64,
+}
+
+impl fmt::Debug for Slot {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Slot")
+            .field("len", &self.len())
+            .field("expires_at_ms", &self.expires_at_ms())
+            .finish_non_exhaustive()
+    }
+}
+
+const EXPIRY_MASK: u64 = (1 << 56) - 1;
+
+impl Slot {
+    fn new(id: &SessionId, session: StoredSession) -> Self {
+        let len = id.as_bytes().len() as u64;
+        Self {
+            meta: (len << 56) | session.expires_at_ms.min(EXPIRY_MASK),
+            data: session.data,
+        }
+    }
+
+    fn id_len(&self) -> usize {
+        (self.meta >> 56) as usize
+    }
+
+    fn expires_at_ms(&self) -> u64 {
+        self.meta & EXPIRY_MASK
+    }
+
+    fn len(&self) -> usize {
+        self.data.0.len()
+    }
+
+    fn id(&self, key: &PackedId) -> SessionId {
+        SessionId::new(&key.0[..self.id_len()]).expect("BUG: a stored id length is 1..=32")
+    }
+
+    fn to_session(&self) -> StoredSession {
+        StoredSession {
+            data: self.data.clone(),
+            expires_at_ms: self.expires_at_ms(),
+        }
+    }
+
+    fn into_session(self) -> StoredSession {
+        let expires_at_ms = self.expires_at_ms();
+        StoredSession {
+            data: self.data,
+            expires_at_ms,
+        }
+    }
 }
 
 /// Why an entry is evicted.
@@ -182,9 +263,9 @@ impl MemoryStore {
         MemoryStoreBuilder::default()
     }
 
-    fn shard_index(&self, id: &SessionId) -> usize {
+    fn shard_index(&self, key: &PackedId) -> usize {
         // Multiply-shift maps the 64-bit hash onto any shard count without a division.
-        ((u128::from(self.hasher.hash_one(id)) * self.shards.len() as u128) >> 64) as usize
+        ((u128::from(self.hasher.hash_one(key)) * self.shards.len() as u128) >> 64) as usize
     }
 
     /// The number of shards.
@@ -194,7 +275,9 @@ impl MemoryStore {
 
     /// True if `id` is stored, without refreshing its LRU position.
     pub fn contains(&self, id: &SessionId) -> bool {
-        self.shards[self.shard_index(id)].lock().lru.contains(id)
+        let key = PackedId::of(id);
+        let shard = self.shards[self.shard_index(&key)].lock();
+        shard.lru.peek(&key).is_some_and(|slot| slot.id_len() == id.as_bytes().len())
     }
 
     /// Whether adding `extra_entries` entries of `extra_bytes` bytes would cross a bound, and
@@ -223,42 +306,52 @@ impl MemoryStore {
         true
     }
 
-    fn unaccount(&self, old: &StoredSession) {
+    fn unaccount(&self, old: &Slot) {
         self.len.fetch_sub(1, Ordering::Relaxed);
         self.bytes.fetch_sub(old.len(), Ordering::Relaxed);
     }
 
     fn remove_entry(&self, id: &SessionId) -> Option<StoredSession> {
-        let old = self.shards[self.shard_index(id)].lock().lru.pop(id)?;
+        let key = PackedId::of(id);
+        let mut shard = self.shards[self.shard_index(&key)].lock();
+        if shard.lru.peek(&key)?.id_len() != id.as_bytes().len() {
+            return None;
+        }
+        let old = shard.lru.pop(&key)?;
+        drop(shard);
         self.unaccount(&old);
-        Some(old)
+        Some(old.into_session())
     }
 }
 
 impl SessionStore for MemoryStore {
     fn get(&self, id: &SessionId) -> Result<Option<StoredSession>, StoreError> {
-        Ok(self.shards[self.shard_index(id)]
-            .lock()
+        let key = PackedId::of(id);
+        let mut shard = self.shards[self.shard_index(&key)].lock();
+        Ok(shard
             .lru
-            .get(id)
-            .cloned())
+            .get(&key)
+            .filter(|slot| slot.id_len() == id.as_bytes().len())
+            .map(Slot::to_session))
     }
 
     fn put(&self, id: SessionId, session: StoredSession) -> Result<(), StoreError> {
         let len = session.len();
-        let home = self.shard_index(&id);
+        let key = PackedId::of(&id);
+        let home = self.shard_index(&key);
+        let slot = Slot::new(&id, session);
         let mut shard = self.shards[home].lock();
         if len > self.max_bytes {
             // It can never fit; storing it would only flush the store.
-            if let Some(old) = shard.lru.pop(&id) {
+            if let Some(old) = shard.lru.pop(&key) {
                 self.unaccount(&old);
             }
             self.evicted_bytes.fetch_add(1, Ordering::Relaxed);
             return Ok(());
         }
-        if let Some(slot) = shard.lru.get_mut(&id) {
+        if let Some(existing) = shard.lru.get_mut(&key) {
             // Replace in place (one lookup; the entry becomes the most recently used).
-            let old = std::mem::replace(slot, session);
+            let old = std::mem::replace(existing, slot);
             self.bytes.fetch_add(len, Ordering::Relaxed);
             self.bytes.fetch_sub(old.len(), Ordering::Relaxed);
             drop(shard);
@@ -270,7 +363,7 @@ impl SessionStore for MemoryStore {
                     break;
                 }
             }
-            shard.lru.put(id, session);
+            shard.lru.put(key, slot);
             self.len.fetch_add(1, Ordering::Relaxed);
             self.bytes.fetch_add(len, Ordering::Relaxed);
             drop(shard);
@@ -309,8 +402,8 @@ impl SessionStore for MemoryStore {
     fn for_each(&self, f: &mut dyn FnMut(&SessionId, &StoredSession)) -> Result<(), StoreError> {
         for shard in self.shards.iter() {
             let shard = shard.lock();
-            for (id, session) in shard.lru.iter() {
-                f(id, session);
+            for (key, slot) in shard.lru.iter() {
+                f(&slot.id(key), &slot.to_session());
             }
         }
         Ok(())
@@ -341,13 +434,13 @@ impl SessionStore for MemoryStore {
             let mut shard = self.shards[(start + k) % self.shards.len()].lock();
             let examine = budget.min(shard.lru.len());
             budget -= examine;
-            let expired: Vec<SessionId> = shard
+            let expired: Vec<PackedId> = shard
                 .lru
                 .iter()
                 .rev()
                 .take(examine)
-                .filter(|(_, s)| s.expires_at_millis() <= now_ms)
-                .map(|(id, _)| *id)
+                .filter(|(_, slot)| slot.expires_at_ms() <= now_ms)
+                .map(|(key, _)| *key)
                 .collect();
             for id in &expired {
                 if let Some(old) = shard.lru.pop(id) {
@@ -476,6 +569,26 @@ mod tests {
         let mut seen = 0;
         store.for_each(&mut |_, _| seen += 1).unwrap();
         assert_eq!(seen, 64);
+    }
+
+    #[test]
+    fn ids_of_different_lengths_are_different_entries() {
+        let store = MemoryStore::builder().build().unwrap();
+        let short = SessionId::new(&[9, 9]).unwrap();
+        let long = SessionId::new(&[9, 9, 1]).unwrap();
+        store.put(short, sess(3, 100)).unwrap();
+        store.put(long, sess(4, 100)).unwrap();
+        assert_eq!(store.get(&short).unwrap().unwrap().len(), 3);
+        assert_eq!(store.get(&long).unwrap().unwrap().len(), 4);
+        // Same padded key, other length: not the stored entry.
+        let padded = SessionId::new(&[9, 9, 0]).unwrap();
+        assert!(store.get(&padded).unwrap().is_none());
+        assert!(!store.remove(&padded).unwrap());
+        assert!(!store.contains(&padded));
+        let mut ids = Vec::new();
+        store.for_each(&mut |id, s| ids.push((*id, s.len()))).unwrap();
+        ids.sort_by_key(|(_, l)| *l);
+        assert_eq!(ids, vec![(short, 3), (long, 4)]);
     }
 
     #[test]
