@@ -115,9 +115,17 @@ fn a_session_id_context_mismatch_does_not_resume() {
     let first = connect(&a, &client, None, ServerClose::Clean);
     let second = connect(&b, &client, first.session.as_ref(), ServerClose::Clean);
     assert!(!second.server_reused);
-    // The store did hand the session over; OpenSSL refused it and made a new one.
-    assert_eq!(cache_b.stats().hits, 1);
-    assert_eq!(cache_b.stats().inserts, 1);
+    // The stored form carries a fingerprint of the context: cache B sees the entry is not its
+    // own, answers with a miss, and leaves it in the shared store for cache A.
+    let s = cache_b.stats();
+    assert_eq!(
+        (s.hits, s.misses, s.inserts, s.decode_errors),
+        (0, 1, 1, 0),
+        "{s:?}"
+    );
+    assert_eq!(s.entries, 2);
+    let third = connect(&a, &client, first.session.as_ref(), ServerClose::Clean);
+    assert!(third.server_reused, "A's session was lost");
 }
 
 #[test]
@@ -493,4 +501,32 @@ fn concurrent_handshakes_add_up_and_do_not_deadlock() {
             "{proto:?} {s:?}"
         );
     }
+}
+
+#[test]
+fn stored_entries_leave_out_the_session_id_and_the_context() {
+    let store = Arc::new(MemoryStore::builder().build().unwrap());
+    let cache = SessionCache::builder()
+        .store(store.clone())
+        .build()
+        .unwrap();
+    let server = server_ctx(Proto::Dtls12, &cache, false);
+    let client = client_ctx(Proto::Dtls12, false);
+    let session = connect(&server, &client, None, ServerClose::Clean)
+        .session
+        .unwrap();
+    let stored = store
+        .get(&SessionId::new(session.id()).unwrap())
+        .unwrap()
+        .unwrap();
+    let has = |needle: &[u8]| stored.data().windows(needle.len()).any(|w| w == needle);
+    let context = openssl_session_cache::DEFAULT_SESSION_ID_CONTEXT;
+    assert!(!has(session.id()), "the id is stored twice");
+    assert!(!has(context), "the context is stored in every entry");
+    assert!(
+        has(&openssl::sha::sha256(context)[..8]),
+        "no context fingerprint"
+    );
+    // And it still resumes from that form.
+    assert!(connect(&server, &client, Some(&session), ServerClose::Clean).server_reused);
 }

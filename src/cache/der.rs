@@ -1,11 +1,21 @@
-//! A compact stored form of a session's DER: the session id is left out, since it is the key.
+//! A compact stored form of a session's DER: what every entry would repeat is left out.
 //!
 //! `i2d_SSL_SESSION` writes `SEQUENCE { version INTEGER, ssl_version INTEGER, cipher OCTET STRING,
-//! session_id OCTET STRING, master_key OCTET STRING, ... }` (OpenSSL `ssl/ssl_asn1.c`). The id is
-//! 32 bytes of a ~127-byte DTLS session and is already stored as the key, so the compact form
-//! replaces it with an empty OCTET STRING (as HAProxy strips the id before storing). Expanding
-//! puts the key back. Bytes that do not have that shape are stored and returned unchanged, so a
-//! future OpenSSL encoding degrades to plain DER rather than to a decode error.
+//! session_id OCTET STRING, master_key OCTET STRING, ..., [4] EXPLICIT session_id_context OCTET
+//! STRING, ... }` (OpenSSL `ssl/ssl_asn1.c`). Two parts are known to the cache already:
+//!
+//! - the session id (32 of a DTLS server session's ~150 bytes) is the store key, so the compact
+//!   form holds an empty OCTET STRING there (as HAProxy strips the id before storing);
+//! - the session id context is the same for every session of a cache, so the compact form holds
+//!   an 8-byte fingerprint of it instead (SHA-256 prefix, under a NULL tag so it cannot be taken
+//!   for a context). Expanding under a cache with another context does not put that cache's
+//!   context back: it reports [`Expanded::OtherContext`], and the cache answers with a miss, which
+//!   is what OpenSSL would decide after decoding.
+//!
+//! Bytes that do not have that shape are stored and returned unchanged, so a future OpenSSL
+//! encoding degrades to plain DER rather than to a decode error.
+
+use openssl::sha::sha256;
 
 /// Tag of a universal constructed SEQUENCE.
 const SEQUENCE: u8 = 0x30;
@@ -13,9 +23,36 @@ const SEQUENCE: u8 = 0x30;
 const OCTET_STRING: u8 = 0x04;
 /// Tag of a universal INTEGER.
 const INTEGER: u8 = 0x02;
+/// Tag of a universal NULL, reused in the compact form to mark a context fingerprint.
+const FINGERPRINT: u8 = 0x05;
+/// `[4]` EXPLICIT, constructed: the session id context.
+const SID_CTX: u8 = 0xa4;
+
+/// The fingerprint of a session id context kept in compact forms.
+pub(crate) type ContextFingerprint = [u8; 8];
+
+/// The fingerprint of `ctx`.
+pub(crate) fn fingerprint(ctx: &[u8]) -> ContextFingerprint {
+    let digest = sha256(ctx);
+    let mut fp = [0u8; 8];
+    fp.copy_from_slice(&digest[..8]);
+    fp
+}
+
+/// What [`expand`] made of stored bytes.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Expanded {
+    /// The full DER, ready for `d2i_SSL_SESSION`.
+    Der(Vec<u8>),
+    /// Not a compact form: use the stored bytes as they are.
+    AsIs,
+    /// A compact form made under another session id context.
+    OtherContext,
+}
 
 /// A parsed tag-length header: where its content starts and how long it is.
 struct Tlv {
+    start: usize,
     tag: u8,
     content: usize,
     len: usize,
@@ -45,7 +82,12 @@ fn read_tlv(der: &[u8], pos: usize) -> Option<Tlv> {
         (len, 2 + n)
     };
     let content = pos + header;
-    (content.checked_add(len)? <= der.len()).then_some(Tlv { tag, content, len })
+    (content.checked_add(len)? <= der.len()).then_some(Tlv {
+        start: pos,
+        tag,
+        content,
+        len,
+    })
 }
 
 /// Appends a DER definite length.
@@ -60,9 +102,24 @@ fn push_len(out: &mut Vec<u8>, len: usize) {
     }
 }
 
-/// Finds the session id element: returns the outer SEQUENCE and the id's TLV, or `None` if the
-/// bytes do not look like an `SSL_SESSION` encoding.
-fn locate(der: &[u8]) -> Option<(Tlv, Tlv, usize)> {
+/// Appends a whole TLV.
+fn push_tlv(out: &mut Vec<u8>, tag: u8, content: &[u8]) {
+    out.push(tag);
+    push_len(out, content.len());
+    out.extend_from_slice(content);
+}
+
+/// The parts of an `SSL_SESSION` encoding the compact form touches.
+struct Layout {
+    outer: Tlv,
+    id: Tlv,
+    /// The `[4]` element and the TLV inside it, if present.
+    ctx: Option<(Tlv, Tlv)>,
+}
+
+/// Finds the session id and session id context elements, or `None` if the bytes do not look
+/// like an `SSL_SESSION` encoding.
+fn locate(der: &[u8]) -> Option<Layout> {
     let outer = read_tlv(der, 0)?;
     if outer.tag != SEQUENCE || outer.end() != der.len() {
         return None;
@@ -76,48 +133,110 @@ fn locate(der: &[u8]) -> Option<(Tlv, Tlv, usize)> {
         pos = t.end();
     }
     let id = read_tlv(der, pos)?;
-    (id.tag == OCTET_STRING && id.end() <= outer.end()).then_some((outer, id, pos))
+    if id.tag != OCTET_STRING {
+        return None;
+    }
+    let mut ctx = None;
+    pos = id.end();
+    while pos < outer.end() {
+        let t = read_tlv(der, pos)?;
+        pos = t.end();
+        if t.tag == SID_CTX {
+            let inner = read_tlv(der, t.content)?;
+            if inner.end() != t.end() {
+                return None;
+            }
+            ctx = Some((t, inner));
+            break;
+        }
+    }
+    Some(Layout { outer, id, ctx })
 }
 
-/// Rebuilds `der` with the id element's content replaced by `content`.
-fn rebuild(der: &[u8], outer: &Tlv, id: &Tlv, id_pos: usize, content: &[u8]) -> Vec<u8> {
-    let inner_len = outer.len - (id.end() - id_pos) + 2 + content.len();
-    let mut out = Vec::with_capacity(inner_len + 6);
+/// Rebuilds `der` with the id's content replaced by `id`, and the context element (if any)
+/// replaced by `ctx_element` (a whole TLV).
+fn rebuild(der: &[u8], layout: &Layout, id: &[u8], ctx_element: Option<&[u8]>) -> Vec<u8> {
+    let mut inner = Vec::with_capacity(der.len() + id.len());
+    inner.extend_from_slice(&der[layout.outer.content..layout.id.start]);
+    push_tlv(&mut inner, OCTET_STRING, id);
+    match (&layout.ctx, ctx_element) {
+        (Some((elem, _)), Some(replacement)) => {
+            inner.extend_from_slice(&der[layout.id.end()..elem.start]);
+            inner.extend_from_slice(replacement);
+            inner.extend_from_slice(&der[elem.end()..]);
+        }
+        _ => inner.extend_from_slice(&der[layout.id.end()..]),
+    }
+    let mut out = Vec::with_capacity(inner.len() + 6);
     out.push(SEQUENCE);
-    push_len(&mut out, inner_len);
-    out.extend_from_slice(&der[outer.content..id_pos]);
-    out.push(OCTET_STRING);
-    out.push(content.len() as u8);
-    out.extend_from_slice(content);
-    out.extend_from_slice(&der[id.end()..]);
+    push_len(&mut out, inner.len());
+    out.extend_from_slice(&inner);
+    zeroize::Zeroize::zeroize(&mut inner);
     out
 }
 
-/// The compact form of `der` whose session id is `id`, or `None` to store `der` as it is.
-pub(crate) fn compact(der: &[u8], id: &[u8]) -> Option<Vec<u8>> {
-    let (outer, tlv, pos) = locate(der)?;
-    if der.get(tlv.content..tlv.end())? != id {
-        return None;
-    }
-    Some(rebuild(der, &outer, &tlv, pos, &[]))
+/// The `[4]` element holding `inner_tag`/`content`.
+fn ctx_element(inner_tag: u8, content: &[u8]) -> Vec<u8> {
+    let mut inner = Vec::with_capacity(content.len() + 2);
+    push_tlv(&mut inner, inner_tag, content);
+    let mut out = Vec::with_capacity(inner.len() + 2);
+    push_tlv(&mut out, SID_CTX, &inner);
+    out
 }
 
-/// The full DER for stored bytes under `id`: compact forms get the id back, anything else is
-/// returned as `None` (use the stored bytes as they are).
-pub(crate) fn expand(stored: &[u8], id: &[u8]) -> Option<Vec<u8>> {
-    let (outer, tlv, pos) = locate(stored)?;
-    if tlv.len != 0 || id.len() > 32 {
+/// The compact form of `der`, whose session id is `id`, made by a cache whose context is `ctx`
+/// (fingerprint `fp`); `None` to store `der` as it is.
+pub(crate) fn compact(
+    der: &[u8],
+    id: &[u8],
+    ctx: &[u8],
+    fp: &ContextFingerprint,
+) -> Option<Vec<u8>> {
+    let layout = locate(der)?;
+    if der.get(layout.id.content..layout.id.end())? != id || id.is_empty() {
         return None;
     }
-    Some(rebuild(stored, &outer, &tlv, pos, id))
+    let replacement = match &layout.ctx {
+        Some((_, inner))
+            if inner.tag == OCTET_STRING && &der[inner.content..inner.end()] == ctx =>
+        {
+            Some(ctx_element(FINGERPRINT, fp))
+        }
+        _ => None,
+    };
+    Some(rebuild(der, &layout, &[], replacement.as_deref()))
+}
+
+/// The full DER for bytes stored under `id`, read by a cache whose context is `ctx`
+/// (fingerprint `fp`).
+pub(crate) fn expand(stored: &[u8], id: &[u8], ctx: &[u8], fp: &ContextFingerprint) -> Expanded {
+    let Some(layout) = locate(stored) else {
+        return Expanded::AsIs;
+    };
+    if layout.id.len != 0 || id.is_empty() || id.len() > 32 {
+        return Expanded::AsIs;
+    }
+    let replacement = match &layout.ctx {
+        Some((_, inner)) if inner.tag == FINGERPRINT => {
+            if stored[inner.content..inner.end()] != fp[..] {
+                return Expanded::OtherContext;
+            }
+            Some(ctx_element(OCTET_STRING, ctx))
+        }
+        _ => None,
+    };
+    Expanded::Der(rebuild(stored, &layout, id, replacement.as_deref()))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// A minimal SSL_SESSION-shaped encoding with a long tail, so the outer length needs 2 bytes.
-    fn sample(id: &[u8], tail: usize) -> Vec<u8> {
+    const CTX: &[u8] = b"openssl-session-cache";
+
+    /// A minimal SSL_SESSION-shaped encoding: id, a master key of `tail` bytes, a time, and
+    /// optionally a session id context and one more field after it.
+    fn sample(id: &[u8], tail: usize, ctx: Option<&[u8]>) -> Vec<u8> {
         let mut inner = vec![
             INTEGER,
             1,
@@ -131,45 +250,67 @@ mod tests {
             0xc0,
             0x2b,
         ];
-        inner.push(OCTET_STRING);
-        inner.push(id.len() as u8);
-        inner.extend_from_slice(id);
-        inner.push(OCTET_STRING);
-        inner.push(tail as u8);
-        inner.extend(std::iter::repeat_n(0x42, tail));
-        let mut der = vec![SEQUENCE];
-        push_len(&mut der, inner.len());
-        der.extend(inner);
+        push_tlv(&mut inner, OCTET_STRING, id);
+        push_tlv(&mut inner, OCTET_STRING, &vec![0x42; tail]);
+        inner.extend_from_slice(&[0xa1, 0x06, INTEGER, 0x04, 0x65, 0x00, 0x00, 0x01]);
+        if let Some(ctx) = ctx {
+            inner.extend(ctx_element(OCTET_STRING, ctx));
+        }
+        inner.extend_from_slice(&[0xa5, 0x03, INTEGER, 0x01, 0x00]);
+        let mut der = Vec::new();
+        push_tlv(&mut der, SEQUENCE, &inner);
         der
     }
 
     #[test]
     fn compact_then_expand_restores_the_exact_bytes() {
-        for tail in [10, 100, 120] {
-            let id = [0xab; 32];
-            let der = sample(&id, tail);
-            let small = compact(&der, &id).unwrap();
-            assert_eq!(
-                small.len() + 32 + usize::from(der.len() > 129 && small.len() <= 129),
-                der.len()
-            );
-            assert_eq!(expand(&small, &id).unwrap(), der);
+        let fp = fingerprint(CTX);
+        for tail in [10, 48, 120] {
+            for ctx in [None, Some(CTX)] {
+                let id = [0xab; 32];
+                let der = sample(&id, tail, ctx);
+                let small = compact(&der, &id, CTX, &fp).unwrap();
+                let saved = 32 + ctx.map_or(0, |c| c.len() - fp.len());
+                assert!(small.len() + saved <= der.len() && small.len() + saved + 2 >= der.len());
+                assert_eq!(expand(&small, &id, CTX, &fp), Expanded::Der(der));
+            }
         }
     }
 
     #[test]
+    fn another_context_is_reported_not_substituted() {
+        let id = [3; 32];
+        let der = sample(&id, 48, Some(CTX));
+        let small = compact(&der, &id, CTX, &fingerprint(CTX)).unwrap();
+        let other = b"other-service";
+        assert_eq!(
+            expand(&small, &id, other, &fingerprint(other)),
+            Expanded::OtherContext
+        );
+    }
+
+    #[test]
+    fn a_foreign_context_is_kept_verbatim() {
+        let id = [3; 32];
+        let der = sample(&id, 48, Some(b"someone-else"));
+        let fp = fingerprint(CTX);
+        let small = compact(&der, &id, CTX, &fp).unwrap();
+        assert_eq!(small.len() + 32, der.len());
+        assert_eq!(expand(&small, &id, CTX, &fp), Expanded::Der(der));
+    }
+
+    #[test]
     fn a_different_id_is_not_compacted() {
-        let der = sample(&[1; 32], 10);
-        assert!(compact(&der, &[2; 32]).is_none());
+        let fp = fingerprint(CTX);
+        let der = sample(&[1; 32], 10, Some(CTX));
+        assert!(compact(&der, &[2; 32], CTX, &fp).is_none());
     }
 
     #[test]
     fn plain_der_and_garbage_pass_through() {
-        let der = sample(&[1; 32], 10);
-        assert!(
-            expand(&der, &[1; 32]).is_none(),
-            "a full encoding is used as it is"
-        );
+        let fp = fingerprint(CTX);
+        let der = sample(&[1; 32], 10, Some(CTX));
+        assert_eq!(expand(&der, &[1; 32], CTX, &fp), Expanded::AsIs);
         for junk in [
             &b""[..],
             b"\x30",
@@ -177,17 +318,23 @@ mod tests {
             b"\x04\x00",
             &[0xff; 40],
         ] {
-            assert!(compact(junk, &[1; 32]).is_none());
-            assert!(expand(junk, &[1; 32]).is_none());
+            assert!(compact(junk, &[1; 32], CTX, &fp).is_none());
+            assert_eq!(expand(junk, &[1; 32], CTX, &fp), Expanded::AsIs);
         }
     }
 
     #[test]
-    fn truncated_compact_forms_never_panic() {
+    fn truncated_or_flipped_compact_forms_never_panic() {
         let id = [7; 32];
-        let small = compact(&sample(&id, 120), &id).unwrap();
+        let fp = fingerprint(CTX);
+        let small = compact(&sample(&id, 120, Some(CTX)), &id, CTX, &fp).unwrap();
         for cut in 0..small.len() {
-            let _ = expand(&small[..cut], &id);
+            let _ = expand(&small[..cut], &id, CTX, &fp);
+        }
+        for i in 0..small.len() {
+            let mut bad = small.clone();
+            bad[i] ^= 0xff;
+            let _ = expand(&bad, &id, CTX, &fp);
         }
     }
 }

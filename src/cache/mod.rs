@@ -247,6 +247,8 @@ impl SessionCacheBuilder {
             honor_remove: self.honor_remove,
             decoded,
             purge_batch: self.purge_batch,
+            context_fp: der::fingerprint(&self.session_id_context),
+            session_id_context: self.session_id_context.clone(),
         });
         let purger = self
             .purge_interval
@@ -402,6 +404,8 @@ pub(crate) struct Inner {
     honor_remove: bool,
     decoded: Option<Mutex<LruCache<SessionId, Decoded>>>,
     purge_batch: usize,
+    session_id_context: Vec<u8>,
+    context_fp: der::ContextFingerprint,
 }
 
 /// A session kept decoded; the store decides whether it is still valid.
@@ -434,7 +438,12 @@ impl Inner {
             Counters::bump(&self.counters.rejected_oversize);
             return;
         }
-        let stored = match der::compact(&der, id.as_bytes()) {
+        let stored = match der::compact(
+            &der,
+            id.as_bytes(),
+            &self.session_id_context,
+            &self.context_fp,
+        ) {
             Some(small) => {
                 der.zeroize();
                 small
@@ -494,13 +503,26 @@ impl Inner {
         if let Some(session) = self.decoded_session(&id) {
             return Some(session);
         }
-        let decoded = match der::expand(stored.data(), id.as_bytes()) {
-            Some(mut full) => {
+        let decoded = match der::expand(
+            stored.data(),
+            id.as_bytes(),
+            &self.session_id_context,
+            &self.context_fp,
+        ) {
+            der::Expanded::Der(mut full) => {
                 let session = SslSession::from_der(&full);
                 full.zeroize();
                 session
             }
-            None => SslSession::from_der(stored.data()),
+            der::Expanded::AsIs => SslSession::from_der(stored.data()),
+            // Made by a cache with another session id context sharing the store: OpenSSL would
+            // refuse it after decoding; leave it to its owner.
+            der::Expanded::OtherContext => {
+                if self.single_use {
+                    let _ = self.store.put(id, stored);
+                }
+                return None;
+            }
         };
         match decoded {
             Ok(session) => {

@@ -277,7 +277,10 @@ impl MemoryStore {
     pub fn contains(&self, id: &SessionId) -> bool {
         let key = PackedId::of(id);
         let shard = self.shards[self.shard_index(&key)].lock();
-        shard.lru.peek(&key).is_some_and(|slot| slot.id_len() == id.as_bytes().len())
+        shard
+            .lru
+            .peek(&key)
+            .is_some_and(|slot| slot.id_len() == id.as_bytes().len())
     }
 
     /// Whether adding `extra_entries` entries of `extra_bytes` bytes would cross a bound, and
@@ -586,7 +589,9 @@ mod tests {
         assert!(!store.remove(&padded).unwrap());
         assert!(!store.contains(&padded));
         let mut ids = Vec::new();
-        store.for_each(&mut |id, s| ids.push((*id, s.len()))).unwrap();
+        store
+            .for_each(&mut |id, s| ids.push((*id, s.len())))
+            .unwrap();
         ids.sort_by_key(|(_, l)| *l);
         assert_eq!(ids, vec![(short, 3), (long, 4)]);
     }
