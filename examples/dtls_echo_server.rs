@@ -202,12 +202,13 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
-/// The session store the flags ask for, and where to save a snapshot at shutdown (with the
-/// key ring that seals it).
-#[allow(clippy::type_complexity)]
+/// Where to save a snapshot at shutdown, and the key ring that seals it.
+type SnapshotTarget = Option<(PathBuf, KeyRing)>;
+
+/// The session store the flags ask for, and the snapshot to save at shutdown.
 fn open_store(
     args: &Args,
-) -> Result<(Arc<dyn SessionStore>, Option<(PathBuf, KeyRing)>), Box<dyn std::error::Error>> {
+) -> Result<(Arc<dyn SessionStore>, SnapshotTarget), Box<dyn std::error::Error>> {
     if args.store != "memory" {
         if args.snapshot.is_some() {
             return Err("--snapshot works with the memory store only \
