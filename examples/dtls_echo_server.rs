@@ -15,18 +15,54 @@
 //! ```
 //!
 //! With `--psk client1:000102...` it also accepts `s_client -psk 000102... -psk_identity client1
-//! -cipher PSK-AES128-CCM8`. Ctrl-C shuts every peer down with close_notify and exits.
+//! -cipher PSK-AES128-CCM8`. Ctrl-C or SIGTERM shuts every peer down with close_notify and exits.
+//!
+//! # A server farm: sessions shared through Redis
+//!
+//! Build with the `redis` feature. Every host points `--store` at the same Redis and reads the
+//! same key file (`--store-key`, lines of `ID:HEX64`; the last key seals, older ones still open,
+//! so keys rotate by appending a line). Sessions are AES-256-GCM sealed before they leave the
+//! process; the CLI never stores them in plaintext. Two hosts on one machine:
+//!
+//! ```text
+//! redis-server --port 6379 --save '' --appendonly no &
+//! (umask 077; echo "1:$(openssl rand -hex 32)" > /tmp/farm.key)
+//! cargo build --release --features redis --example dtls_echo_server
+//! B=target/release/examples/dtls_echo_server
+//! $B --listen 127.0.0.1:4433 --store redis://127.0.0.1:6379 --store-key /tmp/farm.key &
+//! $B --listen 127.0.0.1:4434 --store redis://127.0.0.1:6379 --store-key /tmp/farm.key &
+//! echo hi | openssl s_client -dtls1_2 -connect 127.0.0.1:4433 -sess_out /tmp/s.pem
+//! echo hi | openssl s_client -dtls1_2 -connect 127.0.0.1:4434 -sess_in /tmp/s.pem    # Reused
+//! ```
+//!
+//! (Give both hosts the same `--cert`/`--key` in a real farm; resumption itself does not need
+//! it.) If Redis is down or slow, handshakes go on as full handshakes after at most the store's
+//! millisecond timeouts, and a circuit breaker then skips Redis for a while.
+//!
+//! # Restarts without a handshake storm
+//!
+//! With the memory store, `--snapshot FILE --store-key KEYFILE` loads the sessions saved in
+//! `FILE` at start (expired ones are dropped) and writes them back, encrypted, at a clean
+//! shutdown (Ctrl-C or SIGTERM). A corrupt, truncated or foreign snapshot (another key file) is
+//! refused with an error message, moved aside to `FILE.refused`, and the server starts with an
+//! empty cache.
+//!
+//! ```text
+//! cargo run --example dtls_echo_server -- --snapshot /tmp/sessions.snap --store-key /tmp/farm.key
+//! ```
 
 use std::fs;
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::time::Duration;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 use clap::Parser;
 use openssl::pkey::PKey;
 use openssl::x509::X509;
 use openssl_session_cache::{
-    certificate_fingerprint, DsmConfig, ServerConfig, SessionCache, UdpOptions, UdpServer,
+    certificate_fingerprint, load_snapshot, save_snapshot, store_from_url, DsmConfig, KeyRing,
+    MemoryStore, ServerConfig, SessionCache, SessionStore, UdpOptions, UdpServer,
 };
 
 /// DTLS 1.2 echo server with an external session cache and a DTLS session manager.
@@ -72,9 +108,24 @@ struct Args {
     /// Seconds between stats lines (0 = never).
     #[arg(long, default_value_t = 10)]
     stats_interval: u64,
-    /// Where sessions are stored: `memory`.
-    #[arg(long, default_value = "memory")]
+    /// Where sessions are stored: `memory` (this process only) or `redis://IP:PORT[/DB]`
+    /// (shared by every server using that Redis; needs --store-key and a build with
+    /// `--features redis`).
+    #[arg(long, default_value = "memory", value_name = "memory|redis://IP:PORT")]
     store: String,
+    /// Key ring file (lines of `ID:HEX64`, e.g. `1:$(openssl rand -hex 32)`; the last key
+    /// seals, the others still open). Encrypts sessions stored in Redis and in --snapshot;
+    /// required with either.
+    #[arg(long, value_name = "FILE")]
+    store_key: Option<PathBuf>,
+    /// Sessions kept in memory in front of a redis store (0 = none).
+    #[arg(long, default_value_t = 1024)]
+    tier_entries: usize,
+    /// Memory store only: load the sessions in this encrypted snapshot at start (if it exists;
+    /// a corrupt or foreign one is refused, moved to FILE.refused, and the cache starts empty)
+    /// and write them to it at clean shutdown (Ctrl-C, SIGTERM). Needs --store-key.
+    #[arg(long, value_name = "FILE")]
+    snapshot: Option<PathBuf>,
 }
 
 fn parse_psk(spec: &str) -> Result<(Vec<u8>, Vec<u8>), String> {
@@ -100,19 +151,11 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         )
         .init();
 
-    let cache = match args.store.as_str() {
-        "memory" => SessionCache::builder()
-            .max_entries(args.cache_entries)
-            .max_ttl(Duration::from_secs(args.session_ttl))
-            .build()?,
-        other => {
-            return Err(format!(
-                "unknown --store {other:?}: only `memory` is available \
-                 (redis://... comes with the `redis` feature)"
-            )
-            .into())
-        }
-    };
+    let (store, snapshot) = open_store(&args)?;
+    let cache = SessionCache::builder()
+        .store(Arc::clone(&store))
+        .max_ttl(Duration::from_secs(args.session_ttl))
+        .build()?;
 
     // A peer silent for two sweeper ticks is shut down: a tick of half the idle timeout frees
     // it after between one half and one whole idle timeout of silence.
@@ -151,7 +194,76 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     ctrlc::set_handler(move || stop.stop())?;
     server.wait()?;
     println!("stopped");
+    if let Some((path, ring)) = snapshot {
+        let n = save_snapshot(&*store, &path, &ring, SystemTime::now())
+            .map_err(|e| format!("cannot write the snapshot {}: {e}", path.display()))?;
+        println!("saved {n} sessions to snapshot {}", path.display());
+    }
     Ok(())
+}
+
+/// Where to save a snapshot at shutdown, and the key ring that seals it.
+type SnapshotTarget = Option<(PathBuf, KeyRing)>;
+
+/// The session store the flags ask for, and the snapshot to save at shutdown.
+fn open_store(
+    args: &Args,
+) -> Result<(Arc<dyn SessionStore>, SnapshotTarget), Box<dyn std::error::Error>> {
+    if args.store != "memory" {
+        if args.snapshot.is_some() {
+            return Err("--snapshot works with the memory store only \
+                        (a redis store is shared and outlives the server already)"
+                .into());
+        }
+        // store_from_url refuses unknown schemes, a build without the `redis` feature (saying
+        // to rebuild with it) and a missing key file.
+        let store = store_from_url(&args.store, args.store_key.as_deref(), args.tier_entries)
+            .map_err(|e| format!("--store {}: {e}", args.store))?;
+        println!("session store {}", args.store);
+        return Ok((store, None));
+    }
+
+    let store: Arc<dyn SessionStore> = Arc::new(
+        MemoryStore::builder()
+            .max_entries(args.cache_entries)
+            .build()?,
+    );
+    let Some(path) = &args.snapshot else {
+        return Ok((store, None));
+    };
+    let key_file = args.store_key.as_deref().ok_or(
+        "--snapshot needs --store-key FILE: the snapshot is encrypted \
+         (create one with: echo \"1:$(openssl rand -hex 32)\" > FILE)",
+    )?;
+    let ring = KeyRing::from_file(key_file)?;
+    load_at_start(&*store, path, &ring);
+    Ok((store, Some((path.clone(), ring))))
+}
+
+/// Loads the snapshot at `path` if there is one; a refused snapshot leaves the store empty and
+/// the server starts anyway.
+fn load_at_start(store: &dyn SessionStore, path: &Path, ring: &KeyRing) {
+    if !path.exists() {
+        println!(
+            "no snapshot at {} yet: starting with an empty session cache",
+            path.display()
+        );
+        return;
+    }
+    match load_snapshot(store, path, ring, SystemTime::now()) {
+        Ok(n) => println!("loaded {n} sessions from snapshot {}", path.display()),
+        Err(e) => {
+            // Keep the refused file for inspection (it may only need the right key file)
+            // instead of overwriting it at shutdown.
+            let mut aside = path.as_os_str().to_owned();
+            aside.push(".refused");
+            let kept = match fs::rename(path, &aside) {
+                Ok(()) => format!("moved to {}", Path::new(&aside).display()),
+                Err(err) => format!("could not be moved aside: {err}"),
+            };
+            eprintln!("error: {e}; the file was {kept}; starting with an empty session cache");
+        }
+    }
 }
 
 fn main() {

@@ -1,0 +1,425 @@
+//! The echo server example as separate processes: two "hosts" sharing sessions through one
+//! `redis-server` (feature `redis`), Redis stopped under a running server, and sessions that
+//! survive a clean restart through `--snapshot` (and a truncated or foreign snapshot refused).
+//!
+//! Every server process listens on 127.0.0.1:0, is stopped by PID (SIGTERM/SIGINT for a clean
+//! shutdown, SIGKILL from a drop guard otherwise), and every wait is bounded.
+
+mod common;
+
+#[cfg(feature = "redis")]
+#[path = "support/redis_server.rs"]
+mod redis_server;
+
+use std::io::{BufRead, BufReader, Read};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use openssl_session_cache::KeyRing;
+
+use common::{count, s_client_echo};
+
+/// How long a server process may take to print `listening on`.
+const START_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long a server process may take to exit after SIGTERM/SIGINT.
+const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long building the example may take when the test has to build it.
+const BUILD_TIMEOUT: Duration = Duration::from_secs(900);
+
+/// The `dtls_echo_server` example binary, built (once per test run) by the cargo that runs the
+/// tests, into the same target directory and profile, with the features of this test build.
+fn echo_server_bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        // The test binary is <target>/<profile>/deps/farm-HASH; the example lands in
+        // <target>/<profile>/examples/. `cargo test` builds examples already; asking cargo again
+        // is a no-op then, and builds it (with this build's features) when only this test was
+        // selected or an older build without the features is lying there.
+        let exe = std::env::current_exe().expect("test binary path");
+        let profile_dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("test binary under <target>/<profile>/deps");
+        let profile = profile_dir
+            .file_name()
+            .and_then(|n| n.to_str())
+            .expect("profile directory name")
+            .to_owned();
+        let target_dir = profile_dir.parent().expect("target directory");
+        let mut cmd = Command::new(env!("CARGO"));
+        cmd.args(["build", "--quiet", "--example", "dtls_echo_server"])
+            .arg("--manifest-path")
+            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml"))
+            .arg("--target-dir")
+            .arg(target_dir);
+        match profile.as_str() {
+            "debug" => {}
+            "release" => {
+                cmd.arg("--release");
+            }
+            other => {
+                cmd.args(["--profile", other]);
+            }
+        }
+        if cfg!(feature = "redis") {
+            cmd.args(["--features", "redis"]);
+        }
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("run cargo build --example dtls_echo_server");
+        let status = wait_bounded(&mut child, BUILD_TIMEOUT)
+            .unwrap_or_else(|| panic!("building the example took over {BUILD_TIMEOUT:?}"));
+        assert!(status.success(), "cargo build --example failed: {status}");
+        let bin = profile_dir
+            .join("examples")
+            .join(format!("dtls_echo_server{}", std::env::consts::EXE_SUFFIX));
+        assert!(bin.is_file(), "no example binary at {}", bin.display());
+        bin
+    })
+}
+
+/// Waits at most `limit` for `child` to exit; kills it (by PID) and returns `None` on time-out.
+fn wait_bounded(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
+    let end = Instant::now() + limit;
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
+        }
+        if Instant::now() >= end {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// One echo server process; killed (SIGKILL, by PID) if still running when dropped.
+struct EchoServer {
+    child: Child,
+    addr: SocketAddr,
+    lines: mpsc::Receiver<String>,
+    /// Everything it printed so far, stdout and stderr interleaved as read.
+    output: Vec<String>,
+}
+
+impl EchoServer {
+    /// Starts `dtls_echo_server --listen 127.0.0.1:0 --stats-interval 0 <args>` and waits for
+    /// its `listening on ADDR` line.
+    fn start(args: &[&str]) -> Self {
+        let mut child = Command::new(echo_server_bin())
+            .args(["--listen", "127.0.0.1:0", "--stats-interval", "0"])
+            .args(args)
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn dtls_echo_server");
+        let (tx, lines) = mpsc::channel();
+        forward(child.stdout.take().unwrap(), tx.clone());
+        forward(child.stderr.take().unwrap(), tx);
+        let mut server = Self {
+            child,
+            addr: ([0, 0, 0, 0], 0).into(),
+            lines,
+            output: Vec::new(),
+        };
+        let mut addr = None;
+        let found = server.wait_line(START_TIMEOUT, |l| {
+            addr = l.strip_prefix("listening on ").and_then(|a| a.parse().ok());
+            addr.is_some()
+        });
+        if !found {
+            let status = server.child.try_wait().ok().flatten();
+            panic!(
+                "dtls_echo_server {args:?} did not print `listening on` within {START_TIMEOUT:?} \
+                 (exit status {status:?}); it printed:\n{}",
+                server.output.join("\n")
+            );
+        }
+        server.addr = addr.unwrap();
+        server
+    }
+
+    /// Waits (at most `limit`) for an output line satisfying `pred`, looking at the lines
+    /// already read first.
+    fn wait_line(&mut self, limit: Duration, mut pred: impl FnMut(&str) -> bool) -> bool {
+        if self.output.iter().any(|l| pred(l)) {
+            return true;
+        }
+        let end = Instant::now() + limit;
+        loop {
+            let left = end.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    let hit = pred(&line);
+                    self.output.push(line);
+                    if hit {
+                        return true;
+                    }
+                }
+                Err(_) => return false,
+            }
+        }
+    }
+
+    /// Sends `signal` (`-TERM`, `-INT`) to the process, waits (bounded) for a clean exit and
+    /// returns everything it printed.
+    fn stop(mut self, signal: &str) -> Vec<String> {
+        let pid = self.child.id().to_string();
+        let status = Command::new("kill")
+            .args([signal, &pid])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill {signal} {pid} failed");
+        let exit = wait_bounded(&mut self.child, STOP_TIMEOUT);
+        // The readers end at EOF once the process is gone.
+        while let Ok(line) = self.lines.recv_timeout(Duration::from_secs(1)) {
+            self.output.push(line);
+        }
+        let output = std::mem::take(&mut self.output);
+        match exit {
+            Some(s) if s.success() => output,
+            other => panic!(
+                "dtls_echo_server did not exit cleanly within {STOP_TIMEOUT:?} after kill \
+                 {signal}: {other:?}; it printed:\n{}",
+                output.join("\n")
+            ),
+        }
+    }
+}
+
+impl Drop for EchoServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn forward(pipe: impl Read + Send + 'static, tx: mpsc::Sender<String>) {
+    std::thread::spawn(move || {
+        for line in BufReader::new(pipe).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+}
+
+fn has(out: &[String], needle: &str) -> bool {
+    out.iter().any(|l| l.contains(needle))
+}
+
+fn path_str(p: &Path) -> &str {
+    p.to_str().expect("utf-8 temp path")
+}
+
+fn key_file(dir: &Path, name: &str) -> PathBuf {
+    let path = dir.join(name);
+    KeyRing::generate().unwrap().write_file(&path).unwrap();
+    path
+}
+
+#[test]
+fn snapshot_survives_a_clean_restart_and_a_bad_one_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = key_file(dir.path(), "sessions.key");
+    let snap = dir.path().join("sessions.snap");
+    let sess = dir.path().join("s.pem");
+    let flags = ["--snapshot", path_str(&snap), "--store-key", path_str(&key)];
+
+    // First start: no snapshot yet; one full handshake; SIGTERM saves it.
+    let server = EchoServer::start(&flags);
+    assert!(has(&server.output, "no snapshot at"), "{:?}", server.output);
+    let out = s_client_echo(server.addr, &["-sess_out", path_str(&sess)], "one");
+    assert_eq!(count(&out, "New,"), 1, "{out:?}");
+    let printed = server.stop("-TERM");
+    assert!(has(&printed, "saved 1 sessions to snapshot"), "{printed:?}");
+    assert!(snap.is_file());
+
+    // Restart: the session is loaded and resumes; SIGINT saves it again.
+    let server = EchoServer::start(&flags);
+    assert!(
+        has(&server.output, "loaded 1 sessions from snapshot"),
+        "{:?}",
+        server.output
+    );
+    let out = s_client_echo(server.addr, &["-sess_in", path_str(&sess)], "two");
+    assert_eq!(count(&out, "Reused,"), 1, "{out:?}");
+    let printed = server.stop("-INT");
+    assert!(has(&printed, "saved 1 sessions to snapshot"), "{printed:?}");
+
+    // A truncated snapshot: refused with a clear message, moved aside, the server starts empty.
+    let bytes = std::fs::read(&snap).unwrap();
+    std::fs::write(&snap, &bytes[..bytes.len() / 2]).unwrap();
+    let mut server = EchoServer::start(&flags);
+    assert!(
+        server.wait_line(Duration::from_secs(5), |l| l.contains("refused")
+            && l.contains("truncated")
+            && l.contains("starting with an empty session cache")),
+        "{:?}",
+        server.output
+    );
+    assert!(!has(&server.output, "loaded"), "{:?}", server.output);
+    let mut refused = snap.as_os_str().to_owned();
+    refused.push(".refused");
+    assert_eq!(std::fs::read(&refused).unwrap(), &bytes[..bytes.len() / 2]);
+    let out = s_client_echo(server.addr, &["-sess_in", path_str(&sess)], "three");
+    assert_eq!(count(&out, "Reused,"), 0, "{out:?}");
+    assert_eq!(count(&out, "New,"), 1, "{out:?}");
+    let printed = server.stop("-TERM");
+    assert!(has(&printed, "saved 1 sessions to snapshot"), "{printed:?}");
+
+    // A foreign snapshot (sealed under another key ring): refused as well.
+    let other_key = key_file(dir.path(), "other.key");
+    let mut server = EchoServer::start(&[
+        "--snapshot",
+        path_str(&snap),
+        "--store-key",
+        path_str(&other_key),
+    ]);
+    assert!(
+        server.wait_line(Duration::from_secs(5), |l| l.contains("refused")
+            && l.contains("key ring does not hold")),
+        "{:?}",
+        server.output
+    );
+    drop(server);
+}
+
+#[test]
+fn snapshot_flag_needs_a_key_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let snap = dir.path().join("sessions.snap");
+    let out = Command::new(echo_server_bin())
+        .args(["--listen", "127.0.0.1:0", "--snapshot", path_str(&snap)])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--snapshot needs --store-key"), "{err}");
+    assert!(!snap.exists());
+}
+
+#[cfg(not(feature = "redis"))]
+#[test]
+fn redis_store_without_the_feature_says_how_to_get_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = key_file(dir.path(), "k");
+    let out = Command::new(echo_server_bin())
+        .args(["--listen", "127.0.0.1:0", "--store", "redis://127.0.0.1:1"])
+        .args(["--store-key", path_str(&key)])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--features redis"), "{err}");
+}
+
+#[cfg(feature = "redis")]
+mod redis_farm {
+    use openssl_session_cache::envelope::envelope_key_id;
+
+    use super::*;
+    use redis_server::RedisServer;
+
+    /// The same certificate and key for every host of the farm, as PEM files in `dir`.
+    fn farm_identity(dir: &Path) -> (PathBuf, PathBuf) {
+        let (cert, key) = openssl_session_cache::self_signed_certificate().unwrap();
+        let cert_path = dir.join("farm.crt");
+        let key_path = dir.join("farm.pem");
+        std::fs::write(&cert_path, cert.to_pem().unwrap()).unwrap();
+        std::fs::write(&key_path, key.private_key_to_pem_pkcs8().unwrap()).unwrap();
+        (cert_path, key_path)
+    }
+
+    /// Two hosts of a farm on `redis`, sharing one key file and one certificate.
+    fn two_hosts(dir: &Path, redis: &RedisServer) -> (EchoServer, EchoServer, KeyRing) {
+        let key = key_file(dir, "farm.key");
+        let (cert, pkey) = farm_identity(dir);
+        let url = redis.url();
+        let flags = [
+            "--store",
+            url.as_str(),
+            "--store-key",
+            path_str(&key),
+            "--cert",
+            path_str(&cert),
+            "--key",
+            path_str(&pkey),
+        ];
+        let ring = KeyRing::from_file(&key).unwrap();
+        (EchoServer::start(&flags), EchoServer::start(&flags), ring)
+    }
+
+    #[test]
+    fn a_session_made_on_one_host_resumes_on_the_other() {
+        let redis = RedisServer::start();
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b, ring) = two_hosts(dir.path(), &redis);
+        let sess = dir.path().join("s.pem");
+
+        let out = s_client_echo(a.addr, &["-sess_out", path_str(&sess)], "on a");
+        assert_eq!(count(&out, "New,"), 1, "{out:?}");
+        let out = s_client_echo(b.addr, &["-sess_in", path_str(&sess)], "on b");
+        assert_eq!(count(&out, "Reused,"), 1, "{out:?}");
+        // And back: B's resumption left the session in Redis for A (and A's tier) too.
+        let out = s_client_echo(a.addr, &["-sess_in", path_str(&sess)], "on a again");
+        assert_eq!(count(&out, "Reused,"), 1, "{out:?}");
+
+        // The one value in Redis is sealed under the farm's key, not a plaintext DER session.
+        let mut raw = redis.raw();
+        let keys: Vec<Vec<u8>> = redis::cmd("KEYS").arg("*").query(&mut raw).unwrap();
+        assert_eq!(keys.len(), 1, "one session in Redis");
+        let value: Vec<u8> = redis::cmd("GET").arg(&keys[0]).query(&mut raw).unwrap();
+        assert_eq!(
+            envelope_key_id(&value),
+            Some(ring.active_key_id()),
+            "{value:02x?}"
+        );
+
+        let printed = a.stop("-TERM");
+        assert!(has(&printed, "stopped"), "{printed:?}");
+        b.stop("-TERM");
+    }
+
+    #[test]
+    fn handshakes_complete_in_full_while_redis_is_down() {
+        let mut redis = RedisServer::start();
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b, _) = two_hosts(dir.path(), &redis);
+        let sess = dir.path().join("s.pem");
+        let out = s_client_echo(a.addr, &["-sess_out", path_str(&sess)], "before");
+        assert_eq!(count(&out, "New,"), 1, "{out:?}");
+
+        redis.kill();
+        assert!(!redis.ping());
+
+        // B never saw the session and cannot reach Redis: a full handshake, not a stall.
+        let started = Instant::now();
+        let out = s_client_echo(b.addr, &["-sess_in", path_str(&sess)], "redis down");
+        let took = started.elapsed();
+        assert_eq!(count(&out, "New,"), 1, "{out:?}");
+        assert_eq!(count(&out, "Reused,"), 0, "{out:?}");
+        // A fresh client on A: its new session cannot be written to Redis; still served.
+        let out = s_client_echo(a.addr, &[], "fresh on a");
+        assert_eq!(count(&out, "New,"), 1, "{out:?}");
+        // s_client's own close_notify exchange takes about 0.5 s; the store's timeouts are
+        // 50 ms.
+        assert!(took < Duration::from_secs(3), "took {took:?}");
+
+        // Both servers still shut down cleanly.
+        a.stop("-TERM");
+        b.stop("-TERM");
+    }
+}
