@@ -79,7 +79,7 @@ fn bench(c: &mut Criterion) {
             b.iter_custom(|iters| {
                 let per = iters.div_ceil(threads as u64);
                 let wall = parallel(threads, per, |t, i| {
-                    let id = &ids[((i as usize) * 7 + t * 13) % ENTRIES];
+                    let id = &ids[((i as usize).wrapping_mul(7919) + t * 5003) % ENTRIES];
                     let v = base.lock().unwrap().get(id.as_bytes()).cloned();
                     black_box(v);
                 });
@@ -91,7 +91,7 @@ fn bench(c: &mut Criterion) {
             b.iter_custom(|iters| {
                 let per = iters.div_ceil(threads as u64);
                 let wall = parallel(threads, per, |t, i| {
-                    let id = &ids[((i as usize) * 7 + t * 13) % ENTRIES];
+                    let id = &ids[((i as usize).wrapping_mul(7919) + t * 5003) % ENTRIES];
                     black_box(store.get(id).unwrap());
                 });
                 wall / threads as u32
@@ -105,7 +105,7 @@ fn bench(c: &mut Criterion) {
             b.iter_custom(|iters| {
                 let per = iters.div_ceil(threads as u64);
                 let wall = parallel(threads, per, |t, i| {
-                    let id = &ids[((i as usize) * 7 + t * 13) % ENTRIES];
+                    let id = &ids[((i as usize).wrapping_mul(7919) + t * 5003) % ENTRIES];
                     base.lock()
                         .unwrap()
                         .put(id.as_bytes().to_vec(), vec![7; DER_LEN]);
@@ -118,7 +118,7 @@ fn bench(c: &mut Criterion) {
             b.iter_custom(|iters| {
                 let per = iters.div_ceil(threads as u64);
                 let wall = parallel(threads, per, |t, i| {
-                    let id = ids[((i as usize) * 7 + t * 13) % ENTRIES];
+                    let id = ids[((i as usize).wrapping_mul(7919) + t * 5003) % ENTRIES];
                     store
                         .put(id, StoredSession::new(vec![7; DER_LEN], exp))
                         .unwrap();
@@ -132,7 +132,7 @@ fn bench(c: &mut Criterion) {
 
 criterion_group! {
     name = benches;
-    config = Criterion::default().measurement_time(Duration::from_secs(3)).warm_up_time(Duration::from_secs(1));
+    config = Criterion::default().measurement_time(Duration::from_secs(5)).warm_up_time(Duration::from_secs(1));
     targets = bench
 }
 criterion_main!(benches);
