@@ -5,11 +5,10 @@
 //! server needs a few unbound calls too, so they share this one module instead.)
 #![allow(unsafe_code)]
 
-use std::ptr;
 use std::time::Duration;
 
 use foreign_types::ForeignTypeRef;
-use libc::{c_int, c_long, c_void};
+use libc::{c_int, c_void};
 use openssl::error::ErrorStack;
 use openssl::ssl::{SslContextBuilder, SslRef, SslSession, SslSessionRef};
 
@@ -18,11 +17,7 @@ extern "C" {
 }
 
 /// `DTLS_CTRL_GET_TIMEOUT` from OpenSSL 3.0's `ssl.h` (the `DTLSv1_get_timeout` macro).
-#[allow(dead_code)]
 const DTLS_CTRL_GET_TIMEOUT: c_int = 73;
-/// `DTLS_CTRL_HANDLE_TIMEOUT` (the `DTLSv1_handle_timeout` macro).
-#[allow(dead_code)]
-const DTLS_CTRL_HANDLE_TIMEOUT: c_int = 74;
 
 /// Installs the get-session callback (`SSL_CTX_sess_set_get_cb`).
 ///
@@ -71,7 +66,6 @@ pub(crate) fn mark_shutdown_sent(ssl: &mut SslRef) {
     }
 }
 
-#[allow(dead_code)] // used by the DTLS server
 /// How long until the DTLS retransmission timer of `ssl` fires (`DTLSv1_get_timeout`), or
 /// `None` when no timer runs.
 pub(crate) fn dtls_get_timeout(ssl: &SslRef) -> Option<Duration> {
@@ -95,12 +89,4 @@ pub(crate) fn dtls_get_timeout(ssl: &SslRef) -> Option<Duration> {
             u32::try_from(tv.tv_usec).unwrap_or(0).saturating_mul(1000),
         )
     })
-}
-
-#[allow(dead_code)] // used by the DTLS server
-/// Runs the DTLS retransmission timer of `ssl` if it expired (`DTLSv1_handle_timeout`):
-/// 1 = retransmitted, 0 = nothing to do, -1 = fatal (too many retransmissions).
-pub(crate) fn dtls_handle_timeout(ssl: &mut SslRef) -> c_long {
-    // SAFETY: DTLS_CTRL_HANDLE_TIMEOUT takes no argument; ssl is a live SSL.
-    unsafe { openssl_sys::SSL_ctrl(ssl.as_ptr(), DTLS_CTRL_HANDLE_TIMEOUT, 0, ptr::null_mut()) }
 }
