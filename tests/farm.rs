@@ -11,17 +11,16 @@ mod common;
 #[path = "support/redis_server.rs"]
 mod redis_server;
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::Read;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::mpsc;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use openssl_session_cache::KeyRing;
 
-use common::{count, s_client_echo};
+use common::{count, s_client_echo, Lines};
 
 /// How long a server process may take to print `listening on`.
 const START_TIMEOUT: Duration = Duration::from_secs(20);
@@ -103,9 +102,8 @@ fn wait_bounded(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
 struct EchoServer {
     child: Child,
     addr: SocketAddr,
-    lines: mpsc::Receiver<String>,
-    /// Everything it printed so far, stdout and stderr interleaved as read.
-    output: Vec<String>,
+    /// Everything it prints, stdout and stderr interleaved as read.
+    lines: Lines,
 }
 
 impl EchoServer {
@@ -122,14 +120,12 @@ impl EchoServer {
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn dtls_echo_server");
-        let (tx, lines) = mpsc::channel();
-        forward(child.stdout.take().unwrap(), tx.clone());
-        forward(child.stderr.take().unwrap(), tx);
+        let stdout: Box<dyn Read + Send> = Box::new(child.stdout.take().unwrap());
+        let stderr: Box<dyn Read + Send> = Box::new(child.stderr.take().unwrap());
         let mut server = Self {
             child,
             addr: ([0, 0, 0, 0], 0).into(),
-            lines,
-            output: Vec::new(),
+            lines: Lines::read([stdout, stderr]),
         };
         let mut addr = None;
         let found = server.wait_line(START_TIMEOUT, |l| {
@@ -141,7 +137,7 @@ impl EchoServer {
             panic!(
                 "dtls_echo_server {args:?} did not print `listening on` within {START_TIMEOUT:?} \
                  (exit status {status:?}); it printed:\n{}",
-                server.output.join("\n")
+                server.lines.output.join("\n")
             );
         }
         server.addr = addr.unwrap();
@@ -151,23 +147,7 @@ impl EchoServer {
     /// Waits (at most `limit`) for an output line satisfying `pred`, looking at the lines
     /// already read first.
     fn wait_line(&mut self, limit: Duration, mut pred: impl FnMut(&str) -> bool) -> bool {
-        if self.output.iter().any(|l| pred(l)) {
-            return true;
-        }
-        let end = Instant::now() + limit;
-        loop {
-            let left = end.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) => {
-                    let hit = pred(&line);
-                    self.output.push(line);
-                    if hit {
-                        return true;
-                    }
-                }
-                Err(_) => return false,
-            }
-        }
+        self.lines.output.iter().any(|l| pred(l)) || self.lines.wait_line(limit, pred)
     }
 
     /// Sends `signal` (`-TERM`, `-INT`) to the process, waits (bounded) for a clean exit and
@@ -181,10 +161,7 @@ impl EchoServer {
         assert!(status.success(), "kill {signal} {pid} failed");
         let exit = wait_bounded(&mut self.child, STOP_TIMEOUT);
         // The readers end at EOF once the process is gone.
-        while let Ok(line) = self.lines.recv_timeout(Duration::from_secs(1)) {
-            self.output.push(line);
-        }
-        let output = std::mem::take(&mut self.output);
+        let output = self.lines.drain(Duration::from_secs(1));
         match exit {
             Some(s) if s.success() => output,
             other => panic!(
@@ -201,17 +178,6 @@ impl Drop for EchoServer {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn forward(pipe: impl Read + Send + 'static, tx: mpsc::Sender<String>) {
-    std::thread::spawn(move || {
-        for line in BufReader::new(pipe).lines() {
-            let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
 }
 
 fn has(out: &[String], needle: &str) -> bool {
@@ -238,7 +204,11 @@ fn snapshot_survives_a_clean_restart_and_a_bad_one_is_refused() {
 
     // First start: no snapshot yet; one full handshake; SIGTERM saves it.
     let server = EchoServer::start(&flags);
-    assert!(has(&server.output, "no snapshot at"), "{:?}", server.output);
+    assert!(
+        has(&server.lines.output, "no snapshot at"),
+        "{:?}",
+        server.lines.output
+    );
     let out = s_client_echo(server.addr, &["-sess_out", path_str(&sess)], "one");
     assert_eq!(count(&out, "New,"), 1, "{out:?}");
     let printed = server.stop("-TERM");
@@ -248,9 +218,9 @@ fn snapshot_survives_a_clean_restart_and_a_bad_one_is_refused() {
     // Restart: the session is loaded and resumes; SIGINT saves it again.
     let server = EchoServer::start(&flags);
     assert!(
-        has(&server.output, "loaded 1 sessions from snapshot"),
+        has(&server.lines.output, "loaded 1 sessions from snapshot"),
         "{:?}",
-        server.output
+        server.lines.output
     );
     let out = s_client_echo(server.addr, &["-sess_in", path_str(&sess)], "two");
     assert_eq!(count(&out, "Reused,"), 1, "{out:?}");
@@ -266,9 +236,13 @@ fn snapshot_survives_a_clean_restart_and_a_bad_one_is_refused() {
             && l.contains("truncated")
             && l.contains("starting with an empty session cache")),
         "{:?}",
-        server.output
+        server.lines.output
     );
-    assert!(!has(&server.output, "loaded"), "{:?}", server.output);
+    assert!(
+        !has(&server.lines.output, "loaded"),
+        "{:?}",
+        server.lines.output
+    );
     let mut refused = snap.as_os_str().to_owned();
     refused.push(".refused");
     assert_eq!(std::fs::read(&refused).unwrap(), &bytes[..bytes.len() / 2]);
@@ -290,7 +264,7 @@ fn snapshot_survives_a_clean_restart_and_a_bad_one_is_refused() {
         server.wait_line(Duration::from_secs(5), |l| l.contains("refused")
             && l.contains("key ring does not hold")),
         "{:?}",
-        server.output
+        server.lines.output
     );
     drop(server);
 }

@@ -71,11 +71,65 @@ impl TestServer {
     }
 }
 
+/// The lines a child process prints, read on background threads.
+pub struct Lines {
+    rx: mpsc::Receiver<String>,
+    /// Every line read so far.
+    pub output: Vec<String>,
+}
+
+impl Lines {
+    /// Reads `pipes` (stdout, stderr, ...) line by line, interleaved as they arrive.
+    pub fn read<R: Read + Send + 'static>(pipes: impl IntoIterator<Item = R>) -> Self {
+        let (tx, rx) = mpsc::channel();
+        for pipe in pipes {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(pipe).lines() {
+                    let Ok(line) = line else { break };
+                    if tx.send(line).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        Self {
+            rx,
+            output: Vec::new(),
+        }
+    }
+
+    /// Waits (at most `limit`) for a new line satisfying `pred`.
+    pub fn wait_line(&mut self, limit: Duration, mut pred: impl FnMut(&str) -> bool) -> bool {
+        let end = Instant::now() + limit;
+        loop {
+            let left = end.saturating_duration_since(Instant::now());
+            match self.rx.recv_timeout(left) {
+                Ok(line) => {
+                    let hit = pred(&line);
+                    self.output.push(line);
+                    if hit {
+                        return true;
+                    }
+                }
+                Err(_) => return false,
+            }
+        }
+    }
+
+    /// Reads what is left until no line arrives for `quiet`; returns all output.
+    pub fn drain(&mut self, quiet: Duration) -> Vec<String> {
+        while let Ok(line) = self.rx.recv_timeout(quiet) {
+            self.output.push(line);
+        }
+        std::mem::take(&mut self.output)
+    }
+}
+
 /// A running `openssl s_client`, killed by PID when dropped.
 pub struct SClient {
     child: Child,
-    lines: mpsc::Receiver<String>,
-    pub output: Vec<String>,
+    pub lines: Lines,
 }
 
 impl SClient {
@@ -89,39 +143,13 @@ impl SClient {
             .stderr(Stdio::null())
             .spawn()
             .expect("spawn openssl s_client");
-        let stdout = child.stdout.take().unwrap();
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        Self {
-            child,
-            lines,
-            output: Vec::new(),
-        }
+        let lines = Lines::read(child.stdout.take());
+        Self { child, lines }
     }
 
     /// Waits (at most `limit`) for a line satisfying `pred`.
-    pub fn wait_line(&mut self, limit: Duration, mut pred: impl FnMut(&str) -> bool) -> bool {
-        let end = Instant::now() + limit;
-        loop {
-            let left = end.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) => {
-                    let hit = pred(&line);
-                    self.output.push(line);
-                    if hit {
-                        return true;
-                    }
-                }
-                Err(_) => return false,
-            }
-        }
+    pub fn wait_line(&mut self, limit: Duration, pred: impl FnMut(&str) -> bool) -> bool {
+        self.lines.wait_line(limit, pred)
     }
 
     pub fn send_line(&mut self, line: &str) {
@@ -143,10 +171,7 @@ impl SClient {
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
-        while let Ok(line) = self.lines.recv_timeout(Duration::from_millis(100)) {
-            self.output.push(line);
-        }
-        std::mem::take(&mut self.output)
+        self.lines.drain(Duration::from_millis(100))
     }
 
     /// Kills s_client (SIGKILL, by PID): it vanishes without close_notify.
@@ -184,7 +209,7 @@ pub fn s_client_echo_fast(addr: SocketAddr, extra: &[&str], line: &str) -> Vec<S
     let mut c = SClient::spawn(addr, extra);
     c.send_line(line);
     let echoed = c.wait_line(Duration::from_secs(5), |l| l == line);
-    let out = std::mem::take(&mut c.output);
+    let out = std::mem::take(&mut c.lines.output);
     c.kill();
     assert!(
         echoed,
