@@ -7,35 +7,67 @@
 
 use std::time::Duration;
 
-use foreign_types::ForeignTypeRef;
+use foreign_types::{ForeignType, ForeignTypeRef};
 use libc::{c_int, c_void};
 use openssl::error::ErrorStack;
 use openssl::ssl::{SslContextBuilder, SslRef, SslSession, SslSessionRef};
 
 extern "C" {
     fn SSL_SESSION_is_resumable(s: *const openssl_sys::SSL_SESSION) -> c_int;
+    fn SSL_SESSION_dup(s: *const openssl_sys::SSL_SESSION) -> *mut openssl_sys::SSL_SESSION;
 }
 
 /// `DTLS_CTRL_GET_TIMEOUT` from OpenSSL 3.0's `ssl.h` (the `DTLSv1_get_timeout` macro).
 const DTLS_CTRL_GET_TIMEOUT: c_int = 73;
 
+/// A session object of its own, made by the get-session callback and handed to OpenSSL.
+///
+/// Only [`fresh_session`] and [`dup_session`] make one: an `SSL_SESSION` that nothing else holds
+/// (no owning context, not linked into any internal cache list, one reference). This is what
+/// makes the get callback's contract hold whatever the cache mode of the context asking for it.
+pub(crate) struct FreshSession(SslSession);
+
+impl std::fmt::Debug for FreshSession {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FreshSession").finish_non_exhaustive()
+    }
+}
+
+/// Wraps a session just decoded from DER (`d2i_SSL_SESSION` returns an unowned object with one
+/// reference).
+pub(crate) fn fresh_session(decoded: SslSession) -> FreshSession {
+    FreshSession(decoded)
+}
+
+/// A copy of `session` as a new object (`SSL_SESSION_dup`): no owner, no list links, one
+/// reference; certificates are shared by reference count, so it is cheap. `None` if OpenSSL
+/// cannot allocate.
+pub(crate) fn dup_session(session: &SslSessionRef) -> Option<FreshSession> {
+    // SAFETY: the pointer comes from a live SslSessionRef and SSL_SESSION_dup only reads it
+    // (under no lock that a callback could hold: it takes none). It returns NULL or a new session
+    // with exactly one reference, which SslSession::from_ptr takes over.
+    let ptr = unsafe { SSL_SESSION_dup(session.as_ptr()) };
+    // SAFETY: ptr is non-null and owned (one reference, see above).
+    (!ptr.is_null()).then(|| FreshSession(unsafe { SslSession::from_ptr(ptr) }))
+}
+
 /// Installs the get-session callback (`SSL_CTX_sess_set_get_cb`).
 ///
-/// The callback must only return sessions that are not held by any `SSL_CTX`'s internal cache
-/// (a fresh `d2i` decode, or a decoded session this crate keeps and only shares while the
-/// context's cache mode has `NO_INTERNAL_STORE`); the caller guarantees it.
+/// The callback returns a [`FreshSession`]: an object no context holds, so whatever OpenSSL does
+/// with it (link it into the internal cache of the asking context when the user re-enabled the
+/// internal store after `install`, mark it not resumable, free it) touches nothing else.
 pub(crate) fn set_get_session_callback<F>(builder: &mut SslContextBuilder, callback: F)
 where
-    F: Fn(&mut SslRef, &[u8]) -> Option<SslSession> + 'static + Sync + Send,
+    F: Fn(&mut SslRef, &[u8]) -> Option<FreshSession> + 'static + Sync + Send,
 {
     // SAFETY: rust-openssl's contract is that the returned session is not associated with a
-    // different SslContext. The cache's callback returns either a session freshly decoded from
-    // DER (no owner, one reference that OpenSSL takes over) or a clone of a decoded session that
-    // the cache only hands out when the context never stores sessions internally
-    // (SSL_SESS_CACHE_NO_INTERNAL_STORE), so OpenSSL never links it into an internal cache list;
-    // sharing it between SSLs is then what OpenSSL's own cache does for concurrent resumptions
-    // (see ssl_sess.c lookup_sess_in_cache).
-    unsafe { builder.set_get_session_callback(callback) }
+    // different SslContext. Every session the closure returns is a FreshSession, and those are
+    // only made by fresh_session (a d2i decode: no owner, one reference) or dup_session
+    // (SSL_SESSION_dup: no owner, no list links, one reference). rust-openssl hands that single
+    // reference to OpenSSL (copy = 0). No other SSL_CTX holds the object, at the time of the call
+    // or later, whatever cache mode any context is switched to afterwards: the crate keeps its
+    // own decoded copies and never returns them, only duplicates of them.
+    unsafe { builder.set_get_session_callback(move |ssl, id| callback(ssl, id).map(|s| s.0)) }
 }
 
 /// Offers `session` for resumption on a client `ssl` (`SSL_set_session`).
@@ -43,10 +75,13 @@ pub(crate) fn set_client_session(
     ssl: &mut SslRef,
     session: &SslSessionRef,
 ) -> Result<(), ErrorStack> {
-    // SAFETY: the client cache only holds sessions made by contexts whose cache mode includes
-    // NO_INTERNAL_STORE, so no session is linked into any SSL_CTX's internal cache; SSL_set_session
-    // takes its own reference.
-    unsafe { ssl.set_session(session) }
+    // The client cache's copy may already be linked into a client context's internal cache
+    // (a user may turn it on after `install`): offer a duplicate of our own instead.
+    let own = dup_session(session).ok_or_else(ErrorStack::get)?;
+    // SAFETY: `own` is a new SSL_SESSION no SSL_CTX holds (SSL_SESSION_dup: no owner, no list
+    // links); SSL_set_session takes its own reference, and `own` drops ours afterwards. If the
+    // handshake links it into this context's internal cache, no other context ever sees it.
+    unsafe { ssl.set_session(&own.0) }
 }
 
 /// Whether OpenSSL would still resume `session` (`SSL_SESSION_is_resumable`): false once

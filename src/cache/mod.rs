@@ -460,7 +460,7 @@ impl Inner {
     }
 
     /// The get-session callback.
-    pub(crate) fn on_get_session(&self, id: &[u8]) -> Option<SslSession> {
+    pub(crate) fn on_get_session(&self, id: &[u8]) -> Option<ffi::FreshSession> {
         let found = self.lookup(id);
         match found {
             Some(_) => Counters::bump(&self.counters.hits),
@@ -469,7 +469,7 @@ impl Inner {
         found
     }
 
-    fn lookup(&self, id: &[u8]) -> Option<SslSession> {
+    fn lookup(&self, id: &[u8]) -> Option<ffi::FreshSession> {
         let id = SessionId::new(id).ok()?;
         let now = self.clock.now();
         let fetched = if self.single_use {
@@ -526,8 +526,13 @@ impl Inner {
         };
         match decoded {
             Ok(session) => {
-                self.remember_decoded(id, &session);
-                Some(session)
+                if self.single_use || self.decoded.is_none() {
+                    return Some(ffi::fresh_session(session));
+                }
+                // The tier keeps this object; OpenSSL gets a copy of its own.
+                let handed_out = ffi::dup_session(&session);
+                self.remember_decoded(id, session);
+                handed_out
             }
             Err(_) => {
                 tracing::debug!(id = %id.to_hex(), "stored session does not decode; removed");
@@ -543,8 +548,10 @@ impl Inner {
         }
     }
 
-    /// A decoded session for `id`, if the tier holds one OpenSSL would still resume.
-    fn decoded_session(&self, id: &SessionId) -> Option<SslSession> {
+    /// A decoded session for `id`, if the tier holds one OpenSSL would still resume: a copy
+    /// (`SSL_SESSION_dup`), never the tier's own object, so no two contexts ever share one
+    /// `SSL_SESSION` whatever their cache mode.
+    fn decoded_session(&self, id: &SessionId) -> Option<ffi::FreshSession> {
         let tier = self.decoded.as_ref()?;
         let mut tier = tier.lock();
         let usable = tier
@@ -557,23 +564,18 @@ impl Inner {
             return None;
         }
         if self.single_use {
-            let taken = tier.pop(id).map(|d| d.session);
-            return taken;
+            let taken = tier.pop(id);
+            drop(tier);
+            return taken.and_then(|d| ffi::dup_session(&d.session));
         }
-        tier.get(id).map(|d| d.session.clone())
+        let kept = tier.get(id).map(|d| d.session.clone());
+        drop(tier);
+        kept.and_then(|s| ffi::dup_session(&s))
     }
 
-    fn remember_decoded(&self, id: SessionId, session: &SslSession) {
-        if self.single_use {
-            return;
-        }
+    fn remember_decoded(&self, id: SessionId, session: SslSession) {
         if let Some(tier) = &self.decoded {
-            let evicted = tier.lock().push(
-                id,
-                Decoded {
-                    session: session.clone(),
-                },
-            );
+            let evicted = tier.lock().push(id, Decoded { session });
             drop(evicted); // SSL_SESSION_free outside the lock
         }
     }

@@ -11,7 +11,7 @@ use openssl::ssl::Ssl;
 
 use super::config::{PeerInfo, ServerConfig};
 use super::peer::{Peer, Progress};
-use super::record::{ClientHello, NotHello};
+use super::record::{screen, ClientHello, NotHello, Screened};
 use crate::{Authenticated, Dsm, DsmStats, Error, FreeReason, PeerState};
 
 /// Events kept for [`Endpoint::poll_event`] before further ones are only counted.
@@ -98,6 +98,9 @@ pub enum DropReason {
     BadSequence,
     /// The DSM had no slot, handshake budget or per-source quota left.
     NoSpace,
+    /// For a known peer, but holding no record OpenSSL should see (empty, truncated, or a
+    /// protected record too short to be genuine): discarded unread, as RFC 6347 §4.1.2.7 says.
+    Invalid,
 }
 
 /// The endpoint's counters, from [`Endpoint::stats`].
@@ -124,6 +127,8 @@ pub struct EndpointStats {
     pub dropped_bad_sequence: u64,
     /// Cookie-valid ClientHellos refused by the DSM (no slot, budget or quota).
     pub dropped_no_space: u64,
+    /// Datagrams for known peers discarded unread ([`DropReason::Invalid`]).
+    pub dropped_invalid: u64,
     /// Events not queued because [`Endpoint::poll_event`] was not called.
     pub dropped_events: u64,
     /// Handshakes completed (full and resumed).
@@ -167,6 +172,7 @@ impl EndpointStats {
             dropped_oversize,
             dropped_bad_sequence,
             dropped_no_space,
+            dropped_invalid,
             dropped_events,
             handshakes,
             resumed,
@@ -190,6 +196,7 @@ impl EndpointStats {
             + self.dropped_oversize
             + self.dropped_bad_sequence
             + self.dropped_no_space
+            + self.dropped_invalid
     }
 }
 
@@ -258,7 +265,12 @@ impl Endpoint {
         if let Some(peer) = self.peers.get_mut(&from) {
             let restart = peer.is_established() && Self::is_client_hello(datagram);
             if !restart {
-                peer.push(datagram.to_vec());
+                let payload = match screen(datagram, peer.min_protected_body()) {
+                    Screened::Whole(d) => d.to_vec(),
+                    Screened::Kept(d) => d,
+                    Screened::Nothing => return self.drop_datagram(from, DropReason::Invalid),
+                };
+                peer.push(payload);
                 peer.drive(now, &mut self.scratch);
                 self.after_drive(now, from);
                 return;
@@ -461,6 +473,7 @@ impl Endpoint {
             DropReason::Oversize => self.stats.dropped_oversize += 1,
             DropReason::BadSequence => self.stats.dropped_bad_sequence += 1,
             DropReason::NoSpace => self.stats.dropped_no_space += 1,
+            DropReason::Invalid => self.stats.dropped_invalid += 1,
         }
         tracing::trace!(%from, ?reason, "datagram dropped");
         self.event(Event::Dropped { from, reason });
@@ -733,6 +746,91 @@ mod tests {
         assert!(again.stream.ssl().session_reused());
         assert_eq!(ep.stats().resumed, 1);
         assert_eq!(config.session_cache().stats().hits, 1);
+    }
+
+    /// An epoch-1 DTLS 1.2 record of `content_type` with `body` (what an off-path attacker who
+    /// knows the peer's address can send).
+    fn epoch1_record(content_type: u8, seq: u64, body: &[u8]) -> Vec<u8> {
+        let mut rec = vec![content_type, 0xfe, 0xfd, 0, 1];
+        rec.extend_from_slice(&seq.to_be_bytes()[2..]);
+        rec.extend_from_slice(&(body.len() as u16).to_be_bytes());
+        rec.extend_from_slice(body);
+        rec
+    }
+
+    #[test]
+    fn spoofed_datagrams_from_a_peers_address_change_nothing() {
+        let config = config();
+        let mut ep = Endpoint::new(Arc::clone(&config)).unwrap();
+        let now = Instant::now();
+        let mut c = Client::new(1000, None);
+        pump(&mut ep, &mut c, now);
+        assert!(c.established);
+        let session = c.stream.ssl().session().unwrap().to_owned();
+        while ep.poll_event().is_some() {}
+        // An empty datagram (read as end of file), then short epoch-1 records of every content
+        // type, then records of garbage the size of real ones: all from the peer's own address.
+        ep.handle(now, c.addr, b"");
+        let mut seq = 1000;
+        for content_type in [0u8, 20, 21, 22, 23, 24, 25, 255] {
+            for len in 0..=48 {
+                seq += 1;
+                let body: Vec<u8> = (0..len).map(|i| (i as u8).wrapping_mul(37)).collect();
+                ep.handle(now, c.addr, &epoch1_record(content_type, seq, &body));
+            }
+        }
+        // Two records in one datagram, the second truncated.
+        let mut two = epoch1_record(23, 5000, &[1; 40]);
+        two.extend_from_slice(&epoch1_record(23, 5001, &[2; 40])[..20]);
+        ep.handle(now, c.addr, &two);
+        let ev = events(&mut ep);
+        assert!(
+            !ev.iter().any(|e| matches!(e, Event::Closed { .. })),
+            "a spoofed datagram closed the peer: {ev:?}"
+        );
+        assert_eq!(ep.peer_count(), 1);
+        assert_eq!(ep.peer_state(c.addr), PeerState::Established);
+        assert_eq!(ep.stats().failed, 0);
+        // The peer still works, and its session still resumes.
+        for d in c.send(b"still here") {
+            ep.handle(now, c.addr, &d);
+        }
+        pump(&mut ep, &mut c, now);
+        assert_eq!(
+            c.received.last().map(Vec::as_slice),
+            Some(&b"still here"[..])
+        );
+        c.stream.shutdown().unwrap();
+        for d in c.stream.get_mut().take() {
+            ep.handle(now, c.addr, &d);
+        }
+        while ep.poll_transmit().is_some() {}
+        let mut again = Client::new(1001, Some(&session));
+        pump(&mut ep, &mut again, now);
+        assert!(again.stream.ssl().session_reused());
+        assert_eq!(config.session_cache().stats().removed, 0);
+        assert!(ep.stats().dropped_invalid > 0);
+    }
+
+    #[test]
+    fn a_peer_failing_without_an_alert_keeps_its_session() {
+        let config = config();
+        let mut ep = Endpoint::new(Arc::clone(&config)).unwrap();
+        let now = Instant::now();
+        let mut c = Client::new(1000, None);
+        pump(&mut ep, &mut c, now);
+        let session = c.stream.ssl().session().unwrap().to_owned();
+        // An end of file under the record layer fails the connection without any alert.
+        let peer = ep.peers.get_mut(&c.addr).unwrap();
+        peer.push(Vec::new());
+        peer.drive(now, &mut ep.scratch);
+        ep.after_drive(now, c.addr);
+        assert_eq!(ep.stats().failed, 1);
+        assert_eq!(ep.peer_count(), 0);
+        assert_eq!(config.session_cache().stats().removed, 0);
+        let mut again = Client::new(1001, Some(&session));
+        pump(&mut ep, &mut again, now);
+        assert!(again.stream.ssl().session_reused());
     }
 
     #[test]

@@ -83,8 +83,21 @@ pub(crate) struct Peer {
     established: bool,
     /// The DTLS retransmission deadline, if a timer runs.
     pub(crate) deadline: Option<Instant>,
-    /// The last time an authenticated record arrived (for the DSM's idle clock).
+    /// The connection ended (failed, closed): nothing more is read or written.
     pub(crate) finished: bool,
+    /// [`min_protected_body`] of the negotiated cipher, once OpenSSL chose it.
+    min_body: Option<usize>,
+}
+
+impl Drop for Peer {
+    /// Freeing an `Ssl` whose handshake finished without close_notify makes OpenSSL delete its
+    /// session (`ssl_clear_bad_session`). A peer's state can go for reasons that say nothing
+    /// against the session (an unanswered retransmission, an idle timeout, a local decision), and
+    /// OpenSSL already deleted it itself where one did (a fatal alert sent or received), so the
+    /// session is always kept here.
+    fn drop(&mut self) {
+        SessionCache::keep_resumable(&mut self.stream);
+    }
 }
 
 impl std::fmt::Debug for Peer {
@@ -99,6 +112,20 @@ impl std::fmt::Debug for Peer {
 /// Largest plaintext of one DTLS record.
 const MAX_PLAINTEXT: usize = 16 * 1024;
 
+/// The shortest body a protected DTLS 1.2 record of `cipher` can have: the explicit nonce plus
+/// the tag for AEAD suites (AES-GCM and AES-CCM 8 + 16, AES-CCM8 8 + 8, ChaCha20-Poly1305
+/// 0 + 16). OpenSSL 3.0 fails the connection on a shorter one instead of discarding it. For other
+/// suites (CBC) 0: no length test applies.
+pub(crate) fn min_protected_body(cipher: &str) -> usize {
+    if cipher.contains("CHACHA20") || cipher.contains("CCM8") {
+        16
+    } else if cipher.contains("GCM") || cipher.contains("CCM") {
+        24
+    } else {
+        0
+    }
+}
+
 impl Peer {
     /// A server-side peer on `ssl` (already configured: MTU, ex_data), not yet fed.
     pub(crate) fn new(mut ssl: Ssl) -> Result<Self, openssl::error::ErrorStack> {
@@ -108,6 +135,7 @@ impl Peer {
             established: false,
             deadline: None,
             finished: false,
+            min_body: None,
         })
     }
 
@@ -124,6 +152,20 @@ impl Peer {
     /// Queues one inbound datagram.
     pub(crate) fn push(&mut self, datagram: Vec<u8>) {
         self.stream.get_mut().inbound.push_back(datagram);
+    }
+
+    /// The shortest protected record body OpenSSL does not fail on, for the cipher negotiated
+    /// so far (0 before the cipher is chosen).
+    pub(crate) fn min_protected_body(&mut self) -> usize {
+        if let Some(n) = self.min_body {
+            return n;
+        }
+        let Some(cipher) = self.stream.ssl().current_cipher() else {
+            return 0;
+        };
+        let n = min_protected_body(cipher.name());
+        self.min_body = Some(n);
+        n
     }
 
     /// Takes the datagrams OpenSSL wrote.
@@ -224,8 +266,6 @@ impl Peer {
     pub(crate) fn close(&mut self) {
         if self.established && !self.finished {
             let _ = self.stream.shutdown();
-            // shutdown() marks close_notify as sent; make sure even if it failed.
-            SessionCache::keep_resumable(&mut self.stream);
         }
         self.finished = true;
         self.deadline = None;

@@ -173,6 +173,58 @@ impl<'a> ClientHello<'a> {
     }
 }
 
+/// What [`screen`] made of a datagram for a known peer.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Screened<'a> {
+    /// Every record is well formed: hand the datagram over as it is.
+    Whole(&'a [u8]),
+    /// Some records were discarded; these are the rest.
+    Kept(Vec<u8>),
+    /// Nothing is left to hand over.
+    Nothing,
+}
+
+/// Discards the records of `datagram` that OpenSSL would treat as fatal although nobody
+/// authenticated them (RFC 6347 §4.1.2.7: invalid records are silently discarded): a datagram
+/// with no record at all (which OpenSSL reads as the end of the stream), records past a truncated
+/// one, and records of a protected epoch (1 and later) too short to hold the cipher's explicit
+/// nonce and tag (`min_protected_body`, 0 when unknown: OpenSSL 3.0 fails the connection on those
+/// instead of dropping them).
+pub(crate) fn screen(datagram: &[u8], min_protected_body: usize) -> Screened<'_> {
+    let mut at = 0;
+    let mut kept: Option<Vec<u8>> = None;
+    let mut any = false;
+    while at < datagram.len() {
+        let rest = &datagram[at..];
+        if rest.len() < RECORD_HEADER {
+            break;
+        }
+        let end = RECORD_HEADER + u16_at(rest, 11);
+        if end > rest.len() {
+            break;
+        }
+        let epoch = u16_at(rest, 3);
+        let body = end - RECORD_HEADER;
+        let ok = epoch == 0 || body >= min_protected_body;
+        match (&mut kept, ok) {
+            (Some(out), true) => out.extend_from_slice(&rest[..end]),
+            (None, false) => kept = Some(datagram[..at].to_vec()),
+            _ => {}
+        }
+        any |= ok;
+        at += end;
+    }
+    if at < datagram.len() && kept.is_none() {
+        // A truncated tail: keep what came before it.
+        kept = Some(datagram[..at].to_vec());
+    }
+    match kept {
+        _ if !any => Screened::Nothing,
+        None => Screened::Whole(datagram),
+        Some(out) => Screened::Kept(out),
+    }
+}
+
 #[cfg(test)]
 /// A minimal ClientHello record (tests only): version, random, session id, cookie, one suite, null compression.
 pub(crate) fn test_hello(record_seq: u64, message_seq: u16, sid: &[u8], cookie: &[u8]) -> Vec<u8> {
@@ -279,6 +331,41 @@ mod tests {
         );
     }
 
+    fn record(epoch: u16, body_len: usize) -> Vec<u8> {
+        let mut r = vec![23, 0xfe, 0xfd];
+        r.extend_from_slice(&epoch.to_be_bytes());
+        r.extend_from_slice(&[0, 0, 0, 0, 0, 9]);
+        r.extend_from_slice(&(body_len as u16).to_be_bytes());
+        r.extend(std::iter::repeat_n(0xaa, body_len));
+        r
+    }
+
+    #[test]
+    fn screening_keeps_well_formed_records_and_drops_the_rest() {
+        assert_eq!(screen(b"", 24), Screened::Nothing);
+        let good = [record(1, 40), record(0, 3), record(1, 24)].concat();
+        assert_eq!(screen(&good, 24), Screened::Whole(&good));
+        // A short protected record between two good ones.
+        let mixed = [record(1, 40), record(1, 23), record(1, 30)].concat();
+        assert_eq!(
+            screen(&mixed, 24),
+            Screened::Kept([record(1, 40), record(1, 30)].concat())
+        );
+        // Epoch 0 records are never too short (they carry no protection).
+        assert_eq!(
+            screen(&record(0, 1), 24),
+            Screened::Whole(&record(0, 1)[..])
+        );
+        // With no known cipher, nothing is dropped for its length.
+        assert_eq!(screen(&record(1, 1), 0), Screened::Whole(&record(1, 1)[..]));
+        assert_eq!(screen(&record(1, 1), 16), Screened::Nothing);
+        // A truncated second record goes; the first stays.
+        let mut cut = [record(1, 40), record(1, 40)].concat();
+        cut.truncate(cut.len() - 5);
+        assert_eq!(screen(&cut, 24), Screened::Kept(record(1, 40)));
+        assert_eq!(screen(&cut[..10], 24), Screened::Nothing);
+    }
+
     #[test]
     fn random_bytes_never_panic() {
         use rand::{Rng, SeedableRng};
@@ -291,6 +378,11 @@ mod tests {
                 d[i] = rng.random();
             }
             d.truncate(rng.random_range(0..=d.len()));
+            match screen(&d, 24) {
+                Screened::Whole(w) => assert_eq!(w, &d[..]),
+                Screened::Kept(k) => assert!(!k.is_empty() && k.len() < d.len()),
+                Screened::Nothing => {}
+            }
             if let Ok(ch) = ClientHello::parse(&d) {
                 let _ = ch.reconstruct_first();
                 let _ = ch.hello_verify_request(ch.cookie());
