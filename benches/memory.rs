@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use lru::LruCache;
 use openssl::ssl::SslSession;
-use openssl_session_cache::{MemoryStore, SessionCache, SessionStore};
+use openssl_session_cache::{MemoryStore, SessionCache, SessionStoreAdmin};
 
 #[path = "support/dtls.rs"]
 mod dtls;

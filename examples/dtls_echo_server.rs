@@ -62,7 +62,8 @@ use openssl::pkey::PKey;
 use openssl::x509::X509;
 use openssl_session_cache::{
     certificate_fingerprint, load_snapshot, save_snapshot, store_from_url, DsmConfig, KeyRing,
-    MemoryStore, ServerConfig, SessionCache, SessionStore, UdpOptions, UdpServer,
+    MemoryStore, ServerConfig, SessionCache, SessionStore, SessionStoreAdmin, UdpOptions,
+    UdpServer,
 };
 
 /// DTLS 1.2 echo server with an external session cache and a DTLS session manager.
@@ -195,7 +196,8 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     server.wait()?;
     println!("stopped");
     if let Some((path, ring)) = snapshot {
-        let n = save_snapshot(&*store, &path, &ring, SystemTime::now())
+        let admin = store.admin().ok_or("the memory store has an admin side")?;
+        let n = save_snapshot(admin, &path, &ring, SystemTime::now())
             .map_err(|e| format!("cannot write the snapshot {}: {e}", path.display()))?;
         println!("saved {n} sessions to snapshot {}", path.display());
     }
@@ -223,26 +225,26 @@ fn open_store(
         return Ok((store, None));
     }
 
-    let store: Arc<dyn SessionStore> = Arc::new(
+    let memory = Arc::new(
         MemoryStore::builder()
             .max_entries(args.cache_entries)
             .build()?,
     );
     let Some(path) = &args.snapshot else {
-        return Ok((store, None));
+        return Ok((memory, None));
     };
     let key_file = args.store_key.as_deref().ok_or(
         "--snapshot needs --store-key FILE: the snapshot is encrypted \
          (create one with: echo \"1:$(openssl rand -hex 32)\" > FILE)",
     )?;
     let ring = KeyRing::from_file(key_file)?;
-    load_at_start(&*store, path, &ring);
-    Ok((store, Some((path.clone(), ring))))
+    load_at_start(&*memory, path, &ring);
+    Ok((memory, Some((path.clone(), ring))))
 }
 
 /// Loads the snapshot at `path` if there is one; a refused snapshot leaves the store empty and
 /// the server starts anyway.
-fn load_at_start(store: &dyn SessionStore, path: &Path, ring: &KeyRing) {
+fn load_at_start(store: &dyn SessionStoreAdmin, path: &Path, ring: &KeyRing) {
     if !path.exists() {
         println!(
             "no snapshot at {} yet: starting with an empty session cache",

@@ -12,8 +12,8 @@ use std::time::{Duration, Instant, SystemTime};
 
 use openssl_session_cache::envelope::envelope_key_id;
 use openssl_session_cache::{
-    KeyRing, MemoryStore, RedisStore, SessionCache, SessionId, SessionStore, StoreError,
-    StoredSession,
+    KeyRing, MemoryStore, RedisStore, SessionCache, SessionId, SessionStore, SessionStoreAdmin,
+    StoreError, StoredSession,
 };
 use redis::Commands;
 

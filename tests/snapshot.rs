@@ -5,8 +5,8 @@ use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use openssl_session_cache::{
-    load_snapshot, save_snapshot, Error, KeyRing, MemoryStore, SessionId, SessionStore, StoreError,
-    StoredSession,
+    load_snapshot, save_snapshot, Error, KeyRing, MemoryStore, SessionId, SessionStore,
+    SessionStoreAdmin, StoreError, StoredSession,
 };
 
 fn t0() -> SystemTime {

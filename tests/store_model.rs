@@ -3,7 +3,9 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use openssl_session_cache::{EvictionStats, MemoryStore, SessionId, SessionStore, StoredSession};
+use openssl_session_cache::{
+    EvictionStats, MemoryStore, SessionId, SessionStore, SessionStoreAdmin, StoredSession,
+};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 

@@ -345,16 +345,16 @@ impl SessionCache {
         Ok(())
     }
 
-    /// A snapshot of the counters, with the store's current size.
-    ///
-    /// `entries` and `bytes` ask the store; for a remote store that is a network round trip.
+    /// A snapshot of the counters, with the store's size as its own counters know it
+    /// ([`SessionStore::usage`]): never a round trip, so it is cheap enough for a stats line or a
+    /// metrics scrape. A remote store reports its local tier; ask its
+    /// [`admin`](SessionStore::admin) side for the size of the whole keyspace.
     pub fn stats(&self) -> CacheStats {
         let inner = &self.shared.inner;
-        let entries = inner.store.len().unwrap_or(0) as u64;
-        let bytes = inner.store.bytes().unwrap_or(0) as u64;
+        let usage = inner.store.usage();
         inner
             .counters
-            .snapshot(inner.store.evictions(), entries, bytes)
+            .snapshot(inner.store.evictions(), usage.entries, usage.bytes)
     }
 
     /// Stores `session` as if OpenSSL had just handed it to the new-session callback (to warm a
@@ -609,7 +609,10 @@ impl Inner {
 
     fn purge_expired(&self) -> usize {
         let now = self.clock.now();
-        match self.store.purge_expired(now, self.purge_batch) {
+        let Some(admin) = self.store.admin() else {
+            return 0;
+        };
+        match admin.purge_expired(now, self.purge_batch) {
             Ok(n) => {
                 Counters::add(&self.counters.expired, n as u64);
                 n

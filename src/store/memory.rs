@@ -19,7 +19,10 @@ use parking_lot::Mutex;
 use crate::clock::unix_millis;
 use crate::error::{Error, StoreError};
 use crate::stats::EvictionStats;
-use crate::store::{SecretBytes, SessionId, SessionStore, StoredSession, MAX_SESSION_ID_LEN};
+use crate::store::{
+    SecretBytes, SessionId, SessionStore, SessionStoreAdmin, StoreUsage, StoredSession,
+    MAX_SESSION_ID_LEN,
+};
 
 /// Entries per shard below which the store does not shard at all.
 const MIN_ENTRIES_PER_SHARD: usize = 1024;
@@ -151,7 +154,7 @@ impl MemoryStoreBuilder {
 /// for i in 1..=3u8 {
 ///     store.put(SessionId::new(&[i])?, StoredSession::new(vec![i; 100], expires))?;
 /// }
-/// assert_eq!(store.len()?, 2);
+/// assert_eq!(store.usage().entries, 2);
 /// assert!(store.get(&SessionId::new(&[1])?)?.is_none()); // the least recently used went first
 /// assert_eq!(store.evictions().capacity, 1);
 /// # Ok::<(), Box<dyn std::error::Error>>(())
@@ -394,6 +397,26 @@ impl SessionStore for MemoryStore {
         Ok(self.remove_entry(id).is_some())
     }
 
+    fn usage(&self) -> StoreUsage {
+        StoreUsage::new(
+            self.len.load(Ordering::Relaxed) as u64,
+            self.bytes.load(Ordering::Relaxed) as u64,
+        )
+    }
+
+    fn evictions(&self) -> EvictionStats {
+        EvictionStats::new(
+            self.evicted_capacity.load(Ordering::Relaxed),
+            self.evicted_bytes.load(Ordering::Relaxed),
+        )
+    }
+
+    fn admin(&self) -> Option<&dyn SessionStoreAdmin> {
+        Some(self)
+    }
+}
+
+impl SessionStoreAdmin for MemoryStore {
     fn len(&self) -> Result<usize, StoreError> {
         Ok(self.len.load(Ordering::Relaxed))
     }
@@ -453,13 +476,6 @@ impl SessionStore for MemoryStore {
             purged += expired.len();
         }
         Ok(purged)
-    }
-
-    fn evictions(&self) -> EvictionStats {
-        EvictionStats::new(
-            self.evicted_capacity.load(Ordering::Relaxed),
-            self.evicted_bytes.load(Ordering::Relaxed),
-        )
     }
 }
 

@@ -17,6 +17,7 @@ use crate::stats::EvictionStats;
 
 pub mod envelope;
 mod from_url;
+mod lookup;
 pub(crate) mod memory;
 #[cfg(feature = "redis")]
 mod redis;
@@ -24,6 +25,7 @@ pub mod snapshot;
 
 pub use envelope::KeyRing;
 pub use from_url::store_from_url;
+pub use lookup::{LookupDone, LookupMode};
 pub use memory::{MemoryStore, MemoryStoreBuilder};
 #[cfg(feature = "redis")]
 pub use redis::{RedisStore, RedisStoreBuilder, RedisStoreStats};
@@ -183,31 +185,108 @@ impl Drop for SecretBytes {
     }
 }
 
-/// Pluggable storage for serialized sessions.
+/// Pluggable storage for serialized sessions: the data path only.
+///
+/// Modelled on rustls's `StoresServerSessions`: get, put, take, remove, and a lookup that never
+/// blocks. What walks the whole keyspace (size, iteration, clearing, purging) lives in
+/// [`SessionStoreAdmin`], which a store offers through [`admin`](Self::admin); nothing on a
+/// handshake path calls it, so a remote store is never forced to implement `SCAN` there.
 ///
 /// All methods take `&self` and may be called concurrently from OpenSSL's callbacks on any
-/// thread, so they must return in bounded time; a slow or broken backend must fail with a
-/// [`StoreError`] (the cache turns that into a miss and a full handshake).
+/// thread.
 ///
 /// Which operations may be lossy: `put` may drop the entry (or evict others) to stay within
-/// bounds; `get` may miss. Which must be reliable: **`take` must reliably delete** what it returns,
-/// atomically, so a single-use session is never handed out twice; `remove` must delete if present.
+/// bounds, or queue it and lose it on overflow; `get` may miss. Which must be reliable: **`take`
+/// must reliably delete** what it returns, atomically (across hosts, for a shared store), so a
+/// single-use session is never handed out twice; `remove` must delete if present (a store that
+/// writes behind must never let an earlier queued `put` of the same id win over it).
+///
+/// **Local and remote stores.** A store in this process ([`MemoryStore`], [`NullStore`]) answers
+/// every call at once: the cache calls it straight from OpenSSL's callbacks. A store that may
+/// wait on the network says so with [`is_remote`](Self::is_remote); the cache then never calls
+/// its `get` or `take` from a callback, only [`lookup`](Self::lookup), from OpenSSL's ClientHello
+/// callback, which can suspend the handshake until the lookup completes. Its `put` and `remove`
+/// must not wait either: queue them (write-behind) and return.
 ///
 /// Implementations: [`MemoryStore`] (the default), [`NullStore`], and with the `redis` feature a
 /// shared store for server farms.
 pub trait SessionStore: fmt::Debug + Send + Sync {
-    /// Looks up `id`. Expired entries may be returned; the caller checks expiry.
+    /// Looks up `id`. Expired entries may be returned; the caller checks expiry. May block on a
+    /// remote store (the cache does not call it then; see [`lookup`](Self::lookup)).
     fn get(&self, id: &SessionId) -> Result<Option<StoredSession>, StoreError>;
 
-    /// Stores `session` under `id`, replacing what was there.
+    /// Stores `session` under `id`, replacing what was there. Never blocks: a remote store
+    /// queues the write.
     fn put(&self, id: SessionId, session: StoredSession) -> Result<(), StoreError>;
 
-    /// Looks up and deletes `id` in one atomic step.
+    /// Looks up and deletes `id` in one atomic step. May block on a remote store.
     fn take(&self, id: &SessionId) -> Result<Option<StoredSession>, StoreError>;
 
-    /// Deletes `id`; returns whether it was present.
+    /// Deletes `id`; returns whether it was present (a store that writes behind returns `true`
+    /// once the removal is queued). Never blocks.
     fn remove(&self, id: &SessionId) -> Result<bool, StoreError>;
 
+    /// Starts a lookup of `id` that never blocks the calling thread, and completes `done` exactly
+    /// once: at once, on this thread, when the answer is local; later, from any thread, when it
+    /// has to travel. A remote store completes every lookup within its own deadline (an error
+    /// then), so a suspended handshake always resumes.
+    ///
+    /// The default answers at once with [`get`](Self::get) or [`take`](Self::take): right for
+    /// stores in this process.
+    fn lookup(&self, id: SessionId, mode: LookupMode, done: LookupDone) {
+        let found = match mode {
+            LookupMode::Get => self.get(&id),
+            LookupMode::Take => self.take(&id),
+        };
+        done.complete(found);
+    }
+
+    /// Whether `get` and `take` may wait on the network (default: no). The session cache then
+    /// looks sessions up only through [`lookup`](Self::lookup), from OpenSSL's ClientHello
+    /// callback.
+    fn is_remote(&self) -> bool {
+        false
+    }
+
+    /// What the store holds, from its counters alone (never a round trip): a remote store
+    /// reports what it holds in this process (its local tier), or zeros.
+    fn usage(&self) -> StoreUsage {
+        StoreUsage::default()
+    }
+
+    /// How many entries the store evicted to stay within its bounds, by cause.
+    fn evictions(&self) -> EvictionStats {
+        EvictionStats::default()
+    }
+
+    /// The store's administrative side, if it has one (size, iteration, clearing, purging:
+    /// snapshots and the purge thread need it).
+    fn admin(&self) -> Option<&dyn SessionStoreAdmin> {
+        None
+    }
+}
+
+/// The size of a store as its counters know it ([`SessionStore::usage`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct StoreUsage {
+    /// Entries held.
+    pub entries: u64,
+    /// Bytes of session data held.
+    pub bytes: u64,
+}
+
+impl StoreUsage {
+    /// A usage of `entries` entries holding `bytes` bytes.
+    pub fn new(entries: u64, bytes: u64) -> Self {
+        Self { entries, bytes }
+    }
+}
+
+/// The administrative side of a store: operations over the whole keyspace, for explicit admin
+/// calls (snapshots, tools, the purge thread), never for a handshake path. On a remote store each
+/// may walk the whole keyspace (`SCAN`).
+pub trait SessionStoreAdmin: SessionStore {
     /// Number of entries.
     fn len(&self) -> Result<usize, StoreError>;
 
@@ -219,8 +298,9 @@ pub trait SessionStore: fmt::Debug + Send + Sync {
     /// Bytes of session data held (the sum of [`StoredSession::len`]).
     fn bytes(&self) -> Result<usize, StoreError>;
 
-    /// Calls `f` for every entry (Erlang's `foldl`). The order is unspecified. Implementations
-    /// may hold locks while calling `f`, so `f` must not call back into the store.
+    /// Calls `f` for every entry (Erlang's `foldl`). The order is unspecified unless the store
+    /// documents one. Implementations may hold locks while calling `f`, so `f` must not call
+    /// back into the store.
     fn for_each(&self, f: &mut dyn FnMut(&SessionId, &StoredSession)) -> Result<(), StoreError>;
 
     /// Deletes every entry.
@@ -229,11 +309,6 @@ pub trait SessionStore: fmt::Debug + Send + Sync {
     /// Deletes up to `max` entries that expired at or before `now`, and returns how many it
     /// deleted. Bounded work per call: call again to continue.
     fn purge_expired(&self, now: SystemTime, max: usize) -> Result<usize, StoreError>;
-
-    /// How many entries the store evicted to stay within its bounds, by cause.
-    fn evictions(&self) -> EvictionStats {
-        EvictionStats::default()
-    }
 }
 
 /// A store that stores nothing: every lookup misses. Sessions never resume through it.
@@ -257,6 +332,12 @@ impl SessionStore for NullStore {
         Ok(false)
     }
 
+    fn admin(&self) -> Option<&dyn SessionStoreAdmin> {
+        Some(self)
+    }
+}
+
+impl SessionStoreAdmin for NullStore {
     fn len(&self) -> Result<usize, StoreError> {
         Ok(0)
     }
@@ -325,6 +406,6 @@ mod tests {
             .put(id, StoredSession::new(vec![1], SystemTime::now()))
             .unwrap();
         assert!(store.get(&id).unwrap().is_none());
-        assert_eq!(store.len().unwrap(), 0);
+        assert_eq!(store.admin().unwrap().len().unwrap(), 0);
     }
 }

@@ -38,7 +38,10 @@ use crate::clock::unix_millis;
 use crate::error::{Error, StoreError};
 use crate::stats::EvictionStats;
 use crate::store::envelope::{envelope_key_id, hex_val, KeyRing, OVERHEAD};
-use crate::store::{MemoryStore, SessionId, SessionStore, StoredSession, MAX_SESSION_ID_LEN};
+use crate::store::{
+    MemoryStore, SessionId, SessionStore, SessionStoreAdmin, StoreUsage, StoredSession,
+    MAX_SESSION_ID_LEN,
+};
 
 /// How many keys one `SCAN` call asks for.
 const SCAN_COUNT: usize = 256;
@@ -527,8 +530,25 @@ impl SessionStore for RedisStore {
         Ok(deleted > 0 || in_tier)
     }
 
-    /// Walks the prefix with `SCAN` (O(keys in Redis); [`CacheStats`](crate::CacheStats)
-    /// snapshots call it, so do not take them per handshake).
+    /// What the memory tier holds (Redis itself is only counted by the explicit admin calls).
+    fn usage(&self) -> StoreUsage {
+        self.tier.as_ref().map(|t| t.usage()).unwrap_or_default()
+    }
+
+    fn evictions(&self) -> EvictionStats {
+        // The tier evicting an entry loses nothing (Redis still holds it), and Redis's own
+        // evictions are not visible from here.
+        EvictionStats::default()
+    }
+
+    fn admin(&self) -> Option<&dyn SessionStoreAdmin> {
+        Some(self)
+    }
+}
+
+/// Explicit admin calls, each a walk of the prefix with `SCAN` (O(keys in Redis)); nothing on a
+/// handshake path or in [`CacheStats`](crate::CacheStats) calls them.
+impl SessionStoreAdmin for RedisStore {
     fn len(&self) -> Result<usize, StoreError> {
         self.run(|c| self.scan_keys(c).map(|k| k.len()))
     }
@@ -600,12 +620,6 @@ impl SessionStore for RedisStore {
             Some(tier) => tier.purge_expired(now, max),
             None => Ok(0),
         }
-    }
-
-    fn evictions(&self) -> EvictionStats {
-        // The tier evicting an entry loses nothing (Redis still holds it), and Redis's own
-        // evictions are not visible from here.
-        EvictionStats::default()
     }
 }
 

@@ -28,7 +28,7 @@ use openssl::sha::sha256;
 
 use crate::error::{Error, StoreError};
 use crate::store::envelope::{envelope_key_id, KeyRing, DOMAIN_SNAPSHOT, OVERHEAD};
-use crate::store::{SessionId, SessionStore, StoredSession, MAX_SESSION_ID_LEN};
+use crate::store::{SessionId, SessionStoreAdmin, StoredSession, MAX_SESSION_ID_LEN};
 
 /// The first bytes of a snapshot file.
 pub const SNAPSHOT_MAGIC: &[u8; 8] = b"OSSLSNAP";
@@ -48,7 +48,7 @@ const TRAILER_LEN: usize = OVERHEAD + 32;
 /// [`Error::Store`] if the store cannot be walked or a session cannot be sealed; [`Error::Io`]
 /// if the file cannot be written (the previous snapshot, if any, is left in place).
 pub fn save_snapshot(
-    store: &dyn SessionStore,
+    store: &dyn SessionStoreAdmin,
     path: impl AsRef<Path>,
     ring: &KeyRing,
     now: SystemTime,
@@ -98,7 +98,7 @@ pub fn save_snapshot(
 /// [`Error::Store`] with [`StoreError::Corrupt`] naming the file and the problem if the snapshot
 /// is refused, or the store's own error if an insert fails.
 pub fn load_snapshot(
-    store: &dyn SessionStore,
+    store: &dyn SessionStoreAdmin,
     path: impl AsRef<Path>,
     ring: &KeyRing,
     now: SystemTime,
@@ -262,6 +262,7 @@ mod tests {
     use std::time::{Duration, UNIX_EPOCH};
 
     use super::*;
+    use crate::store::SessionStore;
 
     #[test]
     fn parse_refuses_garbage_without_panicking() {
