@@ -125,3 +125,37 @@ pub(crate) fn dtls_get_timeout(ssl: &SslRef) -> Option<Duration> {
         )
     })
 }
+
+/// The body of extension `ext_type` in the ClientHello being processed on `ssl`
+/// (`SSL_client_hello_get0_ext`), or `None` when the client did not send it or no ClientHello is
+/// being processed (outside the ClientHello callback).
+pub(crate) fn client_hello_ext(ssl: &SslRef, ext_type: u16) -> Option<&[u8]> {
+    let mut out: *const u8 = std::ptr::null();
+    let mut len: libc::size_t = 0;
+    // SAFETY: ssl is a live SSL. SSL_client_hello_get0_ext returns 0 unless a ClientHello is
+    // being processed (s->clienthello != NULL, i.e. inside the ClientHello callback), and
+    // otherwise points `out` into that ClientHello's buffer, which lives until the handshake
+    // moves on; that needs `&mut SslRef`, which the shared borrow of `ssl` tied to the returned
+    // slice rules out.
+    let found = unsafe {
+        openssl_sys::SSL_client_hello_get0_ext(
+            ssl.as_ptr(),
+            libc::c_uint::from(ext_type),
+            &mut out,
+            &mut len,
+        )
+    };
+    if found != 1 || out.is_null() {
+        return None;
+    }
+    // SAFETY: on success OpenSSL set `out` to `len` readable bytes (see above for the lifetime).
+    Some(unsafe { std::slice::from_raw_parts(out, len) })
+}
+
+/// The highest protocol version `ssl` may negotiate (`SSL_get_max_proto_version`), or `None`
+/// when no maximum is set (the library's highest).
+pub(crate) fn max_proto_version(ssl: &SslRef) -> Option<i32> {
+    // SAFETY: ssl is a live SSL; SSL_CTRL_GET_MAX_PROTO_VERSION only reads an int field.
+    let v = unsafe { openssl_sys::SSL_get_max_proto_version(ssl.as_ptr()) };
+    (v != 0).then_some(v)
+}

@@ -45,6 +45,7 @@ mod stats;
 mod store;
 
 pub use cache::client::ClientSessionCache;
+pub use cache::lookup::PendingLookup;
 pub use cache::{SessionCache, SessionCacheBuilder, DEFAULT_SESSION_ID_CONTEXT};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use dsm::{

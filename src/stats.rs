@@ -9,10 +9,23 @@ use std::sync::atomic::{AtomicU64, Ordering};
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct CacheStats {
-    /// Lookups that handed OpenSSL a session to resume.
+    /// Lookups that handed OpenSSL a session it resumed. A session OpenSSL refused after the
+    /// lookup (another protocol version, a cipher the client no longer offers) is counted in
+    /// `refused` and `misses` instead, as soon as the new-session callback shows the full
+    /// handshake that followed.
     pub hits: u64,
-    /// Lookups that found nothing usable (includes expired, undecodable and failed lookups).
+    /// Lookups that ended in a full handshake: nothing stored, expired, undecodable, a failed
+    /// or abandoned lookup, or a session OpenSSL refused.
     pub misses: u64,
+    /// Sessions handed to OpenSSL that it then refused (also counted in `misses`).
+    pub refused: u64,
+    /// Lookups started without blocking on a remote store (from the ClientHello callback).
+    pub lookups: u64,
+    /// Of those, the ones that suspended the handshake until the store answered (the rest were
+    /// answered at once, from a local tier).
+    pub suspended: u64,
+    /// Suspended lookups the application gave up on (a full handshake followed).
+    pub abandoned: u64,
     /// Sessions written to the store by the new-session callback.
     pub inserts: u64,
     /// Entries found expired on lookup, or purged by a sweep.
@@ -56,6 +69,10 @@ impl EvictionStats {
 pub(crate) struct Counters {
     pub(crate) hits: AtomicU64,
     pub(crate) misses: AtomicU64,
+    pub(crate) refused: AtomicU64,
+    pub(crate) lookups: AtomicU64,
+    pub(crate) suspended: AtomicU64,
+    pub(crate) abandoned: AtomicU64,
     pub(crate) inserts: AtomicU64,
     pub(crate) expired: AtomicU64,
     pub(crate) removed: AtomicU64,
@@ -83,6 +100,10 @@ impl Counters {
         CacheStats {
             hits: r(&self.hits),
             misses: r(&self.misses),
+            refused: r(&self.refused),
+            lookups: r(&self.lookups),
+            suspended: r(&self.suspended),
+            abandoned: r(&self.abandoned),
             inserts: r(&self.inserts),
             expired: r(&self.expired),
             evicted_capacity: evictions.capacity,

@@ -515,3 +515,29 @@ fn stored_entries_leave_out_the_session_id_and_the_context() {
     // And it still resumes from that form.
     assert!(connect(&server, &client, Some(&session), ServerClose::Clean).server_reused);
 }
+
+#[test]
+fn a_session_openssl_refuses_after_the_lookup_is_not_a_hit() {
+    // A session made without the extended master secret, offered in a ClientHello that asks for
+    // it: the cache hands it out, OpenSSL refuses to resume it (RFC 7627 §5.3) and runs a full
+    // handshake.
+    use openssl::ssl::{SslContext, SslMethod, SslOptions, SslVerifyMode, SslVersion};
+    let cache = SessionCache::builder().build().unwrap();
+    let server = server_ctx(Proto::Tls12, &cache, false);
+    let mut b = SslContext::builder(SslMethod::tls()).unwrap();
+    b.set_min_proto_version(Some(SslVersion::TLS1_2)).unwrap();
+    b.set_max_proto_version(Some(SslVersion::TLS1_2)).unwrap();
+    b.set_verify(SslVerifyMode::NONE);
+    b.set_options(SslOptions::from_bits_retain(0x1)); // SSL_OP_NO_EXTENDED_MASTER_SECRET
+    let no_ems = support::Ctx {
+        ctx: b.build(),
+        proto: Proto::Tls12,
+    };
+    let first = connect(&server, &no_ems, None, ServerClose::Clean);
+    let client = client_ctx(Proto::Tls12, false);
+    let second = connect(&server, &client, first.session.as_ref(), ServerClose::Clean);
+    assert!(!second.server_reused);
+    let s = cache.stats();
+    assert_eq!((s.hits, s.misses, s.refused), (0, 1, 1), "{s:?}");
+    assert_eq!(s.inserts, 2);
+}

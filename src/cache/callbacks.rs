@@ -9,7 +9,7 @@
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 
-use openssl::ssl::SslContextBuilder;
+use openssl::ssl::{ClientHelloResponse, SslContextBuilder};
 
 use crate::cache::Inner;
 use crate::ffi;
@@ -18,8 +18,8 @@ use crate::ffi;
 pub(crate) fn install(ctx: &mut SslContextBuilder, inner: Arc<Inner>) {
     let on_new = inner.clone();
     // SSL_CTX_sess_set_new_cb. rust-openssl returns 1 to OpenSSL: the closure owns the reference.
-    ctx.set_new_session_callback(move |_ssl, session| {
-        if catch_unwind(AssertUnwindSafe(|| on_new.on_new_session(&session))).is_err() {
+    ctx.set_new_session_callback(move |ssl, session| {
+        if catch_unwind(AssertUnwindSafe(|| on_new.on_new_session(ssl, &session))).is_err() {
             tracing::error!("BUG: panic in the new-session callback; session not cached");
         }
     });
@@ -30,9 +30,23 @@ pub(crate) fn install(ctx: &mut SslContextBuilder, inner: Arc<Inner>) {
             tracing::error!("BUG: panic in the remove-session callback");
         }
     });
+    if inner.store.is_remote() {
+        let on_hello = inner.clone();
+        // SSL_CTX_set_client_hello_cb: start the lookup, suspend the handshake until it is in.
+        ctx.set_client_hello_callback(move |ssl, _alert| {
+            Ok(
+                catch_unwind(AssertUnwindSafe(|| on_hello.on_client_hello(ssl))).unwrap_or_else(
+                    |_| {
+                        tracing::error!("BUG: panic in the ClientHello callback; no lookup");
+                        ClientHelloResponse::SUCCESS
+                    },
+                ),
+            )
+        });
+    }
     // SSL_CTX_sess_set_get_cb. A returned session hands its one reference to OpenSSL.
-    ffi::set_get_session_callback(ctx, move |_ssl, id| {
-        catch_unwind(AssertUnwindSafe(|| inner.on_get_session(id))).unwrap_or_else(|_| {
+    ffi::set_get_session_callback(ctx, move |ssl, id| {
+        catch_unwind(AssertUnwindSafe(|| inner.on_get_session(ssl, id))).unwrap_or_else(|_| {
             tracing::error!("BUG: panic in the get-session callback; full handshake");
             None
         })

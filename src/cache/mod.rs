@@ -17,9 +17,10 @@ use std::thread;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use lru::LruCache;
+use openssl::ex_data::Index;
 use openssl::ssl::{
-    ShutdownState, SslContextBuilder, SslOptions, SslRef, SslSession, SslSessionCacheMode,
-    SslSessionRef, SslStream,
+    ClientHelloResponse, ShutdownState, Ssl, SslContextBuilder, SslOptions, SslRef, SslSession,
+    SslSessionCacheMode, SslSessionRef, SslStream,
 };
 use parking_lot::{Condvar, Mutex};
 use zeroize::Zeroize;
@@ -28,11 +29,14 @@ use crate::clock::{Clock, SystemClock};
 use crate::error::Error;
 use crate::ffi;
 use crate::stats::{CacheStats, Counters};
-use crate::store::{MemoryStore, SessionId, SessionStore, StoredSession};
+use crate::store::{LookupDone, MemoryStore, SessionId, SessionStore, StoredSession};
 
 mod callbacks;
 pub(crate) mod client;
 mod der;
+pub(crate) mod lookup;
+
+use lookup::{ConnectionSlot, LookupState, PendingLookup};
 
 /// The session id context set by default (`SSL_CTX_set_session_id_context`).
 pub const DEFAULT_SESSION_ID_CONTEXT: &[u8] = b"openssl-session-cache";
@@ -238,6 +242,7 @@ impl SessionCacheBuilder {
             _ => None,
         };
         let inner = Arc::new(Inner {
+            slot_index: lookup::slot_index()?,
             store,
             clock: self.clock,
             counters: Counters::default(),
@@ -328,6 +333,12 @@ impl SessionCache {
     /// cache mode `SERVER | NO_INTERNAL` (or `SERVER` with the internal store on),
     /// `SSL_OP_NO_TICKET` unless tickets are on, and the session id context.
     ///
+    /// With a remote store ([`SessionStore::is_remote`]) it also installs a ClientHello callback
+    /// (`SSL_CTX_set_client_hello_cb`) that looks the offered session up without blocking and
+    /// suspends the handshake meanwhile: see [`pending_lookup`](Self::pending_lookup). A
+    /// context has one ClientHello callback; if yours needs it for something else, call
+    /// [`client_hello`](Self::client_hello) from it (after `install`, which would replace it).
+    ///
     /// # Errors
     /// An OpenSSL error from setting the session id context.
     pub fn install(&self, ctx: &mut SslContextBuilder) -> Result<(), Error> {
@@ -360,7 +371,47 @@ impl SessionCache {
     /// Stores `session` as if OpenSSL had just handed it to the new-session callback (to warm a
     /// cache, or to move sessions between caches). Counted like the callback's inserts.
     pub fn insert(&self, session: &SslSessionRef) {
-        self.shared.inner.on_new_session(session);
+        self.shared.inner.store_session(session);
+    }
+
+    /// The lookup a suspended handshake on `ssl` waits for.
+    ///
+    /// With a remote store, a handshake call (`SslStream::do_handshake`, `accept`, a read or
+    /// write during the handshake) that fails with `ErrorCode::WANT_CLIENT_HELLO_CB` is waiting
+    /// for the session the client offered; this returns that wait (`None` once it completed, or
+    /// when nothing was looked up). Wait for it, then drive the handshake again:
+    ///
+    /// ```no_run
+    /// # async fn example(stream: &mut openssl::ssl::SslStream<std::net::TcpStream>) -> Result<(), openssl::ssl::Error> {
+    /// use openssl::ssl::ErrorCode;
+    /// use openssl_session_cache::SessionCache;
+    ///
+    /// loop {
+    ///     match stream.do_handshake() {
+    ///         Ok(()) => break,
+    ///         Err(e) if e.code() == ErrorCode::WANT_CLIENT_HELLO_CB => {
+    ///             if let Some(lookup) = SessionCache::pending_lookup(stream.ssl()) {
+    ///                 lookup.await; // or lookup.register(&waker) in a std event loop
+    ///             }
+    ///         }
+    ///         Err(e) if e.code() == ErrorCode::WANT_READ => { /* wait for the socket */ }
+    ///         Err(e) => return Err(e),
+    ///     }
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub fn pending_lookup(ssl: &SslRef) -> Option<PendingLookup> {
+        let index = lookup::slot_index().ok()?;
+        let state = ssl.ex_data(index)?.lookup.as_ref()?;
+        (!state.is_settled()).then(|| PendingLookup::new(Arc::clone(state)))
+    }
+
+    /// What the cache's ClientHello callback does, for a context whose ClientHello callback is
+    /// the application's own: call it from there and return its answer unless yours decided
+    /// otherwise. It starts a lookup of the offered session on a remote store and returns
+    /// `RETRY` until the lookup completed; with a local store it returns `SUCCESS` at once.
+    pub fn client_hello(&self, ssl: &mut SslRef) -> ClientHelloResponse {
+        self.shared.inner.on_client_hello(ssl)
     }
 
     /// The store behind the cache.
@@ -395,6 +446,7 @@ impl SessionCache {
 
 /// The state the callbacks share.
 pub(crate) struct Inner {
+    slot_index: Index<Ssl, ConnectionSlot>,
     store: Arc<dyn SessionStore>,
     clock: Arc<dyn Clock>,
     counters: Counters,
@@ -414,8 +466,72 @@ struct Decoded {
 }
 
 impl Inner {
-    /// The new-session callback: serialize (outside any lock) and store.
-    pub(crate) fn on_new_session(&self, session: &SslSessionRef) {
+    /// The new-session callback. OpenSSL calls it after every full handshake: if the get
+    /// callback had handed this connection a session, OpenSSL refused it (a version, cipher or
+    /// context mismatch), so that hit is counted as a miss after all.
+    pub(crate) fn on_new_session(&self, ssl: &mut SslRef, session: &SslSessionRef) {
+        if !ssl.session_reused() {
+            if let Some(slot) = ssl.ex_data_mut(self.slot_index) {
+                if std::mem::take(&mut slot.handed_out) {
+                    self.counters
+                        .hits
+                        .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+                    Counters::bump(&self.counters.misses);
+                    Counters::bump(&self.counters.refused);
+                }
+            }
+        }
+        self.store_session(session);
+    }
+
+    /// The ClientHello callback: with a remote store, start looking up the offered session and
+    /// suspend the handshake until the answer is parked on the connection.
+    pub(crate) fn on_client_hello(&self, ssl: &mut SslRef) -> ClientHelloResponse {
+        if !self.store.is_remote() {
+            return ClientHelloResponse::SUCCESS;
+        }
+        if let Some(state) = ssl
+            .ex_data(self.slot_index)
+            .and_then(|slot| slot.lookup.as_ref())
+        {
+            // Driven again: go on once the answer is in (or the application gave up).
+            return if state.is_settled() {
+                ClientHelloResponse::SUCCESS
+            } else {
+                ClientHelloResponse::RETRY
+            };
+        }
+        let Some(id) = lookup::offered_id(ssl) else {
+            return ClientHelloResponse::SUCCESS;
+        };
+        let state = LookupState::new(id);
+        match ssl.ex_data_mut(self.slot_index) {
+            Some(slot) => slot.lookup = Some(Arc::clone(&state)),
+            None => ssl.set_ex_data(
+                self.slot_index,
+                ConnectionSlot {
+                    lookup: Some(Arc::clone(&state)),
+                    handed_out: false,
+                },
+            ),
+        }
+        Counters::bump(&self.counters.lookups);
+        let completion = Arc::clone(&state);
+        self.store.lookup(
+            id,
+            lookup::mode(self.single_use),
+            LookupDone::new(move |result| completion.complete(result)),
+        );
+        if state.is_settled() {
+            ClientHelloResponse::SUCCESS
+        } else {
+            Counters::bump(&self.counters.suspended);
+            ClientHelloResponse::RETRY
+        }
+    }
+
+    /// Serializes (outside any lock) and stores a new session.
+    pub(crate) fn store_session(&self, session: &SslSessionRef) {
         let Ok(id) = SessionId::new(session.id()) else {
             return; // empty id: nothing a client could offer back
         };
@@ -460,22 +576,53 @@ impl Inner {
     }
 
     /// The get-session callback.
-    pub(crate) fn on_get_session(&self, id: &[u8]) -> Option<ffi::FreshSession> {
-        let found = self.lookup(id);
+    pub(crate) fn on_get_session(&self, ssl: &mut SslRef, id: &[u8]) -> Option<ffi::FreshSession> {
+        let found = self.lookup(ssl, id);
         match found {
-            Some(_) => Counters::bump(&self.counters.hits),
+            Some(_) => {
+                Counters::bump(&self.counters.hits);
+                match ssl.ex_data_mut(self.slot_index) {
+                    Some(slot) => slot.handed_out = true,
+                    None => ssl.set_ex_data(
+                        self.slot_index,
+                        ConnectionSlot {
+                            lookup: None,
+                            handed_out: true,
+                        },
+                    ),
+                }
+            }
             None => Counters::bump(&self.counters.misses),
         }
         found
     }
 
-    fn lookup(&self, id: &[u8]) -> Option<ffi::FreshSession> {
+    /// The answer parked on `ssl` by the ClientHello callback's lookup of `id`, if any.
+    fn parked_answer(
+        &self,
+        ssl: &SslRef,
+        id: &SessionId,
+    ) -> Option<Result<Option<StoredSession>, crate::StoreError>> {
+        let state = ssl.ex_data(self.slot_index)?.lookup.as_ref()?;
+        if state.id != *id {
+            return None;
+        }
+        let answer = state.take();
+        if answer.is_none() {
+            Counters::bump(&self.counters.abandoned);
+        }
+        answer
+    }
+
+    fn lookup(&self, ssl: &SslRef, id: &[u8]) -> Option<ffi::FreshSession> {
         let id = SessionId::new(id).ok()?;
         let now = self.clock.now();
-        let fetched = if self.single_use {
-            self.store.take(&id)
-        } else {
-            self.store.get(&id)
+        let fetched = match self.parked_answer(ssl, &id) {
+            Some(answer) => answer,
+            // A remote store is never asked from here: that would hold up this thread.
+            None if self.store.is_remote() => return None,
+            None if self.single_use => self.store.take(&id),
+            None => self.store.get(&id),
         };
         let stored = match fetched {
             Ok(Some(stored)) => stored,
