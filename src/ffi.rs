@@ -10,11 +10,18 @@ use std::time::Duration;
 use foreign_types::{ForeignType, ForeignTypeRef};
 use libc::{c_int, c_void};
 use openssl::error::ErrorStack;
-use openssl::ssl::{SslContextBuilder, SslRef, SslSession, SslSessionRef};
+use openssl::ssl::{SslCipherRef, SslContextBuilder, SslRef, SslSession, SslSessionRef};
+use openssl::x509::X509Ref;
 
 extern "C" {
     fn SSL_SESSION_is_resumable(s: *const openssl_sys::SSL_SESSION) -> c_int;
     fn SSL_SESSION_dup(s: *const openssl_sys::SSL_SESSION) -> *mut openssl_sys::SSL_SESSION;
+    fn SSL_SESSION_get0_cipher(
+        s: *const openssl_sys::SSL_SESSION,
+    ) -> *const openssl_sys::SSL_CIPHER;
+    fn SSL_SESSION_get0_peer(s: *mut openssl_sys::SSL_SESSION) -> *mut openssl_sys::X509;
+    fn SSL_get_ciphers(s: *const openssl_sys::SSL) -> *mut openssl_sys::stack_st_SSL_CIPHER;
+    fn SSL_CIPHER_get_id(c: *const openssl_sys::SSL_CIPHER) -> u32;
 }
 
 /// `DTLS_CTRL_GET_TIMEOUT` from OpenSSL 3.0's `ssl.h` (the `DTLSv1_get_timeout` macro).
@@ -26,6 +33,21 @@ const DTLS_CTRL_GET_TIMEOUT: c_int = 73;
 /// (no owning context, not linked into any internal cache list, one reference). This is what
 /// makes the get callback's contract hold whatever the cache mode of the context asking for it.
 pub(crate) struct FreshSession(SslSession);
+
+impl FreshSession {
+    /// The session object itself, to keep (the decoded tier keeps a copy of its own).
+    pub(crate) fn into_inner(self) -> SslSession {
+        self.0
+    }
+}
+
+impl std::ops::Deref for FreshSession {
+    type Target = SslSessionRef;
+
+    fn deref(&self) -> &SslSessionRef {
+        &self.0
+    }
+}
 
 impl std::fmt::Debug for FreshSession {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -158,4 +180,51 @@ pub(crate) fn max_proto_version(ssl: &SslRef) -> Option<i32> {
     // SAFETY: ssl is a live SSL; SSL_CTRL_GET_MAX_PROTO_VERSION only reads an int field.
     let v = unsafe { openssl_sys::SSL_get_max_proto_version(ssl.as_ptr()) };
     (v != 0).then_some(v)
+}
+
+/// The cipher suite `session` was made with (`SSL_SESSION_get0_cipher`).
+pub(crate) fn session_cipher(session: &SslSessionRef) -> Option<&SslCipherRef> {
+    // SAFETY: the session is live; SSL_SESSION_get0_cipher returns NULL or a pointer into
+    // OpenSSL's static cipher tables, which outlive every session (so borrowing it for the
+    // session's lifetime is conservative).
+    let c = unsafe { SSL_SESSION_get0_cipher(session.as_ptr()) };
+    // SAFETY: non-null and valid for at least the session's lifetime (see above).
+    (!c.is_null()).then(|| unsafe { SslCipherRef::from_ptr(c.cast_mut()) })
+}
+
+/// The peer (client) certificate kept in `session` (`SSL_SESSION_get0_peer`), borrowed.
+pub(crate) fn session_peer(session: &SslSessionRef) -> Option<&X509Ref> {
+    // SAFETY: the session is live; SSL_SESSION_get0_peer only reads a field and returns NULL or
+    // a certificate the session holds a reference to, which lives as long as the session does
+    // and is not changed through a shared session (only d2i and the handshake set it).
+    let x = unsafe { SSL_SESSION_get0_peer(session.as_ptr()) };
+    // SAFETY: non-null, owned by the session for the borrow's lifetime (see above).
+    (!x.is_null()).then(|| unsafe { X509Ref::from_ptr(x) })
+}
+
+/// Whether the cipher with id `cipher_id` (`SSL_CIPHER_get_id`) is in the list `ssl` offers
+/// now (`SSL_get_ciphers`: the connection's list, initially its context's).
+pub(crate) fn offers_cipher(ssl: &SslRef, cipher_id: u32) -> bool {
+    // SAFETY: ssl is live; SSL_get_ciphers returns NULL or the connection's (or its context's)
+    // cipher stack, which lives while ssl is borrowed (changing it needs `&mut SslRef`).
+    let stack = unsafe { SSL_get_ciphers(ssl.as_ptr()) };
+    if stack.is_null() {
+        return false;
+    }
+    let stack = stack.cast::<openssl_sys::OPENSSL_STACK>();
+    // SAFETY: `stack` is a valid STACK_OF(SSL_CIPHER) (see above); OPENSSL_sk_num and
+    // OPENSSL_sk_value only read it, and each value is a pointer into the static cipher tables.
+    unsafe {
+        let n = openssl_sys::OPENSSL_sk_num(stack);
+        (0..n).any(|i| {
+            let c = openssl_sys::OPENSSL_sk_value(stack, i).cast::<openssl_sys::SSL_CIPHER>();
+            !c.is_null() && SSL_CIPHER_get_id(c) == cipher_id
+        })
+    }
+}
+
+/// The id of `cipher` (`SSL_CIPHER_get_id`).
+pub(crate) fn cipher_id(cipher: &SslCipherRef) -> u32 {
+    // SAFETY: the cipher is a live table entry; the call only reads a field.
+    unsafe { SSL_CIPHER_get_id(cipher.as_ptr()) }
 }

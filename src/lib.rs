@@ -46,6 +46,7 @@ mod store;
 
 pub use cache::client::ClientSessionCache;
 pub use cache::lookup::PendingLookup;
+pub use cache::policy::SessionInfo;
 pub use cache::{SessionCache, SessionCacheBuilder, DEFAULT_SESSION_ID_CONTEXT};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use dsm::{

@@ -26,15 +26,27 @@ pub struct CacheStats {
     pub suspended: u64,
     /// Suspended lookups the application gave up on (a full handshake followed).
     pub abandoned: u64,
-    /// Sessions written to the store by the new-session callback.
+    /// Stored sessions refused because today's policy no longer allows them: a cipher suite
+    /// the server no longer offers, a PSK identity revoked or with another key (each removed,
+    /// and a miss). Sessions older than today's lifetime count in `expired` instead.
+    pub stale: u64,
+    /// Stored sessions the application refused (`accept_session`; each a miss, kept in the
+    /// store).
+    pub vetoed: u64,
+    /// Sessions handed to the store by the new-session callback or
+    /// [`SessionCache::insert`](crate::SessionCache::insert) (a store that writes behind may still
+    /// lose one; see its own counters).
     pub inserts: u64,
-    /// Entries found expired on lookup, or purged by a sweep.
+    /// Entries found expired on lookup (by their stored expiry, or older than today's
+    /// `max_ttl`), or purged by a sweep.
     pub expired: u64,
     /// Entries the store evicted because it held `max_entries`.
     pub evicted_capacity: u64,
     /// Entries the store evicted because it held `max_bytes`.
     pub evicted_bytes: u64,
-    /// Entries deleted because OpenSSL called the remove callback, or taken for single use.
+    /// Entries deleted because OpenSSL called the remove callback (a fatal alert sent or
+    /// received, a connection freed before close_notify, an expired session) and the store held
+    /// them. Single-use takes are not counted here: each is a hit.
     pub removed: u64,
     /// Stored bytes that OpenSSL could not decode (each removed, and a miss).
     pub decode_errors: u64,
@@ -73,6 +85,8 @@ pub(crate) struct Counters {
     pub(crate) lookups: AtomicU64,
     pub(crate) suspended: AtomicU64,
     pub(crate) abandoned: AtomicU64,
+    pub(crate) stale: AtomicU64,
+    pub(crate) vetoed: AtomicU64,
     pub(crate) inserts: AtomicU64,
     pub(crate) expired: AtomicU64,
     pub(crate) removed: AtomicU64,
@@ -104,6 +118,8 @@ impl Counters {
             lookups: r(&self.lookups),
             suspended: r(&self.suspended),
             abandoned: r(&self.abandoned),
+            stale: r(&self.stale),
+            vetoed: r(&self.vetoed),
             inserts: r(&self.inserts),
             expired: r(&self.expired),
             evicted_capacity: evictions.capacity,

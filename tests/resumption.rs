@@ -286,7 +286,7 @@ fn the_sweep_removes_expired_entries_and_keeps_live_ones() {
     let cache = SessionCache::builder()
         .clock(clock.clone())
         .store(store.clone())
-        .max_ttl(Duration::from_secs(60))
+        .max_ttl(Duration::from_secs(600))
         .build()
         .unwrap();
     let server = server_ctx(Proto::Tls12, &cache, false);
@@ -297,15 +297,15 @@ fn the_sweep_removes_expired_entries_and_keeps_live_ones() {
     let live = connect(&server, &client, None, ServerClose::Clean)
         .session
         .unwrap();
-    // Give the second session a longer life in the store.
-    let live_id = SessionId::new(live.id()).unwrap();
-    let entry = store.get(&live_id).unwrap().unwrap();
+    // Give the first session a shorter life in the store.
+    let old_id = SessionId::new(old.id()).unwrap();
+    let entry = store.get(&old_id).unwrap().unwrap();
     store
         .put(
-            live_id,
+            old_id,
             StoredSession::new(
                 entry.data().to_vec(),
-                clock.now_plus(Duration::from_secs(600)),
+                clock.now_plus(Duration::from_secs(60)),
             ),
         )
         .unwrap();
@@ -359,6 +359,36 @@ fn a_background_purge_thread_runs_and_stops_with_the_cache() {
     assert_eq!(cache.stats().expired, 1);
     assert_eq!(store.usage().entries, 0);
     drop(cache); // joins the thread; a hang here fails the test by timeout
+}
+
+#[test]
+fn the_purge_thread_runs_while_a_context_uses_the_cache_after_the_last_clone_is_gone() {
+    let clock = Arc::new(ManualClock::starting_now());
+    let store = Arc::new(MemoryStore::builder().build().unwrap());
+    let cache = SessionCache::builder()
+        .clock(clock.clone())
+        .store(store.clone())
+        .purge_interval(Duration::from_millis(5))
+        .build()
+        .unwrap();
+    let server = server_ctx(Proto::Tls12, &cache, false);
+    drop(cache); // the context still uses it
+    store
+        .put(
+            SessionId::new(b"stale").unwrap(),
+            StoredSession::new(vec![1; 10], clock.now_plus(Duration::from_secs(1))),
+        )
+        .unwrap();
+    clock.advance(Duration::from_secs(2));
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while store.usage().entries != 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the purge thread stopped with the last SessionCache clone"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    drop(server); // the last user: the thread is stopped and joined (a hang fails the test)
 }
 
 #[test]

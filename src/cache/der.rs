@@ -27,6 +27,12 @@ const INTEGER: u8 = 0x02;
 const FINGERPRINT: u8 = 0x05;
 /// `[4]` EXPLICIT, constructed: the session id context.
 const SID_CTX: u8 = 0xa4;
+/// `[8]` EXPLICIT, constructed: the PSK identity.
+const PSK_IDENTITY: u8 = 0xa8;
+/// First byte of a stored form that starts with a policy header (DER always starts with 0x30).
+const POLICY_V1: u8 = 0x01;
+/// Length of the PSK key fingerprint in a policy header.
+pub(crate) const PSK_FINGERPRINT_LEN: usize = 8;
 
 /// The fingerprint of a session id context kept in compact forms.
 pub(crate) type ContextFingerprint = [u8; 8];
@@ -204,7 +210,66 @@ pub(crate) fn compact(
         }
         _ => None,
     };
-    Some(rebuild(der, &layout, &[], replacement.as_deref()))
+    let small = rebuild(der, &layout, &[], replacement.as_deref());
+    // Trust the layout only when the round trip gives back the very same bytes: an encoding
+    // this module does not fully understand (a future OpenSSL, a non-minimal length) is stored
+    // as plain DER instead.
+    match expand(&small, id, ctx, fp) {
+        Expanded::Der(mut back) => {
+            let same = back == der;
+            zeroize::Zeroize::zeroize(&mut back);
+            same.then_some(small)
+        }
+        _ => None,
+    }
+}
+
+/// Prefixes stored bytes with a policy header holding the fingerprint of the PSK the session
+/// was made with.
+pub(crate) fn with_psk_fingerprint(fp: &[u8; PSK_FINGERPRINT_LEN], body: Vec<u8>) -> Vec<u8> {
+    let mut out = Vec::with_capacity(1 + PSK_FINGERPRINT_LEN + body.len());
+    out.push(POLICY_V1);
+    out.extend_from_slice(fp);
+    out.extend_from_slice(&body);
+    let mut body = body;
+    zeroize::Zeroize::zeroize(&mut body);
+    out
+}
+
+/// Splits stored bytes into the PSK fingerprint of their policy header (if any) and the
+/// session encoding (compact or plain DER).
+pub(crate) fn split_policy(stored: &[u8]) -> (Option<[u8; PSK_FINGERPRINT_LEN]>, &[u8]) {
+    match stored.split_first() {
+        Some((&POLICY_V1, rest)) if rest.len() >= PSK_FINGERPRINT_LEN => {
+            let (fp, body) = rest.split_at(PSK_FINGERPRINT_LEN);
+            let mut out = [0u8; PSK_FINGERPRINT_LEN];
+            out.copy_from_slice(fp);
+            (Some(out), body)
+        }
+        _ => (None, stored),
+    }
+}
+
+/// The PSK identity recorded in a session encoding (compact or plain DER), if any.
+pub(crate) fn psk_identity(encoded: &[u8]) -> Option<&[u8]> {
+    let outer = read_tlv(encoded, 0)?;
+    if outer.tag != SEQUENCE {
+        return None;
+    }
+    let mut pos = outer.content;
+    while pos < outer.end() {
+        let t = read_tlv(encoded, pos)?;
+        if t.end() > outer.end() {
+            return None;
+        }
+        if t.tag == PSK_IDENTITY {
+            let inner = read_tlv(encoded, t.content)?;
+            return (inner.tag == OCTET_STRING && inner.end() == t.end())
+                .then(|| &encoded[inner.content..inner.end()]);
+        }
+        pos = t.end();
+    }
+    None
 }
 
 /// The full DER for bytes stored under `id`, read by a cache whose context is `ctx`
@@ -320,6 +385,61 @@ mod tests {
         ] {
             assert!(compact(junk, &[1; 32], CTX, &fp).is_none());
             assert_eq!(expand(junk, &[1; 32], CTX, &fp), Expanded::AsIs);
+        }
+    }
+
+    #[test]
+    fn a_layout_that_does_not_round_trip_is_stored_plain() {
+        // The outer length in the long form (0x81 n for n < 128): valid BER that the rebuild,
+        // which writes minimal lengths, would not reproduce.
+        let fp = fingerprint(CTX);
+        let id = [9; 32];
+        let der = sample(&id, 10, Some(CTX));
+        assert!(der[1] < 0x80);
+        let mut odd = vec![SEQUENCE, 0x81];
+        odd.extend_from_slice(&der[1..]);
+        assert!(compact(&der, &id, CTX, &fp).is_some());
+        assert!(compact(&odd, &id, CTX, &fp).is_none());
+    }
+
+    #[test]
+    fn policy_header_round_trips_and_plain_bytes_have_none() {
+        let der = sample(&[1; 32], 10, Some(CTX));
+        assert_eq!(split_policy(&der), (None, &der[..]));
+        let wrapped = with_psk_fingerprint(&[7; 8], der.clone());
+        assert_eq!(split_policy(&wrapped), (Some([7; 8]), &der[..]));
+        assert_eq!(
+            split_policy(&[POLICY_V1, 1, 2]),
+            (None, &[POLICY_V1, 1, 2][..])
+        );
+    }
+
+    #[test]
+    fn psk_identity_is_found_in_plain_and_compact_forms() {
+        let id = [4; 32];
+        let mut der = sample(&id, 10, Some(CTX));
+        assert_eq!(psk_identity(&der), None);
+        // Append [8] { OCTET STRING "dev-7" } inside the outer SEQUENCE.
+        let mut inner = der[2..].to_vec();
+        inner.extend_from_slice(&[
+            PSK_IDENTITY,
+            7,
+            OCTET_STRING,
+            5,
+            b'd',
+            b'e',
+            b'v',
+            b'-',
+            b'7',
+        ]);
+        der.clear();
+        push_tlv(&mut der, SEQUENCE, &inner);
+        assert_eq!(psk_identity(&der), Some(&b"dev-7"[..]));
+        let fp = fingerprint(CTX);
+        let small = compact(&der, &id, CTX, &fp).unwrap();
+        assert_eq!(psk_identity(&small), Some(&b"dev-7"[..]));
+        for cut in 0..der.len() {
+            let _ = psk_identity(&der[..cut]);
         }
     }
 

@@ -12,6 +12,7 @@
 //! never resumes.
 
 use std::fmt;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -35,14 +36,16 @@ mod callbacks;
 pub(crate) mod client;
 mod der;
 pub(crate) mod lookup;
+pub(crate) mod policy;
 
 use lookup::{ConnectionSlot, LookupState, PendingLookup};
+use policy::{Policy, Refusal, SessionInfo};
 
 /// The session id context set by default (`SSL_CTX_set_session_id_context`).
 pub const DEFAULT_SESSION_ID_CONTEXT: &[u8] = b"openssl-session-cache";
 
 /// Builds a [`SessionCache`]. Every setting has a default; see each method.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 #[must_use]
 pub struct SessionCacheBuilder {
     max_entries: usize,
@@ -59,6 +62,22 @@ pub struct SessionCacheBuilder {
     decoded_entries: usize,
     purge_interval: Option<Duration>,
     purge_batch: usize,
+    policy: Policy,
+}
+
+impl fmt::Debug for SessionCacheBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SessionCacheBuilder")
+            .field("max_entries", &self.max_entries)
+            .field("max_bytes", &self.max_bytes)
+            .field("max_ttl", &self.max_ttl)
+            .field("store", &self.store)
+            .field("tickets", &self.tickets)
+            .field("single_use", &self.single_use)
+            .field("psk_keys", &self.policy.psk_keys.is_some())
+            .field("accept_session", &self.policy.accept.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Default for SessionCacheBuilder {
@@ -78,6 +97,7 @@ impl Default for SessionCacheBuilder {
             decoded_entries: 1024,
             purge_interval: None,
             purge_batch: 4096,
+            policy: Policy::default(),
         }
     }
 }
@@ -192,10 +212,37 @@ impl SessionCacheBuilder {
     }
 
     /// Runs [`SessionCache::purge_expired`] on a background thread every `interval` (default:
-    /// no thread; expiry is then lazy, on lookup). The thread is joined when the last clone of
-    /// the cache is dropped.
+    /// no thread; expiry is then lazy, on lookup). The thread runs while anything uses the cache
+    /// (a clone, or a context it is installed on) and is joined when the last one is dropped.
     pub fn purge_interval(mut self, interval: Duration) -> Self {
         self.purge_interval = Some(interval);
+        self
+    }
+
+    /// The current key of each PSK identity, as the server's PSK callback knows it (`None`:
+    /// unknown or revoked). Give the cache the same lookup the server uses: a PSK session is then
+    /// stored with a keyed fingerprint of its key (never the key), and resumes only while its
+    /// identity still maps to that key, so a revoked identity or a changed key cannot resume an
+    /// old session, from a snapshot or another host either. Without it PSK sessions are not
+    /// checked.
+    pub fn psk_keys(
+        mut self,
+        lookup: impl Fn(&[u8]) -> Option<zeroize::Zeroizing<Vec<u8>>> + Send + Sync + 'static,
+    ) -> Self {
+        self.policy.psk_keys = Some(Arc::new(lookup));
+        self
+    }
+
+    /// The application's veto over every stored session about to be resumed: return false to
+    /// refuse it (a full handshake follows; counted in [`CacheStats::vetoed`]). It sees the peer
+    /// certificate, PSK identity, cipher, protocol and age ([`SessionInfo`]). It runs inside
+    /// OpenSSL's get-session callback: keep it quick, never block, never panic (a panic is a
+    /// refusal).
+    pub fn accept_session(
+        mut self,
+        accept: impl Fn(&SessionInfo<'_>) -> bool + Send + Sync + 'static,
+    ) -> Self {
+        self.policy.accept = Some(Arc::new(accept));
         self
     }
 
@@ -254,15 +301,15 @@ impl SessionCacheBuilder {
             purge_batch: self.purge_batch,
             context_fp: der::fingerprint(&self.session_id_context),
             session_id_context: self.session_id_context.clone(),
+            policy: self.policy,
+            purger: Mutex::new(None),
         });
-        let purger = self
-            .purge_interval
-            .map(|every| Purger::start(inner.clone(), every))
-            .transpose()?;
+        if let Some(every) = self.purge_interval {
+            *inner.purger.lock() = Some(Purger::start(Arc::downgrade(&inner), every)?);
+        }
         Ok(SessionCache {
             shared: Arc::new(Shared {
                 inner,
-                _purger: purger,
                 config: InstallConfig {
                     session_id_context: self.session_id_context,
                     tickets: self.tickets,
@@ -302,8 +349,6 @@ pub struct SessionCache {
 
 struct Shared {
     inner: Arc<Inner>,
-    // Held for its Drop: stops and joins the purge thread with the last clone.
-    _purger: Option<Purger>,
     config: InstallConfig,
 }
 
@@ -458,6 +503,17 @@ pub(crate) struct Inner {
     purge_batch: usize,
     session_id_context: Vec<u8>,
     context_fp: der::ContextFingerprint,
+    policy: Policy,
+    /// Held for its Drop: stops and joins the purge thread when the last user of the cache (a
+    /// clone or a context it is installed on) is gone.
+    purger: Mutex<Option<Purger>>,
+}
+
+/// What decoding stored bytes gave.
+enum Decode {
+    Session(ffi::FreshSession),
+    OtherContext,
+    Failed,
 }
 
 /// A session kept decoded; the store decides whether it is still valid.
@@ -554,7 +610,14 @@ impl Inner {
             Counters::bump(&self.counters.rejected_oversize);
             return;
         }
-        let stored = match der::compact(
+        let psk_fp = der::psk_identity(&der).and_then(|identity| {
+            let fp = self.policy.fingerprint_for(identity);
+            if fp.is_none() && self.policy.psk_keys.is_some() {
+                tracing::debug!("psk identity has no key now; its session is stored unchecked");
+            }
+            fp
+        });
+        let mut stored = match der::compact(
             &der,
             id.as_bytes(),
             &self.session_id_context,
@@ -566,6 +629,9 @@ impl Inner {
             }
             None => der,
         };
+        if let Some(fp) = psk_fp {
+            stored = der::with_psk_fingerprint(&fp, stored);
+        }
         match self.store.put(id, StoredSession::new(stored, expires_at)) {
             Ok(()) => Counters::bump(&self.counters.inserts),
             Err(e) => {
@@ -638,20 +704,77 @@ impl Inner {
         };
         if stored.is_expired(now) {
             Counters::bump(&self.counters.expired);
-            if !self.single_use {
-                if let Err(e) = self.store.remove(&id) {
-                    tracing::debug!(error = %e, "removing an expired session failed");
-                    Counters::bump(&self.counters.store_errors);
-                }
-            }
-            self.forget_decoded(&id);
+            self.discard(&id);
             return None;
         }
-        if let Some(session) = self.decoded_session(&id) {
+        let (psk_fp, body) = der::split_policy(stored.data());
+        let (session, decoded_now) = match self.decoded_session(&id) {
+            Some(kept) => (kept, false),
+            None => match self.decode(&id, body) {
+                Decode::Session(s) => (s, true),
+                Decode::OtherContext => {
+                    // Made by a cache with another session id context sharing the store:
+                    // OpenSSL would refuse it after decoding; leave it to its owner.
+                    if self.single_use {
+                        let _ = self.store.put(id, stored);
+                    }
+                    return None;
+                }
+                Decode::Failed => {
+                    tracing::debug!(id = %id.to_hex(), "stored session does not decode; removed");
+                    Counters::bump(&self.counters.decode_errors);
+                    self.discard(&id);
+                    return None;
+                }
+            },
+        };
+        let age = now
+            .duration_since(unix_secs(session.time()))
+            .unwrap_or(Duration::ZERO);
+        let verdict = catch_unwind(AssertUnwindSafe(|| {
+            self.policy.check(
+                ssl,
+                &id,
+                &session,
+                age,
+                self.max_ttl,
+                der::psk_identity(body),
+                psk_fp,
+            )
+        }))
+        .unwrap_or_else(|_| {
+            tracing::error!("panic in the session policy check (accept_session?); refused");
+            Err(Refusal::Vetoed)
+        });
+        if let Err(refusal) = verdict {
+            tracing::debug!(id = %id.to_hex(), ?refusal, "stored session refused by policy");
+            let counter = match refusal {
+                Refusal::Expired => &self.counters.expired,
+                Refusal::Stale => &self.counters.stale,
+                Refusal::Vetoed => &self.counters.vetoed,
+            };
+            Counters::bump(counter);
+            if refusal != Refusal::Vetoed {
+                self.discard(&id);
+            } else {
+                self.forget_decoded(&id);
+            }
+            return None;
+        }
+        if !decoded_now || self.single_use || self.decoded.is_none() {
             return Some(session);
         }
+        // The tier keeps a copy; OpenSSL gets the object just decoded.
+        if let Some(copy) = ffi::dup_session(&session) {
+            self.remember_decoded(id, copy.into_inner());
+        }
+        Some(session)
+    }
+
+    /// Decodes stored session bytes (compact or plain DER).
+    fn decode(&self, id: &SessionId, body: &[u8]) -> Decode {
         let decoded = match der::expand(
-            stored.data(),
+            body,
             id.as_bytes(),
             &self.session_id_context,
             &self.context_fp,
@@ -661,36 +784,22 @@ impl Inner {
                 full.zeroize();
                 session
             }
-            der::Expanded::AsIs => SslSession::from_der(stored.data()),
-            // Made by a cache with another session id context sharing the store: OpenSSL would
-            // refuse it after decoding; leave it to its owner.
-            der::Expanded::OtherContext => {
-                if self.single_use {
-                    let _ = self.store.put(id, stored);
-                }
-                return None;
-            }
+            der::Expanded::AsIs => SslSession::from_der(body),
+            der::Expanded::OtherContext => return Decode::OtherContext,
         };
         match decoded {
-            Ok(session) => {
-                if self.single_use || self.decoded.is_none() {
-                    return Some(ffi::fresh_session(session));
-                }
-                // The tier keeps this object; OpenSSL gets a copy of its own.
-                let handed_out = ffi::dup_session(&session);
-                self.remember_decoded(id, session);
-                handed_out
-            }
-            Err(_) => {
-                tracing::debug!(id = %id.to_hex(), "stored session does not decode; removed");
-                Counters::bump(&self.counters.decode_errors);
-                if !self.single_use {
-                    if let Err(e) = self.store.remove(&id) {
-                        tracing::debug!(error = %e, "removing an undecodable session failed");
-                        Counters::bump(&self.counters.store_errors);
-                    }
-                }
-                None
+            Ok(session) => Decode::Session(ffi::fresh_session(session)),
+            Err(_) => Decode::Failed,
+        }
+    }
+
+    /// Drops `id` from the decoded tier and, unless the lookup already took it, the store.
+    fn discard(&self, id: &SessionId) {
+        self.forget_decoded(id);
+        if !self.single_use {
+            if let Err(e) = self.store.remove(id) {
+                tracing::debug!(error = %e, "removing a session failed");
+                Counters::bump(&self.counters.store_errors);
             }
         }
     }
@@ -784,9 +893,32 @@ pub(crate) fn session_expiry(
     now: SystemTime,
     max_ttl: Duration,
 ) -> SystemTime {
-    let created = UNIX_EPOCH + Duration::from_secs(u64::try_from(session.time()).unwrap_or(0));
-    let timeout = Duration::from_secs(u64::try_from(session.timeout()).unwrap_or(0));
-    (now + timeout.min(max_ttl)).min(created + timeout)
+    expiry(now, session.time(), session.timeout(), max_ttl)
+}
+
+/// [`session_expiry`] on plain numbers: OpenSSL's `time` and `timeout` (seconds, any value a
+/// session can carry) and the cap. Saturates instead of overflowing: a timeout of years, or a
+/// `max_ttl` of `Duration::MAX`, gives a far expiry, never a panic.
+fn expiry(now: SystemTime, created_secs: i64, timeout_secs: i64, max_ttl: Duration) -> SystemTime {
+    let timeout = Duration::from_secs(u64::try_from(timeout_secs).unwrap_or(0));
+    let by_cache = add_saturating(now, timeout.min(max_ttl));
+    let by_openssl = add_saturating(unix_secs(created_secs), timeout);
+    by_cache.min(by_openssl)
+}
+
+/// The time `secs` seconds after the Unix epoch (0 for negative values).
+fn unix_secs(secs: i64) -> SystemTime {
+    add_saturating(
+        UNIX_EPOCH,
+        Duration::from_secs(u64::try_from(secs).unwrap_or(0)),
+    )
+}
+
+/// `t + d`, or the latest time this cache deals in when that would overflow (year ~36800).
+fn add_saturating(t: SystemTime, d: Duration) -> SystemTime {
+    const LATEST: Duration = Duration::from_secs(1 << 40);
+    t.checked_add(d)
+        .map_or(UNIX_EPOCH + LATEST, |later| later.min(UNIX_EPOCH + LATEST))
 }
 
 /// The background purge thread; stopped and joined on drop.
@@ -796,7 +928,9 @@ struct Purger {
 }
 
 impl Purger {
-    fn start(inner: Arc<Inner>, every: Duration) -> Result<Self, Error> {
+    /// Starts the thread. It holds the cache weakly, so it lives as long as anything uses the
+    /// cache (a clone of it, or a context it is installed on) and ends with the last user.
+    fn start(inner: std::sync::Weak<Inner>, every: Duration) -> Result<Self, Error> {
         let stop = Arc::new((Mutex::new(false), Condvar::new()));
         let signal = stop.clone();
         let handle = thread::Builder::new()
@@ -807,10 +941,16 @@ impl Purger {
                 while !*stopped {
                     if cvar.wait_for(&mut stopped, every).timed_out() {
                         drop(stopped);
+                        let Some(inner) = inner.upgrade() else {
+                            return;
+                        };
                         let n = inner.purge_expired();
                         if n > 0 {
                             tracing::debug!(purged = n, "expired sessions purged");
                         }
+                        // If this was the last user, the cache is dropped here, on this thread,
+                        // and Purger::drop must not join it.
+                        drop(inner);
                         stopped = lock.lock();
                     }
                 }
@@ -827,7 +967,9 @@ impl Drop for Purger {
         *self.stop.0.lock() = true;
         self.stop.1.notify_all();
         if let Some(handle) = self.handle.take() {
-            let _ = handle.join();
+            if handle.thread().id() != thread::current().id() {
+                let _ = handle.join();
+            }
         }
     }
 }
@@ -835,5 +977,39 @@ impl Drop for Purger {
 impl fmt::Debug for Inner {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Inner").finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn expiry_saturates_instead_of_overflowing() {
+        let now = UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let created = 1_800_000_000 - 10;
+        // The usual case: the smaller of the timeout and the cap, from now, and never later
+        // than OpenSSL's own view.
+        assert_eq!(
+            expiry(now, created, 7200, Duration::from_secs(60)),
+            now + Duration::from_secs(60)
+        );
+        assert_eq!(
+            expiry(now, created, 100, Duration::from_secs(7200)),
+            now + Duration::from_secs(90)
+        );
+        // Extremes a session or a configuration can carry: no panic, a far (or past) expiry.
+        for (t, timeout, cap) in [
+            (created, i64::MAX, Duration::MAX),
+            (i64::MAX, i64::MAX, Duration::MAX),
+            (i64::MIN, i64::MAX, Duration::from_secs(5)),
+            (created, -1, Duration::MAX),
+            (created, 0, Duration::ZERO),
+        ] {
+            let e = expiry(now, t, timeout, cap);
+            assert!(e <= UNIX_EPOCH + Duration::from_secs(1 << 40));
+        }
+        assert!(expiry(now, created, i64::MAX, Duration::MAX) > now + Duration::from_secs(1 << 30));
+        assert!(expiry(now, created, -1, Duration::MAX) <= now);
     }
 }

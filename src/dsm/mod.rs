@@ -348,8 +348,9 @@ struct Inner<K, V> {
 /// On top of RIOT's semantics it adds the hardening that RIOT and the tinydtls gem lack:
 ///
 /// - **Handshake budget.** At most [`DsmConfig::max_handshakes`] slots can be in `Handshake`, so a
-///   flood of half-open handshakes can never take the slots that established peers need, and
-///   established peers are never evicted to make room for a handshake.
+///   flood of half-open handshakes can never take the slots that established peers need. An
+///   established peer makes room for a new handshake only with [`DsmConfig::evict_idle_after`]
+///   set, and only when it has been idle at least that long (never, by default).
 /// - **Handshake timeout.** A `Handshake` slot not used for [`DsmConfig::handshake_timeout`] is
 ///   freed by [`Dsm::sweep`], or reclaimed at once when a new peer needs its room (RIOT never frees
 ///   stuck `HANDSHAKE` slots).

@@ -1,0 +1,175 @@
+//! Today's policy, applied to every session a lookup finds, whatever policy it was made under.
+//!
+//! A stored session outlives the configuration that made it: in a snapshot across a restart, in
+//! a shared store across hosts and deployments. OpenSSL checks little on resumption (the
+//! protocol version, the session id context, its own expiry), so the cache checks the rest
+//! before handing a session out:
+//! - its lifetime counted from its creation under today's `max_ttl` (a shorter TTL applies to
+//!   sessions made under a longer one);
+//! - its cipher suite is still one the connection offers (a suite removed from the server's list
+//!   no longer resumes);
+//! - a PSK session's identity still maps to the same key: the store keeps a keyed fingerprint of
+//!   the key (never the key), and a revoked identity or a changed key no longer resumes;
+//! - the application's own veto ([`SessionCacheBuilder::accept_session`]).
+//!
+//! [`SessionCacheBuilder::accept_session`]: crate::SessionCacheBuilder::accept_session
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hmac::{Hmac, Mac};
+use openssl::ssl::{SslRef, SslSessionRef, SslVersion};
+use openssl::x509::X509Ref;
+use sha2::Sha256;
+use zeroize::Zeroizing;
+
+use crate::cache::der::PSK_FINGERPRINT_LEN;
+use crate::ffi;
+use crate::store::SessionId;
+
+/// Looks up the current key of a PSK identity (`None`: unknown or revoked).
+pub(crate) type PskKeys = Arc<dyn Fn(&[u8]) -> Option<Zeroizing<Vec<u8>>> + Send + Sync>;
+/// The application's veto.
+pub(crate) type Accept = Arc<dyn Fn(&SessionInfo<'_>) -> bool + Send + Sync>;
+
+/// What the application's [`accept_session`](crate::SessionCacheBuilder::accept_session) veto
+/// sees of a stored session about to be resumed.
+#[non_exhaustive]
+pub struct SessionInfo<'a> {
+    /// The session id.
+    pub id: &'a SessionId,
+    /// The protocol version the session was made with.
+    pub protocol: SslVersion,
+    /// The cipher suite's OpenSSL name, e.g. `ECDHE-ECDSA-AES128-GCM-SHA256`.
+    pub cipher: Option<&'a str>,
+    /// The client certificate the session was authenticated with, if any.
+    pub peer_certificate: Option<&'a X509Ref>,
+    /// The PSK identity the session was made with, if any.
+    pub psk_identity: Option<&'a [u8]>,
+    /// How long ago the session was made (its full handshake).
+    pub age: Duration,
+}
+
+impl fmt::Debug for SessionInfo<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SessionInfo")
+            .field("id", self.id)
+            .field("protocol", &self.protocol)
+            .field("cipher", &self.cipher)
+            .field(
+                "peer_certificate",
+                &self
+                    .peer_certificate
+                    .map(|c| c.subject_name().entries().count()),
+            )
+            .field(
+                "psk_identity",
+                &self.psk_identity.map(String::from_utf8_lossy),
+            )
+            .field("age", &self.age)
+            .finish()
+    }
+}
+
+/// Why a stored session is not handed out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Refusal {
+    /// Older than today's lifetime allows.
+    Expired,
+    /// Its cipher suite is no longer offered, or its PSK identity no longer has the same key.
+    Stale,
+    /// The application said no.
+    Vetoed,
+}
+
+/// The configured policy.
+#[derive(Clone, Default)]
+pub(crate) struct Policy {
+    pub(crate) psk_keys: Option<PskKeys>,
+    pub(crate) accept: Option<Accept>,
+}
+
+impl Policy {
+    /// The fingerprint to store with a PSK session made with `identity`, if keys are known.
+    pub(crate) fn fingerprint_for(&self, identity: &[u8]) -> Option<[u8; PSK_FINGERPRINT_LEN]> {
+        let keys = self.psk_keys.as_ref()?;
+        let key = keys(identity)?;
+        Some(psk_fingerprint(identity, &key))
+    }
+
+    /// Checks `session` (found under `id`, made `age` ago, recorded with PSK fingerprint
+    /// `psk_fp` and identity `psk_identity`) for a connection `ssl`.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn check(
+        &self,
+        ssl: &SslRef,
+        id: &SessionId,
+        session: &SslSessionRef,
+        age: Duration,
+        max_ttl: Duration,
+        psk_identity: Option<&[u8]>,
+        psk_fp: Option<[u8; PSK_FINGERPRINT_LEN]>,
+    ) -> Result<(), Refusal> {
+        if age >= max_ttl {
+            return Err(Refusal::Expired);
+        }
+        let cipher = ffi::session_cipher(session);
+        if let Some(c) = cipher {
+            if !ffi::offers_cipher(ssl, ffi::cipher_id(c)) {
+                return Err(Refusal::Stale);
+            }
+        }
+        if let (Some(identity), Some(keys)) = (psk_identity, &self.psk_keys) {
+            // No fingerprint stored (made before keys were known): it cannot be shown to match.
+            let current = keys(identity).map(|key| psk_fingerprint(identity, &key));
+            match (current, psk_fp) {
+                (Some(now), Some(then)) if openssl::memcmp::eq(&now, &then) => {}
+                _ => return Err(Refusal::Stale),
+            }
+        }
+        if let Some(accept) = &self.accept {
+            let info = SessionInfo {
+                id,
+                protocol: session.protocol_version(),
+                cipher: cipher.map(|c| c.name()),
+                peer_certificate: ffi::session_peer(session),
+                psk_identity,
+                age,
+            };
+            if !accept(&info) {
+                return Err(Refusal::Vetoed);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A keyed fingerprint of a PSK: HMAC-SHA256 keyed with the PSK itself over a label and the
+/// identity, truncated. It reveals nothing about the key to whoever reads the store (the session
+/// there already holds a master secret derived from it), is the same on every host and after a
+/// restart, and changes when the key does.
+pub(crate) fn psk_fingerprint(identity: &[u8], key: &[u8]) -> [u8; PSK_FINGERPRINT_LEN] {
+    let mut mac =
+        <Hmac<Sha256> as Mac>::new_from_slice(key).expect("BUG: HMAC accepts keys of any length");
+    mac.update(b"openssl-session-cache psk fingerprint v1\0");
+    mac.update(identity);
+    let tag = mac.finalize().into_bytes();
+    let mut fp = [0u8; PSK_FINGERPRINT_LEN];
+    fp.copy_from_slice(&tag[..PSK_FINGERPRINT_LEN]);
+    fp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fingerprints_depend_on_key_and_identity() {
+        let a = psk_fingerprint(b"dev-1", b"key one");
+        assert_eq!(a, psk_fingerprint(b"dev-1", b"key one"));
+        assert_ne!(a, psk_fingerprint(b"dev-1", b"key two"));
+        assert_ne!(a, psk_fingerprint(b"dev-2", b"key one"));
+        assert_ne!(psk_fingerprint(b"", b""), [0; PSK_FINGERPRINT_LEN]);
+    }
+}
