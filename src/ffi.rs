@@ -22,7 +22,27 @@ extern "C" {
     fn SSL_SESSION_get0_peer(s: *mut openssl_sys::SSL_SESSION) -> *mut openssl_sys::X509;
     fn SSL_get_ciphers(s: *const openssl_sys::SSL) -> *mut openssl_sys::stack_st_SSL_CIPHER;
     fn SSL_CIPHER_get_id(c: *const openssl_sys::SSL_CIPHER) -> u32;
+    fn SSL_CTX_set_tlsext_ticket_key_evp_cb(
+        ctx: *mut openssl_sys::SSL_CTX,
+        cb: Option<TicketKeyCallback>,
+    ) -> c_int;
+    fn OSSL_PARAM_construct_utf8_string(
+        key: *const libc::c_char,
+        buf: *mut libc::c_char,
+        bsize: libc::size_t,
+    ) -> openssl_sys::OSSL_PARAM;
 }
+
+/// `int (*)(SSL *, unsigned char key_name[16], unsigned char iv[16], EVP_CIPHER_CTX *,
+/// EVP_MAC_CTX *, int enc)`.
+type TicketKeyCallback = unsafe extern "C" fn(
+    *mut openssl_sys::SSL,
+    *mut u8,
+    *mut u8,
+    *mut openssl_sys::EVP_CIPHER_CTX,
+    *mut openssl_sys::EVP_MAC_CTX,
+    c_int,
+) -> c_int;
 
 /// `DTLS_CTRL_GET_TIMEOUT` from OpenSSL 3.0's `ssl.h` (the `DTLSv1_get_timeout` macro).
 const DTLS_CTRL_GET_TIMEOUT: c_int = 73;
@@ -227,4 +247,127 @@ pub(crate) fn offers_cipher(ssl: &SslRef, cipher_id: u32) -> bool {
 pub(crate) fn cipher_id(cipher: &SslCipherRef) -> u32 {
     // SAFETY: the cipher is a live table entry; the call only reads a field.
     unsafe { SSL_CIPHER_get_id(cipher.as_ptr()) }
+}
+
+/// The ticket keys a context holds (its ex_data), read by [`ticket_key_callback`].
+struct TicketSlot(std::sync::Arc<dyn crate::tickets::TicketKeySource>);
+
+fn ticket_slot_index(
+) -> Result<openssl::ex_data::Index<openssl::ssl::SslContext, TicketSlot>, ErrorStack> {
+    static INDEX: std::sync::OnceLock<
+        Result<openssl::ex_data::Index<openssl::ssl::SslContext, TicketSlot>, ErrorStack>,
+    > = std::sync::OnceLock::new();
+    INDEX
+        .get_or_init(openssl::ssl::SslContext::new_ex_index)
+        .clone()
+}
+
+/// Installs `keys` as the ticket key callback of `ctx`
+/// (`SSL_CTX_set_tlsext_ticket_key_evp_cb`), keeping them in the context's ex_data.
+pub(crate) fn set_ticket_key_callback(
+    ctx: &mut SslContextBuilder,
+    keys: std::sync::Arc<dyn crate::tickets::TicketKeySource>,
+) -> Result<(), ErrorStack> {
+    let index = ticket_slot_index()?;
+    ctx.set_ex_data(index, TicketSlot(keys));
+    // SAFETY: ctx is a live SSL_CTX being built; the callback is a plain extern "C" function
+    // with the signature OpenSSL 3.0 declares, and it reads only what the context's ex_data
+    // holds (set just above, replaced in place and freed with the context).
+    let r =
+        unsafe { SSL_CTX_set_tlsext_ticket_key_evp_cb(ctx.as_ptr(), Some(ticket_key_callback)) };
+    if r == 1 {
+        Ok(())
+    } else {
+        Err(ErrorStack::get())
+    }
+}
+
+/// OpenSSL's ticket key callback: seals (`enc == 1`) or opens (`enc == 0`) a ticket with the
+/// keys of the connection's context. Returns 1 (done), 2 (opened with an older key: renew the
+/// ticket), 0 (no ticket / unknown key: full handshake) or -1 (error). Never unwinds.
+unsafe extern "C" fn ticket_key_callback(
+    ssl: *mut openssl_sys::SSL,
+    key_name: *mut u8,
+    iv: *mut u8,
+    cipher: *mut openssl_sys::EVP_CIPHER_CTX,
+    mac: *mut openssl_sys::EVP_MAC_CTX,
+    enc: c_int,
+) -> c_int {
+    let run = std::panic::AssertUnwindSafe(|| {
+        // SAFETY: OpenSSL passes the live SSL whose ticket is being made or read.
+        let ssl_ref = unsafe { SslRef::from_ptr(ssl) };
+        let Ok(index) = ticket_slot_index() else {
+            return -1;
+        };
+        let Some(TicketSlot(keys)) = ssl_ref.ssl_context().ex_data(index) else {
+            return 0; // a context without keys (an SNI switch): no ticket
+        };
+        // SAFETY: OpenSSL passes key_name[TLSEXT_KEYNAME_LENGTH] and iv[EVP_MAX_IV_LENGTH]
+        // buffers, writable when sealing and filled from the ticket when opening.
+        let (name, iv) = unsafe {
+            (
+                &mut *key_name.cast::<[u8; crate::tickets::KEY_NAME_LEN]>(),
+                std::slice::from_raw_parts_mut(iv, 16),
+            )
+        };
+        let (key, status) = if enc == 1 {
+            let Some(key) = keys.sealing_key() else {
+                return 0;
+            };
+            if openssl::rand::rand_bytes(iv).is_err() {
+                return -1;
+            }
+            name.copy_from_slice(&key.name);
+            (key, 1)
+        } else {
+            match keys.opening_key(name) {
+                crate::tickets::Opened::Refused => return 0,
+                crate::tickets::Opened::Current(key) => (key, 1),
+                crate::tickets::Opened::Renew(key) => (key, 2),
+            }
+        };
+        let mut digest = *b"SHA256\0";
+        // SAFETY: cipher and mac are the live contexts OpenSSL passes for this ticket; the key
+        // and IV buffers hold 32 and 16 bytes (AES-256-CBC); the params array lives across the
+        // EVP_MAC_init call and names a NUL-terminated digest.
+        unsafe {
+            let params = [
+                OSSL_PARAM_construct_utf8_string(
+                    c"digest".as_ptr(),
+                    digest.as_mut_ptr().cast::<libc::c_char>(),
+                    0,
+                ),
+                openssl_sys::OSSL_PARAM_construct_end(),
+            ];
+            let init = if enc == 1 {
+                openssl_sys::EVP_EncryptInit_ex(
+                    cipher,
+                    openssl_sys::EVP_aes_256_cbc(),
+                    std::ptr::null_mut(),
+                    key.aes.as_ptr(),
+                    iv.as_ptr(),
+                )
+            } else {
+                openssl_sys::EVP_DecryptInit_ex(
+                    cipher,
+                    openssl_sys::EVP_aes_256_cbc(),
+                    std::ptr::null_mut(),
+                    key.aes.as_ptr(),
+                    iv.as_ptr(),
+                )
+            };
+            if init != 1
+                || openssl_sys::EVP_MAC_init(
+                    mac,
+                    key.hmac.as_ptr(),
+                    key.hmac.len(),
+                    params.as_ptr(),
+                ) != 1
+            {
+                return -1;
+            }
+        }
+        status
+    });
+    std::panic::catch_unwind(run).unwrap_or(-1)
 }

@@ -43,6 +43,7 @@ mod ffi;
 mod server;
 mod stats;
 mod store;
+mod tickets;
 
 pub use cache::client::ClientSessionCache;
 pub use cache::lookup::PendingLookup;
@@ -69,6 +70,7 @@ pub use store::{
 };
 #[cfg(feature = "redis")]
 pub use store::{RedisStore, RedisStoreBuilder, RedisStoreStats};
+pub use tickets::{TicketKeys, TicketKeysBuilder, TicketStats};
 
 // Runs the README's code blocks as doctests.
 #[cfg(doctest)]

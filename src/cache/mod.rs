@@ -63,6 +63,7 @@ pub struct SessionCacheBuilder {
     purge_interval: Option<Duration>,
     purge_batch: usize,
     policy: Policy,
+    ticket_keys: Option<crate::TicketKeys>,
 }
 
 impl fmt::Debug for SessionCacheBuilder {
@@ -98,6 +99,7 @@ impl Default for SessionCacheBuilder {
             purge_interval: None,
             purge_batch: 4096,
             policy: Policy::default(),
+            ticket_keys: None,
         }
     }
 }
@@ -163,6 +165,19 @@ impl SessionCacheBuilder {
     /// Turn tickets on only if you manage ticket keys across your servers yourself.
     pub fn tickets(mut self, on: bool) -> Self {
         self.tickets = on;
+        self
+    }
+
+    /// Session tickets sealed with `keys` (shared by every host that reads the same key file,
+    /// rotating by themselves: see [`TicketKeys`](crate::TicketKeys)); implies
+    /// [`tickets(true)`](Self::tickets), and [`SessionCache::install`] installs them too.
+    ///
+    /// Clients that take tickets then resume from them without a store lookup; the store still
+    /// serves clients without ticket support (TLS 1.2, DTLS). TLS 1.3 sessions are not stored
+    /// (their tickets carry them).
+    pub fn ticket_keys(mut self, keys: crate::TicketKeys) -> Self {
+        self.ticket_keys = Some(keys);
+        self.tickets = true;
         self
     }
 
@@ -303,6 +318,7 @@ impl SessionCacheBuilder {
             session_id_context: self.session_id_context.clone(),
             policy: self.policy,
             purger: Mutex::new(None),
+            tickets: self.tickets,
         });
         if let Some(every) = self.purge_interval {
             *inner.purger.lock() = Some(Purger::start(Arc::downgrade(&inner), every)?);
@@ -314,6 +330,7 @@ impl SessionCacheBuilder {
                     session_id_context: self.session_id_context,
                     tickets: self.tickets,
                     internal_store: self.internal_store,
+                    ticket_keys: self.ticket_keys,
                 },
             }),
         })
@@ -356,6 +373,7 @@ struct InstallConfig {
     session_id_context: Vec<u8>,
     tickets: bool,
     internal_store: bool,
+    ticket_keys: Option<crate::TicketKeys>,
 }
 
 impl fmt::Debug for SessionCache {
@@ -398,6 +416,9 @@ impl SessionCache {
         }
         ctx.set_session_id_context(&config.session_id_context)?;
         callbacks::install(ctx, self.shared.inner.clone());
+        if let Some(keys) = &config.ticket_keys {
+            keys.install(ctx)?;
+        }
         Ok(())
     }
 
@@ -507,6 +528,8 @@ pub(crate) struct Inner {
     /// Held for its Drop: stops and joins the purge thread when the last user of the cache (a
     /// clone or a context it is installed on) is gone.
     purger: Mutex<Option<Purger>>,
+    /// Tickets are on: TLS 1.3 sessions travel in stateless tickets and are not stored.
+    tickets: bool,
 }
 
 /// What decoding stored bytes gave.
@@ -591,6 +614,9 @@ impl Inner {
         let Ok(id) = SessionId::new(session.id()) else {
             return; // empty id: nothing a client could offer back
         };
+        if self.tickets && session.protocol_version() == openssl::ssl::SslVersion::TLS1_3 {
+            return; // a stateless ticket carries it; its id is never looked up
+        }
         let now = self.clock.now();
         let expires_at = session_expiry(session, now, self.max_ttl);
         if expires_at <= now {

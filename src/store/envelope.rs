@@ -247,7 +247,7 @@ impl KeyRing {
             .expect("BUG: a key ring always holds a key")
     }
 
-    fn key(&self, id: u32) -> Option<&[u8; KEY_LEN]> {
+    pub(crate) fn key(&self, id: u32) -> Option<&[u8; KEY_LEN]> {
         self.keys
             .iter()
             .find(|(k, _)| *k == id)
