@@ -133,16 +133,6 @@ pub(crate) fn session_is_resumable(session: &SslSessionRef) -> bool {
     unsafe { SSL_SESSION_is_resumable(session.as_ptr()) == 1 }
 }
 
-/// Marks `ssl` as having sent close_notify (`SSL_set_shutdown(SSL_SENT_SHUTDOWN)`) so that
-/// freeing it does not remove its session from the cache (`ssl_clear_bad_session`).
-pub(crate) fn mark_shutdown_sent(ssl: &mut SslRef) {
-    // SAFETY: ssl is a live SSL; SSL_get/set_shutdown only read and write an int field.
-    unsafe {
-        let state = openssl_sys::SSL_get_shutdown(ssl.as_ptr());
-        openssl_sys::SSL_set_shutdown(ssl.as_ptr(), state | openssl_sys::SSL_SENT_SHUTDOWN);
-    }
-}
-
 /// How long until the DTLS retransmission timer of `ssl` fires (`DTLSv1_get_timeout`), or
 /// `None` when no timer runs.
 pub(crate) fn dtls_get_timeout(ssl: &SslRef) -> Option<Duration> {

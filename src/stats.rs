@@ -30,6 +30,8 @@ pub struct CacheStats {
     /// the server no longer offers, a PSK identity revoked or with another key (each removed,
     /// and a miss). Sessions older than today's lifetime count in `expired` instead.
     pub stale: u64,
+    /// Hits served from the tier of decoded sessions (no `d2i_SSL_SESSION`).
+    pub decoded_hits: u64,
     /// Stored sessions the application refused (`accept_session`; each a miss, kept in the
     /// store).
     pub vetoed: u64,
@@ -87,6 +89,7 @@ pub(crate) struct Counters {
     pub(crate) abandoned: AtomicU64,
     pub(crate) stale: AtomicU64,
     pub(crate) vetoed: AtomicU64,
+    pub(crate) decoded_hits: AtomicU64,
     pub(crate) inserts: AtomicU64,
     pub(crate) expired: AtomicU64,
     pub(crate) removed: AtomicU64,
@@ -120,6 +123,7 @@ impl Counters {
             abandoned: r(&self.abandoned),
             stale: r(&self.stale),
             vetoed: r(&self.vetoed),
+            decoded_hits: r(&self.decoded_hits),
             inserts: r(&self.inserts),
             expired: r(&self.expired),
             evicted_capacity: evictions.capacity,

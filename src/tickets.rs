@@ -35,8 +35,9 @@ const LABEL: &[u8] = b"openssl-session-cache ticket key v1";
 #[derive(Clone)]
 pub(crate) struct EpochKey {
     pub(crate) name: [u8; KEY_NAME_LEN],
-    pub(crate) aes: Zeroizing<[u8; AES_KEY_LEN]>,
-    pub(crate) hmac: Zeroizing<[u8; HMAC_KEY_LEN]>,
+    // Boxed: the map holding these moves entries around; key bytes stay put and are wiped.
+    pub(crate) aes: Box<Zeroizing<[u8; AES_KEY_LEN]>>,
+    pub(crate) hmac: Box<Zeroizing<[u8; HMAC_KEY_LEN]>>,
 }
 
 /// What the ticket callback does with a ticket it was shown.
@@ -129,9 +130,9 @@ impl TicketKeysBuilder {
     }
 }
 
-/// The secrets of the ring, active last.
+/// The secrets of the ring, active last (each boxed, so the list moves pointers only).
 struct Secrets {
-    keys: Vec<(u32, Zeroizing<[u8; 32]>)>,
+    keys: Vec<(u32, Box<Zeroizing<[u8; 32]>>)>,
 }
 
 impl Secrets {
@@ -140,17 +141,23 @@ impl Secrets {
             keys: ring
                 .key_ids()
                 .into_iter()
-                .filter_map(|id| ring.key(id).map(|k| (id, Zeroizing::new(*k))))
+                .filter_map(|id| {
+                    ring.key(id).map(|k| {
+                        let mut b = Box::new(Zeroizing::new([0u8; 32]));
+                        b.copy_from_slice(k);
+                        (id, b)
+                    })
+                })
                 .collect(),
         }
     }
 
-    fn active(&self) -> Option<&(u32, Zeroizing<[u8; 32]>)> {
+    fn active(&self) -> Option<&(u32, Box<Zeroizing<[u8; 32]>>)> {
         self.keys.last()
     }
 
     fn get(&self, id: u32) -> Option<&[u8; 32]> {
-        self.keys.iter().find(|(k, _)| *k == id).map(|(_, s)| &**s)
+        self.keys.iter().find(|(k, _)| *k == id).map(|(_, s)| &***s)
     }
 }
 
@@ -346,9 +353,9 @@ impl Inner {
         let mut name = [0u8; KEY_NAME_LEN];
         name[..12].copy_from_slice(&info);
         name[12..].copy_from_slice(&okm[..4]);
-        let mut aes = Zeroizing::new([0u8; AES_KEY_LEN]);
+        let mut aes = Box::new(Zeroizing::new([0u8; AES_KEY_LEN]));
         aes.copy_from_slice(&okm[4..4 + AES_KEY_LEN]);
-        let mut hmac = Zeroizing::new([0u8; HMAC_KEY_LEN]);
+        let mut hmac = Box::new(Zeroizing::new([0u8; HMAC_KEY_LEN]));
         hmac.copy_from_slice(&okm[4 + AES_KEY_LEN..]);
         EpochKey { name, aes, hmac }
     }
@@ -455,13 +462,16 @@ mod tests {
         let (a, b) = (keys(ring.clone(), &clock), keys(ring, &clock));
         let ka = a.inner.sealing_key().unwrap();
         let kb = b.inner.sealing_key().unwrap();
-        assert_eq!((ka.name, *ka.aes, *ka.hmac), (kb.name, *kb.aes, *kb.hmac));
+        assert_eq!(
+            (ka.name, **ka.aes, **ka.hmac),
+            (kb.name, **kb.aes, **kb.hmac)
+        );
         assert!(matches!(b.inner.opening_key(&ka.name), Opened::Current(_)));
         // Another file: another key.
         let c = keys(KeyRing::new(7, [8; 32]), &clock);
         assert!(matches!(c.inner.opening_key(&ka.name), Opened::Refused));
         // The store key of the same secret is not the ticket key.
-        assert_ne!(*ka.aes, [9; 32]);
+        assert_ne!(**ka.aes, [9; 32]);
     }
 
     #[test]

@@ -109,11 +109,34 @@ fn tls13_tickets_are_taken_once_and_bounded_per_key() {
     for _ in 0..3 {
         assert_eq!(connect(&server, &client, &sessions, "k"), (true, true));
     }
-    connect(&server, &client, &sessions, "fresh");
-    connect(&server, &client, &sessions, "fresh");
-    assert!(
-        sessions.sessions_for("fresh") <= 3,
-        "per-key bound exceeded"
+    // One slot per key: of the two tickets a full handshake brings, only the newest is kept.
+    let one = ClientSessionCache::new(16, 1);
+    let single = self::client(Proto::Tls13, &one);
+    connect(&server, &single, &one, "fresh");
+    assert_eq!(one.sessions_for("fresh"), 1, "per-key bound exceeded");
+    assert_eq!(connect(&server, &single, &one, "fresh"), (true, true));
+}
+
+#[test]
+fn expired_client_sessions_are_not_offered() {
+    use openssl_session_cache::ManualClock;
+    use std::sync::Arc;
+    use std::time::Duration;
+    let cache = SessionCache::builder().build().unwrap();
+    let server = server_ctx(Proto::Tls12, &cache, false);
+    let clock = Arc::new(ManualClock::starting_now());
+    let sessions = ClientSessionCache::with_clock(16, 2, clock.clone());
+    let client = client(Proto::Tls12, &sessions);
+    connect(&server, &client, &sessions, "a");
+    assert_eq!(sessions.sessions_for("a"), 1);
+    // OpenSSL's default session lifetime is 7200 s.
+    clock.advance(Duration::from_secs(7199));
+    assert_eq!(connect(&server, &client, &sessions, "a"), (true, true));
+    clock.advance(Duration::from_secs(2));
+    assert_eq!(
+        connect(&server, &client, &sessions, "a"),
+        (false, false),
+        "an expired session was offered"
     );
 }
 

@@ -846,7 +846,9 @@ fn a_handshake_flood_cannot_displace_established_peers_or_exceed_budgets() {
         log.lock().iter().all(|(k, _, _)| !legit.contains(k)),
         "only flood peers were closed"
     );
-    assert!(dsm.len() <= 50);
+    // Exactly the 40 legitimate peers plus the handshakes still inside their budget.
+    assert_eq!(dsm.len(), 40 + s.handshakes);
+    assert!(s.handshakes <= 10);
     assert_counts(&dsm);
 }
 

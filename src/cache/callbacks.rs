@@ -47,6 +47,7 @@ pub(crate) fn install(ctx: &mut SslContextBuilder, inner: Arc<Inner>) {
     // SSL_CTX_sess_set_get_cb. A returned session hands its one reference to OpenSSL.
     ffi::set_get_session_callback(ctx, move |ssl, id| {
         catch_unwind(AssertUnwindSafe(|| inner.on_get_session(ssl, id))).unwrap_or_else(|_| {
+            inner.count_failed_lookup();
             tracing::error!("BUG: panic in the get-session callback; full handshake");
             None
         })

@@ -502,12 +502,6 @@ impl SessionCache {
         let state = stream.get_shutdown();
         stream.set_shutdown(state | ShutdownState::SENT);
     }
-
-    /// [`keep_resumable`](Self::keep_resumable) for a bare `SslRef` (for example the one a
-    /// `MidHandshakeSslStream` lends).
-    pub fn keep_resumable_ssl(ssl: &mut SslRef) {
-        ffi::mark_shutdown_sent(ssl);
-    }
 }
 
 /// The state the callbacks share.
@@ -689,6 +683,12 @@ impl Inner {
         found
     }
 
+    /// A lookup that panicked (a bug in a store or a veto): a miss and a store error.
+    pub(crate) fn count_failed_lookup(&self) {
+        Counters::bump(&self.counters.misses);
+        Counters::bump(&self.counters.store_errors);
+    }
+
     /// The answer parked on `ssl` by the ClientHello callback's lookup of `id`, if any.
     fn parked_answer(
         &self,
@@ -787,7 +787,11 @@ impl Inner {
             }
             return None;
         }
-        if !decoded_now || self.single_use || self.decoded.is_none() {
+        if !decoded_now {
+            Counters::bump(&self.counters.decoded_hits);
+            return Some(session);
+        }
+        if self.single_use || self.decoded.is_none() {
             return Some(session);
         }
         // The tier keeps a copy; OpenSSL gets the object just decoded.

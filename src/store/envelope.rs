@@ -27,7 +27,7 @@ use std::path::Path;
 
 use openssl::rand::rand_bytes;
 use openssl::symm::{decrypt_aead, encrypt_aead, Cipher};
-use zeroize::Zeroizing;
+use zeroize::{Zeroize, Zeroizing};
 
 use crate::error::{Error, StoreError};
 use crate::store::{SessionId, StoredSession};
@@ -79,15 +79,27 @@ pub(crate) const DOMAIN_SNAPSHOT: u8 = 2;
 /// ```
 #[derive(Clone)]
 pub struct KeyRing {
-    /// `(id, key)`; the active key is the last one.
-    keys: Vec<(u32, Zeroizing<[u8; KEY_LEN]>)>,
+    /// `(id, key)`; the active key is the last one. Each key sits in a box of its own, so the
+    /// list growing moves pointers, never key bytes into memory that is freed unwiped.
+    keys: Vec<(u32, SecretKey)>,
+}
+
+/// A key, wiped when dropped, at a fixed heap address.
+type SecretKey = Box<Zeroizing<[u8; KEY_LEN]>>;
+
+fn secret_key(key: [u8; KEY_LEN]) -> SecretKey {
+    let mut boxed = Box::new(Zeroizing::new([0u8; KEY_LEN]));
+    boxed.copy_from_slice(&key);
+    let mut key = key;
+    key.zeroize();
+    boxed
 }
 
 impl KeyRing {
     /// A ring holding one key, `id`, which is active.
     pub fn new(id: u32, key: [u8; KEY_LEN]) -> Self {
         Self {
-            keys: vec![(id, Zeroizing::new(key))],
+            keys: vec![(id, secret_key(key))],
         }
     }
 
@@ -96,7 +108,7 @@ impl KeyRing {
     /// # Errors
     /// [`Error::Ssl`] if OpenSSL's random generator fails.
     pub fn generate() -> Result<Self, Error> {
-        let mut key = Zeroizing::new([0u8; KEY_LEN]);
+        let mut key = Box::new(Zeroizing::new([0u8; KEY_LEN]));
         rand_bytes(&mut key[..])?;
         let mut id = [0u8; 4];
         rand_bytes(&mut id)?;
@@ -112,7 +124,7 @@ impl KeyRing {
     /// [`Error::Config`] if the ring already holds `id`.
     pub fn rotate(mut self, id: u32, key: [u8; KEY_LEN]) -> Result<Self, Error> {
         self.check_new_id(id)?;
-        self.keys.push((id, Zeroizing::new(key)));
+        self.keys.push((id, secret_key(key)));
         Ok(self)
     }
 
@@ -123,7 +135,7 @@ impl KeyRing {
     pub fn with_retired_key(mut self, id: u32, key: [u8; KEY_LEN]) -> Result<Self, Error> {
         self.check_new_id(id)?;
         let at = self.keys.len() - 1;
-        self.keys.insert(at, (id, Zeroizing::new(key)));
+        self.keys.insert(at, (id, secret_key(key)));
         Ok(self)
     }
 
@@ -165,7 +177,7 @@ impl KeyRing {
     /// # Errors
     /// [`Error::Config`] naming the line if a line is malformed, an id repeats, or there is no key.
     pub fn parse(text: &str) -> Result<Self, Error> {
-        let mut keys: Vec<(u32, Zeroizing<[u8; KEY_LEN]>)> = Vec::new();
+        let mut keys: Vec<(u32, SecretKey)> = Vec::new();
         for (n, line) in text.lines().enumerate() {
             let line = line.trim();
             if line.is_empty() || line.starts_with('#') {
@@ -190,7 +202,7 @@ impl KeyRing {
                     "line {lineno}: key id {id} appears twice"
                 )));
             }
-            keys.push((id, key));
+            keys.push((id, Box::new(key)));
         }
         if keys.is_empty() {
             return Err(Error::Config("no key (expected lines of ID:HEX)".into()));
@@ -241,7 +253,7 @@ impl KeyRing {
         self.keys.iter().map(|(id, _)| *id).collect()
     }
 
-    fn active(&self) -> &(u32, Zeroizing<[u8; KEY_LEN]>) {
+    fn active(&self) -> &(u32, SecretKey) {
         self.keys
             .last()
             .expect("BUG: a key ring always holds a key")
@@ -251,7 +263,7 @@ impl KeyRing {
         self.keys
             .iter()
             .find(|(k, _)| *k == id)
-            .map(|(_, key)| &**key)
+            .map(|(_, key)| &***key)
     }
 
     /// Seals `plaintext` for the session `id` under the active key.

@@ -1,0 +1,195 @@
+//! What the cache promises beyond resumption itself: warming with `insert`, the decoded tier,
+//! refusing bad configurations one by one, a panicking store or veto never failing a handshake,
+//! and TLS 1.3 early data with single use instead of OpenSSL's anti-replay.
+
+mod support;
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::sync::Arc;
+use std::thread;
+use std::time::Duration;
+
+use openssl::ssl::{Ssl, SslOptions, SslSession};
+use openssl_session_cache::{
+    Error, LookupDone, LookupMode, MemoryStore, SessionCache, SessionId, SessionStore, StoreError,
+    StoredSession,
+};
+use support::{client_ctx, connect, server_builder, server_ctx, Ctx, Proto, ServerClose};
+
+/// A TLS 1.2 handshake that returns the client's and the server's session objects.
+fn sessions(server: &Ctx, client: &Ctx) -> (SslSession, SslSession) {
+    let (a, b) = UnixStream::pair().unwrap();
+    let ctx = server.ctx.clone();
+    let srv = thread::spawn(move || {
+        let mut s = Ssl::new(&ctx).unwrap().accept(a).unwrap();
+        let session = s.ssl().session().unwrap().to_owned();
+        let mut buf = [0u8; 1];
+        s.read_exact(&mut buf).unwrap();
+        let _ = s.read(&mut buf);
+        let _ = s.shutdown();
+        session
+    });
+    let mut c = Ssl::new(&client.ctx).unwrap().connect(b).unwrap();
+    c.write_all(b"x").unwrap();
+    let session = c.ssl().session().unwrap().to_owned();
+    let _ = c.shutdown();
+    (session, srv.join().unwrap())
+}
+
+#[test]
+fn insert_warms_a_cache_with_a_session_made_elsewhere() {
+    let origin = SessionCache::builder().build().unwrap();
+    let origin_ctx = server_ctx(Proto::Tls12, &origin, false);
+    let client = client_ctx(Proto::Tls12, false);
+    let (client_session, server_session) = sessions(&origin_ctx, &client);
+    let warm = SessionCache::builder().build().unwrap();
+    let warm_ctx = server_ctx(Proto::Tls12, &warm, false);
+    let cold = connect(
+        &warm_ctx,
+        &client,
+        Some(&client_session),
+        ServerClose::Clean,
+    );
+    assert!(!cold.server_reused);
+    warm.insert(&server_session);
+    let s = warm.stats();
+    assert_eq!((s.inserts, s.entries), (2, 2), "{s:?}"); // the cold full handshake's and this
+    let out = connect(
+        &warm_ctx,
+        &client,
+        Some(&client_session),
+        ServerClose::Clean,
+    );
+    assert!(out.server_reused, "an inserted session did not resume");
+    assert_eq!(warm.stats().hits, 1);
+}
+
+#[test]
+fn the_decoded_tier_serves_repeated_resumptions_without_decoding() {
+    for (entries, expected) in [(1024, 2), (0, 0)] {
+        let cache = SessionCache::builder()
+            .decoded_entries(entries)
+            .build()
+            .unwrap();
+        let server = server_ctx(Proto::Dtls12, &cache, true);
+        let client = client_ctx(Proto::Dtls12, true);
+        let first = connect(&server, &client, None, ServerClose::Clean);
+        for _ in 0..3 {
+            let out = connect(&server, &client, first.session.as_ref(), ServerClose::Clean);
+            assert!(out.server_reused && out.server_saw_client_cert);
+        }
+        let s = cache.stats();
+        assert_eq!(
+            (s.hits, s.decoded_hits),
+            (3, expected),
+            "tier {entries}: {s:?}"
+        );
+    }
+}
+
+#[test]
+fn every_invalid_setting_is_refused_on_its_own() {
+    let ok = || SessionCache::builder();
+    assert!(ok().build().is_ok());
+    assert!(ok().session_id_context([7u8; 32]).build().is_ok());
+    let bad: Vec<(&str, openssl_session_cache::SessionCacheBuilder)> = vec![
+        ("context of 33 bytes", ok().session_id_context([7u8; 33])),
+        ("zero ttl", ok().max_ttl(Duration::ZERO)),
+        ("zero session size", ok().max_session_size(0)),
+        ("zero purge batch", ok().purge_batch(0)),
+        ("zero purge interval", ok().purge_interval(Duration::ZERO)),
+        ("zero entries", ok().max_entries(0)),
+    ];
+    for (what, builder) in bad {
+        match builder.build() {
+            Err(Error::Config(msg)) => assert!(!msg.is_empty(), "{what}"),
+            other => panic!("{what}: expected a configuration error, got {other:?}"),
+        }
+    }
+}
+
+/// A store whose lookups panic (a bug in a user's store).
+#[derive(Debug)]
+struct PanickingStore {
+    remote: bool,
+    inner: MemoryStore,
+}
+
+impl SessionStore for PanickingStore {
+    fn get(&self, _: &SessionId) -> Result<Option<StoredSession>, StoreError> {
+        panic!("store bug")
+    }
+    fn put(&self, id: SessionId, s: StoredSession) -> Result<(), StoreError> {
+        self.inner.put(id, s)
+    }
+    fn take(&self, _: &SessionId) -> Result<Option<StoredSession>, StoreError> {
+        panic!("store bug")
+    }
+    fn remove(&self, id: &SessionId) -> Result<bool, StoreError> {
+        self.inner.remove(id)
+    }
+    fn lookup(&self, _: SessionId, _: LookupMode, _: LookupDone) {
+        panic!("store bug")
+    }
+    fn is_remote(&self) -> bool {
+        self.remote
+    }
+}
+
+#[test]
+fn a_panicking_store_is_a_miss_never_a_failed_handshake() {
+    for remote in [false, true] {
+        let store = Arc::new(PanickingStore {
+            remote,
+            inner: MemoryStore::builder().build().unwrap(),
+        });
+        let cache = SessionCache::builder().store(store).build().unwrap();
+        let server = server_ctx(Proto::Dtls12, &cache, false);
+        let client = client_ctx(Proto::Dtls12, false);
+        let first = connect(&server, &client, None, ServerClose::Clean);
+        let second = connect(&server, &client, first.session.as_ref(), ServerClose::Clean);
+        assert!(!second.server_reused, "remote {remote}");
+        let s = cache.stats();
+        assert_eq!((s.hits, s.misses), (0, 1), "remote {remote}: {s:?}");
+        if !remote {
+            assert_eq!(
+                s.store_errors, 1,
+                "a panicking lookup counts as a store error"
+            );
+        }
+    }
+}
+
+/// TLS 1.3 with early data on: OpenSSL's anti-replay refuses every resumption from an external
+/// cache; with `SSL_OP_NO_ANTI_REPLAY` and single use it resumes, once per ticket.
+#[test]
+fn early_data_resumes_with_single_use_instead_of_openssl_anti_replay() {
+    const NO_ANTI_REPLAY: SslOptions = SslOptions::from_bits_retain(1 << 24);
+    for (anti_replay_off, expect) in [(false, false), (true, true)] {
+        let cache = SessionCache::builder().single_use(true).build().unwrap();
+        let mut b = server_builder(Proto::Tls13, false);
+        cache.install(&mut b).unwrap();
+        b.set_max_early_data(16384).unwrap();
+        if anti_replay_off {
+            b.set_options(NO_ANTI_REPLAY);
+        }
+        let server = Ctx {
+            ctx: b.build(),
+            proto: Proto::Tls13,
+        };
+        let client = client_ctx(Proto::Tls13, false);
+        let first = connect(&server, &client, None, ServerClose::Clean);
+        let ticket = first.session.unwrap();
+        let second = connect(&server, &client, Some(&ticket), ServerClose::Clean);
+        assert_eq!(
+            second.server_reused, expect,
+            "anti-replay off: {anti_replay_off}"
+        );
+        if expect {
+            // Single use: the same ticket does not resume twice.
+            let replay = connect(&server, &client, Some(&ticket), ServerClose::Clean);
+            assert!(!replay.server_reused, "a single-use ticket resumed twice");
+        }
+    }
+}
