@@ -40,6 +40,9 @@ mod clock;
 mod dsm;
 mod error;
 mod ffi;
+#[cfg(feature = "__fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 mod server;
 mod stats;
 mod store;

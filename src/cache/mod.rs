@@ -34,7 +34,7 @@ use crate::store::{LookupDone, MemoryStore, SessionId, SessionStore, StoredSessi
 
 mod callbacks;
 pub(crate) mod client;
-mod der;
+pub(crate) mod der;
 pub(crate) mod lookup;
 pub(crate) mod policy;
 
