@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use openssl_session_cache::{
-    KeyRing, MemoryStore, SessionCache, SessionId, SessionStore, SessionStoreAdmin, StoredSession,
+    KeyRing, MemoryStore, SessionCache, SessionId, SessionStoreAdmin, StoredSession,
 };
 use support::{client_ctx, connect, server_ctx, Proto, ServerClose};
 
