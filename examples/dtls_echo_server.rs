@@ -1,4 +1,5 @@
-//! A DTLS 1.2 echo server on the crate's session cache and DTLS session manager.
+//! A DTLS 1.2 echo server: the crate's DTLS server library running a three-line application
+//! (every record goes back to its sender).
 //!
 //! It shows the pieces working together on a real socket: stateless HMAC cookies, DSM admission
 //! (peer slots, handshake budget, per-address quota, handshake and idle timeouts), session
@@ -61,9 +62,9 @@ use clap::Parser;
 use openssl::pkey::PKey;
 use openssl::x509::X509;
 use openssl_session_cache::{
-    certificate_fingerprint, load_snapshot, save_snapshot, store_from_url, DsmConfig, KeyRing,
-    MemoryStore, ServerConfig, SessionCache, SessionStore, SessionStoreAdmin, UdpOptions,
-    UdpServer,
+    certificate_fingerprint, load_snapshot, save_snapshot, store_from_url, AppContext, DsmConfig,
+    Event, KeyRing, MemoryStore, ServerConfig, SessionCache, SessionStore, SessionStoreAdmin,
+    UdpOptions, UdpServer,
 };
 
 /// DTLS 1.2 echo server with an external session cache and a DTLS session manager.
@@ -129,19 +130,27 @@ struct Args {
     snapshot: Option<PathBuf>,
 }
 
+/// Parses `IDENTITY:HEXKEY` (the key as an even number of hex digits, at least one byte).
 fn parse_psk(spec: &str) -> Result<(Vec<u8>, Vec<u8>), String> {
-    let (identity, hex) = spec
+    let (identity, key) = spec
         .split_once(':')
         .ok_or("--psk must be IDENTITY:HEXKEY")?;
-    if hex.is_empty() || hex.len() % 2 != 0 {
-        return Err("--psk key must be an even number of hex digits".into());
+    if identity.is_empty() {
+        return Err("--psk identity is empty".into());
     }
-    let key = (0..hex.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16))
-        .collect::<Result<Vec<u8>, _>>()
-        .map_err(|_| "--psk key is not hex".to_string())?;
+    let key = hex::decode(key).map_err(|e| format!("--psk key is not hex: {e}"))?;
+    if key.is_empty() {
+        return Err("--psk key is empty".into());
+    }
     Ok((identity.as_bytes().to_vec(), key))
+}
+
+/// The application: every record goes back to its sender. A full send queue drops the echo,
+/// as a full socket buffer would.
+fn echo(ctx: &mut AppContext<'_>, event: Event) {
+    if let Event::Data { peer, data } = event {
+        let _ = ctx.send(peer, &data);
+    }
 }
 
 fn run() -> Result<(), Box<dyn std::error::Error>> {
@@ -188,7 +197,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     options.workers = args.workers;
     options.stats_interval =
         (args.stats_interval > 0).then(|| Duration::from_secs(args.stats_interval));
-    let server = UdpServer::spawn(config, options)?;
+    let server = UdpServer::spawn(config, options, || echo)?;
     println!("listening on {}", server.local_addr());
 
     let stop = server.stop_handle();
@@ -272,5 +281,39 @@ fn main() {
     if let Err(e) = run() {
         eprintln!("error: {e}");
         std::process::exit(1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn psk_spec_is_identity_and_hex_key() {
+        assert_eq!(
+            parse_psk("client1:00ff10").unwrap(),
+            (b"client1".to_vec(), vec![0x00, 0xff, 0x10])
+        );
+        assert_eq!(parse_psk("id:ABcd").unwrap().1, vec![0xab, 0xcd]);
+    }
+
+    #[test]
+    fn psk_spec_refuses_what_is_not_hex() {
+        // `u8::from_str_radix` took "+f" as a digit pair, and slicing at byte offsets panicked
+        // on multi-byte characters.
+        for bad in [
+            "id:+f+f",
+            "id:-f",
+            "id:0x12",
+            "id:abc",
+            "id:",
+            "id:é1",
+            "id:ééé",
+            "id:12 34",
+            "noseparator",
+            ":00ff",
+        ] {
+            assert!(parse_psk(bad).is_err(), "{bad:?} accepted");
+        }
     }
 }

@@ -23,6 +23,68 @@ pub enum Error {
     /// An I/O error (sockets, files).
     #[error("i/o: {0}")]
     Io(#[from] io::Error),
+    /// A TLS setting would break the DTLS server, so the configuration was refused.
+    #[error("refused tls setting: {0}")]
+    RefusedSetting(#[from] RefusedSetting),
+    /// Sending to a peer failed.
+    #[error("send: {0}")]
+    Send(#[from] SendError),
+    /// A server worker thread panicked (in the endpoint or in the application it runs).
+    #[error("worker {worker} panicked: {message}")]
+    WorkerPanic {
+        /// Which worker (0-based).
+        worker: usize,
+        /// The panic message, if it was a string.
+        message: String,
+    },
+}
+
+/// A TLS setting the DTLS server refuses, because it would break what the server owns (the
+/// record layer it screens, cookies, the session cache).
+///
+/// See [`ServerConfigBuilder`](crate::ServerConfigBuilder) for what the server sets itself.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum RefusedSetting {
+    /// The context was not made with a DTLS method (`SslMethod::dtls()` or `dtls_server()`).
+    #[error("the context is not dtls (make it with SslMethod::dtls_server())")]
+    NotDtls,
+    /// The context's highest protocol version is not DTLS 1.2 (the server speaks DTLS 1.2 only).
+    #[error("maximum protocol version {0} (the server speaks dtls 1.2 only)")]
+    MaxVersion(String),
+    /// The cipher list given to [`ciphers`](crate::ServerConfigBuilder::ciphers) enables no
+    /// cipher suite.
+    #[error("cipher list {0:?} enables no cipher suite")]
+    NoCiphers(String),
+}
+
+/// Why [`Endpoint::send`](crate::Endpoint::send) refused to send.
+///
+/// Nothing was sent and nothing changed for any peer, except with [`Failed`](Self::Failed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SendError {
+    /// No peer has this address: it never connected, or it was closed (an
+    /// [`Event::Closed`](crate::Event::Closed) said so).
+    #[error("unknown peer")]
+    UnknownPeer,
+    /// The peer's handshake has not finished yet (wait for
+    /// [`Event::Connected`](crate::Event::Connected)).
+    #[error("handshake not finished")]
+    NotConnected,
+    /// The peer already has as many datagrams waiting for
+    /// [`poll_transmit`](crate::Endpoint::poll_transmit) as
+    /// [`send_queue`](crate::ServerConfigBuilder::send_queue) allows; try again after the driver
+    /// sent them.
+    #[error("send queue full")]
+    QueueFull,
+    /// More than one DTLS record holds ([`MAX_RECORD_PLAINTEXT`](crate::MAX_RECORD_PLAINTEXT)).
+    #[error("message larger than one record")]
+    TooLarge,
+    /// OpenSSL failed to write the record; the peer was closed
+    /// ([`CloseReason::Failed`](crate::CloseReason::Failed)).
+    #[error("the connection failed")]
+    Failed,
 }
 
 /// Errors from a [`SessionStore`](crate::SessionStore).

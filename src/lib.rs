@@ -15,9 +15,13 @@
 //!   hold: a fixed number of slots with states NONE/HANDSHAKE/ESTABLISHED and `NO_SPACE` when full,
 //!   a separate handshake budget and timeout, a per-source quota, LRU eviction of idle peers, and
 //!   a second-chance idle sweeper. Only [`Authenticated`] traffic keeps a peer alive.
-//! - [`Endpoint`] is a sans-IO DTLS 1.2 server (datagrams and the time in; datagrams, events and
-//!   the next deadline out) with stateless HMAC cookies, DSM admission and the session cache;
-//!   [`UdpServer`] drives it on UDP sockets. `examples/dtls_echo_server.rs` runs it.
+//! - [`Endpoint`] is a sans-IO DTLS 1.2 server library (datagrams and the time in; datagrams,
+//!   events for the application and the next deadline out; [`Endpoint::send`] and
+//!   [`Endpoint::close`] back) with stateless HMAC cookies, DSM admission and the session cache,
+//!   on the user's own TLS policy ([`ServerConfigBuilder`]: client certificates, ciphers, PSK
+//!   lookup). [`UdpServer`] drives it on UDP sockets and runs an [`Application`] on its events;
+//!   `examples/dtls_echo_server.rs` is a few lines of such an application. [`DatagramPipe`] runs
+//!   DTLS over in-memory datagrams, for tests.
 //!
 //! ```
 //! use openssl::ssl::{SslContext, SslMethod};
@@ -57,11 +61,13 @@ pub use dsm::{
     Authenticated, Dsm, DsmConfig, DsmStats, FreeReason, PeerKey, PeerState, SocketPeer,
     StoreOutcome, Sweeper, DEFAULT_MAX_SLOTS,
 };
-pub use error::{Error, StoreError};
+pub use error::{Error, RefusedSetting, SendError, StoreError};
 pub use server::{
-    certificate_fingerprint, self_signed_certificate, CloseReason, DropReason, Endpoint,
-    EndpointStats, Event, ServerConfig, ServerConfigBuilder, StopHandle, Transmit, UdpOptions,
-    UdpServer, DEFAULT_COOKIE_ROTATION, DEFAULT_MAX_DATAGRAM, DEFAULT_MTU, PSK_CIPHERS,
+    certificate_fingerprint, deliver_events, self_signed_certificate, AppContext, Application,
+    CloseReason, ConnectionInfo, DatagramPipe, DropReason, Endpoint, EndpointStats, Event,
+    ServerConfig, ServerConfigBuilder, StopHandle, Transmit, UdpOptions, UdpServer,
+    DEFAULT_CIPHERS, DEFAULT_COOKIE_ROTATION, DEFAULT_MAX_DATAGRAM, DEFAULT_MTU,
+    DEFAULT_SEND_QUEUE, MAX_RECORD_PLAINTEXT, PSK_CIPHERS,
 };
 pub use stats::{CacheStats, EvictionStats};
 pub use store::envelope;

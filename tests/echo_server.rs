@@ -1,21 +1,25 @@
-//! The DTLS echo server against real clients: `openssl s_client -dtls1_2` (full handshakes,
-//! `-sess_out`/`-sess_in`, `-reconnect`, PSK, a vanished client) and openssl-crate clients over
-//! UDP (a ClientHello flood, a stalled handshake). Every server binds 127.0.0.1:0 and stops when
-//! the test ends; every s_client run is bounded and killed by PID.
+//! The DTLS server library against real clients: `openssl s_client -dtls1_2` (full handshakes,
+//! `-sess_out`/`-sess_in`, `-reconnect`, PSK, mutual DTLS, a vanished client, an application
+//! that answers in upper case, greets and closes) and openssl-crate clients over UDP (a
+//! ClientHello flood, a stalled handshake, a full send queue, a wake from another thread). The
+//! applications use the public API only. Every server binds 127.0.0.1:0 and stops when the test
+//! ends; every s_client run is bounded and killed by PID.
 
-mod common;
+mod support;
 
 use std::net::UdpSocket;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use openssl::ssl::ErrorCode;
-use openssl_session_cache::DsmConfig;
+use openssl::ssl::{ErrorCode, SslVerifyMode};
+use openssl::x509::store::X509StoreBuilder;
+use openssl_session_cache::{AppContext, Application, CloseReason, DsmConfig, Event, SendError};
+use parking_lot::Mutex;
 
-use common::{
-    count, dtls_connect, echo, memory_client, s_client_echo, s_client_echo_fast, SClient,
-    TestServer,
+use support::s_client::{count, s_client_echo, s_client_echo_fast, SClient};
+use support::server::{
+    dtls_connect, echo, echo_app, memory_client, read_record, recording, Recorded, TestServer,
 };
 
 const PSK_HEX: &str = "00112233445566778899aabbccddeeff";
@@ -37,7 +41,7 @@ fn s_client_gets_its_line_echoed() {
     assert!(server.wait_for(Duration::from_secs(2), |s| s.server.stats().closed == 1));
     let stats = server.server.stats();
     assert_eq!(stats.handshakes, 1);
-    assert_eq!(stats.echoed_records, 1);
+    assert_eq!((stats.records_received, stats.records_sent), (1, 1));
 }
 
 #[test]
@@ -145,10 +149,7 @@ fn psk_connection_echoes_and_resumes() {
 }
 
 fn hex(s: &str) -> Vec<u8> {
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
-        .collect()
+    hex::decode(s).unwrap()
 }
 
 /// A client that sends its first ClientHello, reads the HelloVerifyRequest, sends the second
@@ -158,15 +159,15 @@ fn stall_after_cookie(server: std::net::SocketAddr) -> Option<UdpSocket> {
     sock.connect(server).unwrap();
     sock.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
     let mut client = memory_client();
-    sock.send(&client.get_mut().out.remove(0)).ok()?;
+    sock.send(&client.get_mut().pop_outbound()?).ok()?;
     let mut buf = [0u8; 2048];
     let n = sock.recv(&mut buf).ok()?;
-    client.get_mut().inbound.push_back(buf[..n].to_vec());
+    client.get_mut().push(buf[..n].to_vec());
     match client.do_handshake() {
         Err(e) if e.code() == ErrorCode::WANT_READ => {}
         _ => return None,
     }
-    let second = client.get_mut().out.pop()?;
+    let second = client.get_mut().take_outbound().pop()?;
     sock.send(&second).ok()?;
     Some(sock)
 }
@@ -207,7 +208,7 @@ fn flood_stays_within_budgets_and_established_peer_keeps_echoing() {
     assert_eq!(echo(&mut established, b"before"), b"before");
 
     // A real first ClientHello to replay from many ports.
-    let hello = memory_client().get_mut().out.remove(0);
+    let hello = memory_client().get_mut().pop_outbound().unwrap();
 
     let stop = Arc::new(AtomicBool::new(false));
     let flooder = {
@@ -261,4 +262,245 @@ fn flood_stays_within_budgets_and_established_peer_keeps_echoing() {
     let dsm_stats = server.server.dsm_stats()[0];
     assert!(dsm_stats.handshakes <= MAX_HANDSHAKES);
     assert_eq!(dsm_stats.established, 1);
+}
+
+/// Greets each peer, answers in upper case, and closes the peer that says "bye".
+fn upper_app(ctx: &mut AppContext<'_>, event: Event) {
+    match event {
+        Event::Connected { peer, .. } => ctx.send(peer, b"welcome\n").unwrap(),
+        Event::Data { peer, data } if data == b"bye\n" => assert!(ctx.close(peer)),
+        Event::Data { peer, data } => ctx.send(peer, &data.to_ascii_uppercase()).unwrap(),
+        _ => {}
+    }
+}
+
+fn closes(log: &Recorded) -> Vec<CloseReason> {
+    log.lock()
+        .iter()
+        .filter_map(|e| match e {
+            Event::Closed { reason, .. } => Some(*reason),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn an_application_answers_greets_and_closes_through_the_public_api() {
+    let log = Recorded::default();
+    let server = TestServer::start_with(DsmConfig::new(64), |b| b, || recording(&log, upper_app));
+    let mut c = SClient::spawn(server.addr(), &[]);
+    assert!(
+        c.wait_line(Duration::from_secs(5), |l| l == "welcome"),
+        "no server-initiated greeting: {:?}",
+        c.lines.output
+    );
+    c.send_line("hello dtls");
+    assert!(c.wait_line(Duration::from_secs(5), |l| l == "HELLO DTLS"));
+    c.send_line("bye");
+    // The application's close sends close_notify: s_client ends by itself, stdin still open.
+    assert!(
+        c.wait_exit(Duration::from_secs(5)),
+        "s_client still running"
+    );
+    let out = c.finish(Duration::from_secs(1));
+    assert!(!out.iter().any(|l| l == "BYE"), "{out:?}");
+    assert!(
+        server.wait_for(Duration::from_secs(2), |s| s.server.stats().closed_locally
+            == 1)
+    );
+    assert_eq!(closes(&log), vec![CloseReason::Local]);
+    let stats = server.server.stats();
+    assert_eq!((stats.records_received, stats.records_sent), (2, 2));
+    assert_eq!(stats.peers, 0);
+}
+
+/// PEM files of the test PKI's client identity.
+fn client_identity_files(dir: &tempfile::TempDir) -> (String, String) {
+    let pki = support::pki();
+    let cert = sess_file(dir, "client.pem");
+    let key = sess_file(dir, "client.key");
+    std::fs::write(&cert, pki.client.cert.to_pem().unwrap()).unwrap();
+    std::fs::write(&key, pki.client.key.private_key_to_pem_pkcs8().unwrap()).unwrap();
+    (cert, key)
+}
+
+fn peer_certificates(log: &Recorded) -> Vec<(bool, Option<openssl::x509::X509>)> {
+    log.lock()
+        .iter()
+        .filter_map(|e| match e {
+            Event::Connected { info, .. } => Some((info.resumed, info.peer_certificate.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn mutual_dtls_requires_a_client_certificate_and_reports_it_on_resumption() {
+    let log = Recorded::default();
+    let server = TestServer::start_with(
+        DsmConfig::new(64),
+        |b| {
+            b.configure(|ctx| {
+                let mut roots = X509StoreBuilder::new()?;
+                roots.add_cert(support::pki().client.cert.clone())?;
+                ctx.set_verify_cert_store(roots.build())?;
+                ctx.set_verify(SslVerifyMode::PEER | SslVerifyMode::FAIL_IF_NO_PEER_CERT);
+                Ok(())
+            })
+        },
+        || recording(&log, echo_app),
+    );
+    // Without a certificate: refused.
+    let mut c = SClient::spawn(server.addr(), &[]);
+    c.send_line("no cert");
+    assert!(c.wait_exit(Duration::from_secs(5)), "s_client kept running");
+    let out = c.finish(Duration::from_secs(1));
+    // s_client prints its side of the session before it reads the server's answer (an alert),
+    // so only the echo tells: there is none.
+    assert!(!out.iter().any(|l| l == "no cert"), "{out:?}");
+    assert!(server.wait_for(Duration::from_secs(2), |s| s.server.stats().failed == 1));
+    assert!(peer_certificates(&log).is_empty());
+    assert_eq!(closes(&log), vec![CloseReason::Failed]);
+
+    // With one: a full handshake, then a resumption, both report the certificate.
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = client_identity_files(&dir);
+    let sess = sess_file(&dir, "s.pem");
+    let id = ["-cert", cert.as_str(), "-key", key.as_str()];
+    let first = s_client_echo(
+        server.addr(),
+        &[&id[..], &["-sess_out", &sess]].concat(),
+        "one",
+    );
+    assert_eq!(count(&first, "New, TLSv1.2"), 1, "{first:?}");
+    let again = s_client_echo(
+        server.addr(),
+        &[&id[..], &["-sess_in", &sess]].concat(),
+        "two",
+    );
+    assert_eq!(count(&again, "Reused, TLSv1.2"), 1, "{again:?}");
+    let seen = peer_certificates(&log);
+    let expected = &support::pki().client.cert;
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    assert_eq!(seen[0], (false, Some(expected.clone())));
+    assert_eq!(seen[1], (true, Some(expected.clone())));
+}
+
+#[test]
+fn a_full_send_queue_refuses_the_rest_and_disturbs_nothing() {
+    const QUEUE: usize = 8;
+    let results: Arc<Mutex<Vec<Result<(), SendError>>>> = Arc::default();
+    let app = {
+        let results = Arc::clone(&results);
+        move || {
+            let results = Arc::clone(&results);
+            move |ctx: &mut AppContext<'_>, event: Event| match event {
+                // A burst larger than the queue before the driver gets to send anything.
+                Event::Data { peer, data } if data == b"burst" => {
+                    let mut r = results.lock();
+                    for i in 0..QUEUE + 5 {
+                        r.push(ctx.send(peer, format!("{i}").as_bytes()));
+                    }
+                }
+                Event::Data { peer, data } => {
+                    let _ = ctx.send(peer, &data);
+                }
+                Event::Closed { peer, .. } => {
+                    results.lock().push(ctx.send(peer, b"too late"));
+                }
+                _ => {}
+            }
+        }
+    };
+    let server = TestServer::start_with(DsmConfig::new(64), |b| b.send_queue(QUEUE), app);
+    let mut client = dtls_connect(server.addr());
+    client.ssl_write(b"burst").unwrap();
+    for i in 0..QUEUE {
+        assert_eq!(read_record(&mut client), Some(format!("{i}").into_bytes()));
+    }
+    {
+        let r = results.lock();
+        assert_eq!(r.len(), QUEUE + 5);
+        assert!(r[..QUEUE].iter().all(Result::is_ok), "{r:?}");
+        assert!(
+            r[QUEUE..].iter().all(|x| *x == Err(SendError::QueueFull)),
+            "{r:?}"
+        );
+    }
+    // The peer still works: the next message is answered, and nothing refused arrives.
+    assert_eq!(echo(&mut client, b"after"), b"after");
+    assert!(
+        server.wait_for(Duration::from_secs(2), |s| s.server.stats().send_queue_full
+            == 5)
+    );
+    // After the peer closed, a send is refused as unknown.
+    client.shutdown().unwrap();
+    assert!(
+        server.wait_for(Duration::from_secs(2), |_| results.lock().len()
+            == QUEUE + 6)
+    );
+    assert_eq!(results.lock().last(), Some(&Err(SendError::UnknownPeer)));
+    assert_eq!(server.server.stats().failed, 0);
+}
+
+/// Sends what other threads queue to every connected peer when the worker is woken.
+struct Broadcast {
+    queue: Arc<Mutex<Vec<Vec<u8>>>>,
+    peers: Vec<std::net::SocketAddr>,
+}
+
+impl Application for Broadcast {
+    fn on_event(&mut self, ctx: &mut AppContext<'_>, event: Event) {
+        match event {
+            Event::Connected { peer, .. } => self.peers.push(peer),
+            Event::Closed { peer, .. } => self.peers.retain(|p| *p != peer),
+            Event::Data { peer, data } => {
+                let _ = ctx.send(peer, &data);
+            }
+            _ => {}
+        }
+    }
+
+    fn on_wake(&mut self, ctx: &mut AppContext<'_>) {
+        for message in self.queue.lock().drain(..) {
+            for &peer in &self.peers {
+                let _ = ctx.send(peer, &message);
+            }
+        }
+    }
+}
+
+#[test]
+fn a_wake_from_another_thread_runs_handle_timeout_and_the_application() {
+    let queue: Arc<Mutex<Vec<Vec<u8>>>> = Arc::default();
+    // No timer is due for an hour: only a wake makes the worker run handle_timeout.
+    let dsm = DsmConfig::new(64).with_idle_tick(Duration::from_secs(3600));
+    let server = TestServer::start_with(
+        dsm,
+        |b| b.cookie_rotation(Duration::from_secs(3600)),
+        || Broadcast {
+            queue: Arc::clone(&queue),
+            peers: Vec::new(),
+        },
+    );
+    let mut client = dtls_connect(server.addr());
+    assert_eq!(echo(&mut client, b"hi"), b"hi");
+    let settled = |s: &TestServer| s.server.stats().timeouts_handled;
+    std::thread::sleep(Duration::from_millis(50));
+    let before = settled(&server);
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(
+        settled(&server),
+        before,
+        "something else runs handle_timeout"
+    );
+
+    queue.lock().push(b"news".to_vec());
+    let waker = server.server.wakers()[0].clone();
+    std::thread::spawn(move || waker.wake()).join().unwrap();
+    assert!(
+        server.wait_for(Duration::from_secs(5), |s| settled(s) > before),
+        "the wake did not reach handle_timeout"
+    );
+    assert_eq!(read_record(&mut client), Some(b"news".to_vec()));
 }

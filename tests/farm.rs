@@ -5,7 +5,7 @@
 //! Every server process listens on 127.0.0.1:0, is stopped by PID (SIGTERM/SIGINT for a clean
 //! shutdown, SIGKILL from a drop guard otherwise), and every wait is bounded.
 
-mod common;
+mod support;
 
 #[cfg(feature = "redis")]
 #[path = "support/redis_server.rs"]
@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use openssl_session_cache::KeyRing;
 
-use common::{count, s_client_echo, Lines};
+use support::s_client::{count, s_client_echo, Lines};
 
 /// How long a server process may take to print `listening on`.
 const START_TIMEOUT: Duration = Duration::from_secs(20);

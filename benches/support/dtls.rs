@@ -1,10 +1,6 @@
 //! In-process DTLS 1.2 handshakes in lockstep over in-memory datagram queues, shared by benches.
 #![allow(dead_code, unreachable_pub)]
 
-use std::cell::RefCell;
-use std::collections::VecDeque;
-use std::io::{self, Read, Write};
-use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use openssl::asn1::Asn1Time;
@@ -18,51 +14,7 @@ use openssl::ssl::{
 };
 use openssl::x509::store::X509StoreBuilder;
 use openssl::x509::{X509NameBuilder, X509};
-use openssl_session_cache::{SessionCache, DEFAULT_SESSION_ID_CONTEXT};
-
-type Queue = Rc<RefCell<VecDeque<Vec<u8>>>>;
-
-/// One end of an in-memory datagram link: reads one whole datagram or WouldBlock.
-#[derive(Debug)]
-pub struct End {
-    rx: Queue,
-    tx: Queue,
-}
-
-impl Read for End {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        match self.rx.borrow_mut().pop_front() {
-            Some(d) => {
-                let n = d.len().min(buf.len());
-                buf[..n].copy_from_slice(&d[..n]);
-                Ok(n)
-            }
-            None => Err(io::ErrorKind::WouldBlock.into()),
-        }
-    }
-}
-
-impl Write for End {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.tx.borrow_mut().push_back(buf.to_vec());
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
-pub fn link() -> (End, End) {
-    let a: Queue = Rc::default();
-    let b: Queue = Rc::default();
-    (
-        End {
-            rx: a.clone(),
-            tx: b.clone(),
-        },
-        End { rx: b, tx: a },
-    )
-}
+use openssl_session_cache::{DatagramPipe, SessionCache, DEFAULT_SESSION_ID_CONTEXT};
 
 pub fn identity(cn: &str) -> (X509, PKey<Private>) {
     let group = EcGroup::from_curve_name(Nid::X9_62_PRIME256V1).unwrap();
@@ -128,11 +80,27 @@ pub fn client_ctx(pki: &Pki, mtls: bool) -> SslContext {
 }
 
 enum Side {
-    Mid(MidHandshakeSslStream<End>),
-    Done(SslStream<End>),
+    Mid(MidHandshakeSslStream<DatagramPipe>),
+    Done(SslStream<DatagramPipe>),
 }
 
-fn step(r: Result<SslStream<End>, HandshakeError<End>>) -> Side {
+impl Side {
+    fn pipe(&mut self) -> &mut DatagramPipe {
+        match self {
+            Self::Mid(m) => m.get_mut(),
+            Self::Done(s) => s.get_mut(),
+        }
+    }
+}
+
+/// Moves what `from` wrote to `to`'s inbound queue.
+fn deliver(from: &mut Side, to: &mut Side) {
+    for d in from.pipe().take_outbound() {
+        to.pipe().push(d);
+    }
+}
+
+fn step(r: Result<SslStream<DatagramPipe>, HandshakeError<DatagramPipe>>) -> Side {
     match r {
         Ok(s) => Side::Done(s),
         Err(HandshakeError::WouldBlock(m)) => Side::Mid(m),
@@ -146,7 +114,6 @@ pub fn handshake(
     client: &SslContext,
     session: Option<&SslSession>,
 ) -> (Duration, SslSession, bool, SslSession) {
-    let (s_end, c_end) = link();
     let mut c_ssl = Ssl::new(client).unwrap();
     c_ssl.set_mtu(1400).unwrap();
     if let Some(s) = session {
@@ -157,16 +124,18 @@ pub fn handshake(
         };
     }
     let mut server_time = Duration::ZERO;
-    let mut c = step(c_ssl.connect(c_end));
+    let mut c = step(c_ssl.connect(DatagramPipe::new()));
     let t = Instant::now();
     let mut s_ssl = Ssl::new(server).unwrap();
     s_ssl.set_mtu(1400).unwrap();
-    let mut s = step(s_ssl.accept(s_end));
+    let mut s = step(s_ssl.accept(DatagramPipe::new()));
     server_time += t.elapsed();
     loop {
+        deliver(&mut s, &mut c);
         if let Side::Mid(m) = c {
             c = step(m.handshake());
         }
+        deliver(&mut c, &mut s);
         if let Side::Mid(m) = s {
             let t = Instant::now();
             s = step(m.handshake());

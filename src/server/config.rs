@@ -1,25 +1,27 @@
-//! The server's configuration: one `SslContext` with certificates or PSK, cookies, the session
-//! cache, and the DSM limits; shared by every worker.
+//! The server's configuration: the user's TLS policy in one `SslContext`, plus what the server
+//! owns (DTLS 1.2, cookies, MTU, the session cache), and the DSM limits; shared by every worker.
 
 use std::fmt;
 use std::net::SocketAddr;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use openssl::asn1::Asn1Time;
 use openssl::bn::{BigNum, MsbOption};
 use openssl::ec::{EcGroup, EcKey};
+use openssl::error::ErrorStack;
 use openssl::ex_data::Index;
 use openssl::hash::MessageDigest;
 use openssl::nid::Nid;
 use openssl::pkey::{PKey, Private};
-use openssl::ssl::{Ssl, SslContext, SslMethod, SslOptions, SslVersion};
+use openssl::ssl::{Ssl, SslContext, SslContextBuilder, SslMethod, SslOptions, SslVersion};
 use openssl::x509::extension::SubjectAlternativeName;
-use openssl::x509::{X509Name, X509};
+use openssl::x509::{X509Name, X509Ref, X509};
 use zeroize::Zeroizing;
 
 use super::cookie::CookieKeys;
-use crate::{DsmConfig, Error, SessionCache};
+use crate::{DsmConfig, Error, RefusedSetting, SessionCache};
 
 /// The path MTU the server assumes (`SSL_set_mtu`, with `SSL_OP_NO_QUERY_MTU`).
 pub const DEFAULT_MTU: u32 = 1400;
@@ -28,8 +30,27 @@ pub const DEFAULT_MTU: u32 = 1400;
 pub const DEFAULT_MAX_DATAGRAM: usize = 13 + 16384 + 2048;
 /// How often the cookie secret rotates by default.
 pub const DEFAULT_COOKIE_ROTATION: Duration = Duration::from_secs(120);
-/// The cipher suites offered when a PSK is configured, in order of preference.
-pub const PSK_CIPHERS: &str = "PSK-AES128-CCM8:PSK-AES128-CCM:PSK-AES128-GCM-SHA256";
+/// How many datagrams may wait for [`Endpoint::poll_transmit`](crate::Endpoint::poll_transmit)
+/// per peer before [`Endpoint::send`](crate::Endpoint::send) refuses more, by default.
+pub const DEFAULT_SEND_QUEUE: usize = 64;
+/// The most application bytes one [`Endpoint::send`](crate::Endpoint::send) takes: one DTLS
+/// record's plaintext (2^14). A record larger than the path MTU leaves as a fragmented IP
+/// datagram; keep messages under the MTU less about 60 bytes of overhead to avoid that.
+pub const MAX_RECORD_PLAINTEXT: usize = 16 * 1024;
+/// The cipher suites a server offers unless its policy says otherwise: AEAD suites only, ECDHE
+/// with ECDSA or RSA certificates (AES-GCM, ChaCha20-Poly1305, AES-CCM, AES-CCM8 for CoAP).
+pub const DEFAULT_CIPHERS: &str = "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:\
+ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384:ECDHE-ECDSA-CHACHA20-POLY1305:\
+ECDHE-RSA-CHACHA20-POLY1305:ECDHE-ECDSA-AES128-CCM:ECDHE-ECDSA-AES256-CCM:\
+ECDHE-ECDSA-AES128-CCM8:ECDHE-ECDSA-AES256-CCM8";
+/// The PSK suites added to [`DEFAULT_CIPHERS`] when a PSK lookup is set, AEAD only
+/// (`PSK-AES128-CCM8` first, the CoAP mandatory suite).
+pub const PSK_CIPHERS: &str = "PSK-AES128-CCM8:PSK-AES128-CCM:PSK-AES128-GCM-SHA256:\
+PSK-AES256-GCM-SHA384:PSK-CHACHA20-POLY1305:ECDHE-PSK-CHACHA20-POLY1305:PSK-AES256-CCM:\
+PSK-AES256-CCM8";
+
+/// `SSL_OP_NO_ENCRYPT_THEN_MAC` (not named by rust-openssl 0.10).
+const NO_ENCRYPT_THEN_MAC: SslOptions = SslOptions::from_bits_retain(1 << 19);
 
 /// What the cookie callbacks know about the peer of an `Ssl` (its ex_data).
 #[derive(Debug, Clone)]
@@ -49,6 +70,11 @@ pub(crate) fn peer_addr_index() -> Result<Index<Ssl, PeerInfo>, Error> {
         .ok_or_else(|| Error::Config("no ssl ex_data index for the peer address".into()))
 }
 
+/// Looks a PSK identity up: the key, or `None` for an unknown identity.
+type PskLookup = Arc<dyn Fn(&[u8]) -> Option<Vec<u8>> + Send + Sync>;
+/// A user's changes to the `SslContextBuilder`.
+type Configure = Box<dyn FnOnce(&mut SslContextBuilder) -> Result<(), ErrorStack>>;
+
 /// A DTLS server's configuration, built once and shared (`Arc`) by its endpoints.
 pub struct ServerConfig {
     pub(crate) ctx: SslContext,
@@ -56,6 +82,7 @@ pub struct ServerConfig {
     pub(crate) dsm: DsmConfig,
     pub(crate) mtu: u32,
     pub(crate) max_datagram: usize,
+    pub(crate) send_queue: usize,
     pub(crate) peer_addr: Index<Ssl, PeerInfo>,
     cache: SessionCache,
     fingerprint: Option<String>,
@@ -67,6 +94,7 @@ impl fmt::Debug for ServerConfig {
             .field("dsm", &self.dsm)
             .field("mtu", &self.mtu)
             .field("max_datagram", &self.max_datagram)
+            .field("send_queue", &self.send_queue)
             .field("fingerprint", &self.fingerprint)
             .finish_non_exhaustive()
     }
@@ -77,12 +105,16 @@ impl ServerConfig {
     pub fn builder(cache: SessionCache) -> ServerConfigBuilder {
         ServerConfigBuilder {
             cache,
+            context: None,
+            configure: None,
+            ciphers: None,
             identity: None,
             psk: None,
             dsm: DsmConfig::default(),
             mtu: DEFAULT_MTU,
             max_datagram: DEFAULT_MAX_DATAGRAM,
             cookie_rotation: DEFAULT_COOKIE_ROTATION,
+            send_queue: DEFAULT_SEND_QUEUE,
         }
     }
 
@@ -100,23 +132,60 @@ impl ServerConfig {
     pub fn dsm_config(&self) -> &DsmConfig {
         &self.dsm
     }
+
+    /// The `SslContext` every peer's `Ssl` is made from.
+    pub fn context(&self) -> &SslContext {
+        &self.ctx
+    }
 }
 
-/// Builds a [`ServerConfig`].
+/// Builds a [`ServerConfig`] from the user's TLS policy and the server's own settings.
+///
+/// # The TLS policy is yours
+/// Bring your own `SslContextBuilder` with [`context`](Self::context) (made with
+/// `SslMethod::dtls_server()` or `SslMethod::dtls()`), or change the one the server makes with
+/// [`configure`](Self::configure): client-certificate verification (mutual DTLS), cipher suites,
+/// groups, a keylog callback, your own PSK callback. Without either, the server's builder offers
+/// [`DEFAULT_CIPHERS`] (plus [`PSK_CIPHERS`] with a [`psk_lookup`](Self::psk_lookup)) and the
+/// certificate from [`certificate`](Self::certificate), or a generated self-signed ECDSA P-256
+/// one when neither that nor a PSK nor `configure` gives it one.
+///
+/// # What the server sets on top
+/// [`build`](Self::build) then sets, overriding the policy where it set the same thing:
+/// - DTLS 1.2 as the minimum and maximum version;
+/// - `SSL_OP_COOKIE_EXCHANGE` with the server's cookie callbacks, `SSL_OP_NO_QUERY_MTU` (the MTU
+///   is set per peer);
+/// - `SSL_OP_NO_ENCRYPT_THEN_MAC`: with encrypt-then-MAC, which OpenSSL negotiates for CBC
+///   suites, OpenSSL 3.0 fails a DTLS connection on any record with a bad MAC, so one spoofed
+///   datagram from a peer's address would close it (RFC 6347 §4.1.2.7 says to discard such
+///   records silently, which OpenSSL does with MAC-then-encrypt and with AEAD suites). It changes
+///   nothing for AEAD suites, the default;
+/// - the session cache ([`SessionCache::install`]: its callbacks, the cache mode without
+///   OpenSSL's internal store, no tickets, the session id context).
+///
+/// It refuses ([`RefusedSetting`]) what would break the server: a context that is not DTLS, a
+/// maximum version other than DTLS 1.2, a [`ciphers`](Self::ciphers) list that enables nothing.
 #[must_use]
 pub struct ServerConfigBuilder {
     cache: SessionCache,
+    context: Option<SslContextBuilder>,
+    configure: Option<Configure>,
+    ciphers: Option<String>,
     identity: Option<(X509, PKey<Private>)>,
-    psk: Option<(Vec<u8>, Zeroizing<Vec<u8>>)>,
+    psk: Option<PskLookup>,
     dsm: DsmConfig,
     mtu: u32,
     max_datagram: usize,
     cookie_rotation: Duration,
+    send_queue: usize,
 }
 
 impl fmt::Debug for ServerConfigBuilder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ServerConfigBuilder")
+            .field("own_context", &self.context.is_some())
+            .field("configure", &self.configure.is_some())
+            .field("ciphers", &self.ciphers)
             .field("has_certificate", &self.identity.is_some())
             .field("has_psk", &self.psk.is_some())
             .field("dsm", &self.dsm)
@@ -125,18 +194,78 @@ impl fmt::Debug for ServerConfigBuilder {
 }
 
 impl ServerConfigBuilder {
-    /// The server certificate and its key. Without one (and without a PSK) a self-signed ECDSA
-    /// P-256 certificate is generated.
+    /// Uses `builder`, your own TLS policy, instead of the server's defaults. It must be a DTLS
+    /// context (`SslMethod::dtls_server()` or `SslMethod::dtls()`); no certificate is generated
+    /// for it.
+    pub fn context(mut self, builder: SslContextBuilder) -> Self {
+        self.context = Some(builder);
+        self
+    }
+
+    /// Runs `f` on the context builder (yours from [`context`](Self::context), or the server's
+    /// with its defaults) before the server adds its own settings: verify client certificates,
+    /// choose cipher suites and groups, set a keylog callback. An error from `f` fails
+    /// [`build`](Self::build).
+    ///
+    /// ```
+    /// use openssl::ssl::SslVerifyMode;
+    /// use openssl::x509::store::X509StoreBuilder;
+    /// # use openssl_session_cache::{ServerConfig, SessionCache};
+    /// # let ca = openssl_session_cache::self_signed_certificate()?.0;
+    /// let config = ServerConfig::builder(SessionCache::builder().build()?)
+    ///     .configure(move |b| {
+    ///         let mut roots = X509StoreBuilder::new()?;
+    ///         roots.add_cert(ca)?;
+    ///         b.set_verify_cert_store(roots.build())?;
+    ///         b.set_verify(SslVerifyMode::PEER | SslVerifyMode::FAIL_IF_NO_PEER_CERT);
+    ///         Ok(())
+    ///     })
+    ///     .build()?;
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn configure(
+        mut self,
+        f: impl FnOnce(&mut SslContextBuilder) -> Result<(), ErrorStack> + 'static,
+    ) -> Self {
+        self.configure = Some(Box::new(f));
+        self
+    }
+
+    /// The cipher list (OpenSSL's syntax, `SSL_CTX_set_cipher_list`), set after
+    /// [`configure`](Self::configure). A list that enables no suite is refused
+    /// ([`RefusedSetting::NoCiphers`]). CBC suites are run MAC-then-encrypt (see the type's
+    /// docs).
+    pub fn ciphers(mut self, list: &str) -> Self {
+        self.ciphers = Some(list.to_owned());
+        self
+    }
+
+    /// The server certificate and its key.
     pub fn certificate(mut self, cert: X509, key: PKey<Private>) -> Self {
         self.identity = Some((cert, key));
         self
     }
 
-    /// Also accepts PSK handshakes (`PSK-AES128-CCM8` and friends) for `identity` with `key`.
-    /// With a PSK and no certificate, the server speaks PSK only.
-    pub fn psk(mut self, identity: &[u8], key: &[u8]) -> Self {
-        self.psk = Some((identity.to_vec(), Zeroizing::new(key.to_vec())));
+    /// Accepts PSK handshakes, looking each identity up with `lookup` (which returns the key, or
+    /// `None` for an unknown identity: the handshake then fails). It runs inside OpenSSL's PSK
+    /// callback (`SSL_CTX_set_psk_server_callback`) on the worker thread, so it must be quick; a
+    /// panic in it is caught and counts as an unknown identity. Keys longer than OpenSSL's
+    /// maximum (256 bytes) are refused the same way. With a PSK lookup and no certificate, the
+    /// server speaks PSK only.
+    pub fn psk_lookup(
+        mut self,
+        lookup: impl Fn(&[u8]) -> Option<Vec<u8>> + Send + Sync + 'static,
+    ) -> Self {
+        self.psk = Some(Arc::new(lookup));
         self
+    }
+
+    /// Accepts PSK handshakes for one `identity` with `key`: a [`psk_lookup`](Self::psk_lookup)
+    /// that knows one identity.
+    pub fn psk(self, identity: &[u8], key: &[u8]) -> Self {
+        let identity = identity.to_vec();
+        let key = Zeroizing::new(key.to_vec());
+        self.psk_lookup(move |asked| (asked == identity.as_slice()).then(|| key.to_vec()))
     }
 
     /// Peer slots, handshake budget, per-source quota and timeouts, per endpoint.
@@ -164,8 +293,16 @@ impl ServerConfigBuilder {
         self
     }
 
-    /// Builds the `SslContext`: DTLS 1.2 only, cookie exchange, `NO_QUERY_MTU`, the session
-    /// cache installed (session ids, no tickets).
+    /// How many datagrams may wait for [`Endpoint::poll_transmit`](crate::Endpoint::poll_transmit)
+    /// per peer before [`Endpoint::send`](crate::Endpoint::send) answers
+    /// [`SendError::QueueFull`](crate::SendError::QueueFull) (default [`DEFAULT_SEND_QUEUE`], at
+    /// least 1). Handshake flights and close_notify count too, but are never refused.
+    pub fn send_queue(mut self, datagrams: usize) -> Self {
+        self.send_queue = datagrams;
+        self
+    }
+
+    /// Builds the `SslContext`: the policy, then what the server owns (see the type's docs).
     pub fn build(self) -> Result<Arc<ServerConfig>, Error> {
         if self.mtu < 256 {
             return Err(Error::Config(format!("mtu {} below 256", self.mtu)));
@@ -173,50 +310,58 @@ impl ServerConfigBuilder {
         if self.cookie_rotation.is_zero() {
             return Err(Error::Config("cookie rotation period is zero".into()));
         }
+        if self.send_queue == 0 {
+            return Err(Error::Config("send queue of 0 datagrams".into()));
+        }
         let peer_addr = peer_addr_index()?;
         let cookies = Arc::new(CookieKeys::new(self.cookie_rotation)?);
-        let mut ctx = SslContext::builder(SslMethod::dtls_server())?;
-        ctx.set_min_proto_version(Some(SslVersion::DTLS1_2))?;
-        ctx.set_max_proto_version(Some(SslVersion::DTLS1_2))?;
-        ctx.set_options(SslOptions::COOKIE_EXCHANGE | SslOptions::NO_QUERY_MTU);
 
-        let identity = match (self.identity, &self.psk) {
-            (Some(id), _) => Some(id),
-            (None, None) => Some(self_signed_certificate()?),
-            (None, Some(_)) => None,
+        let own_context = self.context.is_some();
+        let mut ctx = match self.context {
+            Some(ctx) => ctx,
+            None => {
+                let mut ctx = SslContext::builder(SslMethod::dtls_server())?;
+                let ciphers = match self.psk {
+                    Some(_) => format!("{DEFAULT_CIPHERS}:{PSK_CIPHERS}"),
+                    None => DEFAULT_CIPHERS.to_owned(),
+                };
+                ctx.set_cipher_list(&ciphers)?;
+                ctx
+            }
         };
-        let mut fingerprint = None;
-        if let Some((cert, key)) = &identity {
+        if let Some(configure) = self.configure {
+            configure(&mut ctx)?;
+        }
+        if let Some(list) = &self.ciphers {
+            if list.trim().is_empty() || ctx.set_cipher_list(list).is_err() {
+                return Err(RefusedSetting::NoCiphers(list.clone()).into());
+            }
+        }
+        if let Some((cert, key)) = &self.identity {
             ctx.set_certificate(cert)?;
             ctx.set_private_key(key)?;
             ctx.check_private_key()?;
-            fingerprint = Some(certificate_fingerprint(cert)?);
+        } else if !own_context && self.psk.is_none() && ctx.check_private_key().is_err() {
+            let (cert, key) = self_signed_certificate()?;
+            ctx.set_certificate(&cert)?;
+            ctx.set_private_key(&key)?;
         }
-        if let Some((identity_expected, key)) = self.psk {
-            let ciphers = if fingerprint.is_some() {
-                format!("DEFAULT:{PSK_CIPHERS}")
-            } else {
-                PSK_CIPHERS.to_owned()
-            };
-            ctx.set_cipher_list(&ciphers)?;
+        if let Some(lookup) = self.psk {
             ctx.set_psk_server_callback(move |_ssl, identity, out| {
-                if identity != Some(identity_expected.as_slice()) || key.len() > out.len() {
-                    tracing::debug!("psk identity unknown");
-                    return Ok(0);
-                }
-                out[..key.len()].copy_from_slice(&key);
-                Ok(key.len())
+                Ok(psk_answer(&*lookup, identity, out))
             });
         }
+        pin_dtls12(&mut ctx)?;
+        ctx.set_options(
+            SslOptions::COOKIE_EXCHANGE | SslOptions::NO_QUERY_MTU | NO_ENCRYPT_THEN_MAC,
+        );
 
         // OpenSSL only generates a cookie for the reconstructed first ClientHello the endpoint
         // feeds a new `Ssl` (its HelloVerifyRequest is discarded): real cookieless hellos are
         // answered by the endpoint without an `Ssl`. It is still a real cookie.
         let gen_keys = Arc::clone(&cookies);
         ctx.set_cookie_generate_cb(move |ssl, out| {
-            let info = ssl
-                .ex_data(peer_addr)
-                .ok_or_else(openssl::error::ErrorStack::get)?;
+            let info = ssl.ex_data(peer_addr).ok_or_else(ErrorStack::get)?;
             let cookie = gen_keys.generate(info.addr);
             out[..cookie.len()].copy_from_slice(&cookie);
             Ok(cookie.len())
@@ -232,17 +377,87 @@ impl ServerConfigBuilder {
         });
         self.cache.install(&mut ctx)?;
 
+        let ctx = ctx.build();
+        let fingerprint = ctx.certificate().map(certificate_fingerprint).transpose()?;
         Ok(Arc::new(ServerConfig {
-            ctx: ctx.build(),
+            ctx,
             cookies,
             dsm: self.dsm,
             mtu: self.mtu,
             max_datagram: self.max_datagram,
+            send_queue: self.send_queue,
             peer_addr,
             cache: self.cache,
             fingerprint,
         }))
     }
+}
+
+/// Pins `ctx` to DTLS 1.2, refusing a context that is not DTLS or whose policy set a maximum
+/// version other than DTLS 1.2.
+fn pin_dtls12(ctx: &mut SslContextBuilder) -> Result<(), Error> {
+    let asked_max = ctx.max_proto_version();
+    // On a TLS context OpenSSL accepts a DTLS bound but ignores it, so read it back.
+    let pinned = ctx.set_min_proto_version(Some(SslVersion::DTLS1_2)).is_ok()
+        && ctx.set_max_proto_version(Some(SslVersion::DTLS1_2)).is_ok()
+        && ctx.min_proto_version() == Some(SslVersion::DTLS1_2)
+        && ctx.max_proto_version() == Some(SslVersion::DTLS1_2);
+    if !pinned {
+        // Leave no half-reported failure on the thread's OpenSSL error queue.
+        let _ = ErrorStack::get();
+        return Err(RefusedSetting::NotDtls.into());
+    }
+    match asked_max {
+        Some(v) if v != SslVersion::DTLS1_2 => {
+            Err(RefusedSetting::MaxVersion(version_name(v)).into())
+        }
+        _ => Ok(()),
+    }
+}
+
+fn version_name(v: SslVersion) -> String {
+    let known = [
+        (SslVersion::DTLS1, "DTLS 1.0"),
+        (SslVersion::DTLS1_2, "DTLS 1.2"),
+        (SslVersion::SSL3, "SSL 3.0"),
+        (SslVersion::TLS1, "TLS 1.0"),
+        (SslVersion::TLS1_1, "TLS 1.1"),
+        (SslVersion::TLS1_2, "TLS 1.2"),
+        (SslVersion::TLS1_3, "TLS 1.3"),
+    ];
+    known
+        .iter()
+        .find(|(k, _)| *k == v)
+        .map_or_else(|| format!("{v:?}"), |(_, name)| (*name).to_owned())
+}
+
+/// The PSK callback's answer: the key's length after copying it to `out`, or 0 (unknown
+/// identity, a key too long, a lookup that panicked). Never panics.
+fn psk_answer(
+    lookup: &(dyn Fn(&[u8]) -> Option<Vec<u8>> + Send + Sync),
+    identity: Option<&[u8]>,
+    out: &mut [u8],
+) -> usize {
+    let Some(identity) = identity else {
+        return 0;
+    };
+    let key = match catch_unwind(AssertUnwindSafe(|| lookup(identity))) {
+        Ok(Some(key)) => Zeroizing::new(key),
+        Ok(None) => {
+            tracing::debug!("psk identity unknown");
+            return 0;
+        }
+        Err(_) => {
+            tracing::error!("the psk lookup panicked; the identity counts as unknown");
+            return 0;
+        }
+    };
+    if key.is_empty() || key.len() > out.len() {
+        tracing::warn!(len = key.len(), "psk key of an unusable length refused");
+        return 0;
+    }
+    out[..key.len()].copy_from_slice(&key);
+    key.len()
 }
 
 /// Generates a self-signed ECDSA P-256 certificate for `localhost`, valid for a year.
@@ -274,12 +489,159 @@ pub fn self_signed_certificate() -> Result<(X509, PKey<Private>), Error> {
     Ok((cert.build(), key))
 }
 
-/// The SHA-256 fingerprint of `cert` as colon-separated upper-case hex.
-pub fn certificate_fingerprint(cert: &X509) -> Result<String, Error> {
+/// The SHA-256 fingerprint of `cert` as colon-separated upper-case hex (`AB:CD:...`).
+pub fn certificate_fingerprint(cert: &X509Ref) -> Result<String, Error> {
     let digest = cert.digest(MessageDigest::sha256())?;
-    Ok(digest
-        .iter()
-        .map(|b| format!("{b:02X}"))
-        .collect::<Vec<_>>()
-        .join(":"))
+    let hex = hex::encode_upper(&*digest);
+    let pairs: Vec<&str> = (0..hex.len()).step_by(2).map(|i| &hex[i..i + 2]).collect();
+    Ok(pairs.join(":"))
+}
+
+#[cfg(test)]
+mod tests {
+    use openssl::ssl::SslVerifyMode;
+
+    use super::*;
+
+    fn builder() -> ServerConfigBuilder {
+        ServerConfig::builder(SessionCache::builder().build().unwrap())
+    }
+
+    fn refused(b: ServerConfigBuilder) -> RefusedSetting {
+        match b.build() {
+            Err(Error::RefusedSetting(r)) => r,
+            other => panic!("expected a refused setting, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_tls_context_is_refused() {
+        let tls = SslContext::builder(SslMethod::tls_server()).unwrap();
+        assert_eq!(refused(builder().context(tls)), RefusedSetting::NotDtls);
+        // The error queue is left clean for the next OpenSSL call on this thread.
+        assert!(ErrorStack::get().errors().is_empty());
+    }
+
+    #[test]
+    fn a_maximum_version_other_than_dtls12_is_refused() {
+        let mut ctx = SslContext::builder(SslMethod::dtls_server()).unwrap();
+        ctx.set_max_proto_version(Some(SslVersion::DTLS1)).unwrap();
+        assert_eq!(
+            refused(builder().context(ctx)),
+            RefusedSetting::MaxVersion("DTLS 1.0".into())
+        );
+        let r = refused(builder().configure(|b| b.set_max_proto_version(Some(SslVersion::DTLS1))));
+        assert_eq!(r, RefusedSetting::MaxVersion("DTLS 1.0".into()));
+        // A maximum of DTLS 1.2 is what the server sets anyway.
+        builder()
+            .configure(|b| b.set_max_proto_version(Some(SslVersion::DTLS1_2)))
+            .build()
+            .unwrap();
+    }
+
+    #[test]
+    fn a_cipher_list_enabling_nothing_is_refused() {
+        for list in ["", "  ", "NO-SUCH-CIPHER", "eNULL:!eNULL"] {
+            assert_eq!(
+                refused(builder().ciphers(list)),
+                RefusedSetting::NoCiphers(list.into()),
+                "{list:?}"
+            );
+        }
+        builder()
+            .ciphers("ECDHE-ECDSA-AES128-SHA256")
+            .build()
+            .unwrap();
+    }
+
+    #[test]
+    fn the_server_owns_versions_cookies_mtu_and_encrypt_then_mac() {
+        let config = builder()
+            .configure(|b| {
+                b.set_min_proto_version(Some(SslVersion::DTLS1))?;
+                b.clear_options(SslOptions::COOKIE_EXCHANGE);
+                b.set_verify(SslVerifyMode::PEER);
+                Ok(())
+            })
+            .build()
+            .unwrap();
+        let ctx = config.context();
+        // Cookies and encrypt-then-MAC are checked by the endpoint's handshake tests (a
+        // HelloVerifyRequest, spoofed CBC records); the versions by a DTLS 1.0 client here.
+        // The policy's verify mode stays.
+        assert_eq!(ctx.verify_mode(), SslVerifyMode::PEER);
+        assert!(ctx.certificate().is_some(), "a certificate was generated");
+        let mut old = SslContext::builder(SslMethod::dtls_client()).unwrap();
+        old.set_max_proto_version(Some(SslVersion::DTLS1)).unwrap();
+        let mut client = Ssl::new(&old.build()).unwrap();
+        client.set_connect_state();
+        let mut client =
+            openssl::ssl::SslStream::new(client, super::super::pipe::DatagramPipe::new()).unwrap();
+        let _ = client.do_handshake();
+        let mut server = Ssl::new(ctx).unwrap();
+        server.set_accept_state();
+        let mut server =
+            openssl::ssl::SslStream::new(server, super::super::pipe::DatagramPipe::new()).unwrap();
+        for d in client.get_mut().take_outbound() {
+            server.get_mut().push(d);
+        }
+        let e = server.do_handshake().unwrap_err();
+        assert!(
+            e.to_string().contains("version") || e.ssl_error().is_some(),
+            "a DTLS 1.0 hello is refused: {e}"
+        );
+        assert_eq!(e.code(), openssl::ssl::ErrorCode::SSL);
+    }
+
+    #[test]
+    fn certificates_come_from_the_policy_or_are_generated() {
+        let generated = builder().build().unwrap();
+        assert!(generated.certificate_fingerprint().is_some());
+        // PSK only: no certificate.
+        let psk = builder().psk(b"id", &[1; 16]).build().unwrap();
+        assert!(psk.context().certificate().is_none());
+        // A certificate set in `configure` is kept, not replaced.
+        let (cert, key) = self_signed_certificate().unwrap();
+        let expected = certificate_fingerprint(&cert).unwrap();
+        let own = builder()
+            .configure(move |b| {
+                b.set_certificate(&cert)?;
+                b.set_private_key(&key)
+            })
+            .build()
+            .unwrap();
+        assert_eq!(own.certificate_fingerprint(), Some(expected.as_str()));
+        // A context of one's own gets no generated certificate.
+        let ctx = SslContext::builder(SslMethod::dtls_server()).unwrap();
+        let bare = builder().context(ctx).psk(b"id", &[1; 16]).build().unwrap();
+        assert!(bare.certificate_fingerprint().is_none());
+    }
+
+    #[test]
+    fn psk_answers_known_identities_only_and_survives_a_panicking_lookup() {
+        let lookup = |id: &[u8]| match id {
+            b"known" => Some(vec![7; 16]),
+            b"huge" => Some(vec![7; 300]),
+            b"empty" => Some(Vec::new()),
+            b"boom" => panic!("lookup failed"),
+            _ => None,
+        };
+        let mut out = [0u8; 256];
+        assert_eq!(psk_answer(&lookup, Some(b"known"), &mut out), 16);
+        assert_eq!(&out[..16], &[7; 16]);
+        for id in [&b"unknown"[..], b"huge", b"empty", b"boom"] {
+            assert_eq!(psk_answer(&lookup, Some(id), &mut out), 0, "{id:?}");
+        }
+        assert_eq!(psk_answer(&lookup, None, &mut out), 0);
+    }
+
+    #[test]
+    fn fingerprint_is_colon_separated_upper_hex() {
+        let (cert, _) = self_signed_certificate().unwrap();
+        let fp = certificate_fingerprint(&cert).unwrap();
+        let digest = cert.digest(MessageDigest::sha256()).unwrap();
+        assert_eq!(fp.len(), 32 * 3 - 1);
+        assert_eq!(fp.replace(':', ""), hex::encode_upper(&*digest));
+        assert!(fp.split(':').all(|p| p.len() == 2));
+    }
 }

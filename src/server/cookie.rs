@@ -5,64 +5,76 @@
 //! so that the server keeps no state for (and never looks up a session for) a spoofed source.
 //! Cookies made under the current or the previous secret verify, so a rotation does not break a
 //! handshake that is in flight; a cookie older than two rotation periods fails.
+//!
+//! The secrets sit in an [`ArcSwap`] snapshot: making or verifying a cookie loads the snapshot
+//! (no lock), clones the keyed HMAC state and hashes the address outside any lock; only a
+//! rotation, once per period, takes a mutex to publish a new snapshot.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
+use hmac::{Hmac, Mac};
 use openssl::error::ErrorStack;
-use openssl::memcmp;
 use openssl::rand::rand_bytes;
-use openssl::sha::Sha256;
 use parking_lot::Mutex;
+use sha2::Sha256;
 use zeroize::Zeroizing;
 
 /// Length of the cookies this module makes (a full HMAC-SHA256 tag).
 pub(crate) const COOKIE_LEN: usize = 32;
 
-/// One HMAC-SHA256 key (RFC 2104), kept as the SHA-256 states after absorbing the padded key,
-/// so a tag costs two short hashes and no EVP fetch (`EVP_DigestSignInit` per cookie costs
-/// several times more in OpenSSL 3).
+/// One HMAC-SHA256 key, kept as the keyed state (the hash states after absorbing the padded key),
+/// so a cookie costs a clone of that state and two short hashes.
+#[derive(Clone)]
 struct Secret {
-    inner: Sha256,
-    outer: Sha256,
+    keyed: Hmac<Sha256>,
 }
 
 impl Secret {
+    /// A secret of 32 random bytes.
     fn random() -> Result<Self, ErrorStack> {
-        let mut key = Zeroizing::new([0u8; 64]);
-        rand_bytes(&mut key[..32])?;
-        let mut ipad = Zeroizing::new([0x36u8; 64]);
-        let mut opad = Zeroizing::new([0x5cu8; 64]);
-        for i in 0..64 {
-            ipad[i] ^= key[i];
-            opad[i] ^= key[i];
+        let mut key = Zeroizing::new([0u8; 32]);
+        rand_bytes(&mut key[..])?;
+        Ok(Self::from_key(&key[..]))
+    }
+
+    fn from_key(key: &[u8]) -> Self {
+        Self {
+            keyed: Hmac::new_from_slice(key).expect("BUG: HMAC takes keys of any length"),
         }
-        let mut inner = Sha256::new();
-        inner.update(&ipad[..]);
-        let mut outer = Sha256::new();
-        outer.update(&opad[..]);
-        Ok(Self { inner, outer })
+    }
+
+    /// The keyed state after absorbing `peer` (family, address, port).
+    fn absorb(&self, peer: SocketAddr) -> Hmac<Sha256> {
+        let mut mac = self.keyed.clone();
+        match peer {
+            SocketAddr::V4(a) => {
+                mac.update(&[4]);
+                mac.update(&a.ip().octets());
+            }
+            SocketAddr::V6(a) => {
+                mac.update(&[6]);
+                mac.update(&a.ip().octets());
+            }
+        }
+        mac.update(&peer.port().to_be_bytes());
+        mac
     }
 
     fn tag(&self, peer: SocketAddr) -> [u8; COOKIE_LEN] {
-        let mut inner = self.inner.clone();
-        match peer {
-            SocketAddr::V4(a) => {
-                inner.update(&[4]);
-                inner.update(&a.ip().octets());
-            }
-            SocketAddr::V6(a) => {
-                inner.update(&[6]);
-                inner.update(&a.ip().octets());
-            }
-        }
-        inner.update(&peer.port().to_be_bytes());
-        let mut outer = self.outer.clone();
-        outer.update(&inner.finish());
-        outer.finish()
+        self.absorb(peer).finalize().into_bytes().into()
+    }
+
+    /// Whether `cookie` is the tag for `peer`, compared in constant time.
+    fn verify(&self, peer: SocketAddr, cookie: &[u8]) -> bool {
+        self.absorb(peer).verify_slice(cookie).is_ok()
     }
 }
 
+/// The secrets in force, replaced whole at each rotation.
+#[derive(Clone)]
 struct Keys {
     current: Secret,
     previous: Option<Secret>,
@@ -73,7 +85,9 @@ struct Keys {
 /// The rotating cookie secrets, shared by every worker of a server (and by the OpenSSL cookie
 /// callbacks, which capture an `Arc` of it).
 pub(crate) struct CookieKeys {
-    keys: Mutex<Keys>,
+    keys: ArcSwap<Keys>,
+    /// Taken by rotations only, so two workers never both rotate.
+    rotating: Mutex<()>,
     rotate_every: Duration,
 }
 
@@ -89,41 +103,45 @@ impl CookieKeys {
     /// Fresh random keys, rotated every `rotate_every`.
     pub(crate) fn new(rotate_every: Duration) -> Result<Self, ErrorStack> {
         Ok(Self {
-            keys: Mutex::new(Keys {
+            keys: ArcSwap::from_pointee(Keys {
                 current: Secret::random()?,
                 previous: None,
                 next_rotation: None,
             }),
+            rotating: Mutex::new(()),
             rotate_every,
         })
     }
 
     /// Retires the current secret if its period ended at `now`; returns whether it rotated.
     pub(crate) fn rotate_if_due(&self, now: Instant) -> Result<bool, ErrorStack> {
-        let mut keys = self.keys.lock();
-        match keys.next_rotation {
-            None => {
-                keys.next_rotation = Some(now + self.rotate_every);
-                Ok(false)
-            }
-            Some(at) if now >= at => {
-                let fresh = Secret::random()?;
-                keys.previous = Some(std::mem::replace(&mut keys.current, fresh));
-                keys.next_rotation = Some(now + self.rotate_every);
-                Ok(true)
-            }
-            Some(_) => Ok(false),
+        let due = |keys: &Keys| keys.next_rotation.is_none_or(|at| now >= at);
+        if !due(&self.keys.load()) {
+            return Ok(false);
         }
+        let _rotating = self.rotating.lock();
+        let keys = self.keys.load_full();
+        if !due(&keys) {
+            return Ok(false); // another worker rotated meanwhile
+        }
+        let mut next = Keys::clone(&keys);
+        next.next_rotation = Some(now + self.rotate_every);
+        let rotated = keys.next_rotation.is_some();
+        if rotated {
+            next.previous = Some(std::mem::replace(&mut next.current, Secret::random()?));
+        }
+        self.keys.store(Arc::new(next));
+        Ok(rotated)
     }
 
     /// When the next rotation is due, once time has started.
     pub(crate) fn next_rotation(&self) -> Option<Instant> {
-        self.keys.lock().next_rotation
+        self.keys.load().next_rotation
     }
 
     /// The cookie for `peer` under the current secret.
     pub(crate) fn generate(&self, peer: SocketAddr) -> [u8; COOKIE_LEN] {
-        self.keys.lock().current.tag(peer)
+        self.keys.load().current.tag(peer)
     }
 
     /// Whether `cookie` was made for `peer` under the current or the previous secret.
@@ -131,9 +149,12 @@ impl CookieKeys {
         if cookie.len() != COOKIE_LEN {
             return false;
         }
-        let keys = self.keys.lock();
-        let matches = |secret: &Secret| memcmp::eq(&secret.tag(peer), cookie);
-        matches(&keys.current) || keys.previous.as_ref().is_some_and(matches)
+        let keys = self.keys.load();
+        keys.current.verify(peer, cookie)
+            || keys
+                .previous
+                .as_ref()
+                .is_some_and(|s| s.verify(peer, cookie))
     }
 }
 
@@ -162,28 +183,42 @@ mod tests {
 
     #[test]
     fn tag_is_rfc2104_hmac_sha256() {
+        // RFC 4231 test case 2: key "Jefe", data "what do ya want for nothing?".
+        let secret = Secret::from_key(b"Jefe");
+        let mut mac = secret.keyed.clone();
+        mac.update(b"what do ya want for nothing?");
+        assert_eq!(
+            hex::encode(mac.finalize().into_bytes()),
+            "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
+        );
+        // And a cookie is that HMAC over family, address and port, as OpenSSL computes it.
         use openssl::hash::MessageDigest;
         use openssl::pkey::PKey;
         use openssl::sign::Signer;
-        // Recompute with OpenSSL's own HMAC from the same key bytes.
-        let mut key = [0u8; 64];
-        key[..32].copy_from_slice(&[0xab; 32]);
-        let mut ipad = [0x36u8; 64];
-        let mut opad = [0x5cu8; 64];
-        for i in 0..64 {
-            ipad[i] ^= key[i];
-            opad[i] ^= key[i];
-        }
-        let mut inner = Sha256::new();
-        inner.update(&ipad);
-        let mut outer = Sha256::new();
-        outer.update(&opad);
-        let secret = Secret { inner, outer };
-        let a = addr("192.0.2.1:5684");
-        let pkey = PKey::hmac(&key[..32]).unwrap();
+        let key = [0xab; 32];
+        let pkey = PKey::hmac(&key).unwrap();
         let mut signer = Signer::new(MessageDigest::sha256(), &pkey).unwrap();
         signer.update(&[4, 192, 0, 2, 1, 0x16, 0x34]).unwrap();
-        assert_eq!(secret.tag(a).to_vec(), signer.sign_to_vec().unwrap());
+        let a = addr("192.0.2.1:5684");
+        assert_eq!(
+            Secret::from_key(&key).tag(a).to_vec(),
+            signer.sign_to_vec().unwrap()
+        );
+    }
+
+    #[test]
+    fn random_secrets_are_distinct_and_verify_their_own_cookies_only() {
+        let secrets: Vec<Secret> = (0..8).map(|_| Secret::random().unwrap()).collect();
+        let a = addr("198.51.100.7:5684");
+        let tags: Vec<_> = secrets.iter().map(|s| s.tag(a)).collect();
+        for (i, s) in secrets.iter().enumerate() {
+            for (j, tag) in tags.iter().enumerate() {
+                assert_eq!(s.verify(a, tag), i == j, "secret {i} on the cookie of {j}");
+                if i != j {
+                    assert_ne!(tags[i], *tag, "secrets {i} and {j} are the same");
+                }
+            }
+        }
     }
 
     #[test]
@@ -206,5 +241,27 @@ mod tests {
             "two rotations later the old cookie fails"
         );
         assert!(keys.verify(a, &new));
+    }
+
+    #[test]
+    fn concurrent_rotations_rotate_once() {
+        let keys = Arc::new(CookieKeys::new(Duration::from_secs(10)).unwrap());
+        let t0 = Instant::now();
+        keys.rotate_if_due(t0).unwrap();
+        let a = addr("10.0.0.1:5684");
+        let old = keys.generate(a);
+        let rotated: usize = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..4)
+                .map(|_| {
+                    let keys = &keys;
+                    s.spawn(move || {
+                        usize::from(keys.rotate_if_due(t0 + Duration::from_secs(10)).unwrap())
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).sum()
+        });
+        assert_eq!(rotated, 1);
+        assert!(keys.verify(a, &old), "one rotation keeps the old secret");
     }
 }

@@ -5,17 +5,26 @@ use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::task::Waker;
+use std::time::{Duration, Instant};
 
-use openssl::ssl::Ssl;
+use openssl::ssl::{Ssl, SslRef};
+use openssl::x509::X509;
 
-use super::config::{PeerInfo, ServerConfig};
+use super::config::{PeerInfo, ServerConfig, MAX_RECORD_PLAINTEXT};
 use super::peer::{Peer, Progress};
 use super::record::{screen, ClientHello, NotHello, Screened};
-use crate::{Authenticated, Dsm, DsmStats, Error, FreeReason, PeerState};
+use crate::{Authenticated, Dsm, DsmStats, Error, FreeReason, PeerState, SendError};
 
-/// Events kept for [`Endpoint::poll_event`] before further ones are only counted.
+/// [`Event::Data`] and [`Event::Dropped`] events kept for [`Endpoint::poll_event`] before further
+/// ones are only counted ([`EndpointStats::dropped_events`]). `Connected` and `Closed` events are
+/// always kept: there is at most one of each per handshake.
 const MAX_QUEUED_EVENTS: usize = 4096;
+/// A peer's DTLS deadline that moved earlier by less than this keeps its timer entry (it fires
+/// that much later at most), so the heap does not grow with every datagram.
+const TIMER_SLACK: Duration = Duration::from_millis(1);
+/// Stale timer entries allowed beyond two per peer before the heap is rebuilt.
+const TIMER_HEAP_SPARE: usize = 64;
 
 /// A datagram to send.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -26,27 +35,55 @@ pub struct Transmit {
     pub payload: Vec<u8>,
 }
 
-/// Something that happened to a peer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What the handshake of a peer settled, reported by [`Event::Connected`].
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct ConnectionInfo {
+    /// Whether it resumed a cached session (an abbreviated handshake).
+    pub resumed: bool,
+    /// The negotiated cipher suite, in OpenSSL's naming (`ECDHE-ECDSA-AES128-GCM-SHA256`).
+    pub cipher: &'static str,
+    /// The client's certificate, when the policy asked for one (mutual DTLS) and the client sent
+    /// it; on a resumption, the certificate of the session's original handshake.
+    pub peer_certificate: Option<X509>,
+    /// The PSK identity the client used, for PSK suites (on a resumption too).
+    pub psk_identity: Option<Vec<u8>>,
+}
+
+impl ConnectionInfo {
+    fn from_ssl(ssl: &SslRef) -> Self {
+        Self {
+            resumed: ssl.session_reused(),
+            cipher: ssl.current_cipher().map_or("", |c| c.name()),
+            peer_certificate: ssl.peer_certificate(),
+            psk_identity: ssl.psk_identity().map(<[u8]>::to_vec),
+        }
+    }
+}
+
+/// Something that happened, from [`Endpoint::poll_event`].
+///
+/// Every peer that reports [`Connected`](Self::Connected) later reports exactly one
+/// [`Closed`](Self::Closed), after its last [`Data`](Self::Data). A peer whose handshake never
+/// finished may report `Closed` without `Connected`.
+#[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
 pub enum Event {
-    /// A handshake finished.
-    Established {
+    /// A handshake finished: the peer can send and be sent to.
+    Connected {
         /// The peer.
         peer: SocketAddr,
-        /// Whether it resumed a cached session.
-        resumed: bool,
+        /// What the handshake settled.
+        info: ConnectionInfo,
     },
-    /// Application records from the peer were echoed back.
-    Echoed {
+    /// One application record from the peer (authenticated and decrypted).
+    Data {
         /// The peer.
         peer: SocketAddr,
-        /// How many records.
-        records: usize,
-        /// How many bytes.
-        bytes: usize,
+        /// The record's plaintext.
+        data: Vec<u8>,
     },
-    /// A peer's state was freed.
+    /// A peer's state was freed; sending to it now fails with [`SendError::UnknownPeer`].
     Closed {
         /// The peer.
         peer: SocketAddr,
@@ -68,7 +105,10 @@ pub enum Event {
 pub enum CloseReason {
     /// The peer sent close_notify (answered; the session stays resumable).
     CloseNotify,
-    /// The connection failed (handshake failure, bad record, too many retransmissions).
+    /// The application called [`Endpoint::close`] (close_notify sent; the session stays
+    /// resumable).
+    Local,
+    /// The connection failed (handshake failure, too many retransmissions, a fatal alert).
     Failed,
     /// The handshake did not finish within the DSM's handshake timeout.
     HandshakeTimeout,
@@ -129,7 +169,7 @@ pub struct EndpointStats {
     pub dropped_no_space: u64,
     /// Datagrams for known peers discarded unread ([`DropReason::Invalid`]).
     pub dropped_invalid: u64,
-    /// Events not queued because [`Endpoint::poll_event`] was not called.
+    /// Data and Dropped events not queued because [`Endpoint::poll_event`] was not called.
     pub dropped_events: u64,
     /// Handshakes completed (full and resumed).
     pub handshakes: u64,
@@ -137,16 +177,26 @@ pub struct EndpointStats {
     pub resumed: u64,
     /// Connections that failed.
     pub failed: u64,
-    /// Peers closed by close_notify.
+    /// Peers closed by their close_notify.
     pub closed: u64,
+    /// Peers closed by the application ([`Endpoint::close`]).
+    pub closed_locally: u64,
     /// Handshakes freed by the handshake timeout.
     pub handshake_timeouts: u64,
     /// Peers shut down as idle or evicted.
     pub idle_closed: u64,
-    /// Application records echoed.
-    pub echoed_records: u64,
-    /// Application bytes echoed.
-    pub echoed_bytes: u64,
+    /// Application records received.
+    pub records_received: u64,
+    /// Application bytes received.
+    pub bytes_received: u64,
+    /// Application records sent ([`Endpoint::send`]).
+    pub records_sent: u64,
+    /// Application bytes sent.
+    pub bytes_sent: u64,
+    /// Sends refused with [`SendError::QueueFull`].
+    pub send_queue_full: u64,
+    /// Calls of [`Endpoint::handle_timeout`].
+    pub timeouts_handled: u64,
     /// Peers now.
     pub peers: u64,
     /// Peers now in the handshake.
@@ -178,10 +228,15 @@ impl EndpointStats {
             resumed,
             failed,
             closed,
+            closed_locally,
             handshake_timeouts,
             idle_closed,
-            echoed_records,
-            echoed_bytes,
+            records_received,
+            bytes_received,
+            records_sent,
+            bytes_sent,
+            send_queue_full,
+            timeouts_handled,
             peers,
             handshaking
         );
@@ -200,28 +255,67 @@ impl EndpointStats {
     }
 }
 
-/// A sans-IO DTLS 1.2 echo server for many peers, demultiplexed by source address.
+/// A datagram waiting for `poll_transmit`, and the peer it counts against (0: none).
+#[derive(Debug)]
+struct Queued {
+    transmit: Transmit,
+    peer_id: u64,
+}
+
+/// A sans-IO DTLS 1.2 server for many peers, demultiplexed by source address.
 ///
-/// Feed it datagrams with [`handle`](Self::handle) and the passing of time with
-/// [`handle_timeout`](Self::handle_timeout); send what [`poll_transmit`](Self::poll_transmit)
-/// returns, and wake up at [`poll_timeout`](Self::poll_timeout) at the latest.
+/// The driver (a UDP loop such as [`UdpServer`](crate::UdpServer), a tokio task, a test) feeds it
+/// datagrams with [`handle`](Self::handle) and the passing of time with
+/// [`handle_timeout`](Self::handle_timeout); it sends what [`poll_transmit`](Self::poll_transmit)
+/// returns, hands what [`poll_event`](Self::poll_event) returns to the application, and wakes
+/// up at [`poll_timeout`](Self::poll_timeout) at the latest, or when the waker it gave
+/// [`set_waker`](Self::set_waker) is woken. The application answers with
+/// [`send`](Self::send) and [`close`](Self::close).
 ///
 /// * A ClientHello without a valid cookie gets a HelloVerifyRequest built here, statelessly; only
 ///   a ClientHello with a valid cookie asks the DSM for a handshake slot and gets an `Ssl`, so a
 ///   spoofed flood costs an HMAC per datagram and no memory.
 /// * Peers move through the DSM's states; its sweep frees stalled handshakes and shuts idle
-///   peers down with close_notify, which keeps their sessions resumable.
-/// * Every application record is echoed back.
+///   peers down with close_notify, which keeps their sessions resumable. Only authenticated
+///   records keep a peer alive.
+/// * Each application record becomes one [`Event::Data`].
+///
+/// ```
+/// use std::time::Instant;
+/// use openssl_session_cache::{Endpoint, Event, ServerConfig, SessionCache};
+///
+/// let config = ServerConfig::builder(SessionCache::builder().build()?).build()?;
+/// let mut endpoint = Endpoint::new(config)?;
+/// # let (from, datagram) = ("127.0.0.1:5684".parse()?, &[][..]);
+/// // For each datagram read from the socket:
+/// endpoint.handle(Instant::now(), from, datagram);
+/// while let Some(event) = endpoint.poll_event() {
+///     if let Event::Data { peer, data } = event {
+///         endpoint.send(peer, &data.to_ascii_uppercase())?;
+///     }
+/// }
+/// while let Some(transmit) = endpoint.poll_transmit() {
+///     // socket.send_to(&transmit.payload, transmit.to)?;
+/// #   let _ = transmit;
+/// }
+/// // Then sleep until endpoint.poll_timeout() and call endpoint.handle_timeout(now).
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 pub struct Endpoint {
     config: Arc<ServerConfig>,
     dsm: Dsm<SocketAddr>,
     peers: HashMap<SocketAddr, Peer>,
-    /// DTLS retransmission deadlines; entries whose peer moved on are skipped lazily.
-    timers: BinaryHeap<Reverse<(Instant, SocketAddr)>>,
-    transmits: VecDeque<Transmit>,
+    next_peer_id: u64,
+    /// DTLS retransmission deadlines, at most one live entry per peer (its `scheduled`); entries
+    /// whose peer moved on are skipped lazily.
+    timers: BinaryHeap<Reverse<(Instant, SocketAddr, u64)>>,
+    transmits: VecDeque<Queued>,
     events: VecDeque<Event>,
+    /// Data and Dropped events in `events`.
+    bounded_events: usize,
     stats: EndpointStats,
     scratch: Vec<Progress>,
+    waker: Option<Waker>,
 }
 
 impl std::fmt::Debug for Endpoint {
@@ -241,17 +335,33 @@ impl Endpoint {
             config,
             dsm,
             peers: HashMap::new(),
+            next_peer_id: 1,
             timers: BinaryHeap::new(),
             transmits: VecDeque::new(),
             events: VecDeque::new(),
+            bounded_events: 0,
             stats: EndpointStats::default(),
             scratch: Vec::new(),
+            waker: None,
         })
     }
 
     /// The configuration.
     pub fn config(&self) -> &Arc<ServerConfig> {
         &self.config
+    }
+
+    /// Gives the endpoint the driver's waker. Work that completes later, such as a remote session
+    /// lookup, wakes it; the driver must then call [`handle_timeout`](Self::handle_timeout) with
+    /// the current time (even if [`poll_timeout`](Self::poll_timeout) is not due). A later call
+    /// replaces the waker.
+    pub fn set_waker(&mut self, waker: Waker) {
+        self.waker = Some(waker);
+    }
+
+    /// The waker from [`set_waker`](Self::set_waker), if any.
+    pub fn waker(&self) -> Option<&Waker> {
+        self.waker.as_ref()
     }
 
     /// Processes one datagram received from `from` at `now`.
@@ -303,7 +413,7 @@ impl Endpoint {
             let cookie = self.config.cookies.generate(from);
             self.stats.hello_verify_requests += 1;
             let payload = hello.hello_verify_request(&cookie);
-            self.transmit(from, payload);
+            self.transmit(from, payload, 0);
             return;
         }
         // Before the cookie exchange the client's hello had message_seq 0; a retransmission of
@@ -364,7 +474,7 @@ impl Endpoint {
         outcome.previous != PeerState::NoSpace
     }
 
-    fn new_peer(&self, from: SocketAddr, verified_cookie: &[u8]) -> Result<Peer, Error> {
+    fn new_peer(&mut self, from: SocketAddr, verified_cookie: &[u8]) -> Result<Peer, Error> {
         let mut ssl = Ssl::new(&self.config.ctx)?;
         ssl.set_ex_data(
             self.config.peer_addr,
@@ -374,62 +484,143 @@ impl Endpoint {
             },
         );
         ssl.set_mtu(self.config.mtu)?;
-        Ok(Peer::new(ssl)?)
+        let id = self.next_peer_id;
+        self.next_peer_id += 1;
+        Ok(Peer::new(ssl, id)?)
     }
 
     /// Handles what driving the peer at `addr` produced: events, DSM updates, transmits, timer.
     fn after_drive(&mut self, now: Instant, addr: SocketAddr) {
-        let progress = std::mem::take(&mut self.scratch);
+        let mut progress = std::mem::take(&mut self.scratch);
         let mut end = None;
-        for p in &progress {
-            match *p {
-                Progress::Established { resumed } => {
+        let mut touched = false;
+        for p in progress.drain(..) {
+            match p {
+                Progress::Established => {
                     self.dsm
                         .store(&addr, PeerState::Established, (), false, now);
                     self.stats.handshakes += 1;
-                    self.stats.resumed += u64::from(resumed);
                     self.stats.handshaking = self.stats.handshaking.saturating_sub(1);
-                    tracing::debug!(%addr, resumed, "dtls handshake done");
-                    self.event(Event::Established {
-                        peer: addr,
-                        resumed,
-                    });
+                    let Some(peer) = self.peers.get(&addr) else {
+                        continue;
+                    };
+                    let info = ConnectionInfo::from_ssl(peer.ssl());
+                    self.stats.resumed += u64::from(info.resumed);
+                    tracing::debug!(%addr, resumed = info.resumed, cipher = info.cipher, "dtls handshake done");
+                    self.event(Event::Connected { peer: addr, info });
                 }
-                Progress::Echoed { records, bytes } => {
-                    if let Some(peer) = self.peers.get(&addr) {
-                        if let Some(proof) = Authenticated::from_ssl(peer.ssl()) {
+                Progress::Data(data) => {
+                    if !touched {
+                        touched = true;
+                        if let Some(proof) = self
+                            .peers
+                            .get(&addr)
+                            .and_then(|p| Authenticated::from_ssl(p.ssl()))
+                        {
                             self.dsm.touch(&addr, proof, now);
                         }
                     }
-                    self.stats.echoed_records += records as u64;
-                    self.stats.echoed_bytes += bytes as u64;
-                    self.event(Event::Echoed {
-                        peer: addr,
-                        records,
-                        bytes,
-                    });
+                    self.stats.records_received += 1;
+                    self.stats.bytes_received += data.len() as u64;
+                    self.event(Event::Data { peer: addr, data });
                 }
                 Progress::Closed => end = Some(CloseReason::CloseNotify),
                 Progress::Failed => end = Some(CloseReason::Failed),
             }
         }
         self.scratch = progress;
-        self.scratch.clear();
         self.flush_peer(addr);
         if let Some(reason) = end {
             self.close_peer(addr, reason, false);
-        } else if let Some(deadline) = self.peers.get(&addr).and_then(|p| p.deadline) {
-            self.timers.push(Reverse((deadline, addr)));
+        } else {
+            self.schedule(addr);
+        }
+    }
+
+    /// Makes sure the timer heap wakes the peer at `addr` by its DTLS deadline: pushes an entry
+    /// only when the peer has none or its deadline moved earlier than the one it has.
+    fn schedule(&mut self, addr: SocketAddr) {
+        let Some(peer) = self.peers.get_mut(&addr) else {
+            return;
+        };
+        let Some(deadline) = peer.deadline else {
+            return;
+        };
+        if peer
+            .scheduled
+            .is_some_and(|at| at <= deadline + TIMER_SLACK)
+        {
+            return;
+        }
+        peer.scheduled = Some(deadline);
+        self.timers.push(Reverse((deadline, addr, peer.id)));
+        if self.timers.len() > 2 * self.peers.len() + TIMER_HEAP_SPARE {
+            // Only live entries are kept: one per peer at most.
+            self.timers = self
+                .peers
+                .iter()
+                .filter_map(|(a, p)| p.scheduled.map(|at| Reverse((at, *a, p.id))))
+                .collect();
         }
     }
 
     fn flush_peer(&mut self, addr: SocketAddr) {
         if let Some(peer) = self.peers.get_mut(&addr) {
-            for payload in peer.take_outbound() {
-                self.transmits.push_back(Transmit { to: addr, payload });
-                self.stats.datagrams_out += 1;
+            let out = peer.take_outbound();
+            peer.queued += out.len();
+            let id = peer.id;
+            for payload in out {
+                self.transmit(addr, payload, id);
             }
         }
+    }
+
+    /// Sends `data` to `peer` as one DTLS application record.
+    ///
+    /// The record is queued for [`poll_transmit`](Self::poll_transmit) at once. Refused, nothing
+    /// is sent and nothing changes: [`SendError::UnknownPeer`] if no peer has that address (never
+    /// connected, or closed), [`SendError::NotConnected`] before its [`Event::Connected`],
+    /// [`SendError::QueueFull`] while the peer has
+    /// [`send_queue`](crate::ServerConfigBuilder::send_queue) datagrams waiting for
+    /// `poll_transmit`, [`SendError::TooLarge`] over [`MAX_RECORD_PLAINTEXT`] bytes. An empty
+    /// `data` sends nothing. If OpenSSL fails to write, the peer is closed
+    /// ([`CloseReason::Failed`]) and the answer is [`SendError::Failed`].
+    pub fn send(&mut self, peer: SocketAddr, data: &[u8]) -> Result<(), SendError> {
+        let max = self.config.send_queue;
+        let p = self.peers.get_mut(&peer).ok_or(SendError::UnknownPeer)?;
+        if !p.is_established() {
+            return Err(SendError::NotConnected);
+        }
+        if data.len() > MAX_RECORD_PLAINTEXT {
+            return Err(SendError::TooLarge);
+        }
+        if p.queued >= max {
+            self.stats.send_queue_full += 1;
+            return Err(SendError::QueueFull);
+        }
+        if data.is_empty() {
+            return Ok(());
+        }
+        if p.write(data).is_err() {
+            self.flush_peer(peer);
+            self.close_peer(peer, CloseReason::Failed, false);
+            return Err(SendError::Failed);
+        }
+        self.stats.records_sent += 1;
+        self.stats.bytes_sent += data.len() as u64;
+        self.flush_peer(peer);
+        Ok(())
+    }
+
+    /// Closes `peer`: close_notify if its handshake finished (its session stays resumable), then
+    /// its state is freed and [`Event::Closed`] with [`CloseReason::Local`] follows. Returns
+    /// whether there was such a peer.
+    pub fn close(&mut self, peer: SocketAddr) -> bool {
+        if !self.peers.contains_key(&peer) {
+            return false;
+        }
+        self.close_peer(peer, CloseReason::Local, true);
+        true
     }
 
     /// Frees `addr`'s state; with `shutdown`, an established peer is sent close_notify first.
@@ -443,13 +634,13 @@ impl Endpoint {
         if shutdown {
             peer.close();
             for payload in peer.take_outbound() {
-                self.transmits.push_back(Transmit { to: addr, payload });
-                self.stats.datagrams_out += 1;
+                self.transmit(addr, payload, 0);
             }
         }
         self.dsm.remove(&addr);
         match reason {
             CloseReason::CloseNotify => self.stats.closed += 1,
+            CloseReason::Local => self.stats.closed_locally += 1,
             CloseReason::Failed => self.stats.failed += 1,
             CloseReason::HandshakeTimeout => self.stats.handshake_timeouts += 1,
             CloseReason::Idle | CloseReason::Evicted => self.stats.idle_closed += 1,
@@ -460,9 +651,12 @@ impl Endpoint {
         self.event(Event::Closed { peer: addr, reason });
     }
 
-    fn transmit(&mut self, to: SocketAddr, payload: Vec<u8>) {
+    fn transmit(&mut self, to: SocketAddr, payload: Vec<u8>, peer_id: u64) {
         self.stats.datagrams_out += 1;
-        self.transmits.push_back(Transmit { to, payload });
+        self.transmits.push_back(Queued {
+            transmit: Transmit { to, payload },
+            peer_id,
+        });
     }
 
     fn drop_datagram(&mut self, from: SocketAddr, reason: DropReason) {
@@ -480,11 +674,15 @@ impl Endpoint {
     }
 
     fn event(&mut self, event: Event) {
-        if self.events.len() < MAX_QUEUED_EVENTS {
-            self.events.push_back(event);
-        } else {
-            self.stats.dropped_events += 1;
+        let bounded = matches!(event, Event::Data { .. } | Event::Dropped { .. });
+        if bounded {
+            if self.bounded_events >= MAX_QUEUED_EVENTS {
+                self.stats.dropped_events += 1;
+                return;
+            }
+            self.bounded_events += 1;
         }
+        self.events.push_back(event);
     }
 
     fn rotate_cookies(&self, now: Instant) {
@@ -494,8 +692,9 @@ impl Endpoint {
     }
 
     /// Runs everything due at `now`: DTLS retransmissions, the DSM sweep (stalled handshakes,
-    /// idle peers), cookie rotation.
+    /// idle peers), cookie rotation, and work completed since the waker was woken.
     pub fn handle_timeout(&mut self, now: Instant) {
+        self.stats.timeouts_handled += 1;
         self.rotate_cookies(now);
         for (addr, (), reason) in self.dsm.sweep(now) {
             let reason = match reason {
@@ -505,31 +704,42 @@ impl Endpoint {
             };
             self.close_peer(addr, reason, true);
         }
-        while let Some(&Reverse((deadline, addr))) = self.timers.peek() {
-            if deadline > now {
+        while let Some(&Reverse((at, addr, id))) = self.timers.peek() {
+            if at > now {
                 break;
             }
             self.timers.pop();
             let Some(peer) = self.peers.get_mut(&addr) else {
                 continue;
             };
-            if peer.deadline != Some(deadline) {
+            if peer.id != id || peer.scheduled != Some(at) {
                 continue;
             }
-            peer.handle_timeout(now, &mut self.scratch);
-            self.after_drive(now, addr);
+            peer.scheduled = None;
+            match peer.deadline {
+                Some(deadline) if deadline <= now + TIMER_SLACK => {
+                    peer.handle_timeout(now, &mut self.scratch);
+                    self.after_drive(now, addr);
+                }
+                Some(_) => self.schedule(addr),
+                None => {}
+            }
         }
     }
 
     /// The next time [`handle_timeout`](Self::handle_timeout) has something to do.
     pub fn poll_timeout(&mut self) -> Option<Instant> {
-        while let Some(&Reverse((deadline, addr))) = self.timers.peek() {
-            if self.peers.get(&addr).and_then(|p| p.deadline) == Some(deadline) {
+        while let Some(&Reverse((at, addr, id))) = self.timers.peek() {
+            let live = self
+                .peers
+                .get(&addr)
+                .is_some_and(|p| p.id == id && p.scheduled == Some(at));
+            if live {
                 break;
             }
             self.timers.pop();
         }
-        let timer = self.timers.peek().map(|Reverse((d, _))| *d);
+        let timer = self.timers.peek().map(|Reverse((at, _, _))| *at);
         [
             timer,
             self.dsm.next_deadline(),
@@ -542,12 +752,24 @@ impl Endpoint {
 
     /// The next datagram to send.
     pub fn poll_transmit(&mut self) -> Option<Transmit> {
-        self.transmits.pop_front()
+        let Queued { transmit, peer_id } = self.transmits.pop_front()?;
+        if peer_id != 0 {
+            if let Some(p) = self.peers.get_mut(&transmit.to) {
+                if p.id == peer_id {
+                    p.queued = p.queued.saturating_sub(1);
+                }
+            }
+        }
+        Some(transmit)
     }
 
     /// The next event.
     pub fn poll_event(&mut self) -> Option<Event> {
-        self.events.pop_front()
+        let event = self.events.pop_front()?;
+        if matches!(event, Event::Data { .. } | Event::Dropped { .. }) {
+            self.bounded_events -= 1;
+        }
+        Some(event)
     }
 
     /// Shuts every peer down (close_notify to established ones, keeping their sessions
@@ -574,9 +796,21 @@ impl Endpoint {
         self.dsm.state(&peer)
     }
 
+    /// Whether `peer` finished its handshake and is not closed (so [`send`](Self::send) takes
+    /// data for it).
+    pub fn is_connected(&self, peer: SocketAddr) -> bool {
+        self.peers.get(&peer).is_some_and(Peer::is_established)
+    }
+
     /// Number of peers with state.
     pub fn peer_count(&self) -> usize {
         self.peers.len()
+    }
+
+    /// Datagrams waiting for [`poll_transmit`](Self::poll_transmit) that count against `peer`'s
+    /// [`send_queue`](crate::ServerConfigBuilder::send_queue).
+    pub fn queued_datagrams(&self, peer: SocketAddr) -> usize {
+        self.peers.get(&peer).map_or(0, |p| p.queued)
     }
 }
 
@@ -585,20 +819,26 @@ mod tests {
     use std::time::Duration;
 
     use openssl::ssl::{
-        ErrorCode, SslContext, SslMethod, SslOptions, SslSession, SslStream, SslVerifyMode,
+        ErrorCode, SslContext, SslContextBuilder, SslMethod, SslOptions, SslSession, SslStream,
+        SslVerifyMode,
     };
 
+    use rand::{Rng, SeedableRng};
+
     use super::*;
-    use crate::server::config::{DEFAULT_MAX_DATAGRAM, DEFAULT_MTU};
-    use crate::server::peer::PeerIo;
+    use crate::server::config::{
+        ServerConfigBuilder, DEFAULT_CIPHERS, DEFAULT_MAX_DATAGRAM, DEFAULT_MTU,
+    };
+    use crate::server::pipe::DatagramPipe;
     use crate::server::record::test_hello;
     use crate::{DsmConfig, SessionCache};
 
-    fn config_with(dsm: DsmConfig) -> Arc<ServerConfig> {
+    fn builder() -> ServerConfigBuilder {
         ServerConfig::builder(SessionCache::builder().build().unwrap())
-            .dsm(dsm)
-            .build()
-            .unwrap()
+    }
+
+    fn config_with(dsm: DsmConfig) -> Arc<ServerConfig> {
+        builder().dsm(dsm).build().unwrap()
     }
 
     fn config() -> Arc<ServerConfig> {
@@ -612,16 +852,26 @@ mod tests {
     /// An openssl-crate DTLS client over in-memory datagrams.
     struct Client {
         addr: SocketAddr,
-        stream: SslStream<PeerIo>,
+        stream: SslStream<DatagramPipe>,
         established: bool,
         received: Vec<Vec<u8>>,
     }
 
     impl Client {
         fn new(port: u16, session: Option<&SslSession>) -> Self {
+            Self::with(port, session, |_| {})
+        }
+
+        /// A client whose context `tweak` changes (cipher list, PSK).
+        fn with(
+            port: u16,
+            session: Option<&SslSession>,
+            tweak: impl FnOnce(&mut SslContextBuilder),
+        ) -> Self {
             let mut ctx = SslContext::builder(SslMethod::dtls_client()).unwrap();
             ctx.set_verify(SslVerifyMode::NONE);
             ctx.set_options(SslOptions::NO_QUERY_MTU | SslOptions::NO_TICKET);
+            tweak(&mut ctx);
             let ctx = ctx.build();
             let mut ssl = Ssl::new(&ctx).unwrap();
             ssl.set_mtu(1400).unwrap();
@@ -631,7 +881,7 @@ mod tests {
             }
             Self {
                 addr: addr(port),
-                stream: SslStream::new(ssl, PeerIo::default()).unwrap(),
+                stream: SslStream::new(ssl, DatagramPipe::new()).unwrap(),
                 established: false,
                 received: Vec::new(),
             }
@@ -656,12 +906,12 @@ mod tests {
                     }
                 }
             }
-            self.stream.get_mut().take()
+            self.stream.get_mut().take_outbound()
         }
 
         fn send(&mut self, data: &[u8]) -> Vec<Vec<u8>> {
             self.stream.ssl_write(data).unwrap();
-            self.stream.get_mut().take()
+            self.stream.get_mut().take_outbound()
         }
     }
 
@@ -693,32 +943,227 @@ mod tests {
         std::iter::from_fn(|| ep.poll_event()).collect()
     }
 
+    /// The application of these tests: echoes every record back.
+    fn echo(ep: &mut Endpoint) -> Vec<Event> {
+        let events = events(ep);
+        for e in &events {
+            if let Event::Data { peer, data } = e {
+                ep.send(*peer, data).unwrap();
+            }
+        }
+        events
+    }
+
+    fn connected(events: &[Event]) -> Vec<&ConnectionInfo> {
+        events
+            .iter()
+            .filter_map(|e| match e {
+                Event::Connected { info, .. } => Some(info),
+                _ => None,
+            })
+            .collect()
+    }
+
     #[test]
-    fn handshake_then_echo() {
+    fn records_become_events_and_sends_become_records() {
         let mut ep = Endpoint::new(config()).unwrap();
         let now = Instant::now();
         let mut c = Client::new(1000, None);
         pump(&mut ep, &mut c, now);
         assert!(c.established);
+        let ev = events(&mut ep);
+        let info = connected(&ev);
+        assert_eq!(info.len(), 1);
+        assert!(!info[0].resumed);
+        assert!(
+            DEFAULT_CIPHERS.split(':').any(|c| c == info[0].cipher),
+            "{}",
+            info[0].cipher
+        );
+        assert_eq!(
+            (&info[0].peer_certificate, &info[0].psk_identity),
+            (&None, &None)
+        );
+        assert!(ep.is_connected(c.addr));
         for d in c.send(b"ping") {
             ep.handle(now, c.addr, &d);
         }
+        for d in c.send(b"pong") {
+            ep.handle(now, c.addr, &d);
+        }
+        assert_eq!(
+            events(&mut ep),
+            vec![
+                Event::Data {
+                    peer: c.addr,
+                    data: b"ping".to_vec()
+                },
+                Event::Data {
+                    peer: c.addr,
+                    data: b"pong".to_vec()
+                },
+            ]
+        );
+        assert!(ep.poll_transmit().is_none(), "nothing is echoed");
+        ep.send(c.addr, b"PING").unwrap();
+        ep.send(c.addr, b"").unwrap();
+        assert_eq!(
+            ep.queued_datagrams(c.addr),
+            1,
+            "an empty send sends nothing"
+        );
         pump(&mut ep, &mut c, now);
-        assert_eq!(c.received, vec![b"ping".to_vec()]);
+        assert_eq!(c.received, vec![b"PING".to_vec()]);
+        assert_eq!(ep.queued_datagrams(c.addr), 0);
         let s = ep.stats();
         assert_eq!(s.hello_verify_requests, 1);
-        assert_eq!((s.handshakes, s.resumed, s.echoed_records), (1, 0, 1));
+        assert_eq!((s.handshakes, s.resumed), (1, 0));
+        assert_eq!((s.records_received, s.bytes_received), (2, 8));
+        assert_eq!((s.records_sent, s.bytes_sent), (1, 4));
         assert_eq!(ep.peer_state(c.addr), PeerState::Established);
+    }
+
+    #[test]
+    fn send_refusals_are_typed_and_disturb_nothing() {
+        let config = builder().send_queue(3).build().unwrap();
+        let mut ep = Endpoint::new(config).unwrap();
+        let now = Instant::now();
+        assert_eq!(ep.send(addr(9), b"x"), Err(SendError::UnknownPeer));
+        // A peer in its handshake takes no data yet.
+        half_open(&mut ep, 7, now);
+        assert_eq!(ep.send(addr(7), b"x"), Err(SendError::NotConnected));
+        while ep.poll_transmit().is_some() {}
+        let mut c = Client::new(1000, None);
+        pump(&mut ep, &mut c, now);
+        assert!(c.established);
+        assert_eq!(
+            ep.send(c.addr, &vec![0; MAX_RECORD_PLAINTEXT + 1]),
+            Err(SendError::TooLarge)
+        );
+        // The queue counts datagrams not taken by poll_transmit yet.
+        for i in 0..3u8 {
+            ep.send(c.addr, &[i]).unwrap();
+        }
+        assert_eq!(ep.send(c.addr, b"one too many"), Err(SendError::QueueFull));
+        assert_eq!(ep.stats().send_queue_full, 1);
+        assert_eq!(ep.stats().records_sent, 3);
+        let first = ep.poll_transmit().unwrap();
+        ep.send(c.addr, &[3]).unwrap();
+        assert_eq!(ep.send(c.addr, b"full again"), Err(SendError::QueueFull));
+        // The refused sends left no trace: the client reads exactly what was accepted.
+        c.stream.get_mut().push(first.payload);
+        pump(&mut ep, &mut c, now);
+        assert_eq!(c.received, vec![vec![0], vec![1], vec![2], vec![3]]);
+        assert!(ep.is_connected(c.addr));
+        assert_eq!(ep.peer_state(addr(7)), PeerState::Handshake);
+        // A closed peer is unknown.
+        assert!(ep.close(c.addr));
+        assert_eq!(ep.send(c.addr, b"late"), Err(SendError::UnknownPeer));
+        assert!(!ep.close(c.addr));
+    }
+
+    #[test]
+    fn close_from_the_application_sends_close_notify_and_keeps_the_session() {
+        let config = config();
+        let mut ep = Endpoint::new(Arc::clone(&config)).unwrap();
+        let now = Instant::now();
+        let mut c = Client::new(1000, None);
+        pump(&mut ep, &mut c, now);
+        let session = c.stream.ssl().session().unwrap().to_owned();
+        while ep.poll_event().is_some() {}
+        assert!(ep.close(c.addr));
+        assert_eq!(
+            events(&mut ep),
+            vec![Event::Closed {
+                peer: c.addr,
+                reason: CloseReason::Local
+            }]
+        );
+        assert_eq!((ep.peer_count(), ep.stats().closed_locally), (0, 1));
+        assert_eq!(ep.peer_state(c.addr), PeerState::None);
+        let bye = ep.poll_transmit().expect("close_notify");
+        c.stream.get_mut().push(bye.payload);
+        c.drive();
+        assert!(c
+            .stream
+            .get_shutdown()
+            .contains(openssl::ssl::ShutdownState::RECEIVED));
+        let mut again = Client::new(1001, Some(&session));
+        pump(&mut ep, &mut again, now);
+        assert!(again.stream.ssl().session_reused());
+        assert!(connected(&events(&mut ep))[0].resumed);
+    }
+
+    fn psk_client(port: u16, session: Option<&SslSession>, cipher: &str) -> Client {
+        let cipher = cipher.to_owned();
+        Client::with(port, session, move |b| {
+            b.set_cipher_list(&cipher).unwrap();
+            b.set_psk_client_callback(|_, _, identity, key| {
+                identity[..8].copy_from_slice(b"client1\0");
+                key[..16].copy_from_slice(&[0x42; 16]);
+                Ok(16)
+            });
+        })
+    }
+
+    #[test]
+    fn connected_reports_the_psk_identity_on_resumption_too() {
+        let config = builder()
+            .psk_lookup(|id| (id == b"client1").then(|| vec![0x42; 16]))
+            .build()
+            .unwrap();
+        let mut ep = Endpoint::new(config).unwrap();
+        let now = Instant::now();
+        let mut c = psk_client(1000, None, "PSK-AES128-CCM8");
+        pump(&mut ep, &mut c, now);
+        assert!(c.established);
+        let session = c.stream.ssl().session().unwrap().to_owned();
         let ev = events(&mut ep);
-        assert!(ev.contains(&Event::Established {
-            peer: c.addr,
-            resumed: false
-        }));
-        assert!(ev.contains(&Event::Echoed {
-            peer: c.addr,
-            records: 1,
-            bytes: 4
-        }));
+        let info = connected(&ev)[0];
+        assert_eq!(info.cipher, "PSK-AES128-CCM8");
+        assert_eq!(info.psk_identity.as_deref(), Some(&b"client1"[..]));
+        assert!(info.peer_certificate.is_none());
+        c.stream.shutdown().unwrap();
+        for d in c.stream.get_mut().take_outbound() {
+            ep.handle(now, c.addr, &d);
+        }
+        while ep.poll_transmit().is_some() {}
+        let mut again = psk_client(1001, Some(&session), "PSK-AES128-CCM8");
+        pump(&mut ep, &mut again, now);
+        assert!(again.stream.ssl().session_reused());
+        let ev = events(&mut ep);
+        let info = connected(&ev)[0];
+        assert!(info.resumed);
+        assert_eq!(info.psk_identity.as_deref(), Some(&b"client1"[..]));
+    }
+
+    #[test]
+    fn an_unknown_psk_identity_fails_the_handshake() {
+        let config = builder()
+            .psk_lookup(|id| (id == b"someone else").then(|| vec![0x42; 16]))
+            .build()
+            .unwrap();
+        let mut ep = Endpoint::new(config).unwrap();
+        let mut c = psk_client(1000, None, "PSK-AES128-CCM8");
+        for d in c.drive() {
+            ep.handle(Instant::now(), c.addr, &d);
+        }
+        let hvr = ep.poll_transmit().unwrap();
+        c.stream.get_mut().push(hvr.payload);
+        for d in c.drive() {
+            ep.handle(Instant::now(), c.addr, &d);
+        }
+        for t in std::iter::from_fn(|| ep.poll_transmit()) {
+            c.stream.get_mut().push(t.payload);
+        }
+        // The client's key exchange names the identity; the server fails the handshake.
+        let _ = c.stream.do_handshake();
+        for d in c.stream.get_mut().take_outbound() {
+            ep.handle(Instant::now(), c.addr, &d);
+        }
+        assert!(!c.established);
+        assert_eq!(ep.stats().failed, 1);
+        assert!(connected(&events(&mut ep)).is_empty());
     }
 
     #[test]
@@ -730,7 +1175,7 @@ mod tests {
         pump(&mut ep, &mut c, now);
         let session = c.stream.ssl().session().unwrap().to_owned();
         c.stream.shutdown().unwrap();
-        for d in c.stream.get_mut().take() {
+        for d in c.stream.get_mut().take_outbound() {
             ep.handle(now, c.addr, &d);
         }
         assert_eq!(ep.peer_count(), 0);
@@ -795,13 +1240,14 @@ mod tests {
         for d in c.send(b"still here") {
             ep.handle(now, c.addr, &d);
         }
+        echo(&mut ep);
         pump(&mut ep, &mut c, now);
         assert_eq!(
             c.received.last().map(Vec::as_slice),
             Some(&b"still here"[..])
         );
         c.stream.shutdown().unwrap();
-        for d in c.stream.get_mut().take() {
+        for d in c.stream.get_mut().take_outbound() {
             ep.handle(now, c.addr, &d);
         }
         while ep.poll_transmit().is_some() {}
@@ -810,6 +1256,105 @@ mod tests {
         assert!(again.stream.ssl().session_reused());
         assert_eq!(config.session_cache().stats().removed, 0);
         assert!(ep.stats().dropped_invalid > 0);
+    }
+
+    /// Spoofed epoch-1 records (random bodies of every length 1..100, content types 20 to 23)
+    /// from the address of `c`'s established peer: nothing changes, the peer still talks.
+    fn spoof_changes_nothing(ep: &mut Endpoint, c: &mut Client, now: Instant) {
+        assert!(c.established);
+        while ep.poll_event().is_some() {}
+        let mut rng = rand::rngs::SmallRng::seed_from_u64(7);
+        let mut seq = 100;
+        for content_type in 20u8..=23 {
+            for len in 1..100 {
+                seq += 1;
+                let body: Vec<u8> = (0..len).map(|_| rng.random()).collect();
+                ep.handle(now, c.addr, &epoch1_record(content_type, seq, &body));
+            }
+        }
+        let ev: Vec<_> = events(ep)
+            .into_iter()
+            .filter(|e| matches!(e, Event::Closed { .. } | Event::Data { .. }))
+            .collect();
+        assert!(
+            ev.is_empty(),
+            "a spoofed record reached the application or closed the peer: {ev:?}"
+        );
+        assert_eq!(ep.peer_state(c.addr), PeerState::Established);
+        assert_eq!(ep.stats().failed, 0);
+        for d in c.send(b"after the spoof") {
+            ep.handle(now, c.addr, &d);
+        }
+        echo(ep);
+        pump(ep, c, now);
+        assert_eq!(
+            c.received.last().map(Vec::as_slice),
+            Some(&b"after the spoof"[..])
+        );
+    }
+
+    #[test]
+    fn spoofed_records_leave_a_cbc_peer_established() {
+        // The client offers encrypt-then-MAC, as OpenSSL clients do by default for CBC suites;
+        // the server declines it (MAC-then-encrypt), so records with a bad MAC are discarded.
+        let cbc = "ECDHE-ECDSA-AES128-SHA256";
+        let config = builder().ciphers(cbc).build().unwrap();
+        let mut ep = Endpoint::new(config).unwrap();
+        let now = Instant::now();
+        let mut c = Client::with(1000, None, |b| b.set_cipher_list(cbc).unwrap());
+        pump(&mut ep, &mut c, now);
+        assert_eq!(c.stream.ssl().current_cipher().map(|c| c.name()), Some(cbc));
+        spoof_changes_nothing(&mut ep, &mut c, now);
+    }
+
+    #[test]
+    fn spoofed_records_leave_a_psk_ccm8_peer_established() {
+        let config = builder().psk(b"client1", &[0x42; 16]).build().unwrap();
+        let mut ep = Endpoint::new(config).unwrap();
+        let now = Instant::now();
+        let mut c = psk_client(1000, None, "PSK-AES128-CCM8");
+        pump(&mut ep, &mut c, now);
+        assert_eq!(
+            c.stream.ssl().current_cipher().map(|c| c.name()),
+            Some("PSK-AES128-CCM8")
+        );
+        spoof_changes_nothing(&mut ep, &mut c, now);
+        // Bodies under 16 bytes cannot be CCM8 records: screened before OpenSSL.
+        assert!(ep.stats().dropped_invalid >= 4 * 15);
+    }
+
+    #[test]
+    fn a_thousand_datagrams_to_one_peer_leave_the_timer_heap_bounded() {
+        let mut ep = Endpoint::new(config()).unwrap();
+        // A peer in its handshake runs a DTLS timer; it retransmits its client hello.
+        let mut c = Client::new(1000, None);
+        for d in c.drive() {
+            ep.handle(Instant::now(), c.addr, &d);
+        }
+        let hvr = ep.poll_transmit().unwrap();
+        c.stream.get_mut().push(hvr.payload);
+        let hello = c.drive();
+        assert_eq!(hello.len(), 1);
+        for _ in 0..1000 {
+            ep.handle(Instant::now(), c.addr, &hello[0]);
+            while ep.poll_transmit().is_some() {}
+        }
+        assert_eq!(ep.peer_count(), 1);
+        assert!(ep.peers[&c.addr].deadline.is_some(), "the timer runs");
+        assert!(ep.timers.len() <= 2, "{} timer entries", ep.timers.len());
+        // With time standing still for the endpoint while OpenSSL's clock runs, every deadline
+        // comes a little earlier; stale entries are still bounded.
+        let frozen = Instant::now();
+        for _ in 0..1000 {
+            ep.handle(frozen, c.addr, &hello[0]);
+            while ep.poll_transmit().is_some() {}
+        }
+        assert!(
+            ep.timers.len() <= 2 + TIMER_HEAP_SPARE + 1,
+            "{} timer entries",
+            ep.timers.len()
+        );
+        assert!(ep.poll_timeout().is_some());
     }
 
     #[test]

@@ -1,31 +1,43 @@
-//! A DTLS 1.2 echo server on the session cache and the DSM.
+//! A DTLS 1.2 server library on the session cache and the DSM.
 //!
 //! [`Endpoint`] is sans-IO, shaped like quinn-proto's: datagrams and the current time go in;
-//! datagrams to send ([`Transmit`]), [`Event`]s and the next deadline come out. [`UdpServer`] is
-//! the std UDP loop that drives endpoints on worker threads; any other loop (tokio, a test) can
-//! drive an endpoint the same way.
+//! datagrams to send ([`Transmit`]), [`Event`]s for the application and the next deadline come
+//! out, and the application answers with [`Endpoint::send`] and [`Endpoint::close`].
+//! [`UdpServer`] is the std UDP driver that runs endpoints and an [`Application`] on worker
+//! threads; any other loop (tokio, a test) can drive an endpoint the same way.
+//! [`DatagramPipe`] is the in-memory datagram stream every peer's `Ssl` runs over, public so that
+//! tests can drive DTLS clients the same way.
 //!
 //! How a datagram from a new peer is handled:
 //! 1. A ClientHello without a valid cookie gets a HelloVerifyRequest with an HMAC cookie of the
 //!    peer's address, built without creating any state (no `Ssl`, no DSM slot).
 //! 2. A ClientHello with a valid cookie asks the DSM for a handshake slot; refused, it is dropped
-//!    and counted. Admitted, it gets its own `Ssl` (MTU set, `NO_QUERY_MTU`) over an in-memory
-//!    datagram pipe, and OpenSSL verifies the cookie again before it looks up a session.
-//! 3. The handshake finishes (a resumption hits the session cache); the peer becomes established
-//!    in the DSM and each application record is echoed back, touching the peer.
-//! 4. close_notify, the DSM's idle sweep or an eviction close the peer with close_notify, so its
-//!    session stays resumable; a stalled handshake is freed by the handshake timeout.
+//!    and counted. Admitted, it gets its own `Ssl` (MTU set, `NO_QUERY_MTU`) over a
+//!    [`DatagramPipe`], and OpenSSL verifies the cookie again before it looks up a session.
+//! 3. The handshake finishes (a resumption hits the session cache): [`Event::Connected`]; the
+//!    peer becomes established in the DSM and each application record is an [`Event::Data`],
+//!    touching the peer.
+//! 4. close_notify, [`Endpoint::close`], the DSM's idle sweep or an eviction close the peer with
+//!    close_notify, so its session stays resumable ([`Event::Closed`]); a stalled handshake is
+//!    freed by the handshake timeout.
 
+mod app;
 mod config;
 mod cookie;
 mod endpoint;
 mod peer;
+mod pipe;
 mod record;
 mod udp;
 
+pub use app::{deliver_events, AppContext, Application};
 pub use config::{
     certificate_fingerprint, self_signed_certificate, ServerConfig, ServerConfigBuilder,
-    DEFAULT_COOKIE_ROTATION, DEFAULT_MAX_DATAGRAM, DEFAULT_MTU, PSK_CIPHERS,
+    DEFAULT_CIPHERS, DEFAULT_COOKIE_ROTATION, DEFAULT_MAX_DATAGRAM, DEFAULT_MTU,
+    DEFAULT_SEND_QUEUE, MAX_RECORD_PLAINTEXT, PSK_CIPHERS,
 };
-pub use endpoint::{CloseReason, DropReason, Endpoint, EndpointStats, Event, Transmit};
+pub use endpoint::{
+    CloseReason, ConnectionInfo, DropReason, Endpoint, EndpointStats, Event, Transmit,
+};
+pub use pipe::DatagramPipe;
 pub use udp::{StopHandle, UdpOptions, UdpServer};

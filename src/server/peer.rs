@@ -1,76 +1,20 @@
-//! One DTLS peer: its `Ssl` over an in-memory datagram pipe.
+//! One DTLS peer: its `Ssl` over an in-memory [`DatagramPipe`].
 
-use std::collections::VecDeque;
-use std::io::{self, Read, Write};
 use std::time::{Duration, Instant};
 
-use openssl::ssl::{ErrorCode, Ssl, SslStream};
+use openssl::ssl::{ErrorCode, Ssl, SslRef, SslStream};
 
+use super::config::MAX_RECORD_PLAINTEXT;
+use super::pipe::DatagramPipe;
 use crate::{ffi, SessionCache};
 
-/// The stream an `Ssl` of the endpoint reads and writes: whole datagrams, never blocking.
-///
-/// `read` hands out exactly one queued datagram (truncated to the buffer if it is larger, which
-/// OpenSSL's DTLS read buffer never is) or `WouldBlock`; every `write` is one outbound datagram.
-#[derive(Debug, Default)]
-pub(crate) struct PeerIo {
-    inbound: VecDeque<Vec<u8>>,
-    outbound: Vec<Vec<u8>>,
-}
-
-impl PeerIo {
-    /// Queues one inbound datagram.
-    #[cfg(test)]
-    pub(crate) fn push(&mut self, datagram: Vec<u8>) {
-        self.inbound.push_back(datagram);
-    }
-
-    /// Takes the datagrams written so far.
-    #[cfg(test)]
-    pub(crate) fn take(&mut self) -> Vec<Vec<u8>> {
-        std::mem::take(&mut self.outbound)
-    }
-}
-
-impl Read for PeerIo {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        match self.inbound.pop_front() {
-            Some(d) => {
-                let n = d.len().min(buf.len());
-                buf[..n].copy_from_slice(&d[..n]);
-                Ok(n)
-            }
-            None => Err(io::ErrorKind::WouldBlock.into()),
-        }
-    }
-}
-
-impl Write for PeerIo {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.outbound.push(buf.to_vec());
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
 /// What driving a peer produced, besides datagrams.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Progress {
     /// The handshake finished.
-    Established {
-        /// Whether a cached session was resumed.
-        resumed: bool,
-    },
-    /// Application records read and echoed back.
-    Echoed {
-        /// Number of records.
-        records: usize,
-        /// Bytes echoed.
-        bytes: usize,
-    },
+    Established,
+    /// One application record's plaintext.
+    Data(Vec<u8>),
     /// The peer sent close_notify; the server answered with its own.
     Closed,
     /// The connection failed (bad record MAC, handshake failure, too many retransmissions).
@@ -79,10 +23,16 @@ pub(crate) enum Progress {
 
 /// A peer's connection.
 pub(crate) struct Peer {
-    stream: SslStream<PeerIo>,
+    stream: SslStream<DatagramPipe>,
+    /// Tells this peer's datagrams from those of an earlier peer at the same address.
+    pub(crate) id: u64,
     established: bool,
     /// The DTLS retransmission deadline, if a timer runs.
     pub(crate) deadline: Option<Instant>,
+    /// The deadline of this peer's live entry in the endpoint's timer heap, if it has one.
+    pub(crate) scheduled: Option<Instant>,
+    /// Datagrams of this peer waiting for `poll_transmit`.
+    pub(crate) queued: usize,
     /// The connection ended (failed, closed): nothing more is read or written.
     pub(crate) finished: bool,
     /// [`min_protected_body`] of the negotiated cipher, once OpenSSL chose it.
@@ -103,19 +53,19 @@ impl Drop for Peer {
 impl std::fmt::Debug for Peer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Peer")
+            .field("id", &self.id)
             .field("established", &self.established)
             .field("deadline", &self.deadline)
+            .field("queued", &self.queued)
             .finish_non_exhaustive()
     }
 }
 
-/// Largest plaintext of one DTLS record.
-const MAX_PLAINTEXT: usize = 16 * 1024;
-
 /// The shortest body a protected DTLS 1.2 record of `cipher` can have: the explicit nonce plus
 /// the tag for AEAD suites (AES-GCM and AES-CCM 8 + 16, AES-CCM8 8 + 8, ChaCha20-Poly1305
 /// 0 + 16). OpenSSL 3.0 fails the connection on a shorter one instead of discarding it. For other
-/// suites (CBC) 0: no length test applies.
+/// suites (CBC, run MAC-then-encrypt, where OpenSSL discards bad records itself) 0: no length
+/// test applies.
 pub(crate) fn min_protected_body(cipher: &str) -> usize {
     if cipher.contains("CHACHA20") || cipher.contains("CCM8") {
         16
@@ -128,12 +78,15 @@ pub(crate) fn min_protected_body(cipher: &str) -> usize {
 
 impl Peer {
     /// A server-side peer on `ssl` (already configured: MTU, ex_data), not yet fed.
-    pub(crate) fn new(mut ssl: Ssl) -> Result<Self, openssl::error::ErrorStack> {
+    pub(crate) fn new(mut ssl: Ssl, id: u64) -> Result<Self, openssl::error::ErrorStack> {
         ssl.set_accept_state();
         Ok(Self {
-            stream: SslStream::new(ssl, PeerIo::default())?,
+            stream: SslStream::new(ssl, DatagramPipe::new())?,
+            id,
             established: false,
             deadline: None,
+            scheduled: None,
+            queued: 0,
             finished: false,
             min_body: None,
         })
@@ -145,13 +98,13 @@ impl Peer {
     }
 
     /// The peer's `Ssl`.
-    pub(crate) fn ssl(&self) -> &openssl::ssl::SslRef {
+    pub(crate) fn ssl(&self) -> &SslRef {
         self.stream.ssl()
     }
 
     /// Queues one inbound datagram.
     pub(crate) fn push(&mut self, datagram: Vec<u8>) {
-        self.stream.get_mut().inbound.push_back(datagram);
+        self.stream.get_mut().push(datagram);
     }
 
     /// The shortest protected record body OpenSSL does not fail on, for the cipher negotiated
@@ -170,17 +123,17 @@ impl Peer {
 
     /// Takes the datagrams OpenSSL wrote.
     pub(crate) fn take_outbound(&mut self) -> Vec<Vec<u8>> {
-        std::mem::take(&mut self.stream.get_mut().outbound)
+        self.stream.get_mut().take_outbound()
     }
 
     /// Drops whatever OpenSSL wrote so far (the HelloVerifyRequest answering a reconstructed
     /// first ClientHello).
     pub(crate) fn discard_outbound(&mut self) {
-        self.stream.get_mut().outbound.clear();
+        self.stream.get_mut().clear_outbound();
     }
 
-    /// Runs the connection on everything queued: the handshake, then reading and echoing
-    /// application records. Pushes what happened onto `progress`.
+    /// Runs the connection on everything queued: the handshake, then reading application
+    /// records. Pushes what happened onto `progress`.
     pub(crate) fn drive(&mut self, now: Instant, progress: &mut Vec<Progress>) {
         if !self.finished {
             self.drive_inner(progress);
@@ -193,9 +146,7 @@ impl Peer {
             match self.stream.do_handshake() {
                 Ok(()) => {
                     self.established = true;
-                    progress.push(Progress::Established {
-                        resumed: self.stream.ssl().session_reused(),
-                    });
+                    progress.push(Progress::Established);
                 }
                 Err(e) if e.code() == ErrorCode::WANT_READ || e.code() == ErrorCode::WANT_WRITE => {
                     return;
@@ -208,21 +159,11 @@ impl Peer {
                 }
             }
         }
-        let mut buf = [0u8; MAX_PLAINTEXT];
-        let (mut records, mut bytes) = (0, 0);
+        let mut buf = [0u8; MAX_RECORD_PLAINTEXT];
         let outcome = loop {
             match self.stream.ssl_read(&mut buf) {
                 Ok(0) => continue,
-                Ok(n) => match self.stream.ssl_write(&buf[..n]) {
-                    Ok(_) => {
-                        records += 1;
-                        bytes += n;
-                    }
-                    Err(e) => {
-                        tracing::debug!(error = %e, "dtls write failed");
-                        break Some(Progress::Failed);
-                    }
-                },
+                Ok(n) => progress.push(Progress::Data(buf[..n].to_vec())),
                 Err(e) if e.code() == ErrorCode::WANT_READ => break None,
                 Err(e) if e.code() == ErrorCode::ZERO_RETURN => {
                     // close_notify: answer with ours, which also keeps the session resumable.
@@ -235,12 +176,26 @@ impl Peer {
                 }
             }
         };
-        if records > 0 {
-            progress.push(Progress::Echoed { records, bytes });
-        }
         if let Some(p) = outcome {
             self.finished = true;
             progress.push(p);
+        }
+    }
+
+    /// Writes one application record. `Err` means the connection failed (it is finished then).
+    /// The caller checks the length (at most [`MAX_RECORD_PLAINTEXT`]) and that the handshake
+    /// finished.
+    pub(crate) fn write(&mut self, data: &[u8]) -> Result<(), ()> {
+        if self.finished {
+            return Err(());
+        }
+        match self.stream.ssl_write(data) {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                tracing::debug!(error = %e, "dtls write failed");
+                self.finished = true;
+                Err(())
+            }
         }
     }
 

@@ -1,33 +1,45 @@
-//! The std UDP loop that drives [`Endpoint`]s: one thread per worker, each with its own
-//! `SO_REUSEPORT` socket bound to the same address, its own endpoint and DSM, all sharing the one
+//! The std UDP driver: one thread per worker, each with its own `SO_REUSEPORT` socket bound to
+//! the same address, its own [`Endpoint`], DSM and [`Application`], all sharing the one
 //! [`ServerConfig`] (and so one session cache and one cookie secret).
 //!
 //! The kernel spreads datagrams over the workers' sockets by a hash of the source and
 //! destination address, so a peer always lands on the same worker. Each worker has its own DSM,
 //! so the limits in the config apply per worker: with `workers = 2` the server holds up to twice
 //! `max_slots` peers.
+//!
+//! A worker sleeps in `epoll` (through `mio`) on its socket and an `eventfd` waker until a
+//! datagram arrives, the endpoint's next deadline passes, or its waker is woken (by
+//! [`StopHandle::stop`], by work the endpoint finished elsewhere, or by the application from
+//! another thread); it never polls on a fixed period.
 
 use std::io;
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::task::{Wake, Waker};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use mio::{Events, Interest, Poll, Token};
 use parking_lot::Mutex;
 use socket2::{Domain, Protocol, Socket, Type};
 
+use super::app::{deliver_events, AppContext, Application};
 use super::config::ServerConfig;
-use super::endpoint::{Endpoint, EndpointStats};
+use super::endpoint::{Endpoint, EndpointStats, Transmit};
 use crate::{DsmStats, Error};
 
-/// The longest a worker sleeps before checking whether it should stop.
-const STOP_POLL: Duration = Duration::from_millis(50);
-/// How often a busy worker publishes its counters for [`UdpServer::stats`] (an idle one
-/// publishes every time its receive times out).
+/// How often a busy worker publishes its counters for [`UdpServer::stats`]; a worker going idle
+/// publishes at most this long after its last change.
 const PUBLISH_EVERY: Duration = Duration::from_millis(5);
 /// Receive buffer: larger than any UDP datagram, so oversized ones are seen whole and dropped.
 const RECV_BUF: usize = 65536;
+/// Datagrams read in a row before timers and sends get a turn.
+const RECV_BATCH: usize = 64;
+/// How long a stopping worker waits for its socket to take the last close_notify datagrams.
+const FINAL_FLUSH: Duration = Duration::from_secs(1);
+const SOCKET: Token = Token(0);
+const WAKER: Token = Token(1);
 
 /// How to run a [`UdpServer`].
 #[derive(Debug, Clone)]
@@ -58,25 +70,73 @@ struct Published {
     dsm: DsmStats,
 }
 
-/// A running DTLS echo server: worker threads driving endpoints over UDP sockets.
+/// Wakes one worker out of its `epoll` wait; the worker then runs
+/// [`Endpoint::handle_timeout`] and [`Application::on_wake`].
+#[derive(Debug)]
+struct WorkerWake {
+    waker: mio::Waker,
+    woken: AtomicBool,
+}
+
+impl Wake for WorkerWake {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.woken.store(true, Ordering::Release);
+        if let Err(e) = self.waker.wake() {
+            tracing::warn!(error = %e, "cannot wake a worker");
+        }
+    }
+}
+
+/// A running DTLS server: worker threads driving endpoints over UDP sockets and running the
+/// application on their events.
 ///
 /// Dropping it stops the workers (established peers get close_notify) and joins them.
+///
+/// ```no_run
+/// use std::sync::Arc;
+/// use openssl_session_cache::{
+///     AppContext, Event, ServerConfig, SessionCache, UdpOptions, UdpServer,
+/// };
+///
+/// let config = ServerConfig::builder(SessionCache::builder().build()?).build()?;
+/// let options = UdpOptions::new("127.0.0.1:4433".parse()?);
+/// let server = UdpServer::spawn(config, options, || {
+///     |ctx: &mut AppContext<'_>, event: Event| {
+///         if let Event::Data { peer, data } = event {
+///             let _ = ctx.send(peer, &data); // echo
+///         }
+///     }
+/// })?;
+/// server.wait()?;
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 #[derive(Debug)]
 pub struct UdpServer {
     local_addr: SocketAddr,
     stop: Arc<AtomicBool>,
+    wakers: Vec<Waker>,
     workers: Vec<JoinHandle<Result<(), Error>>>,
     published: Vec<Arc<Mutex<Published>>>,
 }
 
 /// Stops a [`UdpServer`] from another thread (a Ctrl-C handler, a test).
 #[derive(Debug, Clone)]
-pub struct StopHandle(Arc<AtomicBool>);
+pub struct StopHandle {
+    stop: Arc<AtomicBool>,
+    wakers: Vec<Waker>,
+}
 
 impl StopHandle {
-    /// Asks the workers to shut their peers down and exit.
+    /// Asks the workers to shut their peers down and exit, and wakes them.
     pub fn stop(&self) {
-        self.0.store(true, Ordering::SeqCst);
+        self.stop.store(true, Ordering::SeqCst);
+        for w in &self.wakers {
+            w.wake_by_ref();
+        }
     }
 }
 
@@ -88,12 +148,21 @@ fn bind(addr: SocketAddr, reuse_port: bool) -> Result<UdpSocket, Error> {
     // A bigger receive buffer rides out bursts (floods, many handshakes); best effort.
     let _ = socket.set_recv_buffer_size(4 << 20);
     socket.bind(&addr.into())?;
+    socket.set_nonblocking(true)?;
     Ok(socket.into())
 }
 
 impl UdpServer {
-    /// Binds the sockets and starts the workers.
-    pub fn spawn(config: Arc<ServerConfig>, options: UdpOptions) -> Result<Self, Error> {
+    /// Binds the sockets and starts the workers, each running an application made by `new_app`.
+    pub fn spawn<A, F>(
+        config: Arc<ServerConfig>,
+        options: UdpOptions,
+        mut new_app: F,
+    ) -> Result<Self, Error>
+    where
+        A: Application + Send + 'static,
+        F: FnMut() -> A,
+    {
         if options.workers == 0 {
             return Err(Error::Config("workers must be at least 1".into()));
         }
@@ -107,20 +176,63 @@ impl UdpServer {
         let stop = Arc::new(AtomicBool::new(false));
         let mut workers = Vec::new();
         let mut published = Vec::new();
-        for (id, socket) in sockets.into_iter().enumerate() {
-            let endpoint = Endpoint::new(Arc::clone(&config))?;
+        let mut wakers = Vec::new();
+        let mut prepared = Vec::new();
+        for socket in sockets {
+            let mut socket = mio::net::UdpSocket::from_std(socket);
+            let poll = Poll::new()?;
+            poll.registry().register(
+                &mut socket,
+                SOCKET,
+                Interest::READABLE | Interest::WRITABLE,
+            )?;
+            let wake = Arc::new(WorkerWake {
+                waker: mio::Waker::new(poll.registry(), WAKER)?,
+                woken: AtomicBool::new(false),
+            });
+            let waker = Waker::from(Arc::clone(&wake));
+            let mut endpoint = Endpoint::new(Arc::clone(&config))?;
+            endpoint.set_waker(waker.clone());
+            wakers.push(waker);
+            prepared.push((socket, poll, wake, endpoint));
+        }
+        for (id, (socket, poll, wake, endpoint)) in prepared.into_iter().enumerate() {
             let shared = Arc::new(Mutex::new(Published::default()));
             published.push(Arc::clone(&shared));
-            let stop = Arc::clone(&stop);
-            let interval = options.stats_interval;
+            let worker = Worker {
+                id,
+                socket,
+                poll,
+                wake,
+                endpoint,
+                app: new_app(),
+                stop: Arc::clone(&stop),
+                shared,
+                stats_interval: options.stats_interval,
+                blocked: None,
+            };
             let handle = std::thread::Builder::new()
                 .name(format!("dtls-worker-{id}"))
-                .spawn(move || run_worker(id, socket, endpoint, &stop, &shared, interval))?;
-            workers.push(handle);
+                .spawn(move || worker.run());
+            match handle {
+                Ok(h) => workers.push(h),
+                Err(e) => {
+                    // Stop the workers already running before reporting.
+                    let _ = Self {
+                        local_addr,
+                        stop,
+                        wakers,
+                        workers,
+                        published,
+                    };
+                    return Err(e.into());
+                }
+            }
         }
         Ok(Self {
             local_addr,
             stop,
+            wakers,
             workers,
             published,
         })
@@ -133,10 +245,20 @@ impl UdpServer {
 
     /// A handle that stops the server from elsewhere.
     pub fn stop_handle(&self) -> StopHandle {
-        StopHandle(Arc::clone(&self.stop))
+        StopHandle {
+            stop: Arc::clone(&self.stop),
+            wakers: self.wakers.clone(),
+        }
     }
 
-    /// The workers' endpoint counters, summed (updated after every datagram or timeout).
+    /// Each worker's waker, the one its endpoint has ([`Endpoint::set_waker`]): waking it makes
+    /// that worker run [`Endpoint::handle_timeout`] and [`Application::on_wake`] promptly, from
+    /// any thread.
+    pub fn wakers(&self) -> &[Waker] {
+        &self.wakers
+    }
+
+    /// The workers' endpoint counters, summed (published within a few milliseconds of a change).
     pub fn stats(&self) -> EndpointStats {
         let mut total = EndpointStats::default();
         for p in &self.published {
@@ -150,24 +272,33 @@ impl UdpServer {
         self.published.iter().map(|p| p.lock().dsm).collect()
     }
 
-    /// Waits until the server is stopped (by a [`StopHandle`]) and the workers exit.
+    /// Waits until the server is stopped (by a [`StopHandle`]) and the workers exit. A worker
+    /// that panicked (in the endpoint or in the application) is reported as
+    /// [`Error::WorkerPanic`].
     pub fn wait(mut self) -> Result<(), Error> {
         self.join()
     }
 
-    /// Stops the workers and waits for them.
+    /// Stops the workers and waits for them, like [`wait`](Self::wait).
     pub fn stop(mut self) -> Result<(), Error> {
-        self.stop.store(true, Ordering::SeqCst);
+        self.stop_handle().stop();
         self.join()
     }
 
     fn join(&mut self) -> Result<(), Error> {
         let mut result = Ok(());
-        for w in self.workers.drain(..) {
+        for (worker, w) in self.workers.drain(..).enumerate() {
             match w.join() {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => result = Err(e),
-                Err(_) => result = Err(Error::Config("a worker thread panicked".into())),
+                Err(panic) => {
+                    let message = panic
+                        .downcast_ref::<&str>()
+                        .map(|s| (*s).to_owned())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_default();
+                    result = Err(Error::WorkerPanic { worker, message });
+                }
             }
         }
         result
@@ -176,97 +307,161 @@ impl UdpServer {
 
 impl Drop for UdpServer {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
+        self.stop_handle().stop();
         let _ = self.join();
     }
 }
 
-fn send_all(socket: &UdpSocket, endpoint: &mut Endpoint) {
-    while let Some(t) = endpoint.poll_transmit() {
-        if let Err(e) = socket.send_to(&t.payload, t.to) {
-            tracing::debug!(to = %t.to, error = %e, "send failed");
-        }
-    }
-    while endpoint.poll_event().is_some() {}
-}
-
-fn run_worker(
+/// One worker's state, owned by its thread.
+struct Worker<A> {
     id: usize,
-    socket: UdpSocket,
-    mut endpoint: Endpoint,
-    stop: &AtomicBool,
-    shared: &Mutex<Published>,
+    socket: mio::net::UdpSocket,
+    poll: Poll,
+    wake: Arc<WorkerWake>,
+    endpoint: Endpoint,
+    app: A,
+    stop: Arc<AtomicBool>,
+    shared: Arc<Mutex<Published>>,
     stats_interval: Option<Duration>,
-) -> Result<(), Error> {
-    let mut buf = vec![0u8; RECV_BUF];
-    let mut next_stats = stats_interval.map(|i| Instant::now() + i);
-    let mut current_timeout = None;
-    let mut next_publish = Instant::now();
-    while !stop.load(Ordering::Relaxed) {
-        let now = Instant::now();
-        let wait = quantize(
-            endpoint
-                .poll_timeout()
-                .map_or(STOP_POLL, |t| t.saturating_duration_since(now)),
-        );
-        // Under load the wait stays at the same step, so this setsockopt is rare.
-        if current_timeout != Some(wait) {
-            socket.set_read_timeout(Some(wait))?;
-            current_timeout = Some(wait);
-        }
-        let idle = match socket.recv_from(&mut buf) {
-            Ok((n, from)) => {
-                endpoint.handle(Instant::now(), from, &buf[..n]);
-                false
+    /// A datagram the socket refused with `WouldBlock`, sent first once it is writable.
+    blocked: Option<Transmit>,
+}
+
+impl<A: Application> Worker<A> {
+    fn run(mut self) -> Result<(), Error> {
+        let mut events = Events::with_capacity(16);
+        let mut buf = vec![0u8; RECV_BUF];
+        // The socket may hold datagrams already; edge-triggered readiness only reports changes.
+        let mut readable = true;
+        let mut dirty = true;
+        let mut next_publish = Instant::now();
+        let mut next_stats = self.stats_interval.map(|i| Instant::now() + i);
+        while !self.stop.load(Ordering::Acquire) {
+            let flushed = self.flush();
+            if readable && flushed {
+                readable = self.receive(&mut buf);
+                dirty = true;
             }
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) =>
-            {
-                true
+            let now = Instant::now();
+            let woken = self.wake.woken.swap(false, Ordering::AcqRel);
+            if woken || self.endpoint.poll_timeout().is_some_and(|t| t <= now) {
+                self.endpoint.handle_timeout(now);
+                deliver_events(&mut self.endpoint, &mut self.app, now);
+                if woken {
+                    self.app
+                        .on_wake(&mut AppContext::new(&mut self.endpoint, now));
+                    deliver_events(&mut self.endpoint, &mut self.app, now);
+                }
+                dirty = true;
             }
-            Err(e) => {
-                tracing::debug!(error = %e, "recv failed");
-                false
+            let flushed = self.flush();
+            if dirty && now >= next_publish {
+                self.publish();
+                dirty = false;
+                next_publish = now + PUBLISH_EVERY;
             }
-        };
-        let now = Instant::now();
-        if endpoint.poll_timeout().is_some_and(|t| t <= now) {
-            endpoint.handle_timeout(now);
+            if let (Some(at), Some(interval)) = (next_stats, self.stats_interval) {
+                if now >= at {
+                    next_stats = Some(now + interval);
+                    log_stats(self.id, &self.endpoint);
+                }
+            }
+            let wait = if readable && flushed {
+                Some(Duration::ZERO)
+            } else {
+                [
+                    self.endpoint.poll_timeout(),
+                    dirty.then_some(next_publish),
+                    next_stats,
+                ]
+                .into_iter()
+                .flatten()
+                .min()
+                // What is due now was run above; a deadline it left in the past waits 1 ms
+                // rather than spinning.
+                .map(|t| {
+                    t.saturating_duration_since(now)
+                        .max(Duration::from_millis(1))
+                })
+            };
+            match self.poll.poll(&mut events, wait) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e.into()),
+            }
+            for event in events.iter() {
+                if event.token() == SOCKET && event.is_readable() {
+                    readable = true;
+                }
+            }
         }
-        send_all(&socket, &mut endpoint);
-        if idle || now >= next_publish {
-            next_publish = now + PUBLISH_EVERY;
-            let mut p = shared.lock();
-            p.endpoint = endpoint.stats();
-            p.dsm = endpoint.dsm_stats();
+        self.endpoint.close_all();
+        deliver_events(&mut self.endpoint, &mut self.app, Instant::now());
+        self.final_flush(&mut events);
+        self.publish();
+        tracing::debug!(worker = self.id, "worker stopped");
+        Ok(())
+    }
+
+    /// Reads up to a batch of datagrams, handing each to the endpoint and its events to the
+    /// application, and sends what they produced. Returns whether the socket may hold more.
+    fn receive(&mut self, buf: &mut [u8]) -> bool {
+        for _ in 0..RECV_BATCH {
+            match self.socket.recv_from(buf) {
+                Ok((n, from)) => {
+                    let now = Instant::now();
+                    self.endpoint.handle(now, from, &buf[..n]);
+                    deliver_events(&mut self.endpoint, &mut self.app, now);
+                    if !self.flush() {
+                        return true;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
+                Err(e) => tracing::debug!(error = %e, "recv failed"),
+            }
         }
-        if let (Some(at), Some(interval)) = (next_stats, stats_interval) {
-            if now >= at {
-                next_stats = Some(now + interval);
-                log_stats(id, &endpoint);
+        true
+    }
+
+    /// Sends what the endpoint queued; false if the socket would block (the rest waits).
+    fn flush(&mut self) -> bool {
+        loop {
+            let Some(t) = self
+                .blocked
+                .take()
+                .or_else(|| self.endpoint.poll_transmit())
+            else {
+                return true;
+            };
+            match self.socket.send_to(&t.payload, t.to) {
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.blocked = Some(t);
+                    return false;
+                }
+                Err(e) => tracing::debug!(to = %t.to, error = %e, "send failed"),
             }
         }
     }
-    endpoint.close_all();
-    send_all(&socket, &mut endpoint);
-    let mut p = shared.lock();
-    p.endpoint = endpoint.stats();
-    p.dsm = endpoint.dsm_stats();
-    tracing::debug!(worker = id, "worker stopped");
-    Ok(())
-}
 
-/// Rounds a wait down to one of a few steps (1, 5, 20, 50 ms), so the socket's read timeout
-/// rarely changes; waking a little early only costs an extra loop.
-fn quantize(wait: Duration) -> Duration {
-    [50, 20, 5, 1]
-        .into_iter()
-        .map(Duration::from_millis)
-        .find(|step| wait >= *step)
-        .unwrap_or(Duration::from_millis(1))
+    /// Sends the close_notify datagrams of a shutdown, waiting a little for a full socket.
+    fn final_flush(&mut self, events: &mut Events) {
+        let end = Instant::now() + FINAL_FLUSH;
+        while !self.flush() {
+            let left = end.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                tracing::debug!(worker = self.id, "socket full at shutdown; datagrams lost");
+                return;
+            }
+            let _ = self.poll.poll(events, Some(left));
+        }
+    }
+
+    fn publish(&self) {
+        let mut p = self.shared.lock();
+        p.endpoint = self.endpoint.stats();
+        p.dsm = self.endpoint.dsm_stats();
+    }
 }
 
 fn log_stats(id: usize, endpoint: &Endpoint) {
@@ -281,7 +476,8 @@ fn log_stats(id: usize, endpoint: &Endpoint) {
         hvr = s.hello_verify_requests,
         dropped = s.dropped(),
         failed = s.failed,
-        echoed = s.echoed_records,
+        records_in = s.records_received,
+        records_out = s.records_sent,
         cache_hits = c.hits,
         cache_misses = c.misses,
         cache_entries = c.entries,

@@ -1,5 +1,10 @@
-//! Shared test helpers: a throwaway PKI and in-process TLS/DTLS handshakes over socket pairs.
+//! Shared test helpers: a throwaway PKI and in-process TLS/DTLS handshakes over socket pairs
+//! (here), the DTLS server and its clients ([`server`]), and the `openssl s_client` CLI
+//! ([`s_client`]). `redis_server.rs` beside it starts a throwaway `redis-server`.
 #![allow(dead_code, unsafe_code, unreachable_pub)]
+
+pub mod s_client;
+pub mod server;
 
 use std::io::{self, Read, Write};
 use std::os::unix::net::{UnixDatagram, UnixStream};
