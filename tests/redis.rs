@@ -709,10 +709,14 @@ fn with_invalidation_the_tier_stops_serving_when_the_subscription_is_lost() {
     let proxy = DelayProxy::start(redis_addr(&server));
     let s = builder(proxy.url(), ring(), 64)
         .op_timeout(Duration::from_millis(100))
-        .invalidation_heartbeat(Duration::from_millis(200))
+        .invalidation_heartbeat(Duration::from_millis(100))
         .build()
         .unwrap();
     wait_subscribed(&s);
+    // A healthy subscription answers its heartbeats and stays up.
+    wait_until("three heartbeats answered", || s.stats().heartbeats >= 3);
+    assert_eq!(s.stats().subscription_losses, 0);
+    assert!(s.stats().subscribed);
     s.put(id(1), sess(1, hour())).unwrap();
     flush(&s);
     assert!(s.get(&id(1)).unwrap().is_some());

@@ -103,9 +103,6 @@ impl Coherence {
         id: SessionId,
         session: StoredSession,
     ) -> bool {
-        if !self.enabled {
-            return tier.put(id, session).is_ok();
-        }
         let st = self.state.lock();
         let covered = st.seq == mark.seq || st.recent.front().is_some_and(|r| r.0 <= mark.seq + 1);
         let invalidated = st
@@ -114,13 +111,15 @@ impl Coherence {
             .rev()
             .take_while(|r| r.0 > mark.seq)
             .any(|r| r.1 == id);
-        if !(mark.up && st.up && st.epoch == mark.epoch && covered && !invalidated) {
+        let coherent = st.epoch == mark.epoch && (!self.enabled || (mark.up && st.up));
+        if !(coherent && covered && !invalidated) {
             return false;
         }
         tier.put(id, session).is_ok()
     }
 
-    /// Drops `id` from `tier` and remembers it against fills in flight.
+    /// Drops `id` from `tier` and remembers it against fills in flight (for an invalidation
+    /// from the channel, and for this host's own removals and takes).
     pub(crate) fn invalidate(&self, tier: &MemoryStore, id: SessionId) {
         let mut st = self.state.lock();
         st.seq += 1;
@@ -186,6 +185,7 @@ pub(crate) async fn run_subscriber(shared: Arc<Shared>) {
                             if !matches!(pong, Ok(Ok(_))) {
                                 break;
                             }
+                            shared.counters.heartbeats.fetch_add(1, Ordering::Relaxed);
                             next_ping = Instant::now() + shared.heartbeat;
                         }
                     }
@@ -287,11 +287,14 @@ mod tests {
     }
 
     #[test]
-    fn without_invalidation_the_tier_is_always_trusted() {
+    fn without_invalidation_the_tier_is_trusted_but_local_removals_still_count() {
         let c = Coherence::new(false);
         let t = tier();
         assert!(c.tier_readable());
         assert!(!c.subscribed());
         assert!(c.fill(c.mark(), &t, id(1), sess()));
+        let m = c.mark();
+        c.invalidate(&t, id(2)); // this host removed id 2 while a read of it was in flight
+        assert!(!c.fill(m, &t, id(2), sess()));
     }
 }
