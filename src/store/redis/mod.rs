@@ -207,10 +207,13 @@ impl RedisStoreBuilder {
                 redact_url(&self.url)
             ))
         };
-        // No `CLIENT SETINFO` on connect: a connection set-up without a round trip.
+        // No `CLIENT SETINFO` on connect: a connection set-up without a round trip. No Nagle:
+        // pipelined requests go out as they come, not behind the previous one's ACK.
         let info = self.url.as_str().into_connection_info().map_err(bad_url)?;
         let settings = info.redis_settings().clone().set_skip_set_lib_name();
-        let client = Client::open(info.set_redis_settings(settings)).map_err(bad_url)?;
+        let tcp = info.tcp_settings().clone().set_nodelay(true);
+        let info = info.set_redis_settings(settings).set_tcp_settings(tcp);
+        let client = Client::open(info).map_err(bad_url)?;
         let tier = match self.tier {
             TierConfig::Entries(0) => None,
             TierConfig::Entries(n) => Some(

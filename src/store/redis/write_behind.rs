@@ -261,6 +261,7 @@ pub(crate) async fn run_writer(shared: Arc<Shared>) {
         let now_ms = unix_millis(SystemTime::now());
         let mut puts = 0u64;
         let mut removes = 0u64;
+        let mut expired = 0u64;
         for (id, op) in &batch {
             let key = shared.key_for(id);
             match op {
@@ -268,6 +269,7 @@ pub(crate) async fn run_writer(shared: Arc<Shared>) {
                     let ttl_ms = s.expires_at_millis().saturating_sub(now_ms);
                     if ttl_ms == 0 {
                         pipe.cmd("DEL").arg(&key).ignore();
+                        expired += 1;
                         continue;
                     }
                     match shared.codec.encode(id, s) {
@@ -296,6 +298,12 @@ pub(crate) async fn run_writer(shared: Arc<Shared>) {
                 }
             }
         }
+        if puts + removes + expired == 0 {
+            // Nothing to send (every put failed to seal): no round trip, no report.
+            drop(permit);
+            shared.queue.finish(sent, Vec::new());
+            continue;
+        }
         let outcome = shared
             .run(deadline, |mut conn| {
                 let pipe = pipe.clone();
@@ -305,7 +313,8 @@ pub(crate) async fn run_writer(shared: Arc<Shared>) {
         let c = &shared.counters;
         let retry = match &outcome {
             Ok(()) => {
-                c.writes_done.fetch_add(puts + removes, Ordering::Relaxed);
+                c.writes_done
+                    .fetch_add(puts + removes + expired, Ordering::Relaxed);
                 c.invalidations_sent.fetch_add(removes, Ordering::Relaxed);
                 Vec::new()
             }
