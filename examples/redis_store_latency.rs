@@ -1,10 +1,13 @@
-//! Latency of the Redis session store's operations: tier hit, tier miss (a round trip and a
-//! decryption), put, take, and what an operation costs while Redis is down or hung.
+//! What the Redis session store costs the caller and how long its lookups take to complete:
+//! directly on loopback, and through a proxy that adds a delay each way (Redis "1 ms away"),
+//! against the memory store; what a `put` costs (it only queues); and what a call costs while
+//! Redis is hung (SIGSTOP): microseconds, with every lookup completed within its deadline.
 //!
-//! Starts its own `redis-server` on a free loopback port (killed on exit):
+//! Starts its own `redis-server` on a free loopback port and its own delay proxy (both stopped
+//! on exit):
 //!
 //! ```text
-//! cargo run --release --features redis --example redis_store_latency [-- ITERATIONS]
+//! cargo run --release --features redis --example redis_store_latency -- [--iterations N]
 //! ```
 
 #[cfg(not(feature = "redis"))]
@@ -13,61 +16,50 @@ fn main() {
 }
 
 #[cfg(feature = "redis")]
+#[path = "../tests/support/delay_proxy.rs"]
+mod delay_proxy;
+#[cfg(feature = "redis")]
+#[path = "../tests/support/redis_server.rs"]
+mod redis_server;
+
+#[cfg(feature = "redis")]
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    bench::run()
+    use clap::Parser;
+    bench::run(&bench::Args::parse())
 }
 
 #[cfg(feature = "redis")]
 mod bench {
-    use std::net::{TcpListener, TcpStream};
-    use std::process::{Child, Command, Stdio};
+    use std::sync::mpsc;
     use std::time::{Duration, Instant, SystemTime};
 
+    use clap::Parser;
     use openssl_session_cache::{
-        KeyRing, MemoryStore, RedisStore, SessionId, SessionStore, StoredSession,
+        KeyRing, LookupDone, LookupMode, MemoryStore, RedisStore, SessionId, SessionStore,
+        StoreError, StoredSession,
     };
 
-    struct Server(Child);
+    use crate::delay_proxy::DelayProxy;
+    use crate::redis_server::RedisServer;
 
-    impl Drop for Server {
-        fn drop(&mut self) {
-            let _ = Command::new("kill")
-                .args(["-CONT", &self.0.id().to_string()])
-                .status();
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
+    /// Latency of the Redis session store.
+    #[derive(Parser, Debug)]
+    pub(crate) struct Args {
+        /// Operations per measurement.
+        #[arg(long, default_value_t = 5_000)]
+        iterations: usize,
+        /// Delay the proxy adds in each direction, in microseconds.
+        #[arg(long, default_value_t = 500)]
+        delay_us: u64,
+        /// Lookups kept in flight for the throughput runs.
+        #[arg(long, default_value_t = 64)]
+        in_flight: usize,
+        /// Session bytes (the compact stored form of a TLS 1.2 session is about 200).
+        #[arg(long, default_value_t = 200)]
+        session_bytes: usize,
     }
 
-    fn start_redis() -> Result<(Server, u16), Box<dyn std::error::Error>> {
-        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-        let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .map_err(|e| {
-                format!("cannot start redis-server ({e}): apt-get install redis-server")
-            })?;
-        let server = Server(child);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            if Instant::now() > deadline {
-                return Err("redis-server did not start".into());
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        Ok((server, port))
-    }
+    type Done = mpsc::Sender<Result<Option<StoredSession>, StoreError>>;
 
     fn id(i: usize) -> SessionId {
         let mut b = [0u8; 32];
@@ -75,106 +67,176 @@ mod bench {
         SessionId::new(&b).expect("32 bytes")
     }
 
-    fn session() -> StoredSession {
-        // About the size of a TLS 1.2 session DER without a client certificate.
-        StoredSession::new(
-            vec![0x5a; 1200],
-            SystemTime::now() + Duration::from_secs(300),
-        )
+    fn done(tx: &Done) -> LookupDone {
+        let tx = tx.clone();
+        LookupDone::new(move |r| {
+            let _ = tx.send(r);
+        })
     }
 
-    fn measure(name: &str, n: usize, mut op: impl FnMut(usize)) {
-        let mut samples = Vec::with_capacity(n);
-        for i in 0..n {
-            let t = Instant::now();
-            op(i);
-            samples.push(t.elapsed());
-        }
+    fn report(name: &str, mut samples: Vec<Duration>) {
+        let n = samples.len();
         samples.sort_unstable();
         let mean = samples.iter().sum::<Duration>() / n as u32;
         let p = |q: f64| samples[((n as f64 * q) as usize).min(n - 1)];
         println!(
-            "{name:<44} n={n:<6} mean {:>9.1?}  p50 {:>9.1?}  p99 {:>9.1?}  max {:>9.1?}",
-            mean,
+            "{name:<50} n={n:<6} mean {mean:>9.1?}  p50 {:>9.1?}  p99 {:>9.1?}  max {:>9.1?}",
             p(0.50),
             p(0.99),
             samples[n - 1]
         );
     }
 
-    pub(crate) fn run() -> Result<(), Box<dyn std::error::Error>> {
-        let n: usize = std::env::args()
-            .nth(1)
-            .map(|a| a.parse())
-            .transpose()?
-            .unwrap_or(5_000);
-        let (server, port) = start_redis()?;
-        let url = format!("redis://127.0.0.1:{port}");
+    /// Each lookup waited for before the next: (call time, completion time).
+    fn sequential(
+        store: &dyn SessionStore,
+        n: usize,
+        expect_hit: bool,
+    ) -> (Vec<Duration>, Vec<Duration>) {
+        let (tx, rx) = mpsc::channel();
+        let mut calls = Vec::with_capacity(n);
+        let mut completions = Vec::with_capacity(n);
+        for i in 0..n {
+            let t = Instant::now();
+            store.lookup(id(i), LookupMode::Get, done(&tx));
+            calls.push(t.elapsed());
+            let r = rx.recv().expect("completed");
+            completions.push(t.elapsed());
+            assert_eq!(r.expect("lookup ok").is_some(), expect_hit, "lookup {i}");
+        }
+        (calls, completions)
+    }
+
+    /// Lookups/s with `window` in flight at once.
+    fn throughput(store: &dyn SessionStore, n: usize, window: usize) -> f64 {
+        let (tx, rx) = mpsc::channel();
+        let t = Instant::now();
+        let mut started = 0;
+        while started < window.min(n) {
+            store.lookup(id(started), LookupMode::Get, done(&tx));
+            started += 1;
+        }
+        for _ in 0..n {
+            let r = rx.recv().expect("completed");
+            assert!(matches!(r, Ok(Some(_))), "{r:?}");
+            if started < n {
+                store.lookup(id(started), LookupMode::Get, done(&tx));
+                started += 1;
+            }
+        }
+        n as f64 / t.elapsed().as_secs_f64()
+    }
+
+    pub(crate) fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
+        let n = args.iterations;
+        let mut server = RedisServer::start();
+        let proxy = DelayProxy::start(([127, 0, 0, 1], server.port()).into());
+        proxy.set_delay(Duration::from_micros(args.delay_us));
         let ring = KeyRing::generate()?;
-        let timeout = Duration::from_millis(50);
-        let build = |tier: usize| {
-            RedisStore::builder(url.clone())
+        let op_timeout = Duration::from_millis(50);
+        let build = |url: String, tier: usize| {
+            RedisStore::builder(url)
                 .key_ring(ring.clone())
                 .tier_entries(tier)
-                .connect_timeout(timeout)
-                .command_timeout(timeout)
+                .op_timeout(op_timeout)
+                .write_queue(n.max(4096))
                 .breaker(3, Duration::from_secs(60))
                 .build()
         };
+        let session = || {
+            StoredSession::new(
+                vec![0x5a; args.session_bytes],
+                SystemTime::now() + Duration::from_secs(600),
+            )
+        };
+        println!(
+            "{}-byte sessions, redis-server on loopback, proxy adds {} us each way, \
+             deadline {op_timeout:?}\n",
+            args.session_bytes, args.delay_us
+        );
 
         let memory = MemoryStore::builder().build()?;
-        let tiered = build(2 * n)?;
-        let untiered = build(0)?;
+        let direct = build(server.url(), 0)?;
+        let far = build(proxy.url(), 0)?;
+        let mut puts = Vec::with_capacity(n);
         for i in 0..n {
             memory.put(id(i), session())?;
+            let t = Instant::now();
+            direct.put(id(i), session())?;
+            puts.push(t.elapsed());
         }
-        println!("1200-byte sessions, redis-server on loopback, {timeout:?} timeouts\n");
-        measure("memory store get (baseline)", n, |i| {
-            memory.get(&id(i)).unwrap().unwrap();
-        });
-        measure("redis put (seal + SET PX)", n, |i| {
-            tiered.put(id(i), session()).unwrap()
-        });
-        measure("redis get, tier hit", n, |i| {
-            tiered.get(&id(i)).unwrap().unwrap();
-        });
-        measure("redis get, tier miss (GET + open)", n, |i| {
-            untiered.get(&id(i)).unwrap().unwrap();
-        });
-        measure("redis get, absent id (GET nil)", n, |i| {
-            assert!(untiered.get(&id(n + i)).unwrap().is_none());
-        });
-        measure("redis take (GETDEL + open)", n, |i| {
-            untiered.take(&id(i)).unwrap().unwrap();
-        });
+        let t = Instant::now();
+        assert!(direct.flush(Duration::from_secs(60)), "writes drained");
+        let drained = t.elapsed();
+        report("put: caller's call (seal later, queue now)", puts);
+        println!(
+            "{:<50} {n} puts written in {drained:.1?} after the last call ({:.0}/s)",
+            "put: background writer",
+            n as f64 / drained.as_secs_f64().max(1e-9)
+        );
 
-        // Redis hung (SIGSTOP): each op waits out the timeout until the breaker opens.
-        let hung = build(0)?;
-        hung.put(id(0), session())?;
-        let pid = server.0.id().to_string();
-        Command::new("kill").args(["-STOP", &pid]).status()?;
-        measure("redis hung: first failures (timeout)", 3, |i| {
-            assert!(hung.get(&id(i)).is_err());
-        });
-        measure("redis hung: breaker open (skipped)", n, |i| {
-            assert!(hung.get(&id(i)).is_err());
-        });
-        Command::new("kill").args(["-CONT", &pid]).status()?;
+        let (calls, done_at) = sequential(&memory, n, true);
+        report("memory lookup: call (completes inline)", calls);
+        report("memory lookup: completion", done_at);
+        let (calls, done_at) = sequential(&direct, n, true);
+        report("redis direct: lookup call", calls);
+        report("redis direct: lookup completion (GET + open)", done_at);
+        let (calls, done_at) = sequential(&far, n, true);
+        report("redis via proxy: lookup call", calls);
+        report("redis via proxy: lookup completion (GET + open)", done_at);
 
-        // Redis killed: connection refused, then the breaker.
-        let down = build(0)?;
-        down.put(id(0), session())?;
-        drop(server);
-        measure("redis down: first failures (refused)", 3, |i| {
-            assert!(down.get(&id(i)).is_err());
-        });
-        measure("redis down: breaker open (skipped)", n, |i| {
-            assert!(down.get(&id(i)).is_err());
-        });
-        measure("redis down: tier hit still served", n.min(1000), |i| {
-            tiered.get(&id(i)).unwrap().unwrap();
-        });
-        println!("\nstats (down store): {:?}", down.stats());
+        let w = args.in_flight;
+        println!();
+        for (name, store) in [
+            ("memory", &memory as &dyn SessionStore),
+            ("redis direct", &direct),
+            ("redis via proxy", &far),
+        ] {
+            for window in [16, w] {
+                println!(
+                    "{:<50} {:>10.0} lookups/s",
+                    format!("throughput, {name}, {window} in flight"),
+                    throughput(store, n, window)
+                );
+            }
+        }
+        println!("\nfar store: {:?}\n", far.stats());
+
+        // Redis hung (SIGSTOP): no call waits for it; lookups complete within the deadline.
+        let hung = build(server.url(), 0)?;
+        assert!(hung.get(&id(0))?.is_some()); // connected
+        server.pause();
+        let (tx, rx) = mpsc::channel();
+        let mut calls = Vec::with_capacity(n);
+        let mut put_calls = Vec::with_capacity(n);
+        let mut started = Vec::with_capacity(n);
+        for i in 0..n {
+            let t = Instant::now();
+            let sent = tx.clone();
+            hung.lookup(
+                id(i),
+                LookupMode::Get,
+                LookupDone::new(move |r| {
+                    let _ = sent.send((i, r, Instant::now()));
+                }),
+            );
+            calls.push(t.elapsed());
+            started.push(t);
+            let t = Instant::now();
+            let _ = hung.put(id(n + i), session());
+            put_calls.push(t.elapsed());
+        }
+        let mut completions = vec![Duration::ZERO; n];
+        for _ in 0..n {
+            let (i, r, at) = rx.recv_timeout(Duration::from_secs(10))?;
+            assert!(r.is_err(), "a lookup succeeded with Redis hung");
+            completions[i] = at - started[i];
+        }
+        server.resume();
+        report("redis hung: lookup call", calls);
+        report("redis hung: put call", put_calls);
+        report("redis hung: lookup completion (all errors)", completions);
+        println!("\nhung store: {:?}", hung.stats());
         Ok(())
     }
 }

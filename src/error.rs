@@ -104,6 +104,9 @@ pub enum StoreError {
     /// A stored value could not be read back (bad envelope, failed authentication, truncated).
     #[error("stored value is corrupt: {0}")]
     Corrupt(String),
+    /// A write-behind store's queue was full: the write was dropped (and counted).
+    #[error("store write queue full: write dropped")]
+    QueueFull,
     /// Any other backend failure.
     #[error("store backend: {0}")]
     Backend(String),

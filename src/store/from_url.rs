@@ -9,9 +9,10 @@ use crate::store::SessionStore;
 /// Builds the shared store named by `url`, sealing values with the keys in `key_file`, with a
 /// memory tier of `tier_entries` sessions in front (0 for none).
 ///
-/// `url` is `redis://host:port[/db]` (use an IP address: the name is resolved outside the connect
-/// timeout). The store uses the default prefix, timeouts and breaker of
-/// [`RedisStore::builder`](crate::RedisStore::builder).
+/// `url` is `redis://host:port[/db]` (use an IP address: the name is resolved outside the
+/// operation deadline). The store uses the default prefix, deadline (50 ms), write queue,
+/// invalidation and breaker of [`RedisStore::builder`](crate::RedisStore::builder): its lookups
+/// never block ([`SessionStore::is_remote`] is true) and its writes are write-behind.
 ///
 /// # Errors
 /// [`Error::Config`] if the scheme is not `redis://` (the memory store is the caller's business),
@@ -95,5 +96,6 @@ mod tests {
             .unwrap();
         let store = store_from_url("redis://127.0.0.1:1", Some(&path), 16).unwrap();
         assert!(format!("{store:?}").contains("RedisStore"));
+        assert!(store.is_remote());
     }
 }

@@ -226,6 +226,46 @@ fn pipes(dtls: bool) -> (Pipe, Pipe) {
     }
 }
 
+/// Wakes a parked thread.
+struct Unpark(thread::Thread);
+
+impl std::task::Wake for Unpark {
+    fn wake(self: std::sync::Arc<Self>) {
+        self.0.unpark();
+    }
+}
+
+/// `ssl.accept(io)` on a blocking stream that also waits out suspended session lookups (a
+/// remote store: the handshake fails with `WANT_CLIENT_HELLO_CB` until the lookup completes).
+pub fn accept_waiting_for_lookups<S: Read + Write + std::fmt::Debug>(
+    ssl: Ssl,
+    io: S,
+) -> SslStream<S> {
+    let mut attempt = ssl.accept(io);
+    loop {
+        match attempt {
+            Ok(s) => return s,
+            Err(openssl::ssl::HandshakeError::Failure(mid))
+            | Err(openssl::ssl::HandshakeError::WouldBlock(mid))
+                if mid.error().code() == ErrorCode::WANT_CLIENT_HELLO_CB =>
+            {
+                if let Some(lookup) = SessionCache::pending_lookup(mid.ssl()) {
+                    let waker =
+                        std::task::Waker::from(std::sync::Arc::new(Unpark(thread::current())));
+                    lookup.register(&waker);
+                    let end = std::time::Instant::now() + std::time::Duration::from_secs(10);
+                    while !lookup.is_complete() {
+                        assert!(std::time::Instant::now() < end, "a lookup never completed");
+                        thread::park_timeout(std::time::Duration::from_millis(100));
+                    }
+                }
+                attempt = mid.handshake();
+            }
+            Err(e) => panic!("server handshake: {e:?}"),
+        }
+    }
+}
+
 /// Runs one connection: handshake (offering `session`), one echo, close as `close` says.
 pub fn connect(
     server: &Ctx,
@@ -242,7 +282,7 @@ pub fn connect(
             if dtls {
                 ssl.set_mtu(1400).unwrap();
             }
-            let mut s: SslStream<Pipe> = ssl.accept(spipe).expect("server handshake");
+            let mut s: SslStream<Pipe> = accept_waiting_for_lookups(ssl, spipe);
             let reused = s.ssl().session_reused();
             let saw_cert = s.ssl().peer_certificate().is_some();
             let mut buf = [0u8; 64];

@@ -1,0 +1,257 @@
+//! Operations on the shared connection: each within its deadline, through the breaker, counted;
+//! the lookup that travels, and the invalidations it publishes or receives.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Instant;
+
+use ::redis::aio::MultiplexedConnection;
+use ::redis::{RedisError, RedisResult};
+
+use super::breaker::Permit;
+use super::write_behind::Enqueued;
+use super::{bump, id_from_hex, invalidation, is_connection_failure, map_error, Shared};
+use crate::error::StoreError;
+use crate::store::{LookupDone, LookupMode, MemoryStore, SessionId, StoredSession};
+
+/// Why an operation on the connection did not succeed.
+pub(crate) enum RunError {
+    /// The deadline passed.
+    Timeout,
+    /// Redis (or the connection to it) failed.
+    Redis(RedisError),
+}
+
+impl RunError {
+    /// Redis could not be reached or did not answer in time (as opposed to an error reply).
+    pub(crate) fn is_unreachable(&self) -> bool {
+        match self {
+            Self::Timeout => true,
+            Self::Redis(e) => is_connection_failure(e),
+        }
+    }
+}
+
+impl Shared {
+    pub(crate) fn key_for(&self, id: &SessionId) -> String {
+        format!("{}{}", self.prefix, id.to_hex())
+    }
+
+    /// Runs `f` on the shared connection, connecting if needed. A connection that turns out
+    /// dead (Redis restarted, the connection was reset: not a timeout) is forgotten and `f`
+    /// runs once more on a fresh one. Re-running is safe for every command used here:
+    /// `SET`/`DEL`/`PUBLISH` are idempotent for this purpose, and a `GETDEL` whose reply was lost
+    /// only loses the session (at most once, never twice).
+    pub(crate) async fn attempt<T, F, Fut>(&self, f: F) -> RedisResult<T>
+    where
+        F: Fn(MultiplexedConnection) -> Fut,
+        Fut: Future<Output = RedisResult<T>>,
+    {
+        let mut retried = false;
+        loop {
+            let (generation, conn) = self.link.connection().await?;
+            match f(conn).await {
+                Ok(v) => return Ok(v),
+                Err(e) if is_connection_failure(&e) && !e.is_timeout() => {
+                    self.link.reset(generation);
+                    if retried {
+                        return Err(e);
+                    }
+                    retried = true;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// [`attempt`](Self::attempt) within `deadline`.
+    pub(crate) async fn run<T, F, Fut>(&self, deadline: Instant, f: F) -> Result<T, RunError>
+    where
+        F: Fn(MultiplexedConnection) -> Fut,
+        Fut: Future<Output = RedisResult<T>>,
+    {
+        match tokio::time::timeout_at(deadline.into(), self.attempt(f)).await {
+            Ok(r) => r.map_err(RunError::Redis),
+            Err(_) => Err(RunError::Timeout),
+        }
+    }
+
+    /// Reports an operation's outcome to the breaker and the counters, and maps its error.
+    pub(crate) fn settle<T>(
+        &self,
+        permit: Permit,
+        outcome: Result<T, RunError>,
+    ) -> Result<T, StoreError> {
+        let c = &self.counters;
+        match outcome {
+            Ok(v) => {
+                permit.success();
+                Ok(v)
+            }
+            Err(RunError::Timeout) => {
+                bump(&c.redis_errors);
+                bump(&c.timeouts);
+                self.failed(permit, "deadline passed");
+                Err(StoreError::Timeout)
+            }
+            Err(RunError::Redis(e)) => {
+                bump(&c.redis_errors);
+                if is_connection_failure(&e) {
+                    if e.is_timeout() {
+                        bump(&c.timeouts);
+                    }
+                    self.failed(permit, &e.to_string());
+                } else {
+                    // Redis answered (with an error): it is up.
+                    permit.success();
+                }
+                tracing::debug!(url = %self.url, error = %e, "redis session store operation failed");
+                Err(map_error(&e))
+            }
+        }
+    }
+
+    fn failed(&self, permit: Permit, why: &str) {
+        if permit.failure(Instant::now()) {
+            bump(&self.counters.breaker_opens);
+            // The connection is as dead as the operation that failed: the probe after the
+            // back-off must open a fresh one.
+            self.link.reset_any();
+            tracing::warn!(url = %self.url, error = why, "redis session store: circuit breaker open");
+        }
+    }
+
+    /// Opens a value read from Redis; a failure is counted and, if `drop_bad` and the value does
+    /// not name a key this ring lacks (another host may be ahead in a key rotation), the value
+    /// is deleted (write-behind).
+    pub(crate) fn decode_or_drop(
+        &self,
+        id: &SessionId,
+        value: &[u8],
+        drop_bad: bool,
+    ) -> Result<StoredSession, StoreError> {
+        match self.codec.decode(id, value) {
+            Ok(s) => Ok(s),
+            Err(e) => {
+                bump(&self.counters.decrypt_failures);
+                tracing::warn!(id = %id.to_hex(), error = %e, "redis session store: undecryptable value");
+                if drop_bad && !self.codec.is_foreign(value) {
+                    self.queue_remove(*id);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Drops this host's tier copy of `id`, so that no Redis read in flight puts it back.
+    pub(crate) fn drop_from_tier(&self, id: SessionId) {
+        if let Some(tier) = &self.tier {
+            self.coherence.invalidate(tier, id);
+        }
+    }
+
+    pub(crate) fn queue_remove(&self, id: SessionId) -> Enqueued {
+        let r = self.queue.remove(id);
+        match r {
+            Enqueued::Dropped => bump(&self.counters.removes_dropped),
+            Enqueued::Coalesced => {
+                bump(&self.counters.removes_queued);
+                bump(&self.counters.writes_coalesced);
+            }
+            Enqueued::Queued => bump(&self.counters.removes_queued),
+        }
+        r
+    }
+
+    /// A lookup that travels: the command and the decode within `deadline`, then the tier (for
+    /// a get) or an invalidation (for a take that found something), then `done`.
+    pub(crate) async fn remote_lookup(
+        self: Arc<Self>,
+        id: SessionId,
+        mode: LookupMode,
+        permit: Permit,
+        deadline: Instant,
+        done: LookupDone,
+    ) {
+        let mark = self.coherence.mark();
+        let key = self.key_for(&id);
+        let command = match mode {
+            LookupMode::Get => "GET",
+            LookupMode::Take => "GETDEL",
+        };
+        let timed = tokio::time::timeout_at(deadline.into(), async {
+            let (value, conn) = self
+                .attempt(|mut conn| {
+                    let key = &key;
+                    async move {
+                        let v: Option<Vec<u8>> = ::redis::cmd(command)
+                            .arg(key)
+                            .query_async(&mut conn)
+                            .await?;
+                        Ok((v, conn))
+                    }
+                })
+                .await?;
+            let opened = value
+                .map(|v| self.decode_or_drop(&id, &v, mode == LookupMode::Get))
+                .map(|r| (r, conn));
+            Ok::<_, RedisError>(opened)
+        })
+        .await;
+        let outcome = match timed {
+            Ok(r) => r.map_err(RunError::Redis),
+            Err(_) => Err(RunError::Timeout),
+        };
+        let result = match self.settle(permit, outcome) {
+            Err(e) => Err(e),
+            Ok(None) => Ok(None),
+            Ok(Some((opened, conn))) => {
+                if mode == LookupMode::Take {
+                    // Gone from Redis: tell the other hosts' tiers, without waiting for it.
+                    self.publish(conn, id);
+                }
+                match opened {
+                    Ok(session) => {
+                        if let (LookupMode::Get, Some(tier)) = (mode, &self.tier) {
+                            self.coherence.fill(mark, tier, id, session.clone());
+                        }
+                        Ok(Some(session))
+                    }
+                    Err(e) => Err(e),
+                }
+            }
+        };
+        // No lock is held here: `done` may run the cache's code.
+        done.complete(result);
+    }
+
+    /// Publishes the invalidation of `id` on `conn`, on a task of its own.
+    fn publish(self: &Arc<Self>, mut conn: MultiplexedConnection, id: SessionId) {
+        let shared = Arc::clone(self);
+        tokio::spawn(async move {
+            let sent = tokio::time::timeout(
+                shared.op_timeout,
+                ::redis::cmd("PUBLISH")
+                    .arg(&shared.channel)
+                    .arg(id.to_hex())
+                    .exec_async(&mut conn),
+            )
+            .await;
+            if matches!(sent, Ok(Ok(()))) {
+                bump(&shared.counters.invalidations_sent);
+            } else {
+                tracing::debug!(url = %shared.url, "redis session store: invalidation not published");
+            }
+        });
+    }
+
+    /// An invalidation from the channel.
+    pub(crate) fn on_invalidation(&self, tier: &MemoryStore, payload: &[u8]) {
+        bump(&self.counters.invalidations_received);
+        if payload == invalidation::ALL {
+            self.coherence.invalidate_all(tier);
+        } else if let Some(id) = id_from_hex(payload) {
+            self.coherence.invalidate(tier, id);
+        }
+    }
+}
