@@ -66,8 +66,8 @@ pub use server::{
     certificate_fingerprint, deliver_events, self_signed_certificate, AppContext, Application,
     CloseReason, ConnectionInfo, DatagramPipe, DropReason, Endpoint, EndpointStats, Event,
     ServerConfig, ServerConfigBuilder, StopHandle, Transmit, UdpOptions, UdpServer,
-    DEFAULT_CIPHERS, DEFAULT_COOKIE_ROTATION, DEFAULT_MAX_DATAGRAM, DEFAULT_MTU,
-    DEFAULT_SEND_QUEUE, MAX_RECORD_PLAINTEXT, PSK_CIPHERS,
+    DEFAULT_CIPHERS, DEFAULT_COOKIE_ROTATION, DEFAULT_LOOKUP_TIMEOUT, DEFAULT_MAX_DATAGRAM,
+    DEFAULT_MTU, DEFAULT_PARKED_DATAGRAMS, DEFAULT_SEND_QUEUE, MAX_RECORD_PLAINTEXT, PSK_CIPHERS,
 };
 pub use stats::{CacheStats, EvictionStats};
 pub use store::envelope;

@@ -33,6 +33,10 @@ pub const DEFAULT_COOKIE_ROTATION: Duration = Duration::from_secs(120);
 /// How many datagrams may wait for [`Endpoint::poll_transmit`](crate::Endpoint::poll_transmit)
 /// per peer before [`Endpoint::send`](crate::Endpoint::send) refuses more, by default.
 pub const DEFAULT_SEND_QUEUE: usize = 64;
+/// How long a handshake waits for a remote session lookup before going on without it.
+pub const DEFAULT_LOOKUP_TIMEOUT: Duration = Duration::from_millis(250);
+/// How many datagrams a peer whose session lookup is in flight may have waiting.
+pub const DEFAULT_PARKED_DATAGRAMS: usize = 8;
 /// The most application bytes one [`Endpoint::send`](crate::Endpoint::send) takes: one DTLS
 /// record's plaintext (2^14). A record larger than the path MTU leaves as a fragmented IP
 /// datagram; keep messages under the MTU less about 60 bytes of overhead to avoid that.
@@ -83,6 +87,8 @@ pub struct ServerConfig {
     pub(crate) mtu: u32,
     pub(crate) max_datagram: usize,
     pub(crate) send_queue: usize,
+    pub(crate) lookup_timeout: Duration,
+    pub(crate) parked_datagrams: usize,
     pub(crate) peer_addr: Index<Ssl, PeerInfo>,
     cache: SessionCache,
     fingerprint: Option<String>,
@@ -115,6 +121,8 @@ impl ServerConfig {
             max_datagram: DEFAULT_MAX_DATAGRAM,
             cookie_rotation: DEFAULT_COOKIE_ROTATION,
             send_queue: DEFAULT_SEND_QUEUE,
+            lookup_timeout: DEFAULT_LOOKUP_TIMEOUT,
+            parked_datagrams: DEFAULT_PARKED_DATAGRAMS,
         }
     }
 
@@ -178,6 +186,8 @@ pub struct ServerConfigBuilder {
     max_datagram: usize,
     cookie_rotation: Duration,
     send_queue: usize,
+    lookup_timeout: Duration,
+    parked_datagrams: usize,
 }
 
 impl fmt::Debug for ServerConfigBuilder {
@@ -302,6 +312,22 @@ impl ServerConfigBuilder {
         self
     }
 
+    /// The longest a handshake waits for a remote store's session lookup (default
+    /// [`DEFAULT_LOOKUP_TIMEOUT`]). The store completes every lookup within its own deadline; this
+    /// bound is the endpoint's backstop: past it the lookup is abandoned and the handshake goes on
+    /// as a full one.
+    pub fn lookup_timeout(mut self, timeout: Duration) -> Self {
+        self.lookup_timeout = timeout;
+        self
+    }
+
+    /// How many datagrams a peer whose lookup is in flight may have waiting (default
+    /// [`DEFAULT_PARKED_DATAGRAMS`], at least 1); more are dropped and counted.
+    pub fn parked_datagrams(mut self, n: usize) -> Self {
+        self.parked_datagrams = n;
+        self
+    }
+
     /// Builds the `SslContext`: the policy, then what the server owns (see the type's docs).
     pub fn build(self) -> Result<Arc<ServerConfig>, Error> {
         if self.mtu < 256 {
@@ -312,6 +338,11 @@ impl ServerConfigBuilder {
         }
         if self.send_queue == 0 {
             return Err(Error::Config("send queue of 0 datagrams".into()));
+        }
+        if self.lookup_timeout.is_zero() || self.parked_datagrams == 0 {
+            return Err(Error::Config(
+                "lookup timeout and parked datagrams must be above zero".into(),
+            ));
         }
         let peer_addr = peer_addr_index()?;
         let cookies = Arc::new(CookieKeys::new(self.cookie_rotation)?);
@@ -386,6 +417,8 @@ impl ServerConfigBuilder {
             mtu: self.mtu,
             max_datagram: self.max_datagram,
             send_queue: self.send_queue,
+            lookup_timeout: self.lookup_timeout,
+            parked_datagrams: self.parked_datagrams,
             peer_addr,
             cache: self.cache,
             fingerprint,

@@ -5,7 +5,7 @@ use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::task::Waker;
+use std::task::{Wake, Waker};
 use std::time::{Duration, Instant};
 
 use openssl::ssl::{Ssl, SslRef};
@@ -14,7 +14,10 @@ use openssl::x509::X509;
 use super::config::{PeerInfo, ServerConfig, MAX_RECORD_PLAINTEXT};
 use super::peer::{Peer, Progress};
 use super::record::{screen, ClientHello, NotHello, Screened};
-use crate::{Authenticated, Dsm, DsmStats, Error, FreeReason, PeerState, SendError};
+use crate::{
+    Authenticated, Dsm, DsmStats, Error, FreeReason, PeerState, PendingLookup, SendError,
+    SessionCache,
+};
 
 /// [`Event::Data`] and [`Event::Dropped`] events kept for [`Endpoint::poll_event`] before further
 /// ones are only counted ([`EndpointStats::dropped_events`]). `Connected` and `Closed` events are
@@ -141,6 +144,9 @@ pub enum DropReason {
     /// For a known peer, but holding no record OpenSSL should see (empty, truncated, or a
     /// protected record too short to be genuine): discarded unread, as RFC 6347 §4.1.2.7 says.
     Invalid,
+    /// For a peer whose handshake waits for a session lookup and already has
+    /// [`parked_datagrams`](crate::ServerConfigBuilder::parked_datagrams) waiting.
+    Parked,
 }
 
 /// The endpoint's counters, from [`Endpoint::stats`].
@@ -203,6 +209,18 @@ pub struct EndpointStats {
     pub handshaking: u64,
     /// The most peers ever in the handshake at once.
     pub max_handshaking: u64,
+    /// Handshakes suspended while a remote store looked their session up (parked peers).
+    pub lookups_parked: u64,
+    /// Of those, the ones that went on because the lookup completed.
+    pub lookups_completed: u64,
+    /// Of those, the ones that went on without it: the lookup took longer than
+    /// [`lookup_timeout`](crate::ServerConfigBuilder::lookup_timeout) (a full handshake follows).
+    pub lookups_timed_out: u64,
+    /// Datagrams dropped because a parked peer already had
+    /// [`parked_datagrams`](crate::ServerConfigBuilder::parked_datagrams) waiting.
+    pub dropped_parked: u64,
+    /// Peers parked now.
+    pub parked: u64,
 }
 
 impl EndpointStats {
@@ -238,7 +256,12 @@ impl EndpointStats {
             send_queue_full,
             timeouts_handled,
             peers,
-            handshaking
+            handshaking,
+            lookups_parked,
+            lookups_completed,
+            lookups_timed_out,
+            dropped_parked,
+            parked
         );
         self.max_handshaking = max;
     }
@@ -252,6 +275,7 @@ impl EndpointStats {
             + self.dropped_bad_sequence
             + self.dropped_no_space
             + self.dropped_invalid
+            + self.dropped_parked
     }
 }
 
@@ -316,6 +340,42 @@ pub struct Endpoint {
     stats: EndpointStats,
     scratch: Vec<Progress>,
     waker: Option<Waker>,
+    /// Peers whose handshake waits for a session lookup.
+    parked: HashMap<SocketAddr, Parked>,
+    /// Their lookup deadlines (entries of peers no longer parked are skipped).
+    park_timers: BinaryHeap<Reverse<(Instant, SocketAddr, u64)>>,
+    /// Parked peers whose lookup completed, filled by their wakers from any thread.
+    ready: Arc<parking_lot::Mutex<Vec<(SocketAddr, u64)>>>,
+    /// The latest time the endpoint was given (what `poll_timeout` answers when work is ready).
+    last_now: Option<Instant>,
+}
+
+/// A peer waiting for its session lookup.
+struct Parked {
+    id: u64,
+    lookup: PendingLookup,
+    deadline: Instant,
+}
+
+/// The waker a parked peer's lookup wakes: records the peer as ready and wakes the driver.
+struct ParkWake {
+    addr: SocketAddr,
+    id: u64,
+    ready: Arc<parking_lot::Mutex<Vec<(SocketAddr, u64)>>>,
+    driver: Option<Waker>,
+}
+
+impl Wake for ParkWake {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.ready.lock().push((self.addr, self.id));
+        if let Some(driver) = &self.driver {
+            driver.wake_by_ref();
+        }
+    }
 }
 
 impl std::fmt::Debug for Endpoint {
@@ -343,6 +403,10 @@ impl Endpoint {
             stats: EndpointStats::default(),
             scratch: Vec::new(),
             waker: None,
+            parked: HashMap::new(),
+            park_timers: BinaryHeap::new(),
+            ready: Arc::default(),
+            last_now: None,
         })
     }
 
@@ -367,6 +431,7 @@ impl Endpoint {
     /// Processes one datagram received from `from` at `now`.
     pub fn handle(&mut self, now: Instant, from: SocketAddr, datagram: &[u8]) {
         self.stats.datagrams_in += 1;
+        self.last_now = Some(now);
         self.rotate_cookies(now);
         if datagram.len() > self.config.max_datagram {
             self.drop_datagram(from, DropReason::Oversize);
@@ -380,6 +445,14 @@ impl Endpoint {
                     Screened::Kept(d) => d,
                     Screened::Nothing => return self.drop_datagram(from, DropReason::Invalid),
                 };
+                if self.parked.contains_key(&from) {
+                    // Its handshake waits for a lookup: keep the datagram for when it goes on.
+                    if peer.inbound_len() >= self.config.parked_datagrams {
+                        return self.drop_datagram(from, DropReason::Parked);
+                    }
+                    peer.push(payload);
+                    return;
+                }
                 peer.push(payload);
                 peer.drive(now, &mut self.scratch);
                 self.after_drive(now, from);
@@ -494,6 +567,7 @@ impl Endpoint {
         let mut progress = std::mem::take(&mut self.scratch);
         let mut end = None;
         let mut touched = false;
+        let mut suspended = false;
         for p in progress.drain(..) {
             match p {
                 Progress::Established => {
@@ -526,14 +600,105 @@ impl Endpoint {
                 }
                 Progress::Closed => end = Some(CloseReason::CloseNotify),
                 Progress::Failed => end = Some(CloseReason::Failed),
+                Progress::Suspended => suspended = true,
             }
         }
         self.scratch = progress;
         self.flush_peer(addr);
         if let Some(reason) = end {
             self.close_peer(addr, reason, false);
+        } else if suspended {
+            self.park(now, addr);
         } else {
             self.schedule(addr);
+        }
+    }
+
+    /// Parks the peer at `addr`, whose handshake waits for a session lookup: its datagrams wait,
+    /// the lookup's completion wakes the driver, and past the lookup timeout it goes on without.
+    fn park(&mut self, now: Instant, addr: SocketAddr) {
+        let Some(peer) = self.peers.get(&addr) else {
+            return;
+        };
+        let id = peer.id;
+        let Some(lookup) = SessionCache::pending_lookup(peer.ssl()) else {
+            // Completed between the handshake call and here: go on at once.
+            self.ready.lock().push((addr, id));
+            return;
+        };
+        let deadline = now + self.config.lookup_timeout;
+        lookup.register(&Waker::from(Arc::new(ParkWake {
+            addr,
+            id,
+            ready: Arc::clone(&self.ready),
+            driver: self.waker.clone(),
+        })));
+        self.stats.lookups_parked += 1;
+        self.parked.insert(
+            addr,
+            Parked {
+                id,
+                lookup,
+                deadline,
+            },
+        );
+        self.stats.parked = self.parked.len() as u64;
+        self.park_timers.push(Reverse((deadline, addr, id)));
+    }
+
+    /// Drives the parked peer at `addr` (of id `id`) again, its lookup completed or abandoned.
+    fn unpark(&mut self, now: Instant, addr: SocketAddr, id: u64) {
+        match self.parked.get(&addr) {
+            Some(p) if p.id == id => {}
+            _ => {
+                // Not parked (any more), or parked only for an instant: drive it if it waits.
+                let waiting = self.peers.get(&addr).is_some_and(|p| p.id == id)
+                    && !self.parked.contains_key(&addr);
+                if waiting {
+                    self.drive_peer(now, addr);
+                }
+                return;
+            }
+        }
+        self.parked.remove(&addr);
+        self.stats.parked = self.parked.len() as u64;
+        self.drive_peer(now, addr);
+    }
+
+    fn drive_peer(&mut self, now: Instant, addr: SocketAddr) {
+        if let Some(peer) = self.peers.get_mut(&addr) {
+            peer.drive(now, &mut self.scratch);
+            self.after_drive(now, addr);
+        }
+    }
+
+    /// Goes on with parked peers whose lookup completed, and gives up on those past their
+    /// lookup timeout.
+    fn resume_parked(&mut self, now: Instant) {
+        let ready = std::mem::take(&mut *self.ready.lock());
+        for (addr, id) in ready {
+            if self.parked.get(&addr).is_some_and(|p| p.id == id) {
+                self.stats.lookups_completed += 1;
+            }
+            self.unpark(now, addr, id);
+        }
+        while let Some(&Reverse((at, addr, id))) = self.park_timers.peek() {
+            if at > now {
+                break;
+            }
+            self.park_timers.pop();
+            let Some(p) = self.parked.get(&addr) else {
+                continue;
+            };
+            if p.id != id || p.deadline != at {
+                continue;
+            }
+            if p.lookup.abandon() {
+                self.stats.lookups_timed_out += 1;
+            } else {
+                self.stats.lookups_completed += 1;
+            }
+            self.unpark(now, addr, id);
         }
     }
 
@@ -628,6 +793,10 @@ impl Endpoint {
         let Some(mut peer) = self.peers.remove(&addr) else {
             return;
         };
+        if let Some(p) = self.parked.remove(&addr) {
+            p.lookup.abandon();
+            self.stats.parked = self.parked.len() as u64;
+        }
         if !peer.is_established() {
             self.stats.handshaking = self.stats.handshaking.saturating_sub(1);
         }
@@ -668,6 +837,7 @@ impl Endpoint {
             DropReason::BadSequence => self.stats.dropped_bad_sequence += 1,
             DropReason::NoSpace => self.stats.dropped_no_space += 1,
             DropReason::Invalid => self.stats.dropped_invalid += 1,
+            DropReason::Parked => self.stats.dropped_parked += 1,
         }
         tracing::trace!(%from, ?reason, "datagram dropped");
         self.event(Event::Dropped { from, reason });
@@ -695,7 +865,9 @@ impl Endpoint {
     /// idle peers), cookie rotation, and work completed since the waker was woken.
     pub fn handle_timeout(&mut self, now: Instant) {
         self.stats.timeouts_handled += 1;
+        self.last_now = Some(now);
         self.rotate_cookies(now);
+        self.resume_parked(now);
         for (addr, (), reason) in self.dsm.sweep(now) {
             let reason = match reason {
                 FreeReason::HandshakeTimeout => CloseReason::HandshakeTimeout,
@@ -739,9 +911,28 @@ impl Endpoint {
             }
             self.timers.pop();
         }
+        while let Some(&Reverse((at, addr, id))) = self.park_timers.peek() {
+            if self
+                .parked
+                .get(&addr)
+                .is_some_and(|p| p.id == id && p.deadline == at)
+            {
+                break;
+            }
+            self.park_timers.pop();
+        }
         let timer = self.timers.peek().map(|Reverse((at, _, _))| *at);
+        let park = self.park_timers.peek().map(|Reverse((at, _, _))| *at);
+        // A completed lookup is due now.
+        let ready = if self.ready.lock().is_empty() {
+            None
+        } else {
+            self.last_now
+        };
         [
             timer,
+            park,
+            ready,
             self.dsm.next_deadline(),
             self.config.cookies.next_rotation(),
         ]
@@ -1376,6 +1567,182 @@ mod tests {
         let mut again = Client::new(1001, Some(&session));
         pump(&mut ep, &mut again, now);
         assert!(again.stream.ssl().session_reused());
+    }
+
+    /// A remote store stand-in: sessions in memory, every lookup held until `release`.
+    #[derive(Debug, Default)]
+    struct HeldStore {
+        inner: std::sync::OnceLock<crate::MemoryStore>,
+        held: parking_lot::Mutex<Vec<(crate::SessionId, crate::LookupMode, crate::LookupDone)>>,
+    }
+
+    impl HeldStore {
+        fn mem(&self) -> &crate::MemoryStore {
+            self.inner
+                .get_or_init(|| crate::MemoryStore::builder().build().unwrap())
+        }
+
+        fn release(&self) -> usize {
+            use crate::SessionStore;
+            let held: Vec<_> = self.held.lock().drain(..).collect();
+            let n = held.len();
+            for (id, _, done) in held {
+                done.complete(self.mem().get(&id));
+            }
+            n
+        }
+    }
+
+    impl crate::SessionStore for HeldStore {
+        fn get(
+            &self,
+            _: &crate::SessionId,
+        ) -> Result<Option<crate::StoredSession>, crate::StoreError> {
+            panic!("a remote store is never asked synchronously")
+        }
+        fn put(
+            &self,
+            id: crate::SessionId,
+            s: crate::StoredSession,
+        ) -> Result<(), crate::StoreError> {
+            self.mem().put(id, s)
+        }
+        fn take(
+            &self,
+            _: &crate::SessionId,
+        ) -> Result<Option<crate::StoredSession>, crate::StoreError> {
+            panic!("a remote store is never asked synchronously")
+        }
+        fn remove(&self, id: &crate::SessionId) -> Result<bool, crate::StoreError> {
+            self.mem().remove(id)
+        }
+        fn lookup(&self, id: crate::SessionId, mode: crate::LookupMode, done: crate::LookupDone) {
+            self.held.lock().push((id, mode, done));
+        }
+        fn is_remote(&self) -> bool {
+            true
+        }
+    }
+
+    #[derive(Default)]
+    struct CountWake(std::sync::atomic::AtomicUsize);
+
+    impl Wake for CountWake {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    /// An endpoint over a held remote store, a session made by a first client, and the
+    /// driver's waker.
+    fn parked_setup() -> (Endpoint, Arc<HeldStore>, SslSession, Arc<CountWake>) {
+        let store = Arc::new(HeldStore::default());
+        let cache = SessionCache::builder()
+            .store(store.clone())
+            .build()
+            .unwrap();
+        let config = ServerConfig::builder(cache)
+            .lookup_timeout(Duration::from_millis(300))
+            .parked_datagrams(2)
+            .build()
+            .unwrap();
+        let mut ep = Endpoint::new(config).unwrap();
+        let wake = Arc::new(CountWake::default());
+        ep.set_waker(Waker::from(wake.clone()));
+        let now = Instant::now();
+        let mut first = Client::new(1000, None);
+        pump(&mut ep, &mut first, now);
+        let session = first.stream.ssl().session().unwrap().to_owned();
+        first.stream.shutdown().unwrap();
+        for d in first.stream.get_mut().take_outbound() {
+            ep.handle(now, first.addr, &d);
+        }
+        while ep.poll_transmit().is_some() {}
+        while ep.poll_event().is_some() {}
+        (ep, store, session, wake)
+    }
+
+    #[test]
+    fn a_parked_peer_waits_for_its_lookup_while_others_are_served_then_resumes() {
+        let (mut ep, store, session, wake) = parked_setup();
+        let now = Instant::now();
+        // An established peer that will keep talking while the other one is parked.
+        let mut busy = Client::new(2000, None);
+        pump(&mut ep, &mut busy, now);
+        while ep.poll_event().is_some() {}
+        // The resuming client: cookie exchange, then its ClientHello parks it.
+        let mut resuming = Client::new(1001, Some(&session));
+        pump(&mut ep, &mut resuming, now);
+        assert!(!resuming.established);
+        assert_eq!(store.held.lock().len(), 1);
+        let s = ep.stats();
+        assert_eq!((s.lookups_parked, s.parked), (1, 1), "{s:?}");
+        assert_eq!(ep.peer_state(resuming.addr), PeerState::Handshake);
+        // Its retransmissions wait, bounded (2 here); the rest is dropped and counted.
+        for _ in 0..4 {
+            ep.handle(now, resuming.addr, &test_hello(9, 1, &[], &[1; 32]));
+        }
+        assert_eq!(ep.stats().dropped_parked, 2);
+        // The established peer is served meanwhile.
+        for d in busy.send(b"still served") {
+            ep.handle(now, busy.addr, &d);
+        }
+        assert!(events(&mut ep).contains(&Event::Data {
+            peer: busy.addr,
+            data: b"still served".to_vec()
+        }));
+        // Nothing is due before the store answers (but the lookup deadline).
+        assert!(
+            ep.poll_timeout().unwrap()
+                >= now + Duration::from_millis(300) - Duration::from_millis(1)
+        );
+        // The store answers from another thread: the driver's waker fires, and handle_timeout
+        // goes on with the handshake, which resumes.
+        let s2 = Arc::clone(&store);
+        assert_eq!(std::thread::spawn(move || s2.release()).join().unwrap(), 1);
+        assert_eq!(wake.0.load(std::sync::atomic::Ordering::SeqCst), 1);
+        assert!(ep.poll_timeout().unwrap() <= now);
+        ep.handle_timeout(now);
+        let s = ep.stats();
+        assert_eq!(
+            (s.lookups_completed, s.lookups_timed_out, s.parked),
+            (1, 0, 0),
+            "{s:?}"
+        );
+        pump(&mut ep, &mut resuming, now);
+        assert!(resuming.established && resuming.stream.ssl().session_reused());
+        assert_eq!(ep.stats().resumed, 1);
+        let cache = ep.config().session_cache().stats();
+        assert_eq!(
+            (cache.lookups, cache.suspended, cache.hits),
+            (1, 1, 1),
+            "{cache:?}"
+        );
+    }
+
+    #[test]
+    fn a_lookup_past_its_bound_is_a_full_handshake_never_a_hung_peer() {
+        let (mut ep, store, session, _) = parked_setup();
+        let now = Instant::now();
+        let mut resuming = Client::new(1001, Some(&session));
+        pump(&mut ep, &mut resuming, now);
+        assert_eq!(ep.stats().parked, 1);
+        ep.handle_timeout(now + Duration::from_millis(299));
+        assert_eq!(ep.stats().parked, 1, "given up too early");
+        let due = ep.poll_timeout().unwrap();
+        assert!(due <= now + Duration::from_millis(300));
+        ep.handle_timeout(now + Duration::from_millis(300));
+        let s = ep.stats();
+        assert_eq!((s.lookups_timed_out, s.parked), (1, 0), "{s:?}");
+        pump(&mut ep, &mut resuming, now + Duration::from_millis(300));
+        assert!(resuming.established);
+        assert!(!resuming.stream.ssl().session_reused(), "a full handshake");
+        // The answer arriving afterwards changes nothing.
+        assert_eq!(store.release(), 1);
+        ep.handle_timeout(now + Duration::from_millis(400));
+        let cache = ep.config().session_cache().stats();
+        assert_eq!((cache.hits, cache.abandoned), (0, 1), "{cache:?}");
+        assert_eq!(ep.stats().handshakes, 2);
     }
 
     #[test]

@@ -33,8 +33,8 @@ mod udp;
 pub use app::{deliver_events, AppContext, Application};
 pub use config::{
     certificate_fingerprint, self_signed_certificate, ServerConfig, ServerConfigBuilder,
-    DEFAULT_CIPHERS, DEFAULT_COOKIE_ROTATION, DEFAULT_MAX_DATAGRAM, DEFAULT_MTU,
-    DEFAULT_SEND_QUEUE, MAX_RECORD_PLAINTEXT, PSK_CIPHERS,
+    DEFAULT_CIPHERS, DEFAULT_COOKIE_ROTATION, DEFAULT_LOOKUP_TIMEOUT, DEFAULT_MAX_DATAGRAM,
+    DEFAULT_MTU, DEFAULT_PARKED_DATAGRAMS, DEFAULT_SEND_QUEUE, MAX_RECORD_PLAINTEXT, PSK_CIPHERS,
 };
 pub use endpoint::{
     CloseReason, ConnectionInfo, DropReason, Endpoint, EndpointStats, Event, Transmit,

@@ -19,6 +19,9 @@ pub(crate) enum Progress {
     Closed,
     /// The connection failed (bad record MAC, handshake failure, too many retransmissions).
     Failed,
+    /// The handshake waits for a session lookup (`WANT_CLIENT_HELLO_CB`): drive it again once
+    /// the lookup completed.
+    Suspended,
 }
 
 /// A peer's connection.
@@ -102,6 +105,11 @@ impl Peer {
         self.stream.ssl()
     }
 
+    /// Datagrams queued and not read by OpenSSL yet.
+    pub(crate) fn inbound_len(&self) -> usize {
+        self.stream.get_ref().inbound_len()
+    }
+
     /// Queues one inbound datagram.
     pub(crate) fn push(&mut self, datagram: Vec<u8>) {
         self.stream.get_mut().push(datagram);
@@ -149,6 +157,10 @@ impl Peer {
                     progress.push(Progress::Established);
                 }
                 Err(e) if e.code() == ErrorCode::WANT_READ || e.code() == ErrorCode::WANT_WRITE => {
+                    return;
+                }
+                Err(e) if e.code() == ErrorCode::WANT_CLIENT_HELLO_CB => {
+                    progress.push(Progress::Suspended);
                     return;
                 }
                 Err(e) => {
