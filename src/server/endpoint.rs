@@ -51,15 +51,19 @@ pub struct ConnectionInfo {
     pub peer_certificate: Option<X509>,
     /// The PSK identity the client used, for PSK suites (on a resumption too).
     pub psk_identity: Option<Vec<u8>>,
+    /// How long the handshake took: from the ClientHello whose cookie verified to the datagram
+    /// that finished it (by the times the driver handed the endpoint).
+    pub handshake_time: Duration,
 }
 
 impl ConnectionInfo {
-    fn from_ssl(ssl: &SslRef) -> Self {
+    fn from_ssl(ssl: &SslRef, handshake_time: Duration) -> Self {
         Self {
             resumed: ssl.session_reused(),
             cipher: ssl.current_cipher().map_or("", |c| c.name()),
             peer_certificate: ssl.peer_certificate(),
             psk_identity: ssl.psk_identity().map(<[u8]>::to_vec),
+            handshake_time,
         }
     }
 }
@@ -348,6 +352,8 @@ pub struct Endpoint {
     ready: Arc<parking_lot::Mutex<Vec<(SocketAddr, u64)>>>,
     /// The latest time the endpoint was given (what `poll_timeout` answers when work is ready).
     last_now: Option<Instant>,
+    /// When each handshaking peer's cookie verified ([`ConnectionInfo::handshake_time`]).
+    handshake_started: HashMap<SocketAddr, Instant>,
 }
 
 /// A peer waiting for its session lookup.
@@ -407,6 +413,7 @@ impl Endpoint {
             park_timers: BinaryHeap::new(),
             ready: Arc::default(),
             last_now: None,
+            handshake_started: HashMap::new(),
         })
     }
 
@@ -522,6 +529,7 @@ impl Endpoint {
         peer.push(datagram.to_vec());
         peer.drive(now, &mut self.scratch);
         self.peers.insert(from, peer);
+        self.handshake_started.insert(from, now);
         self.stats.peers = self.peers.len() as u64;
         self.stats.handshaking += 1;
         self.stats.max_handshaking = self.stats.max_handshaking.max(self.stats.handshaking);
@@ -578,7 +586,11 @@ impl Endpoint {
                     let Some(peer) = self.peers.get(&addr) else {
                         continue;
                     };
-                    let info = ConnectionInfo::from_ssl(peer.ssl());
+                    let started = self.handshake_started.remove(&addr).unwrap_or(now);
+                    let info = ConnectionInfo::from_ssl(
+                        peer.ssl(),
+                        now.saturating_duration_since(started),
+                    );
                     self.stats.resumed += u64::from(info.resumed);
                     tracing::debug!(%addr, resumed = info.resumed, cipher = info.cipher, "dtls handshake done");
                     self.event(Event::Connected { peer: addr, info });
@@ -799,6 +811,7 @@ impl Endpoint {
         }
         if !peer.is_established() {
             self.stats.handshaking = self.stats.handshaking.saturating_sub(1);
+            self.handshake_started.remove(&addr);
         }
         if shutdown {
             peer.close();

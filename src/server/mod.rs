@@ -4,7 +4,10 @@
 //! datagrams to send ([`Transmit`]), [`Event`]s for the application and the next deadline come
 //! out, and the application answers with [`Endpoint::send`] and [`Endpoint::close`].
 //! [`UdpServer`] is the std UDP driver that runs endpoints and an [`Application`] on worker
-//! threads; any other loop (tokio, a test) can drive an endpoint the same way.
+//! threads; `TokioServer` (feature `tokio`) runs the same application on tokio tasks; any other
+//! loop (a test) can drive an endpoint the same way. Both drivers batch their UDP I/O
+//! ([`IoMode`]) and, with the feature `metrics`, publish their counters through the `metrics`
+//! facade.
 //! [`DatagramPipe`] is the in-memory datagram stream every peer's `Ssl` runs over, public so that
 //! tests can drive DTLS clients the same way.
 //!
@@ -24,20 +27,32 @@
 mod app;
 mod config;
 mod cookie;
+mod driver;
 mod endpoint;
+mod io;
+#[cfg(feature = "metrics")]
+mod metrics;
 mod peer;
 mod pipe;
 mod record;
+#[cfg(feature = "tokio")]
+mod tokio;
 mod udp;
 
+#[cfg(feature = "tokio")]
+pub use self::tokio::{TokioHandle, TokioServer};
 pub use app::{deliver_events, AppContext, Application};
 pub use config::{
     certificate_fingerprint, self_signed_certificate, ServerConfig, ServerConfigBuilder,
     DEFAULT_CIPHERS, DEFAULT_COOKIE_ROTATION, DEFAULT_LOOKUP_TIMEOUT, DEFAULT_MAX_DATAGRAM,
     DEFAULT_MTU, DEFAULT_PARKED_DATAGRAMS, DEFAULT_SEND_QUEUE, MAX_RECORD_PLAINTEXT, PSK_CIPHERS,
 };
+pub use driver::IoStats;
 pub use endpoint::{
     CloseReason, ConnectionInfo, DropReason, Endpoint, EndpointStats, Event, Transmit,
 };
+pub use io::IoMode;
+#[cfg(feature = "metrics")]
+pub use metrics::HANDSHAKE_DURATION_METRIC;
 pub use pipe::DatagramPipe;
 pub use udp::{StopHandle, UdpOptions, UdpServer};

@@ -11,6 +11,10 @@
 //! datagram arrives, the endpoint's next deadline passes, or its waker is woken (by
 //! [`StopHandle::stop`], by work the endpoint finished elsewhere, or by the application from
 //! another thread); it never polls on a fixed period.
+//!
+//! With [`IoMode::Batched`] (the default) a worker reads up to a batch of datagrams per system
+//! call (`recvmmsg`, through `quinn-udp`) and sends what the batch produced after it, records to
+//! one peer coalesced; [`IoMode::Single`] is one datagram per system call.
 
 use std::io;
 use std::net::{SocketAddr, UdpSocket};
@@ -24,18 +28,13 @@ use mio::{Events, Interest, Poll, Token};
 use parking_lot::Mutex;
 use socket2::{Domain, Protocol, Socket, Type};
 
-use super::app::{deliver_events, AppContext, Application};
+use super::app::Application;
 use super::config::ServerConfig;
-use super::endpoint::{Endpoint, EndpointStats, Transmit};
+use super::driver::{Core, IoStats, Published};
+use super::endpoint::{Endpoint, EndpointStats};
+use super::io::{IoMode, UdpIo};
 use crate::{DsmStats, Error};
 
-/// How often a busy worker publishes its counters for [`UdpServer::stats`]; a worker going idle
-/// publishes at most this long after its last change.
-const PUBLISH_EVERY: Duration = Duration::from_millis(5);
-/// Receive buffer: larger than any UDP datagram, so oversized ones are seen whole and dropped.
-const RECV_BUF: usize = 65536;
-/// Datagrams read in a row before timers and sends get a turn.
-const RECV_BATCH: usize = 64;
 /// How long a stopping worker waits for its socket to take the last close_notify datagrams.
 const FINAL_FLUSH: Duration = Duration::from_secs(1);
 const SOCKET: Token = Token(0);
@@ -51,6 +50,8 @@ pub struct UdpOptions {
     pub workers: usize,
     /// How often each worker logs a stats line (`tracing` at info level); `None` for never.
     pub stats_interval: Option<Duration>,
+    /// Batched UDP I/O (the default) or one datagram per system call.
+    pub io: IoMode,
 }
 
 impl UdpOptions {
@@ -60,14 +61,9 @@ impl UdpOptions {
             listen,
             workers: 1,
             stats_interval: Some(Duration::from_secs(10)),
+            io: IoMode::Batched,
         }
     }
-}
-
-#[derive(Debug, Default, Clone, Copy)]
-struct Published {
-    endpoint: EndpointStats,
-    dsm: DsmStats,
 }
 
 /// Wakes one worker out of its `epoll` wait; the worker then runs
@@ -140,7 +136,9 @@ impl StopHandle {
     }
 }
 
-fn bind(addr: SocketAddr, reuse_port: bool) -> Result<UdpSocket, Error> {
+/// A non-blocking UDP socket on `addr` (with `SO_REUSEPORT` for several workers), for any
+/// driver.
+pub(crate) fn bind(addr: SocketAddr, reuse_port: bool) -> Result<UdpSocket, Error> {
     let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
     if reuse_port {
         socket.set_reuse_port(true)?;
@@ -194,22 +192,19 @@ impl UdpServer {
             let mut endpoint = Endpoint::new(Arc::clone(&config))?;
             endpoint.set_waker(waker.clone());
             wakers.push(waker);
-            prepared.push((socket, poll, wake, endpoint));
+            let io = UdpIo::new(&socket, options.io, config.mtu as usize)?;
+            prepared.push((socket, poll, wake, endpoint, io));
         }
-        for (id, (socket, poll, wake, endpoint)) in prepared.into_iter().enumerate() {
+        for (id, (socket, poll, wake, endpoint, io)) in prepared.into_iter().enumerate() {
             let shared = Arc::new(Mutex::new(Published::default()));
             published.push(Arc::clone(&shared));
+            let core = Core::new(id, endpoint, new_app(), io, shared, options.stats_interval);
             let worker = Worker {
-                id,
                 socket,
                 poll,
                 wake,
-                endpoint,
-                app: new_app(),
+                core,
                 stop: Arc::clone(&stop),
-                shared,
-                stats_interval: options.stats_interval,
-                blocked: None,
             };
             let handle = std::thread::Builder::new()
                 .name(format!("dtls-worker-{id}"))
@@ -267,6 +262,15 @@ impl UdpServer {
         total
     }
 
+    /// The workers' UDP I/O counters, summed: system calls against datagrams.
+    pub fn io_stats(&self) -> IoStats {
+        let mut total = IoStats::default();
+        for p in &self.published {
+            total.merge(&p.lock().io);
+        }
+        total
+    }
+
     /// Each worker's DSM counters.
     pub fn dsm_stats(&self) -> Vec<DsmStats> {
         self.published.iter().map(|p| p.lock().dsm).collect()
@@ -314,72 +318,37 @@ impl Drop for UdpServer {
 
 /// One worker's state, owned by its thread.
 struct Worker<A> {
-    id: usize,
     socket: mio::net::UdpSocket,
     poll: Poll,
     wake: Arc<WorkerWake>,
-    endpoint: Endpoint,
-    app: A,
+    core: Core<A>,
     stop: Arc<AtomicBool>,
-    shared: Arc<Mutex<Published>>,
-    stats_interval: Option<Duration>,
-    /// A datagram the socket refused with `WouldBlock`, sent first once it is writable.
-    blocked: Option<Transmit>,
 }
 
 impl<A: Application> Worker<A> {
     fn run(mut self) -> Result<(), Error> {
         let mut events = Events::with_capacity(16);
-        let mut buf = vec![0u8; RECV_BUF];
         // The socket may hold datagrams already; edge-triggered readiness only reports changes.
         let mut readable = true;
-        let mut dirty = true;
-        let mut next_publish = Instant::now();
-        let mut next_stats = self.stats_interval.map(|i| Instant::now() + i);
+        let mut flushed = true;
         while !self.stop.load(Ordering::Acquire) {
-            let flushed = self.flush();
+            if !flushed {
+                flushed = self.core.send(&self.socket);
+            }
             if readable && flushed {
-                readable = self.receive(&mut buf);
-                dirty = true;
+                readable = self.core.receive(&self.socket)?;
             }
             let now = Instant::now();
             let woken = self.wake.woken.swap(false, Ordering::AcqRel);
-            if woken || self.endpoint.poll_timeout().is_some_and(|t| t <= now) {
-                self.endpoint.handle_timeout(now);
-                deliver_events(&mut self.endpoint, &mut self.app, now);
-                if woken {
-                    self.app
-                        .on_wake(&mut AppContext::new(&mut self.endpoint, now));
-                    deliver_events(&mut self.endpoint, &mut self.app, now);
-                }
-                dirty = true;
-            }
-            let flushed = self.flush();
-            if dirty && now >= next_publish {
-                self.publish();
-                dirty = false;
-                next_publish = now + PUBLISH_EVERY;
-            }
-            if let (Some(at), Some(interval)) = (next_stats, self.stats_interval) {
-                if now >= at {
-                    next_stats = Some(now + interval);
-                    log_stats(self.id, &self.endpoint);
-                }
-            }
+            self.core.timers(now, woken);
+            flushed = self.core.send(&self.socket);
+            let next = self.core.housekeeping(now);
             let wait = if readable && flushed {
                 Some(Duration::ZERO)
             } else {
-                [
-                    self.endpoint.poll_timeout(),
-                    dirty.then_some(next_publish),
-                    next_stats,
-                ]
-                .into_iter()
-                .flatten()
-                .min()
                 // What is due now was run above; a deadline it left in the past waits 1 ms
                 // rather than spinning.
-                .map(|t| {
+                next.map(|t| {
                     t.saturating_duration_since(now)
                         .max(Duration::from_millis(1))
                 })
@@ -395,92 +364,26 @@ impl<A: Application> Worker<A> {
                 }
             }
         }
-        self.endpoint.close_all();
-        deliver_events(&mut self.endpoint, &mut self.app, Instant::now());
+        self.core.close_all();
         self.final_flush(&mut events);
-        self.publish();
-        tracing::debug!(worker = self.id, "worker stopped");
+        self.core.publish_all();
+        tracing::debug!(worker = self.core.id, "worker stopped");
         Ok(())
-    }
-
-    /// Reads up to a batch of datagrams, handing each to the endpoint and its events to the
-    /// application, and sends what they produced. Returns whether the socket may hold more.
-    fn receive(&mut self, buf: &mut [u8]) -> bool {
-        for _ in 0..RECV_BATCH {
-            match self.socket.recv_from(buf) {
-                Ok((n, from)) => {
-                    let now = Instant::now();
-                    self.endpoint.handle(now, from, &buf[..n]);
-                    deliver_events(&mut self.endpoint, &mut self.app, now);
-                    if !self.flush() {
-                        return true;
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
-                Err(e) => tracing::debug!(error = %e, "recv failed"),
-            }
-        }
-        true
-    }
-
-    /// Sends what the endpoint queued; false if the socket would block (the rest waits).
-    fn flush(&mut self) -> bool {
-        loop {
-            let Some(t) = self
-                .blocked
-                .take()
-                .or_else(|| self.endpoint.poll_transmit())
-            else {
-                return true;
-            };
-            match self.socket.send_to(&t.payload, t.to) {
-                Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    self.blocked = Some(t);
-                    return false;
-                }
-                Err(e) => tracing::debug!(to = %t.to, error = %e, "send failed"),
-            }
-        }
     }
 
     /// Sends the close_notify datagrams of a shutdown, waiting a little for a full socket.
     fn final_flush(&mut self, events: &mut Events) {
         let end = Instant::now() + FINAL_FLUSH;
-        while !self.flush() {
+        while !self.core.send(&self.socket) {
             let left = end.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                tracing::debug!(worker = self.id, "socket full at shutdown; datagrams lost");
+                tracing::debug!(
+                    worker = self.core.id,
+                    "socket full at shutdown; datagrams lost"
+                );
                 return;
             }
             let _ = self.poll.poll(events, Some(left));
         }
     }
-
-    fn publish(&self) {
-        let mut p = self.shared.lock();
-        p.endpoint = self.endpoint.stats();
-        p.dsm = self.endpoint.dsm_stats();
-    }
-}
-
-fn log_stats(id: usize, endpoint: &Endpoint) {
-    let s = endpoint.stats();
-    let c = endpoint.config().session_cache().stats();
-    tracing::info!(
-        worker = id,
-        peers = s.peers,
-        handshaking = s.handshaking,
-        handshakes = s.handshakes,
-        resumed = s.resumed,
-        hvr = s.hello_verify_requests,
-        dropped = s.dropped(),
-        failed = s.failed,
-        records_in = s.records_received,
-        records_out = s.records_sent,
-        cache_hits = c.hits,
-        cache_misses = c.misses,
-        cache_entries = c.entries,
-        "stats"
-    );
 }

@@ -1,0 +1,277 @@
+//! What every driver's worker does, whatever it waits with (mio's `epoll`, tokio): read a batch
+//! of datagrams into the endpoint, hand the events to the application, run the timers, send,
+//! and publish counters. A driver only adds its way of sleeping until the socket, the
+//! endpoint's deadline or its waker needs it.
+
+use std::io;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+
+use super::app::{AppContext, Application};
+use super::endpoint::{Endpoint, EndpointStats};
+use super::io::{DatagramSocket, IoMode, UdpIo};
+use crate::DsmStats;
+
+/// How often a busy worker publishes its counters for the driver's `stats`; a worker going
+/// idle publishes at most this long after its last change.
+const PUBLISH_EVERY: Duration = Duration::from_millis(5);
+/// Datagrams read in a row, in [`IoMode::Single`], before timers get a turn.
+const SINGLE_BATCH: usize = 64;
+
+/// A worker's UDP I/O counters, from [`UdpServer::io_stats`](crate::UdpServer::io_stats): how
+/// many system calls moved how many datagrams.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct IoStats {
+    /// Receive system calls (`recvmmsg`, `recvfrom`), the ones that found the socket empty
+    /// included.
+    pub recv_calls: u64,
+    /// Datagrams received.
+    pub datagrams_received: u64,
+    /// Send system calls (`sendmsg`, `sendto`), refused ones included.
+    pub send_calls: u64,
+    /// Datagrams sent (in [`IoMode::Batched`] consecutive datagrams to one peer may have been
+    /// joined into one).
+    pub datagrams_sent: u64,
+}
+
+impl IoStats {
+    /// Adds `other`'s counters to these (for summing workers).
+    pub fn merge(&mut self, other: &Self) {
+        self.recv_calls += other.recv_calls;
+        self.datagrams_received += other.datagrams_received;
+        self.send_calls += other.send_calls;
+        self.datagrams_sent += other.datagrams_sent;
+    }
+}
+
+/// What a worker publishes for the driver's `stats`.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct Published {
+    pub(crate) endpoint: EndpointStats,
+    pub(crate) dsm: DsmStats,
+    pub(crate) io: IoStats,
+}
+
+/// One worker's endpoint, application, socket state and counters.
+pub(crate) struct Core<A> {
+    pub(crate) id: usize,
+    pub(crate) endpoint: Endpoint,
+    pub(crate) app: A,
+    io: UdpIo,
+    datagrams_received: u64,
+    shared: Arc<Mutex<Published>>,
+    stats_interval: Option<Duration>,
+    dirty: bool,
+    next_publish: Instant,
+    next_stats: Option<Instant>,
+    #[cfg(feature = "metrics")]
+    metrics: super::metrics::Publisher,
+}
+
+impl<A: Application> Core<A> {
+    pub(crate) fn new(
+        id: usize,
+        endpoint: Endpoint,
+        app: A,
+        io: UdpIo,
+        shared: Arc<Mutex<Published>>,
+        stats_interval: Option<Duration>,
+    ) -> Self {
+        let now = Instant::now();
+        Self {
+            id,
+            #[cfg(feature = "metrics")]
+            metrics: super::metrics::Publisher::new(id, now),
+            endpoint,
+            app,
+            io,
+            datagrams_received: 0,
+            shared,
+            stats_interval,
+            dirty: true,
+            next_publish: now,
+            next_stats: stats_interval.map(|i| now + i),
+        }
+    }
+
+    /// Hands every queued event to the application (and to the metrics).
+    fn deliver(&mut self, now: Instant) {
+        while let Some(event) = self.endpoint.poll_event() {
+            #[cfg(feature = "metrics")]
+            self.metrics.on_event(&event);
+            self.app
+                .on_event(&mut AppContext::new(&mut self.endpoint, now), event);
+        }
+    }
+
+    /// Reads from the socket, hands the datagrams to the endpoint and sends what they produced.
+    /// Returns whether the socket may hold more (`Ok(false)`: it said it is empty).
+    pub(crate) fn receive<S: DatagramSocket>(&mut self, socket: &S) -> io::Result<bool> {
+        self.dirty = true;
+        match self.io.mode() {
+            IoMode::Single => {
+                for _ in 0..SINGLE_BATCH {
+                    let now = Instant::now();
+                    let endpoint = &mut self.endpoint;
+                    match self
+                        .io
+                        .recv(socket, |from, d| endpoint.handle(now, from, d))
+                    {
+                        Ok(n) => self.datagrams_received += n as u64,
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                            self.send(socket);
+                            return Ok(false);
+                        }
+                        Err(e) => return Err(e),
+                    }
+                    self.deliver(now);
+                    if !self.send(socket) {
+                        return Ok(true);
+                    }
+                }
+                Ok(true)
+            }
+            _ => {
+                let now = Instant::now();
+                let endpoint = &mut self.endpoint;
+                let app = &mut self.app;
+                #[cfg(feature = "metrics")]
+                let metrics = &mut self.metrics;
+                let got = self.io.recv(socket, |from, d| {
+                    endpoint.handle(now, from, d);
+                    // Events in order, each right after the datagram that caused it.
+                    while let Some(event) = endpoint.poll_event() {
+                        #[cfg(feature = "metrics")]
+                        metrics.on_event(&event);
+                        app.on_event(&mut AppContext::new(endpoint, now), event);
+                    }
+                });
+                let more = match got {
+                    Ok(n) => {
+                        self.datagrams_received += n as u64;
+                        // A short batch emptied the socket (each later datagram is a new
+                        // readiness edge).
+                        n >= quinn_udp::BATCH_SIZE
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => false,
+                    Err(e) => return Err(e),
+                };
+                self.send(socket);
+                Ok(more)
+            }
+        }
+    }
+
+    /// Runs what is due at `now` (the endpoint's timers; after a wake, completed work and
+    /// [`Application::on_wake`]).
+    pub(crate) fn timers(&mut self, now: Instant, woken: bool) {
+        if woken || self.endpoint.poll_timeout().is_some_and(|t| t <= now) {
+            self.endpoint.handle_timeout(now);
+            self.deliver(now);
+            if woken {
+                self.app
+                    .on_wake(&mut AppContext::new(&mut self.endpoint, now));
+                self.deliver(now);
+            }
+            self.dirty = true;
+        }
+    }
+
+    /// Sends what the endpoint produced: all of it, or until the socket would block (`false`;
+    /// the rest waits, and what still waits in the endpoint counts against its peers' send
+    /// queues).
+    pub(crate) fn send<S: DatagramSocket>(&mut self, socket: &S) -> bool {
+        loop {
+            if !self.io.flush(socket) {
+                return false;
+            }
+            let mut any = false;
+            while let Some(t) = self.endpoint.poll_transmit() {
+                any = true;
+                self.io.queue(t);
+            }
+            if !any {
+                return true;
+            }
+        }
+    }
+
+    /// Publishes counters and logs the stats line when due; returns when it is due next.
+    pub(crate) fn housekeeping(&mut self, now: Instant) -> Option<Instant> {
+        if self.dirty && now >= self.next_publish {
+            self.publish();
+            self.dirty = false;
+            self.next_publish = now + PUBLISH_EVERY;
+        }
+        if let (Some(at), Some(interval)) = (self.next_stats, self.stats_interval) {
+            if now >= at {
+                self.next_stats = Some(now + interval);
+                log_stats(self.id, &self.endpoint);
+            }
+        }
+        #[cfg(feature = "metrics")]
+        let metrics_due = Some(self.metrics.publish_if_due(now, &self.endpoint));
+        #[cfg(not(feature = "metrics"))]
+        let metrics_due = None;
+        [
+            self.endpoint.poll_timeout(),
+            self.dirty.then_some(self.next_publish),
+            self.next_stats,
+            metrics_due,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+    }
+
+    /// Shuts every peer down (close_notify), hands the application the events; send afterwards.
+    pub(crate) fn close_all(&mut self) {
+        self.endpoint.close_all();
+        self.deliver(Instant::now());
+    }
+
+    /// Publishes the counters now.
+    pub(crate) fn publish(&mut self) {
+        let io = IoStats {
+            recv_calls: self.io.recv_calls,
+            datagrams_received: self.datagrams_received,
+            send_calls: self.io.send_calls,
+            datagrams_sent: self.io.datagrams_sent,
+        };
+        let mut p = self.shared.lock();
+        p.endpoint = self.endpoint.stats();
+        p.dsm = self.endpoint.dsm_stats();
+        p.io = io;
+    }
+
+    /// Publishes everything, the metrics included (at shutdown).
+    pub(crate) fn publish_all(&mut self) {
+        self.publish();
+        #[cfg(feature = "metrics")]
+        self.metrics.publish(&self.endpoint);
+    }
+}
+
+fn log_stats(id: usize, endpoint: &Endpoint) {
+    let s = endpoint.stats();
+    let c = endpoint.config().session_cache().stats();
+    tracing::info!(
+        worker = id,
+        peers = s.peers,
+        handshaking = s.handshaking,
+        handshakes = s.handshakes,
+        resumed = s.resumed,
+        hvr = s.hello_verify_requests,
+        dropped = s.dropped(),
+        failed = s.failed,
+        records_in = s.records_received,
+        records_out = s.records_sent,
+        cache_hits = c.hits,
+        cache_misses = c.misses,
+        cache_entries = c.entries,
+        "stats"
+    );
+}

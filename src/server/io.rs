@@ -1,0 +1,213 @@
+//! UDP I/O for the drivers: batched (`recvmmsg` through `quinn-udp`, the transmits of a batch
+//! sent after it, records to one peer coalesced into one datagram) or one datagram per system
+//! call, over any socket that can say "would block" (mio's, tokio's).
+
+use std::collections::VecDeque;
+use std::io::{self, IoSliceMut};
+use std::net::SocketAddr;
+use std::os::fd::AsFd;
+
+use quinn_udp::{RecvMeta, UdpSockRef, UdpSocketState};
+
+use super::endpoint::Transmit;
+
+/// How a driver moves datagrams between its socket and its endpoint.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum IoMode {
+    /// Up to [`quinn_udp::BATCH_SIZE`] datagrams per receive system call (`recvmmsg` on Linux,
+    /// through `quinn-udp`; one per call where the platform has nothing better); every
+    /// datagram of a batch is handled before anything is sent, and consecutive datagrams the
+    /// batch produced for one peer are joined while they fit the MTU (DTLS allows several
+    /// records in one datagram, RFC 6347 §4.1.1; OpenSSL already packs each handshake flight
+    /// into one, so this joins what separate calls wrote, such as a reply and a close_notify).
+    #[default]
+    Batched,
+    /// One `recvfrom` per datagram received and one `sendto` per record sent, each record sent
+    /// before the next datagram is read: the plain loop, kept for comparison.
+    Single,
+}
+
+/// A non-blocking UDP socket a driver reads and writes (`Err(WouldBlock)` when it cannot).
+pub(crate) trait DatagramSocket: AsFd {
+    /// One `recvfrom`.
+    fn recv_one(&self, buf: &mut [u8]) -> io::Result<(usize, SocketAddr)>;
+    /// One `sendto`.
+    fn send_one(&self, buf: &[u8], to: SocketAddr) -> io::Result<usize>;
+    /// Runs `f`, an operation on the raw socket, as a read (`write` false) or a write; tokio's
+    /// socket needs to learn of a `WouldBlock` to clear its readiness.
+    fn raw_io<R>(&self, write: bool, f: impl FnOnce() -> io::Result<R>) -> io::Result<R> {
+        let _ = write;
+        f()
+    }
+}
+
+impl DatagramSocket for mio::net::UdpSocket {
+    fn recv_one(&self, buf: &mut [u8]) -> io::Result<(usize, SocketAddr)> {
+        self.recv_from(buf)
+    }
+
+    fn send_one(&self, buf: &[u8], to: SocketAddr) -> io::Result<usize> {
+        self.send_to(buf, to)
+    }
+}
+
+#[cfg(feature = "tokio")]
+impl DatagramSocket for tokio::net::UdpSocket {
+    fn recv_one(&self, buf: &mut [u8]) -> io::Result<(usize, SocketAddr)> {
+        self.try_recv_from(buf)
+    }
+
+    fn send_one(&self, buf: &[u8], to: SocketAddr) -> io::Result<usize> {
+        self.try_send_to(buf, to)
+    }
+
+    fn raw_io<R>(&self, write: bool, f: impl FnOnce() -> io::Result<R>) -> io::Result<R> {
+        let interest = if write {
+            tokio::io::Interest::WRITABLE
+        } else {
+            tokio::io::Interest::READABLE
+        };
+        self.try_io(interest, f)
+    }
+}
+
+/// Receive slot size: larger than any UDP datagram (oversized ones are seen whole and dropped
+/// by the endpoint), and than what GRO may hand over in one slot.
+const SLOT: usize = 65536;
+
+/// One socket's datagram I/O state: receive buffers and the datagrams waiting to be sent.
+pub(crate) struct UdpIo {
+    mode: IoMode,
+    state: UdpSocketState,
+    /// `slots` receive buffers of [`SLOT`] bytes (pages are touched only when used).
+    buf: Vec<u8>,
+    meta: Vec<RecvMeta>,
+    /// Datagrams to send, in order; the front one may have been refused with `WouldBlock`.
+    out: VecDeque<Transmit>,
+    /// The largest datagram records are coalesced into (the endpoint's MTU).
+    mtu: usize,
+    /// Receive system calls made.
+    pub(crate) recv_calls: u64,
+    /// Send system calls made.
+    pub(crate) send_calls: u64,
+    /// Datagrams sent.
+    pub(crate) datagrams_sent: u64,
+}
+
+impl std::fmt::Debug for UdpIo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UdpIo")
+            .field("mode", &self.mode)
+            .field("queued", &self.out.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl UdpIo {
+    /// I/O state for `socket` (made non-blocking), coalescing up to `mtu` bytes per datagram.
+    pub(crate) fn new<S: AsFd>(socket: &S, mode: IoMode, mtu: usize) -> io::Result<Self> {
+        let state = UdpSocketState::new(UdpSockRef::from(socket))?;
+        let slots = match mode {
+            IoMode::Batched => quinn_udp::BATCH_SIZE,
+            IoMode::Single => 1,
+        };
+        Ok(Self {
+            mode,
+            state,
+            buf: vec![0; slots * SLOT],
+            meta: vec![RecvMeta::default(); slots],
+            out: VecDeque::new(),
+            mtu,
+            recv_calls: 0,
+            send_calls: 0,
+            datagrams_sent: 0,
+        })
+    }
+
+    pub(crate) fn mode(&self) -> IoMode {
+        self.mode
+    }
+
+    /// One receive system call: hands each datagram it returned to `f` with its source.
+    /// Returns how many, or the error (`WouldBlock` when the socket is empty).
+    pub(crate) fn recv<S: DatagramSocket>(
+        &mut self,
+        socket: &S,
+        mut f: impl FnMut(SocketAddr, &[u8]),
+    ) -> io::Result<usize> {
+        self.recv_calls += 1;
+        if self.mode == IoMode::Single {
+            let (n, from) = socket.raw_io(false, || socket.recv_one(&mut self.buf))?;
+            f(from, &self.buf[..n]);
+            return Ok(1);
+        }
+        let state = &self.state;
+        let meta = &mut self.meta;
+        let mut slices: Vec<IoSliceMut<'_>> =
+            self.buf.chunks_mut(SLOT).map(IoSliceMut::new).collect();
+        let n = socket.raw_io(false, || {
+            state.recv(UdpSockRef::from(socket), &mut slices, meta)
+        })?;
+        drop(slices);
+        let mut datagrams = 0;
+        for (i, m) in self.meta[..n].iter().enumerate() {
+            let slot = &self.buf[i * SLOT..i * SLOT + m.len];
+            // GRO may have joined several datagrams of one source, `stride` bytes each.
+            let stride = if m.stride == 0 {
+                m.len.max(1)
+            } else {
+                m.stride
+            };
+            for d in slot.chunks(stride) {
+                datagrams += 1;
+                f(m.addr, d);
+            }
+        }
+        Ok(datagrams)
+    }
+
+    /// Queues a datagram; in batched mode appended to the last queued one when that goes to the
+    /// same peer and both fit in the MTU together.
+    pub(crate) fn queue(&mut self, t: Transmit) {
+        if self.mode == IoMode::Batched {
+            if let Some(last) = self.out.back_mut() {
+                if last.to == t.to && last.payload.len() + t.payload.len() <= self.mtu {
+                    last.payload.extend_from_slice(&t.payload);
+                    return;
+                }
+            }
+        }
+        self.out.push_back(t);
+    }
+
+    /// Sends what is queued; `false` if the socket would block (the rest waits).
+    pub(crate) fn flush<S: DatagramSocket>(&mut self, socket: &S) -> bool {
+        while let Some(t) = self.out.front() {
+            self.send_calls += 1;
+            let sent = match self.mode {
+                IoMode::Single => socket
+                    .raw_io(true, || socket.send_one(&t.payload, t.to))
+                    .map(drop),
+                IoMode::Batched => {
+                    let transmit = quinn_udp::Transmit {
+                        destination: t.to,
+                        ecn: None,
+                        contents: &t.payload,
+                        segment_size: None,
+                        src_ip: None,
+                    };
+                    let state = &self.state;
+                    socket.raw_io(true, || state.try_send(UdpSockRef::from(socket), &transmit))
+                }
+            };
+            match sent {
+                Ok(()) => self.datagrams_sent += 1,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
+                Err(e) => tracing::debug!(to = %t.to, error = %e, "send failed"),
+            }
+            self.out.pop_front();
+        }
+        true
+    }
+}
