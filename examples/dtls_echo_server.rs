@@ -51,6 +51,20 @@
 //! ```text
 //! cargo run --example dtls_echo_server -- --snapshot /tmp/sessions.snap --store-key /tmp/farm.key
 //! ```
+//!
+//! # Metrics, drivers, I/O
+//!
+//! Built with the `metrics` feature, `--metrics 127.0.0.1:9100` serves the endpoint, DSM, cache
+//! and store counters and the handshake duration histograms in the Prometheus text format
+//! (`metrics-exporter-prometheus`'s HTTP listener; a loopback address unless
+//! `--metrics-any-address`). Built with the `tokio` feature, `--driver tokio` runs the same
+//! application on the tokio driver. `--io single` reads and sends one datagram per system call
+//! instead of in batches (for comparison).
+//!
+//! ```text
+//! cargo run --release --features metrics,tokio --example dtls_echo_server -- --metrics 127.0.0.1:9100 --driver tokio
+//! curl -s 127.0.0.1:9100/metrics | grep handshakes
+//! ```
 
 use std::fs;
 use std::net::SocketAddr;
@@ -58,13 +72,13 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use clap::Parser;
+use clap::{Parser, ValueEnum};
 use openssl::pkey::PKey;
 use openssl::x509::X509;
 use openssl_session_cache::{
     certificate_fingerprint, load_snapshot, save_snapshot, store_from_url, AppContext, DsmConfig,
-    Event, KeyRing, MemoryStore, ServerConfig, SessionCache, SessionStore, SessionStoreAdmin,
-    UdpOptions, UdpServer,
+    Event, IoMode, KeyRing, MemoryStore, ServerConfig, SessionCache, SessionStore,
+    SessionStoreAdmin, UdpOptions, UdpServer,
 };
 
 /// DTLS 1.2 echo server with an external session cache and a DTLS session manager.
@@ -128,6 +142,37 @@ struct Args {
     /// and write them to it at clean shutdown (Ctrl-C, SIGTERM). Needs --store-key.
     #[arg(long, value_name = "FILE")]
     snapshot: Option<PathBuf>,
+    /// Serve Prometheus metrics (text format) over HTTP on this address, e.g. 127.0.0.1:9100
+    /// (needs a build with `--features metrics`).
+    #[arg(long, value_name = "IP:PORT")]
+    metrics: Option<SocketAddr>,
+    /// Allow --metrics on an address other than loopback.
+    #[arg(long, requires = "metrics")]
+    metrics_any_address: bool,
+    /// Which driver runs the server (`tokio` needs a build with `--features tokio`).
+    #[arg(long, value_enum, default_value_t = Driver::Std)]
+    driver: Driver,
+    /// UDP I/O: batched system calls, or one datagram per system call.
+    #[arg(long, value_enum, default_value_t = Io::Batched)]
+    io: Io,
+}
+
+/// The driver that runs the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Driver {
+    /// Worker threads (`UdpServer`).
+    Std,
+    /// tokio tasks (`TokioServer`).
+    Tokio,
+}
+
+/// The UDP I/O mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Io {
+    /// recvmmsg batches, sends after each batch.
+    Batched,
+    /// One recvfrom / sendto per datagram.
+    Single,
 }
 
 /// Parses `IDENTITY:HEXKEY` (the key as an even number of hex digits, at least one byte).
@@ -193,16 +238,29 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         }
     }
 
+    if let Some(addr) = args.metrics {
+        serve_metrics(addr, args.metrics_any_address)?;
+        println!("metrics on http://{addr}/metrics");
+    }
+
     let mut options = UdpOptions::new(args.listen);
     options.workers = args.workers;
     options.stats_interval =
         (args.stats_interval > 0).then(|| Duration::from_secs(args.stats_interval));
-    let server = UdpServer::spawn(config, options, || echo)?;
-    println!("listening on {}", server.local_addr());
-
-    let stop = server.stop_handle();
-    ctrlc::set_handler(move || stop.stop())?;
-    server.wait()?;
+    options.io = match args.io {
+        Io::Batched => IoMode::Batched,
+        Io::Single => IoMode::Single,
+    };
+    match args.driver {
+        Driver::Std => {
+            let server = UdpServer::spawn(config, options, || echo)?;
+            println!("listening on {}", server.local_addr());
+            let stop = server.stop_handle();
+            ctrlc::set_handler(move || stop.stop())?;
+            server.wait()?;
+        }
+        Driver::Tokio => run_tokio(config, options)?,
+    }
     println!("stopped");
     if let Some((path, ring)) = snapshot {
         let admin = store.admin().ok_or("the memory store has an admin side")?;
@@ -211,6 +269,67 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         println!("saved {n} sessions to snapshot {}", path.display());
     }
     Ok(())
+}
+
+/// Runs the server on the tokio driver until Ctrl-C or SIGTERM.
+#[cfg(feature = "tokio")]
+fn run_tokio(
+    config: Arc<ServerConfig>,
+    options: UdpOptions,
+) -> Result<(), Box<dyn std::error::Error>> {
+    use openssl_session_cache::TokioServer;
+    let rt = if options.workers > 1 {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(options.workers)
+            .enable_all()
+            .build()?
+    } else {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+    };
+    rt.block_on(async move {
+        let server = TokioServer::spawn(config, options, || echo)?;
+        println!("listening on {} (tokio)", server.local_addr());
+        let stop = server.handle();
+        ctrlc::set_handler(move || stop.shutdown())?;
+        server.wait().await?;
+        Ok(())
+    })
+}
+
+#[cfg(not(feature = "tokio"))]
+fn run_tokio(_: Arc<ServerConfig>, _: UdpOptions) -> Result<(), Box<dyn std::error::Error>> {
+    Err("--driver tokio needs a build with `--features tokio`".into())
+}
+
+/// Installs the Prometheus exporter with its HTTP listener on `addr` (loopback unless
+/// `any_address`); the handshake duration histograms get buckets from 0.5 ms to 5 s.
+#[cfg(feature = "metrics")]
+fn serve_metrics(addr: SocketAddr, any_address: bool) -> Result<(), Box<dyn std::error::Error>> {
+    use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
+    use openssl_session_cache::HANDSHAKE_DURATION_METRIC;
+    if !addr.ip().is_loopback() && !any_address {
+        return Err(format!(
+            "--metrics {addr} is not a loopback address; add --metrics-any-address to serve it there"
+        )
+        .into());
+    }
+    PrometheusBuilder::new()
+        .with_http_listener(addr)
+        .set_buckets_for_metric(
+            Matcher::Full(HANDSHAKE_DURATION_METRIC.into()),
+            &[
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
+            ],
+        )?
+        .install()?;
+    Ok(())
+}
+
+#[cfg(not(feature = "metrics"))]
+fn serve_metrics(_: SocketAddr, _: bool) -> Result<(), Box<dyn std::error::Error>> {
+    Err("--metrics needs a build with `--features metrics`".into())
 }
 
 /// Where to save a snapshot at shutdown, and the key ring that seals it.

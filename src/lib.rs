@@ -19,9 +19,10 @@
 //!   events for the application and the next deadline out; [`Endpoint::send`] and
 //!   [`Endpoint::close`] back) with stateless HMAC cookies, DSM admission and the session cache,
 //!   on the user's own TLS policy ([`ServerConfigBuilder`]: client certificates, ciphers, PSK
-//!   lookup). [`UdpServer`] drives it on UDP sockets and runs an [`Application`] on its events;
-//!   `examples/dtls_echo_server.rs` is a few lines of such an application. [`DatagramPipe`] runs
-//!   DTLS over in-memory datagrams, for tests.
+//!   lookup). [`UdpServer`] drives it on UDP sockets from worker threads and `TokioServer`
+//!   (feature `tokio`) from tokio tasks, both with batched UDP I/O ([`IoMode`]), and runs an
+//!   [`Application`] on its events; `examples/dtls_echo_server.rs` is a few lines of such an
+//!   application. [`DatagramPipe`] runs DTLS over in-memory datagrams, for tests.
 //!
 //! ```
 //! use openssl::ssl::{SslContext, SslMethod};
@@ -37,6 +38,12 @@
 //!
 //! # Crate features
 //! - `redis`: a Redis-backed [`SessionStore`] for server farms (the `redis` crate).
+//! - `tokio`: `TokioServer`, the DTLS server driver on tokio (`tokio::net::UdpSocket`), running
+//!   the same [`Application`] as [`UdpServer`].
+//! - `metrics`: the drivers publish endpoint, DSM, session cache, store and UDP I/O counters
+//!   and handshake duration histograms (`HANDSHAKE_DURATION_METRIC`) through the `metrics`
+//!   facade; install an exporter (such as `metrics-exporter-prometheus`) before starting the
+//!   server.
 #![deny(unsafe_code)]
 
 mod cache;

@@ -209,11 +209,14 @@ impl<A: Application> Core<A> {
         if let (Some(at), Some(interval)) = (self.next_stats, self.stats_interval) {
             if now >= at {
                 self.next_stats = Some(now + interval);
-                log_stats(self.id, &self.endpoint);
+                log_stats(self.id, &self.endpoint, &self.io_stats());
             }
         }
         #[cfg(feature = "metrics")]
-        let metrics_due = Some(self.metrics.publish_if_due(now, &self.endpoint));
+        let metrics_due = Some(
+            self.metrics
+                .publish_if_due(now, &self.endpoint, self.io_stats()),
+        );
         #[cfg(not(feature = "metrics"))]
         let metrics_due = None;
         [
@@ -233,14 +236,18 @@ impl<A: Application> Core<A> {
         self.deliver(Instant::now());
     }
 
-    /// Publishes the counters now.
-    pub(crate) fn publish(&mut self) {
-        let io = IoStats {
+    fn io_stats(&self) -> IoStats {
+        IoStats {
             recv_calls: self.io.recv_calls,
             datagrams_received: self.datagrams_received,
             send_calls: self.io.send_calls,
             datagrams_sent: self.io.datagrams_sent,
-        };
+        }
+    }
+
+    /// Publishes the counters now.
+    pub(crate) fn publish(&mut self) {
+        let io = self.io_stats();
         let mut p = self.shared.lock();
         p.endpoint = self.endpoint.stats();
         p.dsm = self.endpoint.dsm_stats();
@@ -251,11 +258,11 @@ impl<A: Application> Core<A> {
     pub(crate) fn publish_all(&mut self) {
         self.publish();
         #[cfg(feature = "metrics")]
-        self.metrics.publish(&self.endpoint);
+        self.metrics.publish(&self.endpoint, self.io_stats());
     }
 }
 
-fn log_stats(id: usize, endpoint: &Endpoint) {
+fn log_stats(id: usize, endpoint: &Endpoint, io: &IoStats) {
     let s = endpoint.stats();
     let c = endpoint.config().session_cache().stats();
     tracing::info!(
@@ -272,6 +279,10 @@ fn log_stats(id: usize, endpoint: &Endpoint) {
         cache_hits = c.hits,
         cache_misses = c.misses,
         cache_entries = c.entries,
+        recv_calls = io.recv_calls,
+        datagrams_in = io.datagrams_received,
+        send_calls = io.send_calls,
+        datagrams_out = io.datagrams_sent,
         "stats"
     );
 }

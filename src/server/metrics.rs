@@ -13,6 +13,7 @@ use metrics::{
     describe_counter, describe_gauge, describe_histogram, Counter, Gauge, Histogram, Unit,
 };
 
+use super::driver::IoStats;
 use super::endpoint::{Endpoint, EndpointStats, Event};
 use crate::{CacheStats, DsmStats};
 
@@ -148,6 +149,13 @@ counters!(CacheCounters, CacheStats, "session_cache_", [
     store_errors: "Store operations that failed",
 ]);
 
+counters!(IoCounters, IoStats, "dtls_udp_", [
+    recv_calls: "Receive system calls (recvmmsg, recvfrom)",
+    datagrams_received: "Datagrams received",
+    send_calls: "Send system calls (sendmsg, sendto)",
+    datagrams_sent: "Datagrams sent",
+]);
+
 gauges!(StoreGauges, CacheStats, "session_store_", [
     entries: "Entries in the session store now",
     bytes: "Bytes of session data in the session store now",
@@ -160,6 +168,7 @@ pub(crate) struct Publisher {
     next: Instant,
     endpoint: (EndpointCounters, EndpointGauges, EndpointStats),
     dsm: (DsmCounters, DsmGauges, DsmStats),
+    io: (IoCounters, IoStats),
     cache_stats: (CacheCounters, StoreGauges, CacheStats),
     full: Histogram,
     resumed: Histogram,
@@ -181,6 +190,7 @@ impl Publisher {
                 EndpointStats::default(),
             ),
             dsm: (DsmCounters::new(), DsmGauges::new(), DsmStats::default()),
+            io: (IoCounters::new(), IoStats::default()),
             cache_stats: (
                 CacheCounters::new(),
                 StoreGauges::new(),
@@ -204,16 +214,23 @@ impl Publisher {
     }
 
     /// Publishes if due; returns when it is due next.
-    pub(crate) fn publish_if_due(&mut self, now: Instant, endpoint: &Endpoint) -> Instant {
+    pub(crate) fn publish_if_due(
+        &mut self,
+        now: Instant,
+        endpoint: &Endpoint,
+        io: IoStats,
+    ) -> Instant {
         if now >= self.next {
-            self.publish(endpoint);
+            self.publish(endpoint, io);
             self.next = now + METRICS_EVERY;
         }
         self.next
     }
 
     /// Publishes the deltas since the last time.
-    pub(crate) fn publish(&mut self, endpoint: &Endpoint) {
+    pub(crate) fn publish(&mut self, endpoint: &Endpoint, io: IoStats) {
+        self.io.0.publish(&self.io.1, &io);
+        self.io.1 = io;
         let e = endpoint.stats();
         self.endpoint.0.publish(&self.endpoint.2, &e);
         self.endpoint.1.publish(&self.endpoint.2, &e);
