@@ -26,6 +26,9 @@ extern "C" {
         ctx: *mut openssl_sys::SSL_CTX,
         cb: Option<TicketKeyCallback>,
     ) -> c_int;
+    fn DTLSv1_listen(s: *mut openssl_sys::SSL, client: *mut BioAddr) -> c_int;
+    fn BIO_ADDR_new() -> *mut BioAddr;
+    fn BIO_ADDR_free(a: *mut BioAddr);
     fn OSSL_PARAM_construct_utf8_string(
         key: *const libc::c_char,
         buf: *mut libc::c_char,
@@ -131,6 +134,38 @@ pub(crate) fn set_client_session(
 pub(crate) fn session_is_resumable(session: &SslSessionRef) -> bool {
     // SAFETY: the pointer comes from a live SslSessionRef; the function only reads flags.
     unsafe { SSL_SESSION_is_resumable(session.as_ptr()) == 1 }
+}
+
+/// OpenSSL's opaque `BIO_ADDR`.
+#[repr(C)]
+struct BioAddr {
+    _opaque: [u8; 0],
+}
+
+/// Runs `DTLSv1_listen` on a fresh server `ssl` whose read BIO holds one ClientHello carrying a
+/// cookie: OpenSSL reads it, checks the cookie with the context's verify callback, sets the
+/// handshake and record sequence numbers as after its own HelloVerifyRequest and keeps the
+/// record for the handshake, which then goes on from that ClientHello. Returns whether it did
+/// (`false`: the cookie or the record was refused; OpenSSL may have written a
+/// HelloVerifyRequest to the write BIO, which the caller discards).
+pub(crate) fn dtls_listen(ssl: &SslRef) -> bool {
+    // SAFETY: BIO_ADDR_new allocates a zeroed address or returns NULL (checked).
+    let client = unsafe { BIO_ADDR_new() };
+    if client.is_null() {
+        return false;
+    }
+    // SAFETY: ssl is a live SSL with its BIOs set (an SslStream's); DTLSv1_listen reads from
+    // the read BIO, may write to the write BIO and writes the peer address (if the BIO knows
+    // one) into `client`, a live BIO_ADDR. The SSL's state sits behind rust-openssl's opaque
+    // (UnsafeCell) type, so changing it through `&SslRef` is sound; the caller owns the stream.
+    let r = unsafe { DTLSv1_listen(ssl.as_ptr(), client) };
+    // SAFETY: `client` came from BIO_ADDR_new and is freed once.
+    unsafe { BIO_ADDR_free(client) };
+    if r <= 0 {
+        // Leave no error on the thread's queue for the next OpenSSL call to trip over.
+        let _ = ErrorStack::get();
+    }
+    r == 1
 }
 
 /// How long until the DTLS retransmission timer of `ssl` fires (`DTLSv1_get_timeout`), or

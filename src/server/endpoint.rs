@@ -15,7 +15,7 @@ use super::config::{PeerInfo, ServerConfig, MAX_RECORD_PLAINTEXT};
 use super::peer::{Peer, Progress};
 use super::record::{screen, ClientHello, NotHello, Screened};
 use crate::{
-    Authenticated, Dsm, DsmStats, Error, FreeReason, PeerState, PendingLookup, SendError,
+    ffi, Authenticated, Dsm, DsmStats, Error, FreeReason, PeerState, PendingLookup, SendError,
     SessionCache,
 };
 
@@ -498,12 +498,10 @@ impl Endpoint {
         }
         // Before the cookie exchange the client's hello had message_seq 0; a retransmission of
         // it with the cookie has 1. A hello that was never answered statelessly (0) is fed as is.
-        let first = match hello.message_seq() {
-            0 => None,
-            1 => match hello.reconstruct_first() {
-                Some(first) => Some(first),
-                None => return self.drop_datagram(from, DropReason::BadSequence),
-            },
+        // A hello answering a HelloVerifyRequest follows an earlier record: record sequence > 0.
+        let after_hvr = match (hello.message_seq(), hello.record_seq()) {
+            (0, _) => false,
+            (1, 1..) => true,
             _ => return self.drop_datagram(from, DropReason::BadSequence),
         };
         if self.peers.contains_key(&from) {
@@ -521,12 +519,16 @@ impl Endpoint {
                 return;
             }
         };
-        if let Some(first) = first {
-            peer.push(first);
-            peer.drive(now, &mut self.scratch);
-            peer.discard_outbound();
-        }
         peer.push(datagram.to_vec());
+        // DTLSv1_listen takes the hello as the answer to a HelloVerifyRequest (sequence numbers
+        // set, cookie checked against the one verified above) without OpenSSL processing a
+        // first hello only for its answer to be thrown away.
+        if after_hvr && !ffi::dtls_listen(peer.ssl()) {
+            peer.discard_outbound();
+            drop(peer);
+            self.dsm.remove(&from);
+            return self.drop_datagram(from, DropReason::BadSequence);
+        }
         peer.drive(now, &mut self.scratch);
         self.peers.insert(from, peer);
         self.handshake_started.insert(from, now);

@@ -120,7 +120,6 @@ impl<'a> ClientHello<'a> {
     }
 
     /// The record sequence number.
-    #[cfg(test)]
     pub(crate) fn record_seq(&self) -> u64 {
         self.record_seq
     }
@@ -144,32 +143,6 @@ impl<'a> ClientHello<'a> {
         out.push(cookie.len() as u8);
         out.extend_from_slice(cookie);
         out
-    }
-
-    /// The cookieless first ClientHello this one answers: the same hello with the cookie removed,
-    /// message_seq 0 and the previous record sequence number.
-    ///
-    /// A fresh `Ssl` fed this record answers with its own HelloVerifyRequest (discarded) and then
-    /// expects message_seq 1, exactly the state the client is in. The first ClientHello and the
-    /// HelloVerifyRequest are not part of the handshake transcript (RFC 6347 §4.2.1), so the
-    /// reconstruction does not need to be byte-identical to what the client first sent.
-    /// `None` when the record sequence number is 0 (no earlier record can exist).
-    pub(crate) fn reconstruct_first(&self) -> Option<Vec<u8>> {
-        let seq = self.record_seq.checked_sub(1)?;
-        let cookie_len = self.cookie.len();
-        let mut out = Vec::with_capacity(self.record.len() - cookie_len);
-        out.extend_from_slice(&self.record[..self.cookie.start]);
-        out.extend_from_slice(&self.record[self.cookie.end..]);
-        out[5..11].copy_from_slice(&seq.to_be_bytes()[2..]);
-        let record_len = u16_at(&out, 11) - cookie_len;
-        out[11..13].copy_from_slice(&(record_len as u16).to_be_bytes());
-        let hs = RECORD_HEADER;
-        let length = (u24_at(&out, hs + 1) - cookie_len) as u32;
-        out[hs + 1..hs + 4].copy_from_slice(&length.to_be_bytes()[1..]);
-        out[hs + 4..hs + 6].copy_from_slice(&[0, 0]);
-        out[hs + 9..hs + 12].copy_from_slice(&length.to_be_bytes()[1..]);
-        out[self.cookie.start - 1] = 0;
-        Some(out)
     }
 }
 
@@ -264,20 +237,6 @@ mod tests {
         let first = hello(0, 0, &[], &[]);
         let ch = ClientHello::parse(&first).unwrap();
         assert!(ch.cookie().is_empty());
-    }
-
-    #[test]
-    fn reconstructed_first_hello_drops_the_cookie() {
-        let rec = hello(5, 1, &[9; 3], b"cookie!");
-        let first = ClientHello::parse(&rec)
-            .unwrap()
-            .reconstruct_first()
-            .unwrap();
-        assert_eq!(first, hello(4, 0, &[9; 3], &[]));
-        assert!(ClientHello::parse(&hello(0, 1, &[], b"c"))
-            .unwrap()
-            .reconstruct_first()
-            .is_none());
     }
 
     #[test]
@@ -384,7 +343,6 @@ mod tests {
                 Screened::Nothing => {}
             }
             if let Ok(ch) = ClientHello::parse(&d) {
-                let _ = ch.reconstruct_first();
                 let _ = ch.hello_verify_request(ch.cookie());
             }
         }

@@ -179,11 +179,10 @@ impl UdpServer {
         for socket in sockets {
             let mut socket = mio::net::UdpSocket::from_std(socket);
             let poll = Poll::new()?;
-            poll.registry().register(
-                &mut socket,
-                SOCKET,
-                Interest::READABLE | Interest::WRITABLE,
-            )?;
+            // Writability is asked for only while a send waits (see `Worker::run`): every datagram
+            // sent frees buffer space, and each such edge would end an `epoll_wait` for nothing.
+            poll.registry()
+                .register(&mut socket, SOCKET, Interest::READABLE)?;
             let wake = Arc::new(WorkerWake {
                 waker: mio::Waker::new(poll.registry(), WAKER)?,
                 woken: AtomicBool::new(false),
@@ -331,6 +330,7 @@ impl<A: Application> Worker<A> {
         // The socket may hold datagrams already; edge-triggered readiness only reports changes.
         let mut readable = true;
         let mut flushed = true;
+        let mut want_writable = false;
         while !self.stop.load(Ordering::Acquire) {
             if !flushed {
                 flushed = self.core.send(&self.socket);
@@ -342,6 +342,17 @@ impl<A: Application> Worker<A> {
             let woken = self.wake.woken.swap(false, Ordering::AcqRel);
             self.core.timers(now, woken);
             flushed = self.core.send(&self.socket);
+            if flushed == want_writable {
+                want_writable = !flushed;
+                let interest = if want_writable {
+                    Interest::READABLE | Interest::WRITABLE
+                } else {
+                    Interest::READABLE
+                };
+                self.poll
+                    .registry()
+                    .reregister(&mut self.socket, SOCKET, interest)?;
+            }
             let next = self.core.housekeeping(now);
             let wait = if readable && flushed {
                 Some(Duration::ZERO)
@@ -374,6 +385,11 @@ impl<A: Application> Worker<A> {
     /// Sends the close_notify datagrams of a shutdown, waiting a little for a full socket.
     fn final_flush(&mut self, events: &mut Events) {
         let end = Instant::now() + FINAL_FLUSH;
+        let _ = self.poll.registry().reregister(
+            &mut self.socket,
+            SOCKET,
+            Interest::READABLE | Interest::WRITABLE,
+        );
         while !self.core.send(&self.socket) {
             let left = end.saturating_duration_since(Instant::now());
             if left.is_zero() {
