@@ -2,7 +2,8 @@
 # Server CPU per resumed DTLS 1.2 handshake and handshakes/s under concurrent load, for the std
 # and tokio drivers with batched and one-datagram UDP I/O, all in one run, against the baseline
 # measured in the same run: OpenSSL's server side of a resumed handshake with its internal cache,
-# in-process, no sockets (`cargo bench --bench resumption`, openssl_internal_cache).
+# in-process, no sockets (`cargo bench --bench endpoint`, which also gives the endpoint's own
+# figure in-process: the same handshakes with the cookie exchange and close_notify, no sockets).
 #
 # Load: examples/dtls_load.rs, one thread driving CLIENTS (default 16) concurrent clients, each
 # connection a resumption on a new source port (handshake + close_notify, --reply none).
@@ -18,12 +19,12 @@ SECONDS_EACH=${SECONDS_EACH:-4}
 cargo build --release --features tokio,metrics --examples --quiet || exit 1
 B=target/release/examples
 
-echo "## baseline: cargo bench --bench resumption -- server-only/openssl_internal_cache"
-base=$(cargo bench --bench resumption -- 'server-only/openssl_internal_cache' 2>/dev/null |
-  grep -A1 "openssl_internal_cache" | grep -oE "time: +\[[^]]*\]" | head -1)
-# The middle of criterion's [low mid high] estimate, in microseconds.
-base_us=$(echo "$base" | awk '{ v=$4; u=$5; if (u=="ns") v/=1000; if (u=="ms") v*=1000; print v }')
-echo "openssl internal cache, in-process: ${base_us} us per resumed handshake ($base)"
+echo "## in-process: cargo bench --bench endpoint (interleaved, medians)"
+bench=$(cargo bench --bench endpoint 2>/dev/null | grep " us")
+echo "$bench"
+base_us=$(echo "$bench" | awk '/openssl_internal_cache/ { print $3 }')
+ep_us=$(echo "$bench" | awk '/endpoint: cookie/ { print $6 }')
+echo "baseline (OpenSSL internal cache, in-process): ${base_us} us; endpoint in-process: ${ep_us} us"
 
 scrape() { curl -s "http://127.0.0.1:$1/metrics"; }
 metric() { echo "$1" | awk -v n="$2" '$1 == n { print $2 }'; }
