@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Server CPU per DTLS 1.2 handshake: this crate's echo server (1 and 2 workers) and
-# `openssl s_server -dtls1_2 -no_ticket`, loaded by examples/dtls_load.rs (4 threads, 4 s each);
+# `openssl s_server -dtls1_2 -no_ticket`, loaded by examples/dtls_load.rs (4 concurrent clients, 4 s each);
 # CPU = utime + stime of the server process from /proc, divided by completed handshakes.
 # Needs bc and the openssl CLI. Binds 127.0.0.1:4611-4613 only; stops what it started, by PID.
 cd "$(dirname "$0")/.." && cargo build --release --examples --quiet || exit 1
@@ -10,7 +10,7 @@ openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -keyout /tmp/bk.pe
 measure() { # name pid port mode
   local name=$1 pid=$2 port=$3 mode=$4
   read -r u0 s0 < <(awk '{print $14, $15}' /proc/$pid/stat)
-  out=$($B/dtls_load --server 127.0.0.1:$port --threads 4 --mode $mode --reply none --duration 4 2>&1)
+  out=$($B/dtls_load --server 127.0.0.1:$port --clients 4 --mode $mode --reply none --duration 4 2>&1)
   read -r u1 s1 < <(awk '{print $14, $15}' /proc/$pid/stat)
   hs=$(echo "$out" | grep -oE "handshakes=[0-9]+" | tail -1 | cut -d= -f2)
   ticks=$(( (u1-u0) + (s1-s0) ))

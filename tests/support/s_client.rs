@@ -102,9 +102,11 @@ impl SClient {
         self.lines.wait_line(limit, pred)
     }
 
+    /// Writes `line` and its newline with one `write` (s_client sends what one read of its
+    /// stdin returns as one record; `writeln!` may write the newline separately).
     pub fn send_line(&mut self, line: &str) {
         let stdin = self.child.stdin.as_mut().unwrap();
-        writeln!(stdin, "{line}").unwrap();
+        stdin.write_all(format!("{line}\n").as_bytes()).unwrap();
         stdin.flush().unwrap();
     }
 
