@@ -55,7 +55,7 @@
 use std::fs;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use clap::Parser;
@@ -64,7 +64,7 @@ use openssl::x509::X509;
 use openssl_session_cache::{
     certificate_fingerprint, load_snapshot, save_snapshot, store_from_url, AppContext, DsmConfig,
     Event, KeyRing, MemoryStore, ServerConfig, SessionCache, SessionStore, SessionStoreAdmin,
-    UdpOptions, UdpServer,
+    TicketKeys, UdpOptions, UdpServer,
 };
 
 /// DTLS 1.2 echo server with an external session cache and a DTLS session manager.
@@ -128,6 +128,13 @@ struct Args {
     /// and write them to it at clean shutdown (Ctrl-C, SIGTERM). Needs --store-key.
     #[arg(long, value_name = "FILE")]
     snapshot: Option<PathBuf>,
+    /// Issue session tickets sealed with keys derived from --store-key (the same on every host
+    /// reading the same file, rotating every --ticket-period hours; SIGHUP reloads the file).
+    #[arg(long, requires = "store_key")]
+    tickets: bool,
+    /// Hours one ticket key seals new tickets before the next takes over.
+    #[arg(long, default_value_t = 12.0)]
+    ticket_period: f64,
 }
 
 /// Parses `IDENTITY:HEXKEY` (the key as an even number of hex digits, at least one byte).
@@ -162,10 +169,31 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         .init();
 
     let (store, snapshot) = open_store(&args)?;
-    let cache = SessionCache::builder()
+    let mut cache = SessionCache::builder()
         .store(Arc::clone(&store))
-        .max_ttl(Duration::from_secs(args.session_ttl))
-        .build()?;
+        .max_ttl(Duration::from_secs(args.session_ttl));
+    let tickets = match (&args.store_key, args.tickets) {
+        (Some(file), true) => {
+            let lifetime = Duration::from_secs(args.session_ttl);
+            let period = Duration::from_secs_f64(args.ticket_period * 3600.0);
+            let keys = TicketKeys::builder(KeyRing::from_file(file)?)
+                .period(period)
+                .accept_for(lifetime.max(period) + period)
+                .session_lifetime(lifetime)
+                .build()?;
+            cache = cache.ticket_keys(keys.clone());
+            println!("session tickets on, keys derived from {}", file.display());
+            Some(keys)
+        }
+        _ => None,
+    };
+    let cache = cache.build()?;
+    let snapshot = snapshot.map(|(path, ring)| (path, Arc::new(Mutex::new(ring))));
+    let reload = Reload {
+        file: args.store_key.clone(),
+        tickets,
+        snapshot_ring: snapshot.as_ref().map(|(_, r)| Arc::clone(r)),
+    };
 
     // A peer silent for two sweeper ticks is shut down: a tick of half the idle timeout frees
     // it after between one half and one whole idle timeout of silence.
@@ -200,16 +228,76 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     let server = UdpServer::spawn(config, options, || echo)?;
     println!("listening on {}", server.local_addr());
 
-    let stop = server.stop_handle();
-    ctrlc::set_handler(move || stop.stop())?;
+    handle_signals(server.stop_handle(), reload)?;
     server.wait()?;
     println!("stopped");
     if let Some((path, ring)) = snapshot {
         let admin = store.admin().ok_or("the memory store has an admin side")?;
+        let ring = ring.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let n = save_snapshot(admin, &path, &ring, SystemTime::now())
             .map_err(|e| format!("cannot write the snapshot {}: {e}", path.display()))?;
         println!("saved {n} sessions to snapshot {}", path.display());
     }
+    Ok(())
+}
+
+/// What SIGHUP reloads.
+struct Reload {
+    file: Option<PathBuf>,
+    tickets: Option<TicketKeys>,
+    snapshot_ring: Option<Arc<Mutex<KeyRing>>>,
+}
+
+impl Reload {
+    /// Reads the key file again: the ticket keys and the snapshot's ring take the new keys
+    /// (tickets and sessions sealed under keys still in the file keep opening); a file that does
+    /// not parse changes nothing and says why.
+    fn run(&self) {
+        let Some(file) = &self.file else {
+            println!("SIGHUP: no key file to reload");
+            return;
+        };
+        match KeyRing::from_file(file) {
+            Ok(ring) => {
+                if let Some(t) = &self.tickets {
+                    t.replace_ring(ring.clone());
+                }
+                if let Some(r) = &self.snapshot_ring {
+                    *r.lock().unwrap_or_else(|e| e.into_inner()) = ring.clone();
+                }
+                println!(
+                    "reloaded key file {}: {} keys, active key {}",
+                    file.display(),
+                    ring.key_ids().len(),
+                    ring.active_key_id()
+                );
+            }
+            Err(e) => eprintln!(
+                "error: key file {} refused on reload: {e}; keeping the old keys",
+                file.display()
+            ),
+        }
+    }
+}
+
+/// SIGINT and SIGTERM stop the server (peers get close_notify); SIGHUP reloads the key file.
+fn handle_signals(
+    stop: openssl_session_cache::StopHandle,
+    reload: Reload,
+) -> Result<(), Box<dyn std::error::Error>> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP])?;
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            for signal in signals.forever() {
+                if signal == SIGHUP {
+                    reload.run();
+                } else {
+                    stop.stop();
+                }
+            }
+        })?;
     Ok(())
 }
 
