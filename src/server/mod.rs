@@ -23,11 +23,11 @@
 
 mod app;
 mod config;
-mod cookie;
+pub(crate) mod cookie;
 mod endpoint;
 mod peer;
 mod pipe;
-mod record;
+pub(crate) mod record;
 mod udp;
 
 pub use app::{deliver_events, AppContext, Application};

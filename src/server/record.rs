@@ -119,6 +119,26 @@ impl<'a> ClientHello<'a> {
         self.message_seq
     }
 
+    /// The same record with `cookie` in place of the one it carries, and message_seq 1 (what
+    /// the client sends after a HelloVerifyRequest). Record and handshake lengths follow.
+    #[cfg(any(test, feature = "__fuzzing"))]
+    pub(crate) fn with_cookie(&self, cookie: &[u8]) -> Vec<u8> {
+        let grow = cookie.len() as isize - self.cookie.len() as isize;
+        let mut out = Vec::with_capacity(self.record.len() + cookie.len());
+        out.extend_from_slice(&self.record[..self.cookie.start - 1]);
+        out.push(cookie.len() as u8);
+        out.extend_from_slice(cookie);
+        out.extend_from_slice(&self.record[self.cookie.end..]);
+        let record_len = (u16_at(&out, 11) as isize + grow) as u16;
+        out[11..13].copy_from_slice(&record_len.to_be_bytes());
+        let hs = RECORD_HEADER;
+        let length = (u24_at(&out, hs + 1) as isize + grow) as u32;
+        out[hs + 1..hs + 4].copy_from_slice(&length.to_be_bytes()[1..]);
+        out[hs + 4..hs + 6].copy_from_slice(&1u16.to_be_bytes());
+        out[hs + 9..hs + 12].copy_from_slice(&length.to_be_bytes()[1..]);
+        out
+    }
+
     /// The record sequence number.
     #[cfg(test)]
     pub(crate) fn record_seq(&self) -> u64 {
@@ -379,6 +399,15 @@ mod tests {
             .unwrap()
             .reconstruct_first()
             .is_none());
+    }
+
+    #[test]
+    fn a_cookie_can_be_put_in_place() {
+        let rec = hello(4, 0, &[9; 3], &[]);
+        let with = ClientHello::parse(&rec).unwrap().with_cookie(b"cookie!");
+        assert_eq!(with, hello(4, 1, &[9; 3], b"cookie!"));
+        let back = ClientHello::parse(&with).unwrap().with_cookie(&[]);
+        assert_eq!(back, hello(4, 1, &[9; 3], &[]));
     }
 
     #[test]
