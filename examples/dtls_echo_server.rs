@@ -69,7 +69,7 @@
 use std::fs;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use clap::{Parser, ValueEnum};
@@ -78,7 +78,7 @@ use openssl::x509::X509;
 use openssl_session_cache::{
     certificate_fingerprint, load_snapshot, save_snapshot, store_from_url, AppContext, DsmConfig,
     Event, IoMode, KeyRing, MemoryStore, ServerConfig, SessionCache, SessionStore,
-    SessionStoreAdmin, UdpOptions, UdpServer,
+    SessionStoreAdmin, TicketKeys, UdpOptions, UdpServer,
 };
 
 /// DTLS 1.2 echo server with an external session cache and a DTLS session manager.
@@ -142,6 +142,13 @@ struct Args {
     /// and write them to it at clean shutdown (Ctrl-C, SIGTERM). Needs --store-key.
     #[arg(long, value_name = "FILE")]
     snapshot: Option<PathBuf>,
+    /// Issue session tickets sealed with keys derived from --store-key (the same on every host
+    /// reading the same file, rotating every --ticket-period hours; SIGHUP reloads the file).
+    #[arg(long, requires = "store_key")]
+    tickets: bool,
+    /// Hours one ticket key seals new tickets before the next takes over.
+    #[arg(long, default_value_t = 12.0)]
+    ticket_period: f64,
     /// Serve Prometheus metrics (text format) over HTTP on this address, e.g. 127.0.0.1:9100
     /// (needs a build with `--features metrics`).
     #[arg(long, value_name = "IP:PORT")]
@@ -207,10 +214,31 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         .init();
 
     let (store, snapshot) = open_store(&args)?;
-    let cache = SessionCache::builder()
+    let mut cache = SessionCache::builder()
         .store(Arc::clone(&store))
-        .max_ttl(Duration::from_secs(args.session_ttl))
-        .build()?;
+        .max_ttl(Duration::from_secs(args.session_ttl));
+    let tickets = match (&args.store_key, args.tickets) {
+        (Some(file), true) => {
+            let lifetime = Duration::from_secs(args.session_ttl);
+            let period = Duration::from_secs_f64(args.ticket_period * 3600.0);
+            let keys = TicketKeys::builder(KeyRing::from_file(file)?)
+                .period(period)
+                .accept_for(lifetime.max(period) + period)
+                .session_lifetime(lifetime)
+                .build()?;
+            cache = cache.ticket_keys(keys.clone());
+            println!("session tickets on, keys derived from {}", file.display());
+            Some(keys)
+        }
+        _ => None,
+    };
+    let cache = cache.build()?;
+    let snapshot = snapshot.map(|(path, ring)| (path, Arc::new(Mutex::new(ring))));
+    let reload = Reload {
+        file: args.store_key.clone(),
+        tickets,
+        snapshot_ring: snapshot.as_ref().map(|(_, r)| Arc::clone(r)),
+    };
 
     // A peer silent for two sweeper ticks is shut down: a tick of half the idle timeout frees
     // it after between one half and one whole idle timeout of silence.
@@ -256,14 +284,15 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
             let server = UdpServer::spawn(config, options, || echo)?;
             println!("listening on {}", server.local_addr());
             let stop = server.stop_handle();
-            ctrlc::set_handler(move || stop.stop())?;
+            handle_signals(move || stop.stop(), reload)?;
             server.wait()?;
         }
-        Driver::Tokio => run_tokio(config, options)?,
+        Driver::Tokio => run_tokio(config, options, reload)?,
     }
     println!("stopped");
     if let Some((path, ring)) = snapshot {
         let admin = store.admin().ok_or("the memory store has an admin side")?;
+        let ring = ring.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let n = save_snapshot(admin, &path, &ring, SystemTime::now())
             .map_err(|e| format!("cannot write the snapshot {}: {e}", path.display()))?;
         println!("saved {n} sessions to snapshot {}", path.display());
@@ -276,6 +305,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
 fn run_tokio(
     config: Arc<ServerConfig>,
     options: UdpOptions,
+    reload: Reload,
 ) -> Result<(), Box<dyn std::error::Error>> {
     use openssl_session_cache::TokioServer;
     let rt = if options.workers > 1 {
@@ -292,14 +322,18 @@ fn run_tokio(
         let server = TokioServer::spawn(config, options, || echo)?;
         println!("listening on {} (tokio)", server.local_addr());
         let stop = server.handle();
-        ctrlc::set_handler(move || stop.shutdown())?;
+        handle_signals(move || stop.shutdown(), reload)?;
         server.wait().await?;
         Ok(())
     })
 }
 
 #[cfg(not(feature = "tokio"))]
-fn run_tokio(_: Arc<ServerConfig>, _: UdpOptions) -> Result<(), Box<dyn std::error::Error>> {
+fn run_tokio(
+    _: Arc<ServerConfig>,
+    _: UdpOptions,
+    _: Reload,
+) -> Result<(), Box<dyn std::error::Error>> {
     Err("--driver tokio needs a build with `--features tokio`".into())
 }
 
@@ -330,6 +364,66 @@ fn serve_metrics(addr: SocketAddr, any_address: bool) -> Result<(), Box<dyn std:
 #[cfg(not(feature = "metrics"))]
 fn serve_metrics(_: SocketAddr, _: bool) -> Result<(), Box<dyn std::error::Error>> {
     Err("--metrics needs a build with `--features metrics`".into())
+}
+
+/// What SIGHUP reloads.
+struct Reload {
+    file: Option<PathBuf>,
+    tickets: Option<TicketKeys>,
+    snapshot_ring: Option<Arc<Mutex<KeyRing>>>,
+}
+
+impl Reload {
+    /// Reads the key file again: the ticket keys and the snapshot's ring take the new keys
+    /// (tickets and sessions sealed under keys still in the file keep opening); a file that does
+    /// not parse changes nothing and says why.
+    fn run(&self) {
+        let Some(file) = &self.file else {
+            println!("SIGHUP: no key file to reload");
+            return;
+        };
+        match KeyRing::from_file(file) {
+            Ok(ring) => {
+                if let Some(t) = &self.tickets {
+                    t.replace_ring(ring.clone());
+                }
+                if let Some(r) = &self.snapshot_ring {
+                    *r.lock().unwrap_or_else(|e| e.into_inner()) = ring.clone();
+                }
+                println!(
+                    "reloaded key file {}: {} keys, active key {}",
+                    file.display(),
+                    ring.key_ids().len(),
+                    ring.active_key_id()
+                );
+            }
+            Err(e) => eprintln!(
+                "error: key file {} refused on reload: {e}; keeping the old keys",
+                file.display()
+            ),
+        }
+    }
+}
+
+/// SIGINT and SIGTERM stop the server (peers get close_notify); SIGHUP reloads the key file.
+fn handle_signals(
+    stop: impl Fn() + Send + 'static,
+    reload: Reload,
+) -> Result<(), Box<dyn std::error::Error>> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP])?;
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            for signal in signals.forever() {
+                if signal == SIGHUP {
+                    reload.run();
+                } else {
+                    stop();
+                }
+            }
+        })?;
+    Ok(())
 }
 
 /// Where to save a snapshot at shutdown, and the key ring that seals it.

@@ -3,8 +3,14 @@
 //! must hold whatever the input (no panic, round trips). The unit tests below run them on the
 //! committed seed corpora, so the stable toolchain exercises them too.
 
+use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
 use crate::cache::der;
+use crate::server::record::{screen, ClientHello, HandshakeBudget, Screened};
 use crate::store::{KeyRing, SessionId};
+use crate::{DsmConfig, Endpoint, ServerConfig, SessionCache};
 
 const CTX: &[u8] = crate::DEFAULT_SESSION_ID_CONTEXT;
 
@@ -57,6 +63,108 @@ pub fn key_file(data: &[u8]) {
     }
 }
 
+/// One datagram from an unknown or known peer, through the parsers that see it before OpenSSL:
+/// the ClientHello parser (and what it builds from one), the record screen and the handshake
+/// budget.
+pub fn datagram(data: &[u8]) {
+    if let Ok(hello) = ClientHello::parse(data) {
+        let hvr = hello.hello_verify_request(&[7; 32]);
+        assert!(
+            ClientHello::parse(&hvr).is_err(),
+            "a HelloVerifyRequest is not a ClientHello"
+        );
+        if let Some(first) = hello.reconstruct_first() {
+            let again = ClientHello::parse(&first).expect("the reconstructed hello parses");
+            assert!(again.cookie().is_empty());
+            assert_eq!(again.message_seq(), 0);
+        }
+        let with = hello.with_cookie(&[1; 32]);
+        let parsed = ClientHello::parse(&with).expect("a hello with a cookie put in parses");
+        assert_eq!(parsed.cookie(), &[1; 32]);
+    }
+    for min in [0, 16, 24] {
+        match screen(data, min) {
+            Screened::Whole(w) => assert_eq!(w, data),
+            Screened::Kept(k) => assert!(!k.is_empty() && k.len() < data.len()),
+            Screened::Nothing => {}
+        }
+    }
+    let mut budget = HandshakeBudget::default();
+    for _ in 0..3 {
+        if let Screened::Kept(k) = budget.admit(data) {
+            assert!(k.len() < data.len());
+        }
+    }
+}
+
+fn fuzz_config() -> Arc<ServerConfig> {
+    static CONFIG: OnceLock<Arc<ServerConfig>> = OnceLock::new();
+    Arc::clone(CONFIG.get_or_init(|| {
+        let cache = SessionCache::builder().build().expect("cache");
+        ServerConfig::builder(cache)
+            .dsm(
+                DsmConfig::new(16)
+                    .with_max_handshakes(4)
+                    .with_max_per_source(8),
+            )
+            .build()
+            .expect("server config")
+    }))
+}
+
+/// An endpoint fed an arbitrary sequence of datagrams: each is `[port][flags][len: u16 BE][bytes]`;
+/// when the bytes parse as a ClientHello and flag bit 0 is set, a valid cookie for the source
+/// address is put in, so the fuzzer reaches the state behind the cookie (an `Ssl` fed whatever
+/// follows). Bit 1 advances time by a second and runs the timers. The endpoint's bounds must
+/// hold after every step.
+pub fn endpoint(data: &[u8]) {
+    let config = fuzz_config();
+    let mut ep = Endpoint::new(Arc::clone(&config)).expect("endpoint");
+    let mut now = Instant::now();
+    let mut rest = data;
+    while rest.len() >= 4 {
+        let (port, flags) = (rest[0], rest[1]);
+        let len = usize::from(u16::from_be_bytes([rest[2], rest[3]]));
+        rest = &rest[4..];
+        let take = len.min(rest.len());
+        let (bytes, tail) = rest.split_at(take);
+        rest = tail;
+        let from = SocketAddr::from(([127, 0, 0, 1], 40_000 + u16::from(port % 8)));
+        let fixed;
+        let datagram = match ClientHello::parse(bytes) {
+            Ok(hello) if flags & 1 == 1 => {
+                fixed = hello.with_cookie(&config.cookies.generate(from));
+                &fixed[..]
+            }
+            _ => bytes,
+        };
+        ep.handle(now, from, datagram);
+        if flags & 2 == 2 {
+            now += Duration::from_secs(1);
+            ep.handle_timeout(now);
+        }
+        while ep.poll_transmit().is_some() {}
+        while ep.poll_event().is_some() {}
+        assert!(ep.peer_count() <= 16);
+        assert!(ep.stats().handshaking <= 4, "{:?}", ep.stats());
+    }
+    ep.close_all();
+    assert_eq!(ep.peer_count(), 0);
+}
+
+/// Cookie verification: an arbitrary cookie verifies for an address exactly when it is the
+/// cookie made for that address.
+pub fn cookie(data: &[u8]) {
+    let config = fuzz_config();
+    let Some((&port, cookie)) = data.split_first() else {
+        return;
+    };
+    let from = SocketAddr::from(([10, 0, 0, 1], u16::from(port)));
+    let made = config.cookies.generate(from);
+    assert_eq!(config.cookies.verify(from, cookie), cookie == made);
+    assert!(config.cookies.verify(from, &made));
+}
+
 #[cfg(test)]
 mod tests {
     use std::path::Path;
@@ -80,5 +188,8 @@ mod tests {
         assert!(on_corpus("stored_session", super::stored_session) > 0);
         assert!(on_corpus("envelope_open", super::envelope_open) > 0);
         assert!(on_corpus("key_file", super::key_file) > 0);
+        assert!(on_corpus("datagram", super::datagram) > 0);
+        assert!(on_corpus("endpoint", super::endpoint) > 0);
+        assert!(on_corpus("cookie", super::cookie) > 0);
     }
 }

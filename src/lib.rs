@@ -7,7 +7,15 @@
 //!   `SslContextBuilder` and keeps serialized sessions in a [`SessionStore`]: bounded by entries
 //!   and bytes with LRU eviction, honouring each session's timeout, zeroizing secrets, and counting
 //!   every hit, miss, expiry, eviction and reject ([`CacheStats`]). Contexts that share a cache
-//!   share sessions. [`ClientSessionCache`] does the client side.
+//!   share sessions. Every lookup applies today's policy (lifetime, cipher list, PSK keys, the
+//!   application's veto: [`SessionInfo`]), and OpenSSL always gets a session object of its own.
+//!   [`ClientSessionCache`] does the client side.
+//! - **Remote stores never block a handshake.** A store that says it is remote is asked only
+//!   through [`SessionStore::lookup`], from OpenSSL's ClientHello callback, which suspends the
+//!   handshake until the answer is in; the application waits on a [`PendingLookup`] (a `Future`,
+//!   or a `Waker`), the DTLS [`Endpoint`] parks the peer and serves everyone else.
+//! - [`TicketKeys`]: session ticket keys derived per epoch from a key file with HKDF, the same on
+//!   every host of a farm, rotating by themselves and reloadable at runtime.
 //! - [`MemoryStore`] is the default store; [`NullStore`] stores nothing; with the `redis` feature a
 //!   shared, encrypted store serves server farms ([`KeyRing`], [`envelope`]); [`snapshot`]
 //!   carries the memory store across restarts.
@@ -36,8 +44,16 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 //!
+//! # Architecture
+//!
+//! Dependencies point one way: the server (`Endpoint`, drivers) uses the DSM and the cache; the
+//! cache uses the stores; nothing below the cache knows an `Ssl`, nothing below the server knows a
+//! socket, and only the drivers own sockets. The crate's only `unsafe` code is one module of
+//! OpenSSL calls, each with a safety argument that holds for every later safe call.
+//!
 //! # Crate features
-//! - `redis`: a Redis-backed [`SessionStore`] for server farms (the `redis` crate).
+//! - `redis`: a Redis-backed [`SessionStore`] for server farms (the `redis` crate, on a small
+//!   tokio runtime of its own).
 //! - `tokio`: `TokioServer`, the DTLS server driver on tokio (`tokio::net::UdpSocket`), running
 //!   the same [`Application`] as [`UdpServer`].
 //! - `metrics`: the drivers publish endpoint, DSM, session cache, store and UDP I/O counters

@@ -48,13 +48,22 @@ fn echo_server_bin() -> &'static Path {
             .and_then(|n| n.to_str())
             .expect("profile directory name")
             .to_owned();
-        let target_dir = profile_dir.parent().expect("target directory");
+        let mut target_dir = profile_dir.parent().expect("target directory");
         let mut cmd = Command::new(env!("CARGO"));
         cmd.args(["build", "--quiet", "--example", "dtls_echo_server"])
             .arg("--manifest-path")
-            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml"))
-            .arg("--target-dir")
-            .arg(target_dir);
+            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml"));
+        // A build for an explicit --target (e.g. under a sanitizer) puts a triple directory
+        // between the target directory and the profile.
+        let triple = target_dir
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("");
+        if triple.contains("-unknown-") || triple.contains("-apple-") {
+            cmd.args(["--target", triple]);
+            target_dir = target_dir.parent().expect("target directory");
+        }
+        cmd.arg("--target-dir").arg(target_dir);
         match profile.as_str() {
             "debug" => {}
             "release" => {
@@ -282,6 +291,84 @@ fn snapshot_flag_needs_a_key_file() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("--snapshot needs --store-key"), "{err}");
     assert!(!snap.exists());
+}
+
+/// Sends `signal` to a running server without stopping it.
+fn signal(server: &EchoServer, signal: &str) {
+    let status = Command::new("kill")
+        .args([signal, &server.child.id().to_string()])
+        .status()
+        .expect("run kill");
+    assert!(status.success());
+}
+
+#[test]
+fn tickets_resume_across_hosts_and_survive_a_key_reload() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = key_file(dir.path(), "farm.key");
+    let flags = ["--tickets", "--store-key", path_str(&key)];
+    // Two hosts, each with its own memory store: only a ticket can carry a session across.
+    let mut a = EchoServer::start(&flags);
+    let mut b = EchoServer::start(&flags);
+    let s1 = dir.path().join("s1.pem");
+    let out = s_client_echo(a.addr, &["-sess_out", path_str(&s1)], "on a");
+    assert_eq!(count(&out, "New,"), 1, "{out:?}");
+    let out = s_client_echo(b.addr, &["-sess_in", path_str(&s1)], "on b");
+    assert_eq!(
+        count(&out, "Reused,"),
+        1,
+        "a ticket from A did not resume on B: {out:?}"
+    );
+
+    // A new key appended, SIGHUP to both: old tickets still resume, new ones use the new key.
+    let old = KeyRing::from_file(&key).unwrap();
+    let (new_id, secret) = (old.active_key_id().wrapping_add(1), [0x42u8; 32]);
+    let next = dir.path().join("farm.key.next");
+    old.rotate(new_id, secret)
+        .unwrap()
+        .write_file(&next)
+        .unwrap();
+    std::fs::rename(&next, &key).unwrap();
+    for host in [&mut a, &mut b] {
+        signal(host, "-HUP");
+        assert!(
+            host.wait_line(Duration::from_secs(5), |l| l.contains("reloaded key file")
+                && l.contains("2 keys")),
+            "{:?}",
+            host.lines.output
+        );
+    }
+    let out = s_client_echo(b.addr, &["-sess_in", path_str(&s1)], "old ticket");
+    assert_eq!(count(&out, "Reused,"), 1, "{out:?}");
+    let s2 = dir.path().join("s2.pem");
+    let out = s_client_echo(a.addr, &["-sess_out", path_str(&s2)], "new ticket");
+    assert_eq!(count(&out, "New,"), 1, "{out:?}");
+    // A host that knows only the new key opens the new ticket and not the old one.
+    let only_new = dir.path().join("new.key");
+    KeyRing::new(new_id, secret).write_file(&only_new).unwrap();
+    let c = EchoServer::start(&["--tickets", "--store-key", path_str(&only_new)]);
+    let out = s_client_echo(c.addr, &["-sess_in", path_str(&s2)], "new on c");
+    assert_eq!(
+        count(&out, "Reused,"),
+        1,
+        "the new ticket is not sealed with the new key: {out:?}"
+    );
+    let out = s_client_echo(c.addr, &["-sess_in", path_str(&s1)], "old on c");
+    assert_eq!(count(&out, "New,"), 1, "{out:?}");
+
+    // A broken key file on SIGHUP changes nothing.
+    std::fs::write(&key, "1:not hex\n").unwrap();
+    signal(&a, "-HUP");
+    assert!(
+        a.wait_line(Duration::from_secs(5), |l| l.contains("refused on reload")),
+        "{:?}",
+        a.lines.output
+    );
+    let out = s_client_echo(a.addr, &["-sess_in", path_str(&s2)], "after a bad reload");
+    assert_eq!(count(&out, "Reused,"), 1, "{out:?}");
+    for host in [a, b, c] {
+        host.stop("-TERM");
+    }
 }
 
 #[cfg(not(feature = "redis"))]

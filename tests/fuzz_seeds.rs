@@ -65,4 +65,49 @@ fn write_seed_corpora() {
     )
     .unwrap();
     std::fs::write(dir.join("bad-line"), "1:zz\n").unwrap();
+
+    // A real client's first flights: its cookieless ClientHello, and after the server's
+    // HelloVerifyRequest its ClientHello with the cookie.
+    use openssl::ssl::{Ssl, SslStream};
+    use openssl_session_cache::{DatagramPipe, Endpoint, ServerConfig};
+    let config = ServerConfig::builder(SessionCache::builder().build().unwrap())
+        .build()
+        .unwrap();
+    let mut ep = Endpoint::new(config).unwrap();
+    let from: std::net::SocketAddr = "127.0.0.1:40000".parse().unwrap();
+    let mut ssl = Ssl::new(&support::server::client_ctx()).unwrap();
+    ssl.set_mtu(1400).unwrap();
+    ssl.set_connect_state();
+    let mut client = SslStream::new(ssl, DatagramPipe::new()).unwrap();
+    let mut flights = Vec::new();
+    for _ in 0..3 {
+        let _ = client.do_handshake();
+        for d in client.get_mut().take_outbound() {
+            ep.handle(std::time::Instant::now(), from, &d);
+            flights.push(d);
+        }
+        while let Some(t) = ep.poll_transmit() {
+            client.get_mut().push(t.payload);
+        }
+    }
+    let dir = corpus("datagram");
+    for (i, d) in flights.iter().enumerate() {
+        std::fs::write(dir.join(format!("client-flight-{i}")), d).unwrap();
+    }
+    // The endpoint target: [port][flags][len][bytes] per datagram; flag 1 puts a valid cookie
+    // into a ClientHello, flag 2 advances time.
+    let dir = corpus("endpoint");
+    let mut seq = Vec::new();
+    for (i, d) in flights.iter().enumerate() {
+        seq.push(0);
+        seq.push(if i == 0 { 1 } else { 0 });
+        seq.extend_from_slice(&(d.len() as u16).to_be_bytes());
+        seq.extend_from_slice(d);
+    }
+    std::fs::write(dir.join("cookie-then-flights"), &seq).unwrap();
+    seq.extend_from_slice(&[0, 2, 0, 0]);
+    std::fs::write(dir.join("then-a-second"), &seq).unwrap();
+    let dir = corpus("cookie");
+    std::fs::write(dir.join("short"), [7u8, 1, 2, 3]).unwrap();
+    std::fs::write(dir.join("full-length"), [9u8; 33]).unwrap();
 }

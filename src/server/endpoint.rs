@@ -13,7 +13,7 @@ use openssl::x509::X509;
 
 use super::config::{PeerInfo, ServerConfig, MAX_RECORD_PLAINTEXT};
 use super::peer::{Peer, Progress};
-use super::record::{screen, ClientHello, NotHello, Screened};
+use super::record::{screen, ClientHello, HandshakeBudget, NotHello, Screened};
 use crate::{
     ffi, Authenticated, Dsm, DsmStats, Error, FreeReason, PeerState, PendingLookup, SendError,
     SessionCache,
@@ -151,6 +151,9 @@ pub enum DropReason {
     /// For a peer whose handshake waits for a session lookup and already has
     /// [`parked_datagrams`](crate::ServerConfigBuilder::parked_datagrams) waiting.
     Parked,
+    /// For a peer in its handshake, holding only records over what one handshake may make
+    /// OpenSSL buffer (64 KiB of claimed handshake messages, 4 early protected records).
+    OverBudget,
 }
 
 /// The endpoint's counters, from [`Endpoint::stats`].
@@ -225,6 +228,9 @@ pub struct EndpointStats {
     pub dropped_parked: u64,
     /// Peers parked now.
     pub parked: u64,
+    /// Datagrams of handshaking peers dropped because they held only records over the
+    /// handshake's buffering budget ([`DropReason::OverBudget`]).
+    pub dropped_over_budget: u64,
 }
 
 impl EndpointStats {
@@ -265,7 +271,8 @@ impl EndpointStats {
             lookups_completed,
             lookups_timed_out,
             dropped_parked,
-            parked
+            parked,
+            dropped_over_budget
         );
         self.max_handshaking = max;
     }
@@ -280,6 +287,7 @@ impl EndpointStats {
             + self.dropped_no_space
             + self.dropped_invalid
             + self.dropped_parked
+            + self.dropped_over_budget
     }
 }
 
@@ -354,6 +362,8 @@ pub struct Endpoint {
     last_now: Option<Instant>,
     /// When each handshaking peer's cookie verified ([`ConnectionInfo::handshake_time`]).
     handshake_started: HashMap<SocketAddr, Instant>,
+    /// What each peer still in its handshake may make OpenSSL buffer (by peer id).
+    budgets: HashMap<SocketAddr, (u64, HandshakeBudget)>,
 }
 
 /// A peer waiting for its session lookup.
@@ -414,6 +424,7 @@ impl Endpoint {
             ready: Arc::default(),
             last_now: None,
             handshake_started: HashMap::new(),
+            budgets: HashMap::new(),
         })
     }
 
@@ -447,11 +458,22 @@ impl Endpoint {
         if let Some(peer) = self.peers.get_mut(&from) {
             let restart = peer.is_established() && Self::is_client_hello(datagram);
             if !restart {
-                let payload = match screen(datagram, peer.min_protected_body()) {
+                let mut payload = match screen(datagram, peer.min_protected_body()) {
                     Screened::Whole(d) => d.to_vec(),
                     Screened::Kept(d) => d,
                     Screened::Nothing => return self.drop_datagram(from, DropReason::Invalid),
                 };
+                if let Some((id, budget)) = self.budgets.get_mut(&from) {
+                    if *id == peer.id {
+                        payload = match budget.admit(&payload) {
+                            Screened::Whole(_) => payload,
+                            Screened::Kept(d) => d,
+                            Screened::Nothing => {
+                                return self.drop_datagram(from, DropReason::OverBudget)
+                            }
+                        };
+                    }
+                }
                 if self.parked.contains_key(&from) {
                     // Its handshake waits for a lookup: keep the datagram for when it goes on.
                     if peer.inbound_len() >= self.config.parked_datagrams {
@@ -530,6 +552,8 @@ impl Endpoint {
             return self.drop_datagram(from, DropReason::BadSequence);
         }
         peer.drive(now, &mut self.scratch);
+        self.budgets
+            .insert(from, (peer.id, HandshakeBudget::default()));
         self.peers.insert(from, peer);
         self.handshake_started.insert(from, now);
         self.stats.peers = self.peers.len() as u64;
@@ -581,6 +605,7 @@ impl Endpoint {
         for p in progress.drain(..) {
             match p {
                 Progress::Established => {
+                    self.budgets.remove(&addr);
                     self.dsm
                         .store(&addr, PeerState::Established, (), false, now);
                     self.stats.handshakes += 1;
@@ -807,6 +832,7 @@ impl Endpoint {
         let Some(mut peer) = self.peers.remove(&addr) else {
             return;
         };
+        self.budgets.remove(&addr);
         if let Some(p) = self.parked.remove(&addr) {
             p.lookup.abandon();
             self.stats.parked = self.parked.len() as u64;
@@ -853,6 +879,7 @@ impl Endpoint {
             DropReason::NoSpace => self.stats.dropped_no_space += 1,
             DropReason::Invalid => self.stats.dropped_invalid += 1,
             DropReason::Parked => self.stats.dropped_parked += 1,
+            DropReason::OverBudget => self.stats.dropped_over_budget += 1,
         }
         tracing::trace!(%from, ?reason, "datagram dropped");
         self.event(Event::Dropped { from, reason });

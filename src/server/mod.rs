@@ -26,7 +26,7 @@
 
 mod app;
 mod config;
-mod cookie;
+pub(crate) mod cookie;
 mod driver;
 mod endpoint;
 mod io;
@@ -34,7 +34,7 @@ mod io;
 mod metrics;
 mod peer;
 mod pipe;
-mod record;
+pub(crate) mod record;
 #[cfg(feature = "tokio")]
 mod tokio;
 mod udp;

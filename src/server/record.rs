@@ -119,6 +119,26 @@ impl<'a> ClientHello<'a> {
         self.message_seq
     }
 
+    /// The same record with `cookie` in place of the one it carries, and message_seq 1 (what
+    /// the client sends after a HelloVerifyRequest). Record and handshake lengths follow.
+    #[cfg(any(test, feature = "__fuzzing"))]
+    pub(crate) fn with_cookie(&self, cookie: &[u8]) -> Vec<u8> {
+        let grow = cookie.len() as isize - self.cookie.len() as isize;
+        let mut out = Vec::with_capacity(self.record.len() + cookie.len());
+        out.extend_from_slice(&self.record[..self.cookie.start - 1]);
+        out.push(cookie.len() as u8);
+        out.extend_from_slice(cookie);
+        out.extend_from_slice(&self.record[self.cookie.end..]);
+        let record_len = (u16_at(&out, 11) as isize + grow) as u16;
+        out[11..13].copy_from_slice(&record_len.to_be_bytes());
+        let hs = RECORD_HEADER;
+        let length = (u24_at(&out, hs + 1) as isize + grow) as u32;
+        out[hs + 1..hs + 4].copy_from_slice(&length.to_be_bytes()[1..]);
+        out[hs + 4..hs + 6].copy_from_slice(&1u16.to_be_bytes());
+        out[hs + 9..hs + 12].copy_from_slice(&length.to_be_bytes()[1..]);
+        out
+    }
+
     /// The record sequence number.
     pub(crate) fn record_seq(&self) -> u64 {
         self.record_seq
@@ -143,6 +163,34 @@ impl<'a> ClientHello<'a> {
         out.push(cookie.len() as u8);
         out.extend_from_slice(cookie);
         out
+    }
+
+    /// The cookieless first ClientHello this one answers: the same hello with the cookie removed,
+    /// message_seq 0 and the previous record sequence number.
+    ///
+    /// A fresh `Ssl` fed this record answers with its own HelloVerifyRequest (discarded) and then
+    /// expects message_seq 1, exactly the state the client is in. The first ClientHello and the
+    /// HelloVerifyRequest are not part of the handshake transcript (RFC 6347 §4.2.1), so the
+    /// reconstruction does not need to be byte-identical to what the client first sent.
+    /// `None` when the record sequence number is 0 (no earlier record can exist).
+    /// (The endpoint now uses `DTLSv1_listen` instead; kept for the fuzz targets and tests.)
+    #[cfg(any(test, feature = "__fuzzing"))]
+    pub(crate) fn reconstruct_first(&self) -> Option<Vec<u8>> {
+        let seq = self.record_seq.checked_sub(1)?;
+        let cookie_len = self.cookie.len();
+        let mut out = Vec::with_capacity(self.record.len() - cookie_len);
+        out.extend_from_slice(&self.record[..self.cookie.start]);
+        out.extend_from_slice(&self.record[self.cookie.end..]);
+        out[5..11].copy_from_slice(&seq.to_be_bytes()[2..]);
+        let record_len = u16_at(&out, 11) - cookie_len;
+        out[11..13].copy_from_slice(&(record_len as u16).to_be_bytes());
+        let hs = RECORD_HEADER;
+        let length = (u24_at(&out, hs + 1) - cookie_len) as u32;
+        out[hs + 1..hs + 4].copy_from_slice(&length.to_be_bytes()[1..]);
+        out[hs + 4..hs + 6].copy_from_slice(&[0, 0]);
+        out[hs + 9..hs + 12].copy_from_slice(&length.to_be_bytes()[1..]);
+        out[self.cookie.start - 1] = 0;
+        Some(out)
     }
 }
 
@@ -198,6 +246,107 @@ pub(crate) fn screen(datagram: &[u8], min_protected_body: usize) -> Screened<'_>
     }
 }
 
+/// What one handshake may make OpenSSL hold before it is established: the handshake messages
+/// it buffers (OpenSSL allocates a message's full claimed length at its first fragment, and keeps
+/// up to ten messages ahead) and the protected (epoch 1) records it buffers until the epoch
+/// changes (each takes a whole read buffer with it: [`PROTECTED_RECORD_COST`]).
+pub(crate) const MAX_HANDSHAKE_BUFFER: usize = 64 * 1024;
+/// What OpenSSL 3.0 keeps per buffered early protected record (`dtls1_buffer_record` moves the
+/// connection's read buffer, 13 + 2^14 + 2048 bytes, into the queue and allocates a new one).
+pub(crate) const PROTECTED_RECORD_COST: usize = 13 + 16384 + 2048;
+/// Protected records a peer may send before its handshake finished (the client's Finished and a
+/// retransmission of it), within the budget.
+pub(crate) const MAX_EARLY_PROTECTED: usize = 2;
+
+/// Bounds what one handshake can make OpenSSL buffer: the claimed lengths of distinct handshake
+/// messages (by message sequence number) plus [`PROTECTED_RECORD_COST`] for each protected record
+/// let through before the handshake ends (at most [`MAX_EARLY_PROTECTED`]) add up to at most
+/// [`MAX_HANDSHAKE_BUFFER`]. Records over budget are dropped before OpenSSL sees them.
+#[derive(Debug, Default)]
+pub(crate) struct HandshakeBudget {
+    /// (message_seq, claimed length) of each message let through.
+    messages: Vec<(u16, usize)>,
+    claimed: usize,
+    protected: usize,
+}
+
+impl HandshakeBudget {
+    /// Keeps the records of `datagram` (already [`screen`]ed) that fit the budget.
+    pub(crate) fn admit<'a>(&mut self, datagram: &'a [u8]) -> Screened<'a> {
+        let mut at = 0;
+        let mut kept: Option<Vec<u8>> = None;
+        let mut any = false;
+        while at + RECORD_HEADER <= datagram.len() {
+            let rest = &datagram[at..];
+            let end = (RECORD_HEADER + u16_at(rest, 11)).min(rest.len());
+            let ok = self.fits(&rest[..end]);
+            match (&mut kept, ok) {
+                (Some(out), true) => out.extend_from_slice(&rest[..end]),
+                (None, false) => kept = Some(datagram[..at].to_vec()),
+                _ => {}
+            }
+            any |= ok;
+            at += end;
+        }
+        match kept {
+            _ if !any => Screened::Nothing,
+            None => Screened::Whole(datagram),
+            Some(out) => Screened::Kept(out),
+        }
+    }
+
+    /// Whether one record fits, counting it if it does.
+    fn fits(&mut self, record: &[u8]) -> bool {
+        let epoch = u16_at(record, 3);
+        if epoch != 0 {
+            if self.protected >= MAX_EARLY_PROTECTED
+                || self.claimed + PROTECTED_RECORD_COST > MAX_HANDSHAKE_BUFFER
+            {
+                return false;
+            }
+            self.protected += 1;
+            self.claimed += PROTECTED_RECORD_COST;
+            return true;
+        }
+        if record[0] != CONTENT_HANDSHAKE {
+            return true;
+        }
+        // Every fragment in the record must fit; the new messages are counted only if all do.
+        let mut fresh: Vec<(u16, usize)> = Vec::new();
+        let mut extra = 0usize;
+        let mut pos = RECORD_HEADER;
+        while pos < record.len() {
+            if pos + HANDSHAKE_HEADER > record.len() {
+                return false;
+            }
+            let length = u24_at(record, pos + 1);
+            let seq = u16::from_be_bytes([record[pos + 4], record[pos + 5]]);
+            let frag_len = u24_at(record, pos + 9);
+            let known = self
+                .messages
+                .iter()
+                .chain(fresh.iter())
+                .find(|(s, _)| *s == seq)
+                .map(|(_, l)| *l);
+            match known {
+                Some(l) if l != length => return false,
+                Some(_) => {}
+                None => {
+                    extra += length;
+                    fresh.push((seq, length));
+                }
+            }
+            pos += HANDSHAKE_HEADER + frag_len;
+        }
+        if self.claimed + extra > MAX_HANDSHAKE_BUFFER {
+            return false;
+        }
+        self.claimed += extra;
+        self.messages.extend(fresh);
+        true
+    }
+}
+
 #[cfg(test)]
 /// A minimal ClientHello record (tests only): version, random, session id, cookie, one suite, null compression.
 pub(crate) fn test_hello(record_seq: u64, message_seq: u16, sid: &[u8], cookie: &[u8]) -> Vec<u8> {
@@ -237,6 +386,29 @@ mod tests {
         let first = hello(0, 0, &[], &[]);
         let ch = ClientHello::parse(&first).unwrap();
         assert!(ch.cookie().is_empty());
+    }
+
+    #[test]
+    fn reconstructed_first_hello_drops_the_cookie() {
+        let rec = hello(5, 1, &[9; 3], b"cookie!");
+        let first = ClientHello::parse(&rec)
+            .unwrap()
+            .reconstruct_first()
+            .unwrap();
+        assert_eq!(first, hello(4, 0, &[9; 3], &[]));
+        assert!(ClientHello::parse(&hello(0, 1, &[], b"c"))
+            .unwrap()
+            .reconstruct_first()
+            .is_none());
+    }
+
+    #[test]
+    fn a_cookie_can_be_put_in_place() {
+        let rec = hello(4, 0, &[9; 3], &[]);
+        let with = ClientHello::parse(&rec).unwrap().with_cookie(b"cookie!");
+        assert_eq!(with, hello(4, 1, &[9; 3], b"cookie!"));
+        let back = ClientHello::parse(&with).unwrap().with_cookie(&[]);
+        assert_eq!(back, hello(4, 1, &[9; 3], &[]));
     }
 
     #[test]
@@ -325,6 +497,55 @@ mod tests {
         assert_eq!(screen(&cut[..10], 24), Screened::Nothing);
     }
 
+    /// An epoch-0 handshake record holding one fragment of message `seq` claiming `length`.
+    fn fragment(seq: u16, length: usize, frag: usize) -> Vec<u8> {
+        let mut hs = vec![11];
+        hs.extend_from_slice(&(length as u32).to_be_bytes()[1..]);
+        hs.extend_from_slice(&seq.to_be_bytes());
+        hs.extend_from_slice(&[0, 0, 0]);
+        hs.extend_from_slice(&(frag as u32).to_be_bytes()[1..]);
+        hs.extend(std::iter::repeat_n(0x55, frag));
+        let mut r = vec![CONTENT_HANDSHAKE, 0xfe, 0xfd, 0, 0, 0, 0, 0, 0, 0, 9];
+        r.extend_from_slice(&(hs.len() as u16).to_be_bytes());
+        r.extend_from_slice(&hs);
+        r
+    }
+
+    #[test]
+    fn the_handshake_budget_bounds_claimed_messages_and_early_protected_records() {
+        let mut b = HandshakeBudget::default();
+        // A legitimate flight: a few small messages, retransmitted.
+        for _ in 0..3 {
+            for seq in 1..4 {
+                let f = fragment(seq, 300, 300);
+                assert_eq!(b.admit(&f), Screened::Whole(&f[..]));
+            }
+        }
+        // Fragments of messages claiming 100 KB each: the first that would cross 64 KiB goes.
+        let big = fragment(4, 40_000, 100);
+        assert_eq!(b.admit(&big), Screened::Whole(&big[..]));
+        assert_eq!(b.admit(&fragment(5, 40_000, 100)), Screened::Nothing);
+        assert_eq!(b.admit(&fragment(6, 100_000, 100)), Screened::Nothing);
+        // More fragments of a message already counted cost nothing more.
+        let more = fragment(4, 40_000, 100);
+        assert_eq!(b.admit(&more), Screened::Whole(&more[..]));
+        // A fragment claiming another length for a known message is dropped.
+        assert_eq!(b.admit(&fragment(4, 41_000, 100)), Screened::Nothing);
+        // 40 900 bytes claimed: one early protected record (18 KiB) still fits, a second not.
+        let p = record(1, 40);
+        assert_eq!(b.admit(&p), Screened::Whole(&p[..]));
+        assert_eq!(b.admit(&p), Screened::Nothing);
+        // Mixed in one datagram: what fits stays.
+        let mixed = [fragment(2, 300, 10), record(1, 40)].concat();
+        assert_eq!(b.admit(&mixed), Screened::Kept(fragment(2, 300, 10)));
+        // Without big claims, MAX_EARLY_PROTECTED protected records pass.
+        let mut fresh = HandshakeBudget::default();
+        for _ in 0..MAX_EARLY_PROTECTED {
+            assert_eq!(fresh.admit(&p), Screened::Whole(&p[..]));
+        }
+        assert_eq!(fresh.admit(&p), Screened::Nothing);
+    }
+
     #[test]
     fn random_bytes_never_panic() {
         use rand::{Rng, SeedableRng};
@@ -342,7 +563,13 @@ mod tests {
                 Screened::Kept(k) => assert!(!k.is_empty() && k.len() < d.len()),
                 Screened::Nothing => {}
             }
+            match HandshakeBudget::default().admit(&d) {
+                Screened::Whole(w) => assert_eq!(w, &d[..]),
+                Screened::Kept(k) => assert!(!k.is_empty() && k.len() < d.len()),
+                Screened::Nothing => {}
+            }
             if let Ok(ch) = ClientHello::parse(&d) {
+                let _ = ch.reconstruct_first();
                 let _ = ch.hello_verify_request(ch.cookie());
             }
         }
