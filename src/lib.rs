@@ -48,8 +48,12 @@
 //!
 //! Dependencies point one way: the server (`Endpoint`, drivers) uses the DSM and the cache; the
 //! cache uses the stores; nothing below the cache knows an `Ssl`, nothing below the server knows a
-//! socket, and only the drivers own sockets. The crate's only `unsafe` code is one module of
-//! OpenSSL calls, each with a safety argument that holds for every later safe call.
+//! socket, and only the drivers own sockets. The drivers share one worker body
+//! (`server/driver.rs`: receive a batch, events, timers, send, counters) and one I/O layer
+//! (`server/io.rs`, batched through `quinn-udp`); each driver only adds its way of waiting (mio's
+//! `epoll` in `server/udp.rs`, `select!` in `server/tokio.rs`). The crate's only `unsafe` code is
+//! one module of OpenSSL calls, each with a safety argument that holds for every later safe call
+//! (`quinn-udp` keeps its own).
 //!
 //! # Crate features
 //! - `redis`: a Redis-backed [`SessionStore`] for server farms (the `redis` crate, on a small
