@@ -39,6 +39,7 @@ macro_rules! counters {
                 }
             }
 
+            #[allow(dead_code)]
             fn publish(&self, last: &$stats, now: &$stats) {
                 $(
                     let delta = now.$field.saturating_sub(last.$field);
@@ -46,6 +47,13 @@ macro_rules! counters {
                         self.$field.increment(delta);
                     }
                 )*
+            }
+
+            /// Sets each counter to its value in `now`: for counters kept in one place that
+            /// several publishers see (the shared session cache), which must not add up.
+            #[allow(dead_code)]
+            fn publish_absolute(&self, now: &$stats) {
+                $(self.$field.absolute(now.$field);)*
             }
         }
     };
@@ -66,12 +74,19 @@ macro_rules! gauges {
                 }
             }
 
+            #[allow(dead_code)]
             fn publish(&self, last: &$stats, now: &$stats) {
                 $(
                     if now.$field != last.$field {
                         self.$field.increment(now.$field as f64 - last.$field as f64);
                     }
                 )*
+            }
+
+            /// Sets each gauge to its value in `now` (one publisher for a shared source).
+            #[allow(dead_code)]
+            fn set_all(&self, now: &$stats) {
+                $(self.$field.set(now.$field as f64);)*
             }
         }
     };
@@ -241,8 +256,10 @@ impl Publisher {
         self.dsm.2 = d;
         if self.cache {
             let c = endpoint.config().session_cache().stats();
-            self.cache_stats.0.publish(&self.cache_stats.2, &c);
-            self.cache_stats.1.publish(&self.cache_stats.2, &c);
+            // The cache is shared by every worker and every server built on it: its own counters
+            // are the totals, so they are set, not added to.
+            self.cache_stats.0.publish_absolute(&c);
+            self.cache_stats.1.set_all(&c);
             self.cache_stats.2 = c;
         }
     }
