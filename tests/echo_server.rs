@@ -14,9 +14,7 @@ use std::time::Duration;
 
 use openssl::ssl::{ErrorCode, SslVerifyMode};
 use openssl::x509::store::X509StoreBuilder;
-use openssl_session_cache::{
-    AppContext, Application, CloseReason, DsmConfig, Event, SendError,
-};
+use openssl_session_cache::{AppContext, Application, CloseReason, DsmConfig, Event, SendError};
 use parking_lot::Mutex;
 
 use support::s_client::{count, s_client_echo, s_client_echo_fast, SClient};
@@ -300,10 +298,16 @@ fn an_application_answers_greets_and_closes_through_the_public_api() {
     assert!(c.wait_line(Duration::from_secs(5), |l| l == "HELLO DTLS"));
     c.send_line("bye");
     // The application's close sends close_notify: s_client ends by itself, stdin still open.
-    assert!(c.wait_exit(Duration::from_secs(5)), "s_client still running");
+    assert!(
+        c.wait_exit(Duration::from_secs(5)),
+        "s_client still running"
+    );
     let out = c.finish(Duration::from_secs(1));
     assert!(!out.iter().any(|l| l == "BYE"), "{out:?}");
-    assert!(server.wait_for(Duration::from_secs(2), |s| s.server.stats().closed_locally == 1));
+    assert!(
+        server.wait_for(Duration::from_secs(2), |s| s.server.stats().closed_locally
+            == 1)
+    );
     assert_eq!(closes(&log), vec![CloseReason::Local]);
     let stats = server.server.stats();
     assert_eq!((stats.records_received, stats.records_sent), (2, 2));
@@ -363,9 +367,17 @@ fn mutual_dtls_requires_a_client_certificate_and_reports_it_on_resumption() {
     let (cert, key) = client_identity_files(&dir);
     let sess = sess_file(&dir, "s.pem");
     let id = ["-cert", cert.as_str(), "-key", key.as_str()];
-    let first = s_client_echo(server.addr(), &[&id[..], &["-sess_out", &sess]].concat(), "one");
+    let first = s_client_echo(
+        server.addr(),
+        &[&id[..], &["-sess_out", &sess]].concat(),
+        "one",
+    );
     assert_eq!(count(&first, "New, TLSv1.2"), 1, "{first:?}");
-    let again = s_client_echo(server.addr(), &[&id[..], &["-sess_in", &sess]].concat(), "two");
+    let again = s_client_echo(
+        server.addr(),
+        &[&id[..], &["-sess_in", &sess]].concat(),
+        "two",
+    );
     assert_eq!(count(&again, "Reused, TLSv1.2"), 1, "{again:?}");
     let seen = peer_certificates(&log);
     let expected = &support::pki().client.cert;
@@ -410,14 +422,23 @@ fn a_full_send_queue_refuses_the_rest_and_disturbs_nothing() {
         let r = results.lock();
         assert_eq!(r.len(), QUEUE + 5);
         assert!(r[..QUEUE].iter().all(Result::is_ok), "{r:?}");
-        assert!(r[QUEUE..].iter().all(|x| *x == Err(SendError::QueueFull)), "{r:?}");
+        assert!(
+            r[QUEUE..].iter().all(|x| *x == Err(SendError::QueueFull)),
+            "{r:?}"
+        );
     }
     // The peer still works: the next message is answered, and nothing refused arrives.
     assert_eq!(echo(&mut client, b"after"), b"after");
-    assert!(server.wait_for(Duration::from_secs(2), |s| s.server.stats().send_queue_full == 5));
+    assert!(
+        server.wait_for(Duration::from_secs(2), |s| s.server.stats().send_queue_full
+            == 5)
+    );
     // After the peer closed, a send is refused as unknown.
     client.shutdown().unwrap();
-    assert!(server.wait_for(Duration::from_secs(2), |_| results.lock().len() == QUEUE + 6));
+    assert!(
+        server.wait_for(Duration::from_secs(2), |_| results.lock().len()
+            == QUEUE + 6)
+    );
     assert_eq!(results.lock().last(), Some(&Err(SendError::UnknownPeer)));
     assert_eq!(server.server.stats().failed, 0);
 }
@@ -468,7 +489,11 @@ fn a_wake_from_another_thread_runs_handle_timeout_and_the_application() {
     std::thread::sleep(Duration::from_millis(50));
     let before = settled(&server);
     std::thread::sleep(Duration::from_millis(200));
-    assert_eq!(settled(&server), before, "something else runs handle_timeout");
+    assert_eq!(
+        settled(&server),
+        before,
+        "something else runs handle_timeout"
+    );
 
     queue.lock().push(b"news".to_vec());
     let waker = server.server.wakers()[0].clone();
