@@ -193,3 +193,151 @@ fn early_data_resumes_with_single_use_instead_of_openssl_anti_replay() {
         }
     }
 }
+
+#[test]
+fn debug_output_names_the_settings_and_holds_no_secret() {
+    let builder = SessionCache::builder().max_entries(77).single_use(true);
+    let text = format!("{builder:?}");
+    assert!(
+        text.contains("max_entries: 77") && text.contains("single_use: true"),
+        "{text}"
+    );
+    let cache = builder.build().unwrap();
+    let server = server_ctx(Proto::Tls12, &cache, false);
+    connect(
+        &server,
+        &client_ctx(Proto::Tls12, false),
+        None,
+        ServerClose::Clean,
+    );
+    let text = format!("{cache:?}");
+    assert!(
+        text.contains("SessionCache") && text.contains("inserts: 1"),
+        "{text}"
+    );
+    // The stored session's bytes never show (the store prints counts only).
+    assert!(
+        !text.contains("SecretBytes") && !text.contains("StoredSession"),
+        "{text}"
+    );
+}
+
+#[test]
+fn with_the_internal_store_on_openssl_serves_repeat_resumptions_itself() {
+    for (internal, expected_hits) in [(false, 2), (true, 0)] {
+        let cache = SessionCache::builder()
+            .internal_store(internal)
+            .build()
+            .unwrap();
+        let server = server_ctx(Proto::Tls12, &cache, false);
+        let client = client_ctx(Proto::Tls12, false);
+        let first = connect(&server, &client, None, ServerClose::Clean);
+        for _ in 0..2 {
+            assert!(
+                connect(&server, &client, first.session.as_ref(), ServerClose::Clean).server_reused
+            );
+        }
+        assert_eq!(
+            cache.stats().hits,
+            expected_hits,
+            "internal store {internal}"
+        );
+    }
+}
+
+#[test]
+fn a_session_of_exactly_the_size_limit_is_stored_and_one_byte_over_is_not() {
+    let origin = SessionCache::builder().build().unwrap();
+    let origin_ctx = server_ctx(Proto::Tls12, &origin, false);
+    let (_, session) = sessions(&origin_ctx, &client_ctx(Proto::Tls12, false));
+    let len = session.to_der().unwrap().len();
+    for (limit, inserted) in [(len, 1), (len - 1, 0)] {
+        let cache = SessionCache::builder()
+            .max_session_size(limit)
+            .build()
+            .unwrap();
+        cache.insert(&session);
+        let s = cache.stats();
+        assert_eq!(
+            (s.inserts, s.rejected_oversize),
+            (inserted, 1 - inserted),
+            "limit {limit}"
+        );
+    }
+}
+
+#[test]
+fn a_session_gone_from_the_store_is_decoded_afresh_when_it_comes_back() {
+    let store = Arc::new(MemoryStore::builder().build().unwrap());
+    let cache = SessionCache::builder()
+        .store(store.clone())
+        .build()
+        .unwrap();
+    let ctx = server_ctx(Proto::Tls12, &cache, false);
+    let client = client_ctx(Proto::Tls12, false);
+    let (client_session, server_session) = sessions(&ctx, &client);
+    // Two resumptions: the second is served from the decoded tier.
+    for _ in 0..2 {
+        assert!(connect(&ctx, &client, Some(&client_session), ServerClose::Clean).server_reused);
+    }
+    assert_eq!(cache.stats().decoded_hits, 1);
+    // Evicted from the store behind the cache's back: a miss, and the tier lets go of it.
+    let id = SessionId::new(server_session.id()).unwrap();
+    assert!(store.remove(&id).unwrap());
+    assert!(!connect(&ctx, &client, Some(&client_session), ServerClose::Clean).server_reused);
+    // Back in the store (warmed again): it resumes from a fresh decode, not from the tier.
+    cache.insert(&server_session);
+    assert!(connect(&ctx, &client, Some(&client_session), ServerClose::Clean).server_reused);
+    assert_eq!(
+        cache.stats().decoded_hits,
+        1,
+        "served from a tier entry the store had dropped"
+    );
+}
+
+/// Threads of this process named like the purge thread ("session-cache-purge", 15 characters
+/// kept by the kernel).
+fn purge_threads() -> usize {
+    std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .filter(|name| name.trim() == "session-cache-p")
+        .count()
+}
+
+#[test]
+fn the_purge_thread_is_joined_when_the_last_user_goes() {
+    if std::env::var_os("OSC_PURGE_THREAD_SCENARIO").is_none() {
+        // Alone in a child process, so that no other test's cache has a purge thread.
+        let exe = std::env::current_exe().unwrap();
+        let out = std::process::Command::new(exe)
+            .args([
+                "the_purge_thread_is_joined_when_the_last_user_goes",
+                "--exact",
+            ])
+            .env("OSC_PURGE_THREAD_SCENARIO", "1")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        return;
+    }
+    assert_eq!(purge_threads(), 0);
+    let none = SessionCache::builder().build().unwrap();
+    assert_eq!(purge_threads(), 0, "a thread without a purge interval");
+    let cache = SessionCache::builder()
+        .purge_interval(Duration::from_secs(3600))
+        .build()
+        .unwrap();
+    assert_eq!(purge_threads(), 1);
+    let ctx = server_ctx(Proto::Tls12, &cache, false);
+    drop(cache);
+    assert_eq!(purge_threads(), 1, "a context still uses the cache");
+    drop(ctx);
+    // Joined, not left to notice an hour later.
+    assert_eq!(purge_threads(), 0);
+    drop(none);
+}

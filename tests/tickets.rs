@@ -126,3 +126,43 @@ fn an_earlier_epoch_resumes_and_is_renewed_and_past_the_window_is_a_full_handsha
         assert_eq!(counts(a.keys.stats()).3, 1, "{proto:?}");
     }
 }
+
+#[test]
+fn with_tickets_on_the_store_keeps_tls12_sessions_of_clients_without_tickets_only() {
+    use openssl::ssl::{SslContext, SslMethod, SslOptions, SslVerifyMode, SslVersion};
+    let ring = KeyRing::new(1, [0x21; 32]);
+    let clock = clock();
+    // A TLS 1.2 client that does not take tickets: the server gives it a session id, stored.
+    let a = host(Proto::Tls12, &ring, &clock);
+    let mut b = SslContext::builder(SslMethod::tls()).unwrap();
+    b.set_min_proto_version(Some(SslVersion::TLS1_2)).unwrap();
+    b.set_max_proto_version(Some(SslVersion::TLS1_2)).unwrap();
+    b.set_verify(SslVerifyMode::NONE);
+    b.set_options(SslOptions::NO_TICKET);
+    let no_tickets = Ctx {
+        ctx: b.build(),
+        proto: Proto::Tls12,
+    };
+    let first = connect(&a.ctx, &no_tickets, None, ServerClose::Clean);
+    assert_eq!(a.cache.stats().inserts, 1);
+    assert!(
+        connect(
+            &a.ctx,
+            &no_tickets,
+            first.session.as_ref(),
+            ServerClose::Clean
+        )
+        .server_reused
+    );
+    assert_eq!(a.cache.stats().hits, 1);
+    // TLS 1.3 with tickets: the tickets carry the sessions, nothing is stored.
+    let t13 = host(Proto::Tls13, &ring, &clock);
+    connect(
+        &t13.ctx,
+        &client_ctx(Proto::Tls13, false),
+        None,
+        ServerClose::Clean,
+    );
+    assert_eq!(t13.cache.stats().inserts, 0);
+    assert_eq!(t13.cache.stats().entries, 0);
+}
