@@ -66,9 +66,14 @@ fn round_trip_restores_every_session() {
     let original = filled();
     let restored = MemoryStore::builder().build().unwrap();
     assert_eq!(load_snapshot(&restored, &path, &ring(), t0()).unwrap(), 10);
+    let mut compared = 0;
     original
-        .for_each(&mut |i, s| assert_eq!(restored.get(i).unwrap().as_ref(), Some(s)))
+        .for_each(&mut |i, s| {
+            assert_eq!(restored.get(i).unwrap().as_ref(), Some(s));
+            compared += 1;
+        })
         .unwrap();
+    assert_eq!(compared, 10);
     // The file holds no session bytes in the clear and is private.
     let bytes = fs::read(&path).unwrap();
     assert!(!bytes.windows(100).any(|w| w.iter().all(|b| *b == 4)));

@@ -657,7 +657,9 @@ mod tests {
             let id = sid(b"p");
             prop_assert!(ring.open(&id, &bytes).is_err());
             prop_assert!(ring.open_session(&id, &bytes).is_err());
-            let _ = envelope_key_id(&bytes);
+            let named = (bytes.len() >= OVERHEAD && bytes[0] == ENVELOPE_VERSION)
+                .then(|| u32::from_be_bytes([bytes[1], bytes[2], bytes[3], bytes[4]]));
+            prop_assert_eq!(envelope_key_id(&bytes), named);
         }
 
         #[test]
