@@ -107,6 +107,15 @@ pub enum StoreError {
     /// A write-behind store's queue was full: the write was dropped (and counted).
     #[error("store write queue full: write dropped")]
     QueueFull,
+    /// The session is larger than the store's byte bound, so it can never be stored: it was
+    /// refused and nothing was evicted for it.
+    #[error("session of {len} bytes is larger than the store's {max}-byte bound")]
+    TooLarge {
+        /// The session's size in bytes.
+        len: usize,
+        /// The store's byte bound.
+        max: usize,
+    },
     /// Any other backend failure.
     #[error("store backend: {0}")]
     Backend(String),

@@ -1,8 +1,13 @@
-//! Encrypted snapshots of a store: round trip, expiry on load, and refusal of bad files.
+//! Encrypted snapshots of a store: round trip, expiry on load, refusal of bad files, recency
+//! kept across a reload; and hostile files at the snapshot and key file paths (FIFOs, devices,
+//! symbolic links, huge files, planted temporary files, a crash mid-write).
 
 use std::fs;
-use std::path::Path;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::mpsc;
+use std::thread;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use openssl_session_cache::{
     load_snapshot, save_snapshot, Error, KeyRing, MemoryStore, SessionId, SessionStore,
@@ -61,9 +66,14 @@ fn round_trip_restores_every_session() {
     let original = filled();
     let restored = MemoryStore::builder().build().unwrap();
     assert_eq!(load_snapshot(&restored, &path, &ring(), t0()).unwrap(), 10);
+    let mut compared = 0;
     original
-        .for_each(&mut |i, s| assert_eq!(restored.get(i).unwrap().as_ref(), Some(s)))
+        .for_each(&mut |i, s| {
+            assert_eq!(restored.get(i).unwrap().as_ref(), Some(s));
+            compared += 1;
+        })
         .unwrap();
+    assert_eq!(compared, 10);
     // The file holds no session bytes in the clear and is private.
     let bytes = fs::read(&path).unwrap();
     assert!(!bytes.windows(100).any(|w| w.iter().all(|b| *b == 4)));
@@ -173,4 +183,285 @@ fn a_missing_snapshot_is_an_io_not_found() {
         Err(Error::Io(e)) => assert_eq!(e.kind(), std::io::ErrorKind::NotFound),
         other => panic!("{other:?}"),
     }
+}
+
+/// Runs `f` on a thread of its own and waits for it at most 30 s, so that a call that blocks
+/// (opening a FIFO for reading waits for a writer) fails the test instead of hanging it.
+fn within<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(Duration::from_secs(30))
+        .expect("the call blocked for 30 s")
+}
+
+fn mkfifo(path: &Path) {
+    let status = Command::new("mkfifo").arg(path).status().unwrap();
+    assert!(status.success(), "mkfifo {}", path.display());
+}
+
+fn symlink(target: &Path, link: &Path) {
+    std::os::unix::fs::symlink(target, link).unwrap();
+}
+
+/// Loads `path` on a thread of its own (see [`within`]); the load must be refused as corrupt
+/// and insert nothing. Returns the message.
+fn refused_quickly(path: PathBuf) -> String {
+    within(move || refused(&path, &ring()))
+}
+
+#[test]
+fn a_fifo_at_the_snapshot_path_is_refused_without_blocking() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("sessions.snap");
+    mkfifo(&path);
+    let msg = refused_quickly(path);
+    assert!(msg.contains("not a regular file"), "{msg}");
+}
+
+#[test]
+fn a_symlink_to_dev_zero_is_refused_without_reading_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("sessions.snap");
+    symlink(Path::new("/dev/zero"), &path);
+    let msg = refused_quickly(path);
+    assert!(msg.contains("symbolic link"), "{msg}");
+    // The device itself, named directly: not a regular file either.
+    let msg = refused_quickly(PathBuf::from("/dev/zero"));
+    assert!(msg.contains("not a regular file"), "{msg}");
+}
+
+#[test]
+fn a_symlink_to_a_valid_snapshot_is_not_followed() {
+    let dir = tempfile::tempdir().unwrap();
+    let real = save(dir.path());
+    let link = dir.path().join("link.snap");
+    symlink(&real, &link);
+    let msg = refused_quickly(link);
+    assert!(msg.contains("symbolic link"), "{msg}");
+    // The file itself loads.
+    let store = MemoryStore::builder().build().unwrap();
+    assert_eq!(load_snapshot(&store, &real, &ring(), t0()).unwrap(), 10);
+}
+
+#[test]
+fn a_directory_or_a_huge_sparse_file_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let msg = refused_quickly(dir.path().to_path_buf());
+    assert!(msg.contains("not a regular file"), "{msg}");
+    let huge = dir.path().join("huge.snap");
+    fs::File::create(&huge)
+        .unwrap()
+        .set_len(openssl_session_cache::snapshot::MAX_SNAPSHOT_BYTES + 1)
+        .unwrap();
+    let msg = refused_quickly(huge);
+    assert!(msg.contains("over the"), "{msg}");
+}
+
+/// Before, the temporary file was `.NAME.tmp-PID`, opened with `O_CREAT|O_TRUNC` through
+/// symbolic links: a link planted there made the save overwrite the link's target.
+#[test]
+fn a_planted_symlink_is_never_written_through() {
+    let dir = tempfile::tempdir().unwrap();
+    let victim = dir.path().join("victim");
+    fs::write(&victim, b"precious").unwrap();
+    let path = dir.path().join("sessions.snap");
+    let predictable = dir
+        .path()
+        .join(format!(".sessions.snap.tmp-{}", std::process::id()));
+    symlink(&victim, &predictable);
+    assert_eq!(save_snapshot(&filled(), &path, &ring(), t0()).unwrap(), 10);
+    assert_eq!(fs::read(&victim).unwrap(), b"precious");
+    assert!(fs::symlink_metadata(&predictable)
+        .unwrap()
+        .file_type()
+        .is_symlink());
+    let store = MemoryStore::builder().build().unwrap();
+    assert_eq!(load_snapshot(&store, &path, &ring(), t0()).unwrap(), 10);
+
+    // A link at the snapshot path itself is replaced by the new snapshot, not written through.
+    fs::remove_file(&path).unwrap();
+    symlink(&victim, &path);
+    assert_eq!(save_snapshot(&filled(), &path, &ring(), t0()).unwrap(), 10);
+    assert_eq!(fs::read(&victim).unwrap(), b"precious");
+    assert!(fs::symlink_metadata(&path).unwrap().file_type().is_file());
+    let store = MemoryStore::builder().build().unwrap();
+    assert_eq!(load_snapshot(&store, &path, &ring(), t0()).unwrap(), 10);
+}
+
+/// A crash mid-write leaves a partial temporary file beside the snapshot (a process killed
+/// before its rename), never a partial snapshot: the previous one still loads, and the next
+/// save works around the leftover.
+#[test]
+fn a_crash_mid_write_leaves_the_previous_snapshot_loadable() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = save(dir.path());
+    let previous = fs::read(&path).unwrap();
+    let half = &previous[..previous.len() / 2];
+    for name in [".sessions.snap.a1b2c3.tmp", ".sessions.snap.tmp-1"] {
+        fs::write(dir.path().join(name), half).unwrap();
+    }
+    let store = MemoryStore::builder().build().unwrap();
+    assert_eq!(load_snapshot(&store, &path, &ring(), t0()).unwrap(), 10);
+    // The next save replaces the snapshot and leaves the leftovers alone.
+    let empty = MemoryStore::builder().build().unwrap();
+    assert_eq!(save_snapshot(&empty, &path, &ring(), t0()).unwrap(), 0);
+    let store = MemoryStore::builder().build().unwrap();
+    assert_eq!(load_snapshot(&store, &path, &ring(), t0()).unwrap(), 0);
+    assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 3);
+    // A snapshot cut short (a copy interrupted by hand) is refused, not half loaded.
+    fs::write(&path, half).unwrap();
+    assert!(refused(&path, &ring()).contains("truncated"));
+}
+
+#[test]
+fn the_snapshot_is_private_and_in_a_new_inode() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = save(dir.path());
+    use std::os::unix::fs::MetadataExt;
+    let before = fs::metadata(&path).unwrap();
+    assert_eq!(before.mode() & 0o777, 0o600);
+    save(dir.path());
+    let after = fs::metadata(&path).unwrap();
+    assert_ne!(
+        before.ino(),
+        after.ino(),
+        "replaced by rename, not rewritten in place"
+    );
+    assert_eq!(after.mode() & 0o777, 0o600);
+}
+
+/// The recently used sessions are saved last, so a reload into a smaller store, or a reload
+/// followed by new sessions, evicts the cold ones first.
+#[test]
+fn a_reload_keeps_the_recency_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("sessions.snap");
+    let store = MemoryStore::builder().shards(1).build().unwrap();
+    for i in 0..10 {
+        store
+            .put(
+                id(i),
+                StoredSession::new(vec![1; 50], t0() + Duration::from_secs(60)),
+            )
+            .unwrap();
+    }
+    // Hot: 0, 1, 2 (touched most recently, in that order).
+    for i in 0..3 {
+        assert!(store.get(&id(i)).unwrap().is_some());
+    }
+    assert_eq!(save_snapshot(&store, &path, &ring(), t0()).unwrap(), 10);
+
+    let small = MemoryStore::builder()
+        .max_entries(4)
+        .shards(1)
+        .build()
+        .unwrap();
+    assert_eq!(load_snapshot(&small, &path, &ring(), t0()).unwrap(), 10);
+    let kept: Vec<u32> = (0..10).filter(|&i| small.contains(&id(i))).collect();
+    assert_eq!(kept, [0, 1, 2, 9]);
+
+    let same = MemoryStore::builder()
+        .max_entries(10)
+        .shards(1)
+        .build()
+        .unwrap();
+    load_snapshot(&same, &path, &ring(), t0()).unwrap();
+    for i in 100..107 {
+        same.put(
+            id(i),
+            StoredSession::new(vec![1; 50], t0() + Duration::from_secs(60)),
+        )
+        .unwrap();
+    }
+    let kept: Vec<u32> = (0..10).filter(|&i| same.contains(&id(i))).collect();
+    assert_eq!(kept, [0, 1, 2]);
+}
+
+/// With many shards the order is kept per shard and interleaved in proportion: the hot tenth
+/// of a large store all survives a reload into a store a quarter of its size.
+#[test]
+fn a_reload_of_a_sharded_store_keeps_the_hot_sessions() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("sessions.snap");
+    let store = MemoryStore::builder().max_entries(40_000).build().unwrap();
+    assert!(store.shard_count() > 1);
+    let exp = t0() + Duration::from_secs(60);
+    for i in 0..20_000 {
+        store
+            .put(id(i), StoredSession::new(vec![1; 20], exp))
+            .unwrap();
+    }
+    let hot: Vec<u32> = (0..20_000).step_by(10).collect();
+    for &i in &hot {
+        assert!(store.get(&id(i)).unwrap().is_some());
+    }
+    assert_eq!(save_snapshot(&store, &path, &ring(), t0()).unwrap(), 20_000);
+    let small = MemoryStore::builder().max_entries(5_000).build().unwrap();
+    assert!(small.shard_count() > 1);
+    load_snapshot(&small, &path, &ring(), t0()).unwrap();
+    let lost = hot.iter().filter(|&&i| !small.contains(&id(i))).count();
+    assert_eq!(lost, 0, "hot sessions evicted on reload");
+}
+
+/// A session larger than the target store's byte bound is skipped; the rest load.
+#[test]
+fn a_reload_skips_sessions_too_large_for_the_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = save(dir.path());
+    let small = MemoryStore::builder().max_bytes(105).build().unwrap();
+    // Sessions 0..=5 are 100..=105 bytes: each fits alone, and each evicts the one before.
+    assert_eq!(load_snapshot(&small, &path, &ring(), t0()).unwrap(), 6);
+    assert_eq!(small.len().unwrap(), 1);
+}
+
+#[test]
+fn a_key_file_that_is_a_fifo_or_a_device_is_refused_without_blocking() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("session.keys");
+    mkfifo(&fifo);
+    let err = within(move || KeyRing::from_file(fifo).unwrap_err().to_string());
+    assert!(
+        err.contains("session.keys") && err.contains("not a regular file"),
+        "{err}"
+    );
+    for path in [PathBuf::from("/dev/zero"), dir.path().join("zero.keys")] {
+        if path.starts_with(dir.path()) {
+            symlink(Path::new("/dev/zero"), &path);
+        }
+        let err = within(move || KeyRing::from_file(path).unwrap_err().to_string());
+        assert!(err.contains("not a regular file"), "{err}");
+    }
+}
+
+#[test]
+fn a_huge_key_file_is_refused_without_reading_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let huge = dir.path().join("session.keys");
+    let f = fs::File::create(&huge).unwrap();
+    f.set_len(1 << 30).unwrap();
+    let start = Instant::now();
+    let err = within(move || KeyRing::from_file(huge).unwrap_err().to_string());
+    assert!(
+        err.contains("session.keys") && err.contains("over the"),
+        "{err}"
+    );
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        start.elapsed()
+    );
+}
+
+/// A key file reached through a symbolic link (a Kubernetes secret volume, an `alternatives`
+/// link) is read: the link is followed, and what it leads to must be a regular file.
+#[test]
+fn a_key_file_behind_a_symlink_is_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let real = dir.path().join("real.keys");
+    ring().write_file(&real).unwrap();
+    let link = dir.path().join("session.keys");
+    symlink(&real, &link);
+    assert_eq!(KeyRing::from_file(&link).unwrap().key_ids(), vec![1]);
 }

@@ -30,6 +30,7 @@ use openssl::symm::{decrypt_aead, encrypt_aead, Cipher};
 use zeroize::{Zeroize, Zeroizing};
 
 use crate::error::{Error, StoreError};
+use crate::store::file::{self, Links, ReadError};
 use crate::store::{SessionId, StoredSession};
 
 /// The envelope format version this code writes and reads.
@@ -44,6 +45,9 @@ pub const TAG_LEN: usize = 16;
 pub const HEADER_LEN: usize = 1 + 4 + NONCE_LEN;
 /// Bytes an envelope adds to its plaintext.
 pub const OVERHEAD: usize = HEADER_LEN + TAG_LEN;
+/// Key files larger than this are refused without being read (a key line is 70 to 76 bytes,
+/// so this holds several hundred keys and their comments).
+pub const MAX_KEY_FILE_BYTES: u64 = 64 << 10;
 
 /// Associated-data domain of a sealed session (context = the session id).
 pub(crate) const DOMAIN_SESSION: u8 = 1;
@@ -148,15 +152,28 @@ impl KeyRing {
 
     /// Reads a ring from a key file (the format is in the type's docs).
     ///
+    /// The file is opened without blocking and must be a regular file of at most
+    /// [`MAX_KEY_FILE_BYTES`]: a FIFO, a device (`/dev/zero`), a directory or a larger file is
+    /// refused at once, without being read. A symbolic link is followed (secret volumes and
+    /// configuration tools deliver key files through links); what it leads to is checked the
+    /// same way. The bytes read are wiped when parsed.
+    ///
     /// # Errors
-    /// [`Error::Io`] if the file cannot be read; [`Error::Config`] naming the file and line if a
-    /// line is malformed, an id repeats, or the file holds no key.
+    /// [`Error::Io`] if the file cannot be opened or read (`NotFound` if there is none);
+    /// [`Error::Config`] naming the file if it is refused, is not UTF-8, or a line is malformed
+    /// (naming the line), an id repeats, or the file holds no key.
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self, Error> {
         let path = path.as_ref();
+        let in_file = |msg: String| Error::Config(format!("key file {}: {msg}", path.display()));
+        let (bytes, meta) =
+            file::read_regular(path, MAX_KEY_FILE_BYTES, Links::Follow).map_err(|e| match e {
+                ReadError::Io(e) => Error::Io(e),
+                ReadError::Refused(why) => in_file(why),
+            })?;
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
-            let mode = fs::metadata(path)?.permissions().mode();
+            let mode = meta.permissions().mode();
             if mode & 0o077 != 0 {
                 tracing::warn!(
                     path = %path.display(),
@@ -165,9 +182,16 @@ impl KeyRing {
                 );
             }
         }
-        let text = Zeroizing::new(fs::read_to_string(path)?);
-        Self::parse(&text).map_err(|e| match e {
-            Error::Config(msg) => Error::Config(format!("key file {}: {msg}", path.display())),
+        #[cfg(not(unix))]
+        let _ = meta;
+        let text = std::str::from_utf8(&bytes).map_err(|e| {
+            in_file(format!(
+                "not UTF-8 text (invalid byte at offset {})",
+                e.valid_up_to()
+            ))
+        })?;
+        Self::parse(text).map_err(|e| match e {
+            Error::Config(msg) => in_file(msg),
             other => other,
         })
     }
@@ -633,7 +657,9 @@ mod tests {
             let id = sid(b"p");
             prop_assert!(ring.open(&id, &bytes).is_err());
             prop_assert!(ring.open_session(&id, &bytes).is_err());
-            let _ = envelope_key_id(&bytes);
+            let named = (bytes.len() >= OVERHEAD && bytes[0] == ENVELOPE_VERSION)
+                .then(|| u32::from_be_bytes([bytes[1], bytes[2], bytes[3], bytes[4]]));
+            prop_assert_eq!(envelope_key_id(&bytes), named);
         }
 
         #[test]

@@ -1,20 +1,23 @@
 //! The in-memory store: a sharded LRU bounded by entries and bytes together.
 //!
-//! Each shard is a `parking_lot` mutex over an [`lru::LruCache`], so get, put and remove are O(1)
-//! and threads that touch different shards do not contend. Both bounds are global (atomic
-//! counters, so no shard can fill up early because ids hash unevenly): a put that would cross
-//! them evicts the least recently used entries of its own shard first, then of the others.
+//! Each shard is a `parking_lot` mutex over an LRU map ([`slab`]), so get, put and remove are
+//! O(1) and threads that touch different shards do not contend. Both bounds are global, so no
+//! shard can fill up early because ids hash unevenly, and exact: a put reserves its entry and
+//! its bytes in the global counters before it inserts, evicting the least recently used entries
+//! of its own shard first, then of the others, until the reservation fits. The counters never
+//! pass the bounds, even for a moment, however many threads put at once.
+//!
 //! Small stores (fewer than 1024 entries or 64 KiB) use one shard, so their eviction order is
 //! exact LRU; sharded stores are LRU within each shard. Session bytes are zeroized when an entry
-//! is evicted, replaced, removed or cleared.
+//! is evicted, replaced, removed, purged or cleared.
 
 use std::fmt;
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::SystemTime;
 
-use lru::{DefaultHasher, LruCache};
-use parking_lot::Mutex;
+use hashbrown::DefaultHashBuilder;
+use parking_lot::{Mutex, MutexGuard};
 
 use crate::clock::unix_millis;
 use crate::error::{Error, StoreError};
@@ -23,6 +26,10 @@ use crate::store::{
     SecretBytes, SessionId, SessionStore, SessionStoreAdmin, StoreUsage, StoredSession,
     MAX_SESSION_ID_LEN,
 };
+
+mod slab;
+
+use slab::LruSlab;
 
 /// Entries per shard below which the store does not shard at all.
 const MIN_ENTRIES_PER_SHARD: usize = 1024;
@@ -41,6 +48,13 @@ fn table_buckets(entries: usize) -> usize {
     }
 }
 
+/// The most entries one of `shards` shards is expected to hold when the store holds
+/// `max_entries`: its share plus four standard deviations (ids hash unevenly).
+fn expected_per_shard(max_entries: usize, shards: usize) -> usize {
+    let mean = max_entries.div_ceil(shards);
+    mean.saturating_add(4 * (mean as f64).sqrt() as usize)
+}
+
 /// About one shard per 1024 entries and 64 KiB, at most 16; then, among that count up to twice
 /// it, the one whose tables waste least memory when the store is full (a million entries in 16
 /// shards leave every table half empty; in 18 they are 85% full).
@@ -51,14 +65,10 @@ fn default_shards(max_entries: usize, max_bytes: usize) -> usize {
     if base == 1 {
         return 1;
     }
-    // Ids hash unevenly: size each table for its share plus four standard deviations, so that no
-    // shard outgrows its table when the store fills.
-    let per_shard = |n: usize| {
-        let mean = max_entries.div_ceil(n);
-        mean + 4 * (mean as f64).sqrt() as usize
-    };
+    // Size each table for its share plus four standard deviations, so that no shard outgrows
+    // its table when the store fills.
     (base..=2 * base)
-        .min_by_key(|&n| table_buckets(per_shard(n)).saturating_mul(n))
+        .min_by_key(|&n| table_buckets(expected_per_shard(max_entries, n)).saturating_mul(n))
         .unwrap_or(base)
 }
 
@@ -88,7 +98,8 @@ impl MemoryStoreBuilder {
         self
     }
 
-    /// At most this many bytes of session data (default 8 MiB).
+    /// At most this many bytes of session data (default 8 MiB). A session larger than this is
+    /// refused ([`StoreError::TooLarge`]).
     pub fn max_bytes(mut self, n: usize) -> Self {
         self.max_bytes = n;
         self
@@ -105,7 +116,7 @@ impl MemoryStoreBuilder {
     /// Builds the store.
     ///
     /// # Errors
-    /// [`Error::Config`] if a limit is 0 or the shard count is not a power of two in 1..=16.
+    /// [`Error::Config`] if a limit is 0 or the shard count is not in 1..=64.
     pub fn build(self) -> Result<MemoryStore, Error> {
         if self.max_entries == 0 || self.max_bytes == 0 {
             return Err(Error::Config(
@@ -121,17 +132,18 @@ impl MemoryStoreBuilder {
             }
             None => default_shards(self.max_entries, self.max_bytes),
         };
+        let expected = expected_per_shard(self.max_entries, shards);
         let shards = (0..shards)
             .map(|_| {
                 Mutex::new(Shard {
-                    lru: LruCache::unbounded(),
+                    lru: LruSlab::new(expected),
                 })
             })
             .collect::<Vec<_>>()
             .into_boxed_slice();
         Ok(MemoryStore {
             shards,
-            hasher: DefaultHasher::default(),
+            hasher: DefaultHashBuilder::default(),
             max_entries: self.max_entries,
             max_bytes: self.max_bytes,
             len: AtomicUsize::new(0),
@@ -162,11 +174,12 @@ impl MemoryStoreBuilder {
 #[derive(Debug)]
 pub struct MemoryStore {
     shards: Box<[Mutex<Shard>]>,
-    // foldhash, randomly seeded per store: the same fast hash the shards' maps use.
-    hasher: DefaultHasher,
+    // foldhash, randomly seeded per store.
+    hasher: DefaultHashBuilder,
     max_entries: usize,
     max_bytes: usize,
-    // Totals over all shards; changed only under the lock of the shard that changes.
+    // Totals over all shards, including reservations of puts about to insert: raised only by
+    // `try_reserve` (never past a bound), lowered after an entry leaves its shard.
     len: AtomicUsize,
     bytes: AtomicUsize,
     evicted_capacity: AtomicU64,
@@ -176,13 +189,13 @@ pub struct MemoryStore {
 
 #[derive(Debug)]
 struct Shard {
-    lru: LruCache<PackedId, Slot>,
+    lru: LruSlab,
 }
 
 /// A session id zero-padded to 32 bytes: the map key. Its real length lives in the [`Slot`], so
-/// a key costs 32 bytes, not 33 (which an 8-aligned LRU node would round up to 40). OpenSSL's
-/// ids are always 32 bytes; a shorter id and a 32-byte id that is the same followed by zeros
-/// share a key, and storing one replaces the other.
+/// a key costs 32 bytes, not 33 (which an 8-aligned node would round up to 40). OpenSSL's ids
+/// are always 32 bytes; a shorter id and a 32-byte id that is the same followed by zeros share
+/// a key, and storing one replaces the other.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 struct PackedId([u8; MAX_SESSION_ID_LEN]);
 
@@ -195,7 +208,8 @@ impl PackedId {
 }
 
 /// A stored value: the session bytes, and the id's length (top 8 bits) with the expiry in
-/// milliseconds since the epoch (low 56 bits, good for two million years) in one word.
+/// milliseconds since the epoch (low 56 bits, good for two million years) in one word. A vacant
+/// slot (a free node of the slab) has an id length of 0.
 struct Slot {
     data: SecretBytes,
     meta: u64,
@@ -219,6 +233,18 @@ impl Slot {
             meta: (len << 56) | session.expires_at_ms.min(EXPIRY_MASK),
             data: session.data,
         }
+    }
+
+    /// A slot holding nothing (no allocation).
+    fn vacant() -> Self {
+        Self {
+            data: SecretBytes(Box::default()),
+            meta: 0,
+        }
+    }
+
+    fn is_vacant(&self) -> bool {
+        self.id_len() == 0
     }
 
     fn id_len(&self) -> usize {
@@ -286,21 +312,29 @@ impl MemoryStore {
             .is_some_and(|slot| slot.id_len() == id.as_bytes().len())
     }
 
-    /// Whether adding `extra_entries` entries of `extra_bytes` bytes would cross a bound, and
-    /// which one (entries are checked first).
-    fn over(&self, extra_entries: usize, extra_bytes: usize) -> Option<Cause> {
-        if self.len.load(Ordering::Relaxed) + extra_entries > self.max_entries {
-            Some(Cause::Capacity)
-        } else if self.bytes.load(Ordering::Relaxed) + extra_bytes > self.max_bytes {
-            Some(Cause::Bytes)
-        } else {
-            None
+    /// Reserves one entry of `len` bytes in the global counters, if both bounds allow it;
+    /// otherwise says which bound is in the way (entries are checked first).
+    fn try_reserve(&self, len: usize) -> Result<(), Cause> {
+        self.len
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n < self.max_entries).then_some(n + 1)
+            })
+            .map_err(|_| Cause::Capacity)?;
+        let bytes = self
+            .bytes
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| {
+                b.checked_add(len).filter(|&t| t <= self.max_bytes)
+            });
+        if bytes.is_err() {
+            self.len.fetch_sub(1, Ordering::Relaxed);
+            return Err(Cause::Bytes);
         }
+        Ok(())
     }
 
     /// Evicts the least recently used entry of `shard` (whose lock the caller holds).
     fn evict_from(&self, shard: &mut Shard, cause: Cause) -> bool {
-        let Some((_, old)) = shard.lru.pop_lru() else {
+        let Some(old) = shard.lru.pop_lru() else {
             return false;
         };
         self.unaccount(&old);
@@ -312,6 +346,18 @@ impl MemoryStore {
         true
     }
 
+    /// Inserts an entry whose reservation the caller holds, into `shard` (locked).
+    fn insert_reserved(&self, shard: &mut Shard, key: PackedId, slot: Slot) {
+        while shard.lru.is_full() {
+            // Four billion entries in one shard: make room there, whatever the global bounds.
+            self.evict_from(shard, Cause::Capacity);
+        }
+        if let Some(old) = shard.lru.insert(key, slot) {
+            // Another put of the same key got in while this one made room elsewhere.
+            self.unaccount(&old);
+        }
+    }
+
     fn unaccount(&self, old: &Slot) {
         self.len.fetch_sub(1, Ordering::Relaxed);
         self.bytes.fetch_sub(old.len(), Ordering::Relaxed);
@@ -319,73 +365,101 @@ impl MemoryStore {
 
     fn remove_entry(&self, id: &SessionId) -> Option<StoredSession> {
         let key = PackedId::of(id);
+        let id_len = id.as_bytes().len();
         let mut shard = self.shards[self.shard_index(&key)].lock();
-        if shard.lru.peek(&key)?.id_len() != id.as_bytes().len() {
-            return None;
-        }
-        let old = shard.lru.pop(&key)?;
+        let old = shard.lru.remove_if(&key, |slot| slot.id_len() == id_len)?;
         drop(shard);
         self.unaccount(&old);
         Some(old.into_session())
+    }
+
+    /// Makes room for `len` bytes by evicting from the other shards, one lock at a time (the
+    /// home shard is empty), then inserts into the home shard.
+    fn put_slow(&self, home: usize, key: PackedId, slot: Slot) {
+        let len = slot.len();
+        let n = self.shards.len();
+        let mut k = 1;
+        let mut evicted_this_round = false;
+        loop {
+            match self.try_reserve(len) {
+                Ok(()) => {
+                    let mut shard = self.shards[home].lock();
+                    self.insert_reserved(&mut shard, key, slot);
+                    return;
+                }
+                Err(cause) => {
+                    let mut other = self.shards[(home + k) % n].lock();
+                    evicted_this_round |= self.evict_from(&mut other, cause);
+                }
+            }
+            if k % n == 0 {
+                if !evicted_this_round {
+                    // Every shard is empty: the bounds are held by puts of other threads
+                    // between their reservation and their insert. Let them finish.
+                    std::thread::yield_now();
+                }
+                evicted_this_round = false;
+            }
+            k += 1;
+        }
     }
 }
 
 impl SessionStore for MemoryStore {
     fn get(&self, id: &SessionId) -> Result<Option<StoredSession>, StoreError> {
         let key = PackedId::of(id);
+        let id_len = id.as_bytes().len();
         let mut shard = self.shards[self.shard_index(&key)].lock();
         Ok(shard
             .lru
-            .get(&key)
-            .filter(|slot| slot.id_len() == id.as_bytes().len())
+            .get_if(&key, |slot| slot.id_len() == id_len)
             .map(Slot::to_session))
     }
 
+    /// Stores `session`, evicting least recently used entries until both bounds hold.
+    ///
+    /// # Errors
+    /// [`StoreError::TooLarge`] if the session alone is larger than the byte bound: it is not
+    /// stored (it would only flush the store) and nothing is evicted, but an entry already
+    /// under `id` is removed, since the caller meant to replace it.
     fn put(&self, id: SessionId, session: StoredSession) -> Result<(), StoreError> {
         let len = session.len();
         let key = PackedId::of(&id);
         let home = self.shard_index(&key);
-        let slot = Slot::new(&id, session);
-        let mut shard = self.shards[home].lock();
         if len > self.max_bytes {
-            // It can never fit; storing it would only flush the store.
-            if let Some(old) = shard.lru.pop(&key) {
+            let old = self.shards[home].lock().lru.remove_if(&key, |_| true);
+            if let Some(old) = old {
                 self.unaccount(&old);
             }
-            self.evicted_bytes.fetch_add(1, Ordering::Relaxed);
-            return Ok(());
+            return Err(StoreError::TooLarge {
+                len,
+                max: self.max_bytes,
+            });
         }
-        if let Some(existing) = shard.lru.get_mut(&key) {
-            // Replace in place (one lookup; the entry becomes the most recently used).
-            let old = std::mem::replace(existing, slot);
-            self.bytes.fetch_add(len, Ordering::Relaxed);
-            self.bytes.fetch_sub(old.len(), Ordering::Relaxed);
-            drop(shard);
-            drop(old);
-        } else {
-            // Make room in this shard first (exact LRU when there is one shard)...
-            while let Some(cause) = self.over(1, len) {
-                if !self.evict_from(&mut shard, cause) {
-                    break;
+        let slot = Slot::new(&id, session);
+        let mut shard = self.shards[home].lock();
+        // A replaced entry leaves first, so that the new one is checked against the bounds as a
+        // whole (and only the least recently used others are evicted).
+        if let Some(old) = shard.lru.remove_if(&key, |_| true) {
+            self.unaccount(&old);
+        }
+        // Make room in this shard first (exact LRU when there is one shard)...
+        loop {
+            match self.try_reserve(len) {
+                Ok(()) => {
+                    self.insert_reserved(&mut shard, key, slot);
+                    return Ok(());
                 }
-            }
-            shard.lru.put(key, slot);
-            self.len.fetch_add(1, Ordering::Relaxed);
-            self.bytes.fetch_add(len, Ordering::Relaxed);
-            drop(shard);
-        }
-        // ...then in the others, one lock at a time, if that was not enough.
-        if self.over(0, 0).is_none() {
-            return Ok(());
-        }
-        for k in 1..=self.shards.len() {
-            while let Some(cause) = self.over(0, 0) {
-                let mut other = self.shards[(home + k) % self.shards.len()].lock();
-                if !self.evict_from(&mut other, cause) {
-                    break;
+                Err(cause) => {
+                    if !self.evict_from(&mut shard, cause) {
+                        break;
+                    }
                 }
             }
         }
+        // ...then in the others, never holding two locks at once.
+        drop(shard);
+        self.put_slow(home, key, slot);
         Ok(())
     }
 
@@ -425,10 +499,41 @@ impl SessionStoreAdmin for MemoryStore {
         Ok(self.bytes.load(Ordering::Relaxed))
     }
 
+    /// Calls `f` for every entry, **from the least to the most recently used**, so that putting
+    /// the entries into a store in this order rebuilds the same recency order (a snapshot
+    /// reloads with its hottest sessions last to be evicted).
+    ///
+    /// The order is exact with one shard. With several, each shard's order is kept and the
+    /// shards are interleaved in proportion (an entry `i` places from the cold end of a shard
+    /// of `n` comes at the fraction `(i + ½) / n` of the walk), which, with ids spread evenly
+    /// over the shards, approximates the global order.
+    ///
+    /// All shards are locked for the walk (in index order), so it sees one moment of the store
+    /// and blocks every other call until it ends: keep `f` short.
     fn for_each(&self, f: &mut dyn FnMut(&SessionId, &StoredSession)) -> Result<(), StoreError> {
-        for shard in self.shards.iter() {
-            let shard = shard.lock();
-            for (key, slot) in shard.lru.iter() {
+        let guards: Vec<MutexGuard<'_, Shard>> = self.shards.iter().map(|s| s.lock()).collect();
+        let mut walks: Vec<_> = guards
+            .iter()
+            .map(|g| (0usize, g.lru.len(), g.lru.iter_lru()))
+            .collect();
+        loop {
+            // The shard whose next entry sits earliest in its own order, as a fraction.
+            let next = walks
+                .iter()
+                .enumerate()
+                .filter(|(_, (i, n, _))| i < n)
+                .min_by(|(_, (ia, na, _)), (_, (ib, nb, _))| {
+                    let a = (2 * *ia as u128 + 1) * *nb as u128;
+                    let b = (2 * *ib as u128 + 1) * *na as u128;
+                    a.cmp(&b)
+                })
+                .map(|(s, _)| s);
+            let Some(s) = next else {
+                break;
+            };
+            let (i, _, walk) = &mut walks[s];
+            *i += 1;
+            if let Some((key, slot)) = walk.next() {
                 f(&slot.id(key), &slot.to_session());
             }
         }
@@ -438,16 +543,17 @@ impl SessionStoreAdmin for MemoryStore {
     fn clear(&self) -> Result<(), StoreError> {
         for shard in self.shards.iter() {
             let mut shard = shard.lock();
-            while let Some((_, old)) = shard.lru.pop_lru() {
-                self.unaccount(&old);
-            }
+            let (entries, bytes) = shard.lru.clear();
+            self.len.fetch_sub(entries, Ordering::Relaxed);
+            self.bytes.fetch_sub(bytes, Ordering::Relaxed);
         }
         Ok(())
     }
 
-    /// Examines at most `max` entries, starting at the least recently used end of one shard
-    /// after another (a cursor rotates over the shards between calls), and deletes the expired
-    /// ones among them.
+    /// Examines at most `max` entries and deletes the expired ones among them. Each shard has a
+    /// clock hand that walks all its entries, whatever their recency, and resumes where the
+    /// previous call stopped; a cursor rotates the starting shard between calls. So every
+    /// expired entry is deleted within about `len / max + 1` calls.
     fn purge_expired(&self, now: SystemTime, max: usize) -> Result<usize, StoreError> {
         let now_ms = unix_millis(now);
         let mut budget = max;
@@ -458,22 +564,14 @@ impl SessionStoreAdmin for MemoryStore {
                 break;
             }
             let mut shard = self.shards[(start + k) % self.shards.len()].lock();
-            let examine = budget.min(shard.lru.len());
-            budget -= examine;
-            let expired: Vec<PackedId> = shard
+            let (examined, removed) = shard
                 .lru
-                .iter()
-                .rev()
-                .take(examine)
-                .filter(|(_, slot)| slot.expires_at_ms() <= now_ms)
-                .map(|(key, _)| *key)
-                .collect();
-            for id in &expired {
-                if let Some(old) = shard.lru.pop(id) {
-                    self.unaccount(&old);
-                }
+                .sweep(budget, |slot| slot.expires_at_ms() <= now_ms);
+            budget -= examined;
+            for old in &removed {
+                self.unaccount(old);
             }
-            purged += expired.len();
+            purged += removed.len();
         }
         Ok(purged)
     }
@@ -523,13 +621,17 @@ mod tests {
     }
 
     #[test]
-    fn an_entry_larger_than_the_byte_bound_is_not_stored_and_evicts_nothing() {
+    fn an_entry_larger_than_the_byte_bound_is_refused_and_evicts_nothing() {
         let store = MemoryStore::builder().max_bytes(50).build().unwrap();
         store.put(id(0), sess(40, 100)).unwrap();
-        store.put(id(1), sess(60, 100)).unwrap();
+        assert!(matches!(
+            store.put(id(1), sess(60, 100)),
+            Err(StoreError::TooLarge { len: 60, max: 50 })
+        ));
         assert!(store.contains(&id(0)));
         assert!(!store.contains(&id(1)));
         assert_eq!(store.bytes().unwrap(), 40);
+        assert_eq!(store.evictions(), EvictionStats::default());
     }
 
     #[test]
@@ -559,12 +661,60 @@ mod tests {
                 .unwrap();
         }
         let now = UNIX_EPOCH + Duration::from_secs(100);
+        // The hand walks the slab in insertion order here: 4 examined, 2 of them expired.
         assert_eq!(store.purge_expired(now, 4).unwrap(), 2);
+        assert_eq!(store.purge_expired(now, 0).unwrap(), 0);
         assert_eq!(store.purge_expired(now, 100).unwrap(), 3);
         assert_eq!(store.len().unwrap(), 5);
         store
             .for_each(&mut |_, s| assert!(!s.is_expired(now)))
             .unwrap();
+    }
+
+    #[test]
+    fn for_each_walks_from_the_least_to_the_most_recently_used() {
+        let store = MemoryStore::builder().shards(1).build().unwrap();
+        for i in 0..5 {
+            store.put(id(i), sess(10, 100)).unwrap();
+        }
+        store.get(&id(1)).unwrap();
+        store.put(id(3), sess(11, 100)).unwrap();
+        let mut order = Vec::new();
+        store.for_each(&mut |i, _| order.push(*i)).unwrap();
+        assert_eq!(order, [0, 2, 4, 1, 3].map(id));
+    }
+
+    #[test]
+    fn for_each_interleaves_shards_in_proportion() {
+        // Shard 0 holds 4 entries, shard 1 holds 2: ranks 1/8, 3/8, 5/8, 7/8 and 1/4, 3/4.
+        let store = MemoryStore::builder().shards(2).build().unwrap();
+        let mut by_shard = [Vec::new(), Vec::new()];
+        let mut i = 0;
+        while by_shard[0].len() < 4 || by_shard[1].len() < 2 {
+            let s = store.shard_index(&PackedId::of(&id(i)));
+            if by_shard[s].len() < [4, 2][s] {
+                store.put(id(i), sess(10, 100)).unwrap();
+                by_shard[s].push(id(i));
+            }
+            i += 1;
+        }
+        let mut order = Vec::new();
+        store.for_each(&mut |i, _| order.push(*i)).unwrap();
+        let [a, b] = by_shard;
+        assert_eq!(order, [a[0], b[0], a[1], a[2], b[1], a[3]]);
+    }
+
+    #[test]
+    fn clear_empties_every_shard_and_the_counters() {
+        let store = MemoryStore::builder().shards(4).build().unwrap();
+        for i in 0..50 {
+            store.put(id(i), sess(10, 100)).unwrap();
+        }
+        store.clear().unwrap();
+        assert_eq!((store.len().unwrap(), store.bytes().unwrap()), (0, 0));
+        assert!(store.get(&id(3)).unwrap().is_none());
+        store.put(id(3), sess(10, 100)).unwrap();
+        assert_eq!(store.len().unwrap(), 1);
     }
 
     #[test]

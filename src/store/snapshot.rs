@@ -15,12 +15,21 @@
 //! changing the header is detected before anything is loaded. The header's key id names the key
 //! that sealed everything; a ring without it refuses the file as foreign.
 //!
-//! [`save_snapshot`] writes a temporary file next to the target, syncs it and renames it over,
-//! so a crash mid-write leaves the previous snapshot intact. [`load_snapshot`] validates the
-//! whole file before it inserts anything: a refused snapshot adds nothing to the store.
+//! Entries are written from the least to the most recently used (the order of
+//! [`MemoryStore`](crate::MemoryStore)'s walk), and loading inserts them in file order, so a
+//! reloaded store evicts the sessions that were cold before the restart first.
+//!
+//! # The file on disk
+//!
+//! [`save_snapshot`] writes an exclusively created (`O_EXCL`), randomly named temporary file
+//! next to the target, readable by the owner only, syncs it, renames it over the target and
+//! syncs the directory: a crash mid-write leaves the previous snapshot intact (and perhaps a
+//! `.NAME.*.tmp` file beside it), and a file or link planted at any name is never written
+//! through. [`load_snapshot`] opens without following a symbolic link and without blocking,
+//! reads only a regular file, and never more than [`MAX_SNAPSHOT_BYTES`] (a FIFO, a device or a
+//! link is refused at once). It validates the whole file before it inserts anything: a refused
+//! snapshot adds nothing to the store.
 
-use std::fs;
-use std::io::Write;
 use std::path::Path;
 use std::time::SystemTime;
 
@@ -28,6 +37,7 @@ use openssl::sha::sha256;
 
 use crate::error::{Error, StoreError};
 use crate::store::envelope::{envelope_key_id, KeyRing, DOMAIN_SNAPSHOT, OVERHEAD};
+use crate::store::file::{self, Links, ReadError};
 use crate::store::{SessionId, SessionStoreAdmin, StoredSession, MAX_SESSION_ID_LEN};
 
 /// The first bytes of a snapshot file.
@@ -42,7 +52,8 @@ const TRAILER_CONTEXT: &[u8] = b"snapshot trailer v1";
 const TRAILER_LEN: usize = OVERHEAD + 32;
 
 /// Writes every unexpired session of `store` to an encrypted snapshot at `path`, atomically
-/// (temporary file, sync, rename). Returns the number of sessions written.
+/// (exclusive temporary file, sync, rename, directory sync), in the order of the store's
+/// [`for_each`](SessionStoreAdmin::for_each). Returns the number of sessions written.
 ///
 /// # Errors
 /// [`Error::Store`] if the store cannot be walked or a session cannot be sealed; [`Error::Io`]
@@ -82,16 +93,20 @@ pub fn save_snapshot(
     let trailer = ring.seal_raw(DOMAIN_SNAPSHOT, TRAILER_CONTEXT, &digest)?;
     buf.extend_from_slice(&trailer);
 
-    write_atomically(path, &buf)?;
+    file::write_atomically(path, &buf)?;
     Ok(sessions.len())
 }
 
-/// Loads the snapshot at `path` into `store`, skipping sessions expired at `now`. Returns the
-/// number of sessions inserted.
+/// Loads the snapshot at `path` into `store`, skipping sessions expired at `now`, in file
+/// order (so the last saved is the most recently used). Returns the number of sessions
+/// inserted.
 ///
-/// The whole file is checked first (magic, version, key id, structure, the authenticated
-/// trailer, every entry); a truncated, corrupt or foreign snapshot is refused with an error that
-/// says which, and nothing is inserted.
+/// The file must be a regular file, not reached through a symbolic link, of at most
+/// [`MAX_SNAPSHOT_BYTES`]; anything else is refused without blocking and without reading. The
+/// whole file is checked first (magic, version, key id, structure, the authenticated trailer,
+/// every entry); a truncated, corrupt or foreign snapshot is refused with an error that says
+/// which, and nothing is inserted. A session larger than the store's byte bound
+/// ([`StoreError::TooLarge`]) is skipped.
 ///
 /// # Errors
 /// [`Error::Io`] if the file cannot be read (`NotFound` if there is none);
@@ -110,19 +125,22 @@ pub fn load_snapshot(
             path.display()
         )))
     };
-    let size = fs::metadata(path)?.len();
-    if size > MAX_SNAPSHOT_BYTES {
-        return Err(refuse(format!(
-            "{size} bytes is over the {MAX_SNAPSHOT_BYTES}-byte limit"
-        )));
-    }
-    let buf = fs::read(path)?;
+    let buf = match file::read_regular(path, MAX_SNAPSHOT_BYTES, Links::Refuse) {
+        Ok((buf, _)) => buf,
+        Err(ReadError::Io(e)) => return Err(Error::Io(e)),
+        Err(ReadError::Refused(why)) => return Err(refuse(why)),
+    };
     let sessions = parse(&buf, ring, now).map_err(refuse)?;
-    let n = sessions.len();
+    let mut inserted = 0;
     for (id, session) in sessions {
-        store.put(id, session)?;
+        match store.put(id, session) {
+            Ok(()) => inserted += 1,
+            // The store could never hold it (a smaller byte bound than the saving store's).
+            Err(StoreError::TooLarge { .. }) => {}
+            Err(e) => return Err(e.into()),
+        }
     }
-    Ok(n)
+    Ok(inserted)
 }
 
 /// Validates and opens a snapshot; returns its unexpired sessions.
@@ -220,46 +238,11 @@ fn parse(
     Ok(out)
 }
 
-fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), Error> {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    let name = path.file_name().ok_or_else(|| {
-        Error::Config(format!("snapshot path {} has no file name", path.display()))
-    })?;
-    let tmp = dir.join(format!(
-        ".{}.tmp-{}",
-        name.to_string_lossy(),
-        std::process::id()
-    ));
-    let mut opts = fs::OpenOptions::new();
-    opts.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        opts.mode(0o600);
-    }
-    let result = (|| {
-        let mut f = opts.open(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        fs::rename(&tmp, path)?;
-        // Make the rename itself durable (best effort: not every platform opens directories).
-        if let Ok(d) = fs::File::open(dir) {
-            let _ = d.sync_all();
-        }
-        Ok::<(), std::io::Error>(())
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    Ok(result?)
-}
-
 #[cfg(test)]
 mod tests {
     use std::time::{Duration, UNIX_EPOCH};
+
+    use std::fs;
 
     use super::*;
     use crate::store::SessionStore;
