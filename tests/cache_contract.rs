@@ -332,7 +332,12 @@ fn the_purge_thread_is_joined_when_the_last_user_goes() {
         .purge_interval(Duration::from_secs(3600))
         .build()
         .unwrap();
-    assert_eq!(purge_threads(), 1);
+    // The thread names itself once it runs.
+    let end = std::time::Instant::now() + Duration::from_secs(5);
+    while purge_threads() != 1 {
+        assert!(std::time::Instant::now() < end, "no purge thread");
+        std::thread::sleep(Duration::from_millis(1));
+    }
     let ctx = server_ctx(Proto::Tls12, &cache, false);
     drop(cache);
     assert_eq!(purge_threads(), 1, "a context still uses the cache");
@@ -340,4 +345,20 @@ fn the_purge_thread_is_joined_when_the_last_user_goes() {
     // Joined, not left to notice an hour later.
     assert_eq!(purge_threads(), 0);
     drop(none);
+}
+
+#[test]
+fn a_session_larger_than_the_store_holds_is_an_oversize_reject_not_an_insert() {
+    let origin = SessionCache::builder().build().unwrap();
+    let origin_ctx = server_ctx(Proto::Tls12, &origin, false);
+    let (_, session) = sessions(&origin_ctx, &client_ctx(Proto::Tls12, false));
+    let small = Arc::new(MemoryStore::builder().max_bytes(32).build().unwrap());
+    let cache = SessionCache::builder().store(small).build().unwrap();
+    cache.insert(&session);
+    let s = cache.stats();
+    assert_eq!(
+        (s.inserts, s.rejected_oversize, s.store_errors),
+        (0, 1, 0),
+        "{s:?}"
+    );
 }

@@ -319,3 +319,20 @@ fn redis_hung_during_200_handshakes_holds_up_no_datagram() {
         "the handshakes took {elapsed:?}"
     );
 }
+
+#[test]
+fn a_session_larger_than_the_memory_tier_still_goes_to_redis() {
+    use openssl_session_cache::{MemoryStore, SessionId, SessionStore, StoredSession};
+    let redis = RedisServer::start();
+    let store = RedisStore::builder(redis.url())
+        .key_ring(KeyRing::generate().unwrap())
+        .tier(MemoryStore::builder().max_bytes(16).build().unwrap())
+        .build()
+        .unwrap();
+    let id = SessionId::new(&[3; 32]).unwrap();
+    let expires = std::time::SystemTime::now() + Duration::from_secs(60);
+    store.put(id, StoredSession::new(vec![1; 200], expires)).unwrap();
+    assert!(store.flush(Duration::from_secs(5)));
+    let got = store.get(&id).unwrap().expect("the session reached Redis");
+    assert_eq!(got.data(), &[1; 200][..]);
+}

@@ -654,6 +654,10 @@ impl Inner {
         }
         match self.store.put(id, StoredSession::new(stored, expires_at)) {
             Ok(()) => Counters::bump(&self.counters.inserts),
+            Err(crate::StoreError::TooLarge { len, max }) => {
+                tracing::debug!(len, max, "session larger than the store holds");
+                Counters::bump(&self.counters.rejected_oversize);
+            }
             Err(e) => {
                 tracing::debug!(error = %e, "session store put failed");
                 Counters::bump(&self.counters.store_errors);

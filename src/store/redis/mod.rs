@@ -663,7 +663,11 @@ impl SessionStore for RedisStore {
             };
         }
         if let Some(tier) = &s.tier {
-            tier.put(id, session.clone())?;
+            // A session larger than the tier holds still goes to Redis.
+            match tier.put(id, session.clone()) {
+                Ok(()) | Err(StoreError::TooLarge { .. }) => {}
+                Err(e) => return Err(e),
+            }
         }
         match s.queue.put(id, session) {
             Enqueued::Queued => {
