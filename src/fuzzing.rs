@@ -63,6 +63,52 @@ pub fn key_file(data: &[u8]) {
     }
 }
 
+/// A snapshot file's contents through the parse `load_snapshot` uses. The first byte picks the
+/// mode: odd, the rest gets a valid authenticated trailer appended (as if this process had
+/// written it), which reaches the entries behind the trailer's check; even, the rest is the
+/// file as is. Whatever loads holds no expired session, and, put into a one-shard store as
+/// `load_snapshot` does, saves to a snapshot that loads back to the same sessions in the same
+/// order.
+pub fn snapshot_load(data: &[u8]) {
+    use std::time::{SystemTime, UNIX_EPOCH};
+
+    use crate::store::snapshot;
+    use crate::{MemoryStore, SessionStore, SessionStoreAdmin, StoreError};
+
+    let ring = KeyRing::new(1, [9; 32]);
+    let now: SystemTime = UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+    let Some((&mode, body)) = data.split_first() else {
+        return;
+    };
+    let mut file = body.to_vec();
+    if mode & 1 == 1 {
+        file.extend(snapshot::trailer(&ring, body).expect("sealing a trailer"));
+    }
+    let Ok(sessions) = snapshot::parse(&file, &ring, now) else {
+        return;
+    };
+    let store = MemoryStore::builder()
+        .shards(1)
+        .max_entries(1 << 16)
+        .max_bytes(1 << 26)
+        .build()
+        .expect("store");
+    for (id, session) in &sessions {
+        assert!(!session.is_expired(now), "an expired session loaded");
+        match store.put(*id, session.clone()) {
+            Ok(()) | Err(StoreError::TooLarge { .. }) => {}
+            Err(e) => panic!("a memory store put failed: {e}"),
+        }
+    }
+    let mut walked = Vec::new();
+    store
+        .for_each(&mut |id, s| walked.push((*id, s.clone())))
+        .expect("walk");
+    let saved = snapshot::encode(&walked, &ring).expect("a loaded store saves");
+    let again = snapshot::parse(&saved, &ring, now).expect("a saved snapshot loads");
+    assert_eq!(again, walked, "the reloaded sessions differ");
+}
+
 /// One datagram from an unknown or known peer, through the parsers that see it before OpenSSL:
 /// the ClientHello parser (and what it builds from one), the record screen and the handshake
 /// budget.
@@ -191,5 +237,6 @@ mod tests {
         assert!(on_corpus("datagram", super::datagram) > 0);
         assert!(on_corpus("endpoint", super::endpoint) > 0);
         assert!(on_corpus("cookie", super::cookie) > 0);
+        assert!(on_corpus("snapshot_load", super::snapshot_load) > 0);
     }
 }

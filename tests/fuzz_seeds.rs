@@ -107,6 +107,32 @@ fn write_seed_corpora() {
     std::fs::write(dir.join("cookie-then-flights"), &seq).unwrap();
     seq.extend_from_slice(&[0, 2, 0, 0]);
     std::fs::write(dir.join("then-a-second"), &seq).unwrap();
+    // Snapshots sealed with the target's ring, at the target's "now" (2023-11-14T22:13:20Z).
+    let dir = corpus("snapshot_load");
+    let now = std::time::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+    let ring = KeyRing::new(1, [9; 32]);
+    let store = MemoryStore::builder().shards(1).build().unwrap();
+    for i in 0..4u8 {
+        let id = SessionId::new(&[i; 32]).unwrap();
+        let s = StoredSession::new(vec![i; 60], now + Duration::from_secs(3600 * u64::from(i)));
+        openssl_session_cache::SessionStore::put(&store, id, s).unwrap();
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("s.snap");
+    openssl_session_cache::save_snapshot(&store, &path, &ring, now).unwrap();
+    let file = std::fs::read(&path).unwrap();
+    let mut whole = vec![0u8];
+    whole.extend_from_slice(&file);
+    std::fs::write(dir.join("valid-file"), whole).unwrap();
+    // Mode 1: the target appends the trailer itself.
+    let mut body = vec![1u8];
+    // The trailer is an envelope of a 32-byte digest: as long as any 32-byte envelope.
+    let trailer_len = ring
+        .seal(&SessionId::new(&[0; 8]).unwrap(), &[0; 32])
+        .unwrap()
+        .len();
+    body.extend_from_slice(&file[..file.len() - trailer_len]);
+    std::fs::write(dir.join("body-for-a-fresh-trailer"), body).unwrap();
     let dir = corpus("cookie");
     std::fs::write(dir.join("short"), [7u8, 1, 2, 3]).unwrap();
     std::fs::write(dir.join("full-length"), [9u8; 33]).unwrap();

@@ -71,6 +71,13 @@ pub fn save_snapshot(
             sessions.push((*id, s.clone()));
         }
     })?;
+    let buf = encode(&sessions, ring)?;
+    file::write_atomically(path, &buf)?;
+    Ok(sessions.len())
+}
+
+/// The snapshot file's bytes for `sessions`, sealed with `ring`.
+pub(crate) fn encode(sessions: &[(SessionId, StoredSession)], ring: &KeyRing) -> Result<Vec<u8>, Error> {
     let count = u32::try_from(sessions.len())
         .map_err(|_| Error::Config("too many sessions for one snapshot".into()))?;
 
@@ -80,7 +87,7 @@ pub fn save_snapshot(
     buf.push(SNAPSHOT_VERSION);
     buf.extend_from_slice(&ring.active_key_id().to_be_bytes());
     buf.extend_from_slice(&count.to_be_bytes());
-    for (id, session) in &sessions {
+    for (id, session) in sessions {
         let env = ring.seal_session(id, session)?;
         buf.push(id.as_bytes().len() as u8);
         buf.extend_from_slice(id.as_bytes());
@@ -93,8 +100,13 @@ pub fn save_snapshot(
     let trailer = ring.seal_raw(DOMAIN_SNAPSHOT, TRAILER_CONTEXT, &digest)?;
     buf.extend_from_slice(&trailer);
 
-    file::write_atomically(path, &buf)?;
-    Ok(sessions.len())
+    Ok(buf)
+}
+
+/// The authenticated trailer the snapshot `body` (everything before it) ends with.
+#[cfg(feature = "__fuzzing")]
+pub(crate) fn trailer(ring: &KeyRing, body: &[u8]) -> Result<Vec<u8>, Error> {
+    Ok(ring.seal_raw(DOMAIN_SNAPSHOT, TRAILER_CONTEXT, &sha256(body))?)
 }
 
 /// Loads the snapshot at `path` into `store`, skipping sessions expired at `now`, in file
@@ -144,7 +156,7 @@ pub fn load_snapshot(
 }
 
 /// Validates and opens a snapshot; returns its unexpired sessions.
-fn parse(
+pub(crate) fn parse(
     buf: &[u8],
     ring: &KeyRing,
     now: SystemTime,
