@@ -131,7 +131,10 @@ impl Peer {
 
     /// Takes the datagrams OpenSSL wrote.
     pub(crate) fn take_outbound(&mut self) -> Vec<Vec<u8>> {
-        self.stream.get_mut().take_outbound()
+        let pipe = self.stream.get_mut();
+        let out = pipe.take_outbound();
+        pipe.free_empty_queues();
+        out
     }
 
     /// Drops whatever OpenSSL wrote so far (the HelloVerifyRequest answering a reconstructed
@@ -147,6 +150,8 @@ impl Peer {
             self.drive_inner(progress);
         }
         self.update_deadline(now);
+        // An idle peer keeps no queue storage.
+        self.stream.get_mut().free_empty_queues();
     }
 
     fn drive_inner(&mut self, progress: &mut Vec<Progress>) {
