@@ -24,6 +24,7 @@
 //! cargo run --release --example idle_peer_memory -- --peers 2000,20000 --sites
 //! IDLE_MEM_PLAIN=1 cargo run --release --example idle_peer_memory -- --peers 2000,20000
 //! cargo run --release --example idle_peer_memory -- --peers 2000 --resume
+//! IDLE_MEM_PLAIN=1 cargo run --release --example idle_peer_memory -- --echo-rounds 20000
 //! ```
 #![allow(unsafe_code, missing_docs)]
 
@@ -444,6 +445,10 @@ struct Args {
     /// Print the backtraces of what the handling of the last peer left allocated.
     #[arg(long)]
     trace: bool,
+    /// After the last measurement, time this many 32-byte round trips (a record in, the
+    /// application's answer out) on one more peer, the server side only; best of 5.
+    #[arg(long, default_value_t = 0)]
+    echo_rounds: usize,
 }
 
 struct Client {
@@ -642,8 +647,50 @@ fn measure(args: &Args, n: usize, last: bool) -> Figures {
     if args.trace && last && counting() {
         print_traces();
     }
+    if args.echo_rounds > 0 && last {
+        echo_rounds(&mut ep, &cctx, args.echo_rounds, now);
+    }
     drop(ep);
     f
+}
+
+/// Times `rounds` round trips of one peer among the idle ones: the server's side (handle, the
+/// application's answer, poll_transmit) only; best of 5 runs.
+fn echo_rounds(ep: &mut Endpoint, cctx: &SslContext, rounds: usize, now: Instant) {
+    let from = SocketAddr::from(([192, 0, 2, 2], 2));
+    let mut c = Client::new(cctx, None);
+    pump(ep, &mut c, from, now);
+    assert!(c.established);
+    let mut best = f64::MAX;
+    for _ in 0..5 {
+        let mut spent = Duration::ZERO;
+        for _ in 0..rounds {
+            c.stream.ssl_write(&[0x42; 32]).unwrap();
+            let out = c.stream.get_mut().take_outbound();
+            let t = Instant::now();
+            let back = server(|| {
+                for d in out {
+                    ep.handle(now, from, &d);
+                }
+                while let Some(e) = ep.poll_event() {
+                    if let Event::Data { peer, data } = e {
+                        ep.send(peer, &data).unwrap();
+                    }
+                }
+                std::iter::from_fn(|| ep.poll_transmit()).collect::<Vec<_>>()
+            });
+            spent += t.elapsed();
+            for b in back {
+                c.stream.get_mut().push(b.payload);
+            }
+            c.drive();
+        }
+        best = best.min(spent.as_secs_f64() / rounds as f64);
+    }
+    println!(
+        "round trip, server side: {:.2} us (best of 5 x {rounds})",
+        best * 1e6
+    );
 }
 
 fn print_traces() {
