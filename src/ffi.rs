@@ -175,8 +175,8 @@ fn free_buffers_supported(version: i64) -> bool {
 ///
 /// An established DTLS connection holds a read buffer (16.7 KB) and a write buffer (16.6 KB)
 /// whether or not anything moves. `SSL_MODE_RELEASE_BUFFERS` does not release them for DTLS
-/// (OpenSSL 3.0 tests `!SSL_IS_DTLS(s)` in the two places where it releases them, `ssl3_read_n`
-/// and `ssl3_write_bytes`, and the DTLS read and write paths never do), so
+/// (OpenSSL 3.0 tests `!SSL_IS_DTLS(s)` where the shared paths release them, `ssl3_read_n` and
+/// `ssl3_write_bytes`, and DTLS's own read and write paths never do), so
 /// [`release_buffers`](Self::release_buffers) calls `SSL_free_buffers`, and every call into
 /// OpenSSL that may read or write on the connection goes through [`with`](Self::with), which sets
 /// them up again first (`SSL_alloc_buffers`). That is needed: OpenSSL 3.0's DTLS read path sets
@@ -243,10 +243,13 @@ impl<S: Read + Write> LeanStream<S> {
             // records queued for a later epoch or read early (`rlayer.d`) own buffers of their
             // own, and the retained last flight (`d1->sent_messages`, `init_buf`) is not
             // touched. Afterwards a null buffer is only dereferenced by the DTLS write path
-            // (see the type's docs), and OpenSSL only runs it inside SSL_write, SSL_shutdown,
-            // SSL_do_handshake, SSL_read, SSL_peek and DTLSv1_handle_timeout. rust-openssl calls
-            // the first five only on an `SslStream` (`&mut`), and binds none of them, nor any
-            // other call that writes, on `SslRef`; nothing in this crate sends
+            // (see the type's docs), and OpenSSL only runs it inside the calls that do I/O on
+            // the connection: SSL_write, SSL_shutdown, SSL_do_handshake (SSL_accept,
+            // SSL_connect), SSL_read, SSL_peek (the `_ex` forms, and the TLS 1.3-only early data
+            // and stateless calls) and DTLSv1_handle_timeout. rust-openssl makes all but the
+            // last only on an `SslStream` (`&mut`), and none of them, nor any other call that
+            // writes, on `SslRef` (what reads the record layer there, such as SSL_pending,
+            // reads lengths, never the buffers); nothing in this crate sends
             // DTLS_CTRL_HANDLE_TIMEOUT. This type never lends `&mut SslStream` but in `with`,
             // after SSL_alloc_buffers succeeded, and `ssl()` lends only `&SslRef`; callbacks
             // OpenSSL runs on this connection run inside those calls and are given an
