@@ -5,12 +5,15 @@
 //! server needs a few unbound calls too, so they share this one module instead.)
 #![allow(unsafe_code)]
 
+use std::io::{Read, Write};
 use std::time::Duration;
 
 use foreign_types::{ForeignType, ForeignTypeRef};
 use libc::{c_int, c_void};
 use openssl::error::ErrorStack;
-use openssl::ssl::{SslCipherRef, SslContextBuilder, SslRef, SslSession, SslSessionRef};
+use openssl::ssl::{
+    ShutdownState, SslCipherRef, SslContextBuilder, SslRef, SslSession, SslSessionRef, SslStream,
+};
 use openssl::x509::X509Ref;
 
 extern "C" {
@@ -29,6 +32,8 @@ extern "C" {
     fn DTLSv1_listen(s: *mut openssl_sys::SSL, client: *mut BioAddr) -> c_int;
     fn BIO_ADDR_new() -> *mut BioAddr;
     fn BIO_ADDR_free(a: *mut BioAddr);
+    fn SSL_free_buffers(ssl: *mut openssl_sys::SSL) -> c_int;
+    fn SSL_alloc_buffers(ssl: *mut openssl_sys::SSL) -> c_int;
     fn OSSL_PARAM_construct_utf8_string(
         key: *const libc::c_char,
         buf: *mut libc::c_char,
@@ -191,6 +196,117 @@ pub(crate) fn dtls_get_timeout(ssl: &SslRef) -> Option<Duration> {
             u32::try_from(tv.tv_usec).unwrap_or(0).saturating_mul(1000),
         )
     })
+}
+
+/// Whether `SSL_free_buffers` of the OpenSSL running here is the one [`LeanStream`] relies on:
+/// the 3.0 / 3.1 record layer, from the releases that also refuse while decrypted data is unread
+/// (the fix of CVE-2024-4741: 3.0.14, 3.1.6). 3.2 rewrote the record layer; there the buffers
+/// are simply kept.
+fn free_buffers_supported(version: i64) -> bool {
+    (0x3000_00e0..0x3010_0000).contains(&version) || (0x3010_0060..0x3020_0000).contains(&version)
+}
+
+/// A DTLS connection whose record-layer buffers are released while it is idle.
+///
+/// An established DTLS connection holds a read buffer (16.7 KB) and a write buffer (16.6 KB)
+/// whether or not anything moves. `SSL_MODE_RELEASE_BUFFERS` does not release them for DTLS
+/// (OpenSSL 3.0 tests `!SSL_IS_DTLS(s)` where the shared paths release them, `ssl3_read_n` and
+/// `ssl3_write_bytes`, and DTLS's own read and write paths never do), so
+/// [`release_buffers`](Self::release_buffers) calls `SSL_free_buffers`, and every call into
+/// OpenSSL that may read or write on the connection goes through [`with`](Self::with), which sets
+/// them up again first (`SSL_alloc_buffers`). That is needed: OpenSSL 3.0's DTLS read path sets
+/// its buffers up when they are missing, but its write path (`do_dtls1_write`, reached by
+/// `SSL_write`, `SSL_shutdown`, alerts, and the retransmission of a flight) writes through the
+/// write buffer's pointer without checking it.
+pub(crate) struct LeanStream<S> {
+    /// Private: the only `&mut` to it is the one [`with`](Self::with) lends.
+    stream: SslStream<S>,
+    /// `SSL_free_buffers` released the buffers and nothing set them up again yet.
+    released: bool,
+}
+
+impl<S: Read + Write> LeanStream<S> {
+    /// Wraps `stream` (its buffers, if any, are kept until [`release_buffers`](Self::release_buffers)).
+    pub(crate) fn new(stream: SslStream<S>) -> Self {
+        Self {
+            stream,
+            released: false,
+        }
+    }
+
+    /// The connection, to read its state (cipher, timer, session, certificates).
+    pub(crate) fn ssl(&self) -> &SslRef {
+        self.stream.ssl()
+    }
+
+    /// The transport under the connection.
+    pub(crate) fn get_ref(&self) -> &S {
+        self.stream.get_ref()
+    }
+
+    /// The transport under the connection (to queue datagrams and take what OpenSSL wrote).
+    pub(crate) fn get_mut(&mut self) -> &mut S {
+        self.stream.get_mut()
+    }
+
+    /// Runs `f` on the stream with its buffers set up. `None`, and `f` is not run, if they were
+    /// released and OpenSSL cannot allocate them again.
+    pub(crate) fn with<R>(&mut self, f: impl FnOnce(&mut SslStream<S>) -> R) -> Option<R> {
+        if self.released {
+            // SAFETY: the SSL is live (owned by `stream`). SSL_alloc_buffers is
+            // ssl3_setup_buffers: it allocates a missing read buffer and a missing (or
+            // differently sized) write buffer and touches nothing else; it returns 0, leaving
+            // a buffer missing, only when an allocation failed.
+            if unsafe { SSL_alloc_buffers(self.stream.ssl().as_ptr()) } != 1 {
+                return None;
+            }
+            self.released = false;
+        }
+        Some(f(&mut self.stream))
+    }
+
+    /// Releases the connection's read and write buffers (`SSL_free_buffers`) if nothing is
+    /// pending in them; returns whether they are released now. A no-op where the OpenSSL
+    /// running here is not one whose `SSL_free_buffers` this relies on (see
+    /// [`free_buffers_supported`]).
+    pub(crate) fn release_buffers(&mut self) -> bool {
+        if !self.released && free_buffers_supported(openssl::version::number()) {
+            // SAFETY: the SSL is live (owned by `stream`). In OpenSSL 3.0.14+ / 3.1.6+,
+            // SSL_free_buffers returns 0 and changes nothing while a record is half read, a
+            // write is pending or decrypted data is unread; otherwise it frees the read and
+            // write buffers, leaving null pointers, no write pipes and no current packet. DTLS
+            // records queued for a later epoch or read early (`rlayer.d`) own buffers of their
+            // own, and the retained last flight (`d1->sent_messages`, `init_buf`) is not
+            // touched. Afterwards a null buffer is only dereferenced by the DTLS write path
+            // (see the type's docs), and OpenSSL only runs it inside the calls that do I/O on
+            // the connection: SSL_write, SSL_shutdown, SSL_do_handshake (SSL_accept,
+            // SSL_connect), SSL_read, SSL_peek (the `_ex` forms, and the TLS 1.3-only early data
+            // and stateless calls) and DTLSv1_handle_timeout. rust-openssl makes all but the
+            // last only on an `SslStream` (`&mut`), and none of them, nor any other call that
+            // writes, on `SslRef` (what reads the record layer there, such as SSL_pending,
+            // reads lengths, never the buffers); nothing in this crate sends
+            // DTLS_CTRL_HANDLE_TIMEOUT. This type never lends `&mut SslStream` but in `with`,
+            // after SSL_alloc_buffers succeeded, and `ssl()` lends only `&SslRef`; callbacks
+            // OpenSSL runs on this connection run inside those calls and are given an
+            // `SslRef`, not the stream. Freeing the SSL with null buffers is fine
+            // (OPENSSL_free(NULL)).
+            self.released = unsafe { SSL_free_buffers(self.stream.ssl().as_ptr()) } == 1;
+        }
+        self.released
+    }
+
+    /// Whether the buffers are released now.
+    #[cfg(test)]
+    pub(crate) fn buffers_released(&self) -> bool {
+        self.released
+    }
+
+    /// Marks the connection's close_notify as sent, which keeps its session resumable when it is
+    /// freed (see `SessionCache::keep_resumable`); writes nothing.
+    pub(crate) fn keep_resumable(&mut self) {
+        let state = self.stream.get_shutdown();
+        self.stream.set_shutdown(state | ShutdownState::SENT);
+    }
 }
 
 /// The body of extension `ext_type` in the ClientHello being processed on `ssl`

@@ -331,7 +331,9 @@ fn a_session_larger_than_the_memory_tier_still_goes_to_redis() {
         .unwrap();
     let id = SessionId::new(&[3; 32]).unwrap();
     let expires = std::time::SystemTime::now() + Duration::from_secs(60);
-    store.put(id, StoredSession::new(vec![1; 200], expires)).unwrap();
+    store
+        .put(id, StoredSession::new(vec![1; 200], expires))
+        .unwrap();
     assert!(store.flush(Duration::from_secs(5)));
     let got = store.get(&id).unwrap().expect("the session reached Redis");
     assert_eq!(got.data(), &[1; 200][..]);

@@ -6,7 +6,7 @@ use openssl::ssl::{ErrorCode, Ssl, SslRef, SslStream};
 
 use super::config::MAX_RECORD_PLAINTEXT;
 use super::pipe::DatagramPipe;
-use crate::{ffi, SessionCache};
+use crate::ffi;
 
 /// What driving a peer produced, besides datagrams.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -25,8 +25,12 @@ pub(crate) enum Progress {
 }
 
 /// A peer's connection.
+///
+/// An established peer keeps no record buffers and no datagram queue storage between calls
+/// ([`rest`](Self::rest)): its `Ssl` sets its buffers up again for each call that reads or writes
+/// ([`ffi::LeanStream`]).
 pub(crate) struct Peer {
-    stream: SslStream<DatagramPipe>,
+    stream: ffi::LeanStream<DatagramPipe>,
     /// Tells this peer's datagrams from those of an earlier peer at the same address.
     pub(crate) id: u64,
     established: bool,
@@ -49,7 +53,8 @@ impl Drop for Peer {
     /// OpenSSL already deleted it itself where one did (a fatal alert sent or received), so the
     /// session is always kept here.
     fn drop(&mut self) {
-        SessionCache::keep_resumable(&mut self.stream);
+        // `SessionCache::keep_resumable`, on a stream that may hold no buffers: only a flag.
+        self.stream.keep_resumable();
     }
 }
 
@@ -84,7 +89,7 @@ impl Peer {
     pub(crate) fn new(mut ssl: Ssl, id: u64) -> Result<Self, openssl::error::ErrorStack> {
         ssl.set_accept_state();
         Ok(Self {
-            stream: SslStream::new(ssl, DatagramPipe::new())?,
+            stream: ffi::LeanStream::new(SslStream::new(ssl, DatagramPipe::new())?),
             id,
             established: false,
             deadline: None,
@@ -93,6 +98,12 @@ impl Peer {
             finished: false,
             min_body: None,
         })
+    }
+
+    /// Whether the record buffers are released now.
+    #[cfg(test)]
+    fn buffers_released(&self) -> bool {
+        self.stream.buffers_released()
     }
 
     /// Whether the handshake has finished.
@@ -131,7 +142,10 @@ impl Peer {
 
     /// Takes the datagrams OpenSSL wrote.
     pub(crate) fn take_outbound(&mut self) -> Vec<Vec<u8>> {
-        self.stream.get_mut().take_outbound()
+        let pipe = self.stream.get_mut();
+        let out = pipe.take_outbound();
+        pipe.free_empty_queues();
+        out
     }
 
     /// Drops whatever OpenSSL wrote so far (the HelloVerifyRequest answering a reconstructed
@@ -144,42 +158,70 @@ impl Peer {
     /// records. Pushes what happened onto `progress`.
     pub(crate) fn drive(&mut self, now: Instant, progress: &mut Vec<Progress>) {
         if !self.finished {
-            self.drive_inner(progress);
+            let established = &mut self.established;
+            let outcome = self
+                .stream
+                .with(|stream| Self::drive_inner(stream, established, progress));
+            match outcome {
+                Some(None) => {}
+                Some(Some(end)) => {
+                    self.finished = true;
+                    progress.push(end);
+                }
+                None => {
+                    tracing::debug!("dtls record buffers cannot be allocated");
+                    self.finished = true;
+                    progress.push(Progress::Failed);
+                }
+            }
         }
         self.update_deadline(now);
+        self.rest();
     }
 
-    fn drive_inner(&mut self, progress: &mut Vec<Progress>) {
-        if !self.established {
-            match self.stream.do_handshake() {
+    /// Releases what an established peer holds only while OpenSSL runs: the record buffers
+    /// (33 KB) and the datagram queues' storage.
+    fn rest(&mut self) {
+        if self.established && !self.finished {
+            self.stream.release_buffers();
+        }
+        self.stream.get_mut().free_empty_queues();
+    }
+
+    /// Runs the handshake, then reads records; `Some` when the connection ended.
+    fn drive_inner(
+        stream: &mut SslStream<DatagramPipe>,
+        established: &mut bool,
+        progress: &mut Vec<Progress>,
+    ) -> Option<Progress> {
+        if !*established {
+            match stream.do_handshake() {
                 Ok(()) => {
-                    self.established = true;
+                    *established = true;
                     progress.push(Progress::Established);
                 }
                 Err(e) if e.code() == ErrorCode::WANT_READ || e.code() == ErrorCode::WANT_WRITE => {
-                    return;
+                    return None;
                 }
                 Err(e) if e.code() == ErrorCode::WANT_CLIENT_HELLO_CB => {
                     progress.push(Progress::Suspended);
-                    return;
+                    return None;
                 }
                 Err(e) => {
                     tracing::debug!(error = %e, "dtls handshake failed");
-                    self.finished = true;
-                    progress.push(Progress::Failed);
-                    return;
+                    return Some(Progress::Failed);
                 }
             }
         }
         let mut buf = [0u8; MAX_RECORD_PLAINTEXT];
-        let outcome = loop {
-            match self.stream.ssl_read(&mut buf) {
+        loop {
+            match stream.ssl_read(&mut buf) {
                 Ok(0) => continue,
                 Ok(n) => progress.push(Progress::Data(buf[..n].to_vec())),
                 Err(e) if e.code() == ErrorCode::WANT_READ => break None,
                 Err(e) if e.code() == ErrorCode::ZERO_RETURN => {
                     // close_notify: answer with ours, which also keeps the session resumable.
-                    let _ = self.stream.shutdown();
+                    let _ = stream.shutdown();
                     break Some(Progress::Closed);
                 }
                 Err(e) => {
@@ -187,10 +229,6 @@ impl Peer {
                     break Some(Progress::Failed);
                 }
             }
-        };
-        if let Some(p) = outcome {
-            self.finished = true;
-            progress.push(p);
         }
     }
 
@@ -201,14 +239,20 @@ impl Peer {
         if self.finished {
             return Err(());
         }
-        match self.stream.ssl_write(data) {
-            Ok(_) => Ok(()),
-            Err(e) => {
+        let written = match self.stream.with(|stream| stream.ssl_write(data)) {
+            Some(Ok(_)) => Ok(()),
+            Some(Err(e)) => {
                 tracing::debug!(error = %e, "dtls write failed");
-                self.finished = true;
                 Err(())
             }
-        }
+            None => {
+                tracing::debug!("dtls record buffers cannot be allocated");
+                Err(())
+            }
+        };
+        self.finished |= written.is_err();
+        self.rest();
+        written
     }
 
     /// Runs the DTLS retransmission timer if it expired; `Failed` after too many retransmissions.
@@ -232,9 +276,129 @@ impl Peer {
     /// resumable.
     pub(crate) fn close(&mut self) {
         if self.established && !self.finished {
-            let _ = self.stream.shutdown();
+            let _ = self.stream.with(|stream| stream.shutdown());
         }
         self.finished = true;
         self.deadline = None;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use openssl::ssl::{ShutdownState, SslContext, SslMethod, SslOptions, SslVerifyMode};
+
+    use super::*;
+
+    /// A DTLS 1.2 server `Ssl` (no cookie exchange: the endpoint's is tested with it).
+    fn server_ssl() -> Ssl {
+        let (cert, key) = crate::self_signed_certificate().unwrap();
+        let mut ctx = SslContext::builder(SslMethod::dtls_server()).unwrap();
+        ctx.set_certificate(&cert).unwrap();
+        ctx.set_private_key(&key).unwrap();
+        ctx.set_options(SslOptions::NO_QUERY_MTU);
+        let ctx = ctx.build();
+        let mut ssl = Ssl::new(&ctx).unwrap();
+        ssl.set_mtu(1400).unwrap();
+        ssl
+    }
+
+    fn client() -> SslStream<DatagramPipe> {
+        let mut ctx = SslContext::builder(SslMethod::dtls_client()).unwrap();
+        ctx.set_verify(SslVerifyMode::NONE);
+        ctx.set_options(SslOptions::NO_QUERY_MTU | SslOptions::NO_TICKET);
+        let mut ssl = Ssl::new(&ctx.build()).unwrap();
+        ssl.set_mtu(1400).unwrap();
+        ssl.set_connect_state();
+        SslStream::new(ssl, DatagramPipe::new()).unwrap()
+    }
+
+    /// Runs the client's handshake (or reads its records) and returns what it sent.
+    fn drive_client(c: &mut SslStream<DatagramPipe>, got: &mut Vec<Vec<u8>>) -> Vec<Vec<u8>> {
+        if let Err(e) = c.do_handshake() {
+            assert_eq!(e.code(), ErrorCode::WANT_READ, "{e}");
+        } else {
+            let mut buf = [0u8; 2048];
+            loop {
+                match c.ssl_read(&mut buf) {
+                    Ok(n) => got.push(buf[..n].to_vec()),
+                    Err(e) if e.code() == ErrorCode::WANT_READ => break,
+                    Err(e) if e.code() == ErrorCode::ZERO_RETURN => break,
+                    Err(e) => panic!("client read: {e}"),
+                }
+            }
+        }
+        c.get_mut().take_outbound()
+    }
+
+    fn feed(peer: &mut Peer, datagrams: Vec<Vec<u8>>, progress: &mut Vec<Progress>) {
+        for d in datagrams {
+            peer.push(d);
+            peer.drive(Instant::now(), progress);
+        }
+    }
+
+    #[test]
+    fn an_established_peer_holds_no_record_buffers_and_still_resends_sends_and_closes() {
+        let mut peer = Peer::new(server_ssl(), 1).unwrap();
+        let mut c = client();
+        let mut got = Vec::new();
+        let mut progress = Vec::new();
+        // ClientHello; the server's first flight; the client's last flight.
+        let hello = drive_client(&mut c, &mut got);
+        feed(&mut peer, hello, &mut progress);
+        assert!(!peer.buffers_released(), "kept during the handshake");
+        for d in peer.take_outbound() {
+            c.get_mut().push(d);
+        }
+        let last = drive_client(&mut c, &mut got);
+        feed(&mut peer, last, &mut progress);
+        assert_eq!(progress, vec![Progress::Established]);
+        assert!(
+            peer.buffers_released(),
+            "released once established and idle"
+        );
+        assert_eq!(peer.stream.get_ref().inbound_len(), 0);
+        // The server's last flight (ChangeCipherSpec, Finished) is lost.
+        let lost = peer.take_outbound();
+        assert!(!lost.is_empty());
+        assert!(c.do_handshake().is_err(), "the client waits for it");
+        // The client's timer (1 s, OpenSSL's real clock) resends its flight; the server, its
+        // buffers set up again for the read, answers from the flight it kept.
+        std::thread::sleep(Duration::from_millis(1100));
+        let again = drive_client(&mut c, &mut got);
+        assert!(!again.is_empty(), "the client resent its flight");
+        feed(&mut peer, again, &mut progress);
+        assert!(peer.buffers_released());
+        let resent = peer.take_outbound();
+        assert!(!resent.is_empty(), "the server resent its last flight");
+        for d in resent {
+            c.get_mut().push(d);
+        }
+        assert!(drive_client(&mut c, &mut got).is_empty());
+        c.do_handshake()
+            .expect("the resent flight completed the handshake");
+        // A send on released buffers (the write path needs them set up first), a record from
+        // the client, then a close.
+        peer.write(b"from the server").unwrap();
+        assert!(peer.buffers_released());
+        for d in peer.take_outbound() {
+            c.get_mut().push(d);
+        }
+        drive_client(&mut c, &mut got);
+        assert_eq!(got, vec![b"from the server".to_vec()]);
+        c.ssl_write(b"from the client").unwrap();
+        let record = c.get_mut().take_outbound();
+        progress.clear();
+        feed(&mut peer, record, &mut progress);
+        assert_eq!(progress, vec![Progress::Data(b"from the client".to_vec())]);
+        assert!(peer.buffers_released());
+        peer.close();
+        for d in peer.take_outbound() {
+            c.get_mut().push(d);
+        }
+        drive_client(&mut c, &mut got);
+        assert!(c.get_shutdown().contains(ShutdownState::RECEIVED));
     }
 }

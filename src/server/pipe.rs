@@ -63,6 +63,17 @@ impl DatagramPipe {
         self.outbound.clear();
     }
 
+    /// Frees the storage of each queue that is empty, so that an idle connection's pipe holds
+    /// none (a queue keeps its storage otherwise, like any `VecDeque`).
+    pub fn free_empty_queues(&mut self) {
+        if self.inbound.is_empty() {
+            self.inbound = VecDeque::new();
+        }
+        if self.outbound.is_empty() {
+            self.outbound = VecDeque::new();
+        }
+    }
+
     /// Datagrams pushed and not read yet.
     pub fn inbound_len(&self) -> usize {
         self.inbound.len()
@@ -128,5 +139,16 @@ mod tests {
         p.write_all(b"x").unwrap();
         p.clear_outbound();
         assert_eq!(p.outbound_len(), 0);
+        p.push(b"kept".to_vec());
+        p.free_empty_queues();
+        assert_eq!(p.outbound.capacity(), 0, "an empty queue keeps no storage");
+        assert_eq!(
+            p.inbound_len(),
+            1,
+            "a queue that holds datagrams keeps them"
+        );
+        assert_eq!(p.read(&mut big).unwrap(), 4);
+        p.free_empty_queues();
+        assert_eq!(p.inbound.capacity(), 0);
     }
 }

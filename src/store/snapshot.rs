@@ -77,7 +77,10 @@ pub fn save_snapshot(
 }
 
 /// The snapshot file's bytes for `sessions`, sealed with `ring`.
-pub(crate) fn encode(sessions: &[(SessionId, StoredSession)], ring: &KeyRing) -> Result<Vec<u8>, Error> {
+pub(crate) fn encode(
+    sessions: &[(SessionId, StoredSession)],
+    ring: &KeyRing,
+) -> Result<Vec<u8>, Error> {
     let count = u32::try_from(sessions.len())
         .map_err(|_| Error::Config("too many sessions for one snapshot".into()))?;
 
