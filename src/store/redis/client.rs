@@ -5,10 +5,10 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Instant;
 
-use ::redis::aio::MultiplexedConnection;
 use ::redis::{RedisError, RedisResult};
 
 use super::breaker::Permit;
+use super::runtime::Conn;
 use super::write_behind::Enqueued;
 use super::{bump, id_from_hex, invalidation, is_connection_failure, map_error, Shared};
 use crate::error::StoreError;
@@ -18,6 +18,9 @@ use crate::store::{LookupDone, LookupMode, MemoryStore, SessionId, StoredSession
 pub(crate) enum RunError {
     /// The deadline passed.
     Timeout,
+    /// No connection could be opened (refused, unreachable, TLS handshake or certificate
+    /// verification failed, authentication refused).
+    Connect(RedisError),
     /// Redis (or the connection to it) failed.
     Redis(RedisError),
 }
@@ -26,7 +29,7 @@ impl RunError {
     /// Redis could not be reached or did not answer in time (as opposed to an error reply).
     pub(crate) fn is_unreachable(&self) -> bool {
         match self {
-            Self::Timeout => true,
+            Self::Timeout | Self::Connect(_) => true,
             Self::Redis(e) => is_connection_failure(e),
         }
     }
@@ -37,29 +40,32 @@ impl Shared {
         format!("{}{}", self.prefix, id.to_hex())
     }
 
-    /// Runs `f` on the shared connection, connecting if needed. A connection that turns out
-    /// dead (Redis restarted, the connection was reset: not a timeout) is forgotten and `f`
-    /// runs once more on a fresh one. Re-running is safe for every command used here:
-    /// `SET`/`DEL`/`PUBLISH` are idempotent for this purpose, and a `GETDEL` whose reply was lost
-    /// only loses the session (at most once, never twice).
-    pub(crate) async fn attempt<T, F, Fut>(&self, f: F) -> RedisResult<T>
+    /// Runs `f` on the shared connection, connecting if needed. A single server's connection
+    /// that turns out dead (Redis restarted, the connection was reset: not a timeout) is
+    /// forgotten and `f` runs once more on a fresh one. Re-running is safe for every command
+    /// used here: `SET`/`DEL`/`PUBLISH` are idempotent for this purpose, and a `GETDEL` whose
+    /// reply was lost only loses the session (at most once, never twice). A cluster connection
+    /// retries (redirections, a node's reconnection) itself.
+    pub(crate) async fn attempt<T, F, Fut>(&self, f: F) -> Result<T, RunError>
     where
-        F: Fn(MultiplexedConnection) -> Fut,
+        F: Fn(Conn) -> Fut,
         Fut: Future<Output = RedisResult<T>>,
     {
         let mut retried = false;
         loop {
-            let (generation, conn) = self.link.connection().await?;
+            let (generation, conn) = self.link.connection().await.map_err(RunError::Connect)?;
             match f(conn).await {
                 Ok(v) => return Ok(v),
-                Err(e) if is_connection_failure(&e) && !e.is_timeout() => {
+                Err(e)
+                    if !self.link.is_cluster() && is_connection_failure(&e) && !e.is_timeout() =>
+                {
                     self.link.reset(generation);
                     if retried {
-                        return Err(e);
+                        return Err(RunError::Redis(e));
                     }
                     retried = true;
                 }
-                Err(e) => return Err(e),
+                Err(e) => return Err(RunError::Redis(e)),
             }
         }
     }
@@ -67,11 +73,11 @@ impl Shared {
     /// [`attempt`](Self::attempt) within `deadline`.
     pub(crate) async fn run<T, F, Fut>(&self, deadline: Instant, f: F) -> Result<T, RunError>
     where
-        F: Fn(MultiplexedConnection) -> Fut,
+        F: Fn(Conn) -> Fut,
         Fut: Future<Output = RedisResult<T>>,
     {
         match tokio::time::timeout_at(deadline.into(), self.attempt(f)).await {
-            Ok(r) => r.map_err(RunError::Redis),
+            Ok(r) => r,
             Err(_) => Err(RunError::Timeout),
         }
     }
@@ -93,6 +99,16 @@ impl Shared {
                 bump(&c.timeouts);
                 self.failed(permit, "deadline passed");
                 Err(StoreError::Timeout)
+            }
+            Err(RunError::Connect(e)) => {
+                bump(&c.redis_errors);
+                if e.is_timeout() {
+                    bump(&c.timeouts);
+                }
+                let why = format!("cannot connect to {}: {e}", self.url);
+                self.failed(permit, &why);
+                tracing::debug!(error = %why, "redis session store operation failed");
+                Err(StoreError::Unavailable(format!("redis: {why}")))
             }
             Err(RunError::Redis(e)) => {
                 bump(&c.redis_errors);
@@ -168,13 +184,13 @@ impl Shared {
     pub(crate) async fn remote_lookup(
         self: Arc<Self>,
         id: SessionId,
+        key: String,
         mode: LookupMode,
         permit: Permit,
         deadline: Instant,
         done: LookupDone,
     ) {
         let mark = self.coherence.mark();
-        let key = self.key_for(&id);
         let command = match mode {
             LookupMode::Get => "GET",
             LookupMode::Take => "GETDEL",
@@ -195,13 +211,10 @@ impl Shared {
             let opened = value
                 .map(|v| self.decode_or_drop(&id, &v, mode == LookupMode::Get))
                 .map(|r| (r, conn));
-            Ok::<_, RedisError>(opened)
+            Ok::<_, RunError>(opened)
         })
         .await;
-        let outcome = match timed {
-            Ok(r) => r.map_err(RunError::Redis),
-            Err(_) => Err(RunError::Timeout),
-        };
+        let outcome = timed.unwrap_or(Err(RunError::Timeout));
         let result = match self.settle(permit, outcome) {
             Err(e) => Err(e),
             Ok(None) => Ok(None),
@@ -226,7 +239,7 @@ impl Shared {
     }
 
     /// Publishes the invalidation of `id` on `conn`, on a task of its own.
-    fn publish(self: &Arc<Self>, mut conn: MultiplexedConnection, id: SessionId) {
+    fn publish(self: &Arc<Self>, mut conn: Conn, id: SessionId) {
         let shared = Arc::clone(self);
         tokio::spawn(async move {
             let sent = tokio::time::timeout(
