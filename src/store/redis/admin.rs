@@ -72,7 +72,7 @@ impl RedisStore {
             });
             match ranges {
                 Ok(ranges) => {
-                    topology.update(&ranges);
+                    topology.update(&ranges, |host, port| s.node_link(host, port));
                     return topology
                         .masters()
                         .iter()

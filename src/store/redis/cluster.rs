@@ -1,11 +1,18 @@
-//! Redis Cluster: which master holds a key, and one circuit breaker per master.
+//! Redis Cluster: which master holds a key, one connection and one circuit breaker per master.
 //!
-//! The `redis` crate's cluster client routes every command itself; the store keeps its own copy
-//! of the slot map (`CLUSTER SLOTS`, read at start and every heartbeat) only to pick the circuit
-//! breaker of the master that holds a key. So a master that is down opens its own breaker and
-//! its keys become immediate misses, while lookups and writes of keys on the other masters go on
-//! as before. Until the map is known (and for a slot no master covers) a fallback breaker
-//! stands in.
+//! The store routes each command itself: it keeps the slot map (`CLUSTER SLOTS`, read at start,
+//! every heartbeat, and at once when a master answers `MOVED`) and sends a key's command on the
+//! multiplexed connection of the master that holds the key's slot. Masters share nothing: a
+//! master that is down fails (or times out) only the commands for its own slots, opens its own
+//! breaker, and its keys then become immediate misses, while lookups and writes of keys on the
+//! other masters go on as before. Until the map is known (and for a slot no master covers) a
+//! fallback breaker stands in.
+//!
+//! Why not the `redis` crate's cluster client (`cluster-async`, 1.8): its connection runs one
+//! recovery state machine for the whole cluster, and with a master killed, a burst of lookups
+//! for the dead master's slots sent it into slot refreshes during which no command for any
+//! master was served; in our test every lookup, on the live masters too, ran into the
+//! deadline, and the refresh did not finish while we watched (retries 0, 1 and 3 alike).
 //!
 //! Keys spread over the slots: a key is the prefix plus the session id in hex, and the slot is
 //! the CRC16 of the whole key, unless the key holds a hash tag (`{…}`), which the builder
@@ -20,6 +27,7 @@ use arc_swap::ArcSwap;
 use parking_lot::Mutex;
 
 use super::breaker::SharedBreaker;
+use super::runtime::Link;
 
 /// The number of hash slots of a Redis Cluster.
 pub(crate) const SLOTS: usize = 16384;
@@ -53,10 +61,11 @@ fn crc16(data: &[u8]) -> u16 {
     crc
 }
 
-/// A master: host, port and its breaker.
+/// A master: host, port, its connection and its breaker.
 struct Node {
     host: String,
     port: u16,
+    link: Arc<Link>,
     breaker: Arc<SharedBreaker>,
 }
 
@@ -73,14 +82,19 @@ pub(crate) struct Topology {
     backoff: Duration,
     map: ArcSwap<SlotMap>,
     fallback: Arc<SharedBreaker>,
+    /// Connections to the nodes the store was given, to read the map from.
+    seeds: Vec<Arc<Link>>,
     refreshes: AtomicU64,
     /// Serialises updates, so that two refreshes never race to install their maps.
     updating: Mutex<()>,
+    /// One `CLUSTER SLOTS` at a time; the others wait for its map.
+    pub(crate) refreshing: tokio::sync::Mutex<()>,
 }
 
 impl Topology {
-    /// An empty map: every key uses the fallback breaker until the first refresh.
-    pub(crate) fn new(failures: u32, backoff: Duration) -> Self {
+    /// An empty map: every key uses the fallback breaker until the first refresh, which reads
+    /// the map from one of `seeds`.
+    pub(crate) fn new(failures: u32, backoff: Duration, seeds: Vec<Arc<Link>>) -> Self {
         Self {
             failures,
             backoff,
@@ -89,9 +103,48 @@ impl Topology {
                 owner: vec![NO_NODE; SLOTS].into_boxed_slice(),
             }),
             fallback: SharedBreaker::new(failures, backoff),
+            seeds,
             refreshes: AtomicU64::new(0),
             updating: Mutex::new(()),
+            refreshing: tokio::sync::Mutex::new(()),
         }
+    }
+
+    /// The connection of the master that holds `key`, if the map knows one.
+    pub(crate) fn link_for(&self, key: &[u8]) -> Option<Arc<Link>> {
+        let map = self.map.load();
+        match map.owner[usize::from(key_slot(key))] {
+            NO_NODE => None,
+            i => Some(Arc::clone(&map.nodes[usize::from(i)].link)),
+        }
+    }
+
+    /// Connections to ask for something any node answers (`PUBLISH`, `CLUSTER SLOTS`), best
+    /// first: masters whose breaker is closed, then the others, then the seeds.
+    pub(crate) fn candidates(&self) -> Vec<Arc<Link>> {
+        let map = self.map.load();
+        let (up, down): (Vec<&Node>, Vec<&Node>) =
+            map.nodes.iter().partition(|n| !n.breaker.is_open());
+        up.iter()
+            .chain(down.iter())
+            .map(|n| Arc::clone(&n.link))
+            .chain(self.seeds.iter().cloned())
+            .collect()
+    }
+
+    /// Forgets the connection of the master whose breaker is `breaker` (it just opened).
+    pub(crate) fn reset_link_of(&self, breaker: &Arc<SharedBreaker>) {
+        let map = self.map.load();
+        if let Some(n) = map.nodes.iter().find(|n| Arc::ptr_eq(&n.breaker, breaker)) {
+            n.link.reset_any();
+        }
+    }
+
+    /// Connections opened so far, to every node.
+    pub(crate) fn connects(&self) -> u64 {
+        let map = self.map.load();
+        map.nodes.iter().map(|n| n.link.connects()).sum::<u64>()
+            + self.seeds.iter().map(|l| l.connects()).sum::<u64>()
     }
 
     /// The breaker of the master that holds `key`.
@@ -104,8 +157,14 @@ impl Topology {
     }
 
     /// Installs the slot ranges `(first, last, host, port)` of a `CLUSTER SLOTS` reply. A master
-    /// seen before keeps its breaker (and so its state); masters no longer listed are forgotten.
-    pub(crate) fn update(&self, ranges: &[(u16, u16, String, u16)]) {
+    /// seen before keeps its connection and breaker (and so its state); a new one gets a
+    /// connection from `link` (a master it cannot make one for is left out); masters no longer
+    /// listed are forgotten.
+    pub(crate) fn update(
+        &self,
+        ranges: &[(u16, u16, String, u16)],
+        link: impl Fn(&str, u16) -> Option<Link>,
+    ) {
         let _one_at_a_time = self.updating.lock();
         let old = self.map.load();
         let mut nodes: Vec<Node> = Vec::new();
@@ -117,19 +176,30 @@ impl Topology {
             {
                 Some(i) => i,
                 None => {
-                    let breaker = old
+                    let node = match old
                         .nodes
                         .iter()
                         .find(|n| n.host == *host && n.port == *port)
-                        .map_or_else(
-                            || SharedBreaker::new(self.failures, self.backoff),
-                            |n| Arc::clone(&n.breaker),
-                        );
-                    nodes.push(Node {
-                        host: host.clone(),
-                        port: *port,
-                        breaker,
-                    });
+                    {
+                        Some(n) => Node {
+                            host: host.clone(),
+                            port: *port,
+                            link: Arc::clone(&n.link),
+                            breaker: Arc::clone(&n.breaker),
+                        },
+                        None => {
+                            let Some(link) = link(host, *port) else {
+                                continue;
+                            };
+                            Node {
+                                host: host.clone(),
+                                port: *port,
+                                link: Arc::new(link),
+                                breaker: SharedBreaker::new(self.failures, self.backoff),
+                            }
+                        }
+                    };
+                    nodes.push(node);
                     nodes.len() - 1
                 }
             };
@@ -264,16 +334,26 @@ mod tests {
             .unwrap()
     }
 
+    fn link(host: &str, port: u16) -> Option<Link> {
+        let client = ::redis::Client::open(format!("redis://{host}:{port}")).ok()?;
+        Some(Link::new(client, ::redis::AsyncConnectionConfig::new()))
+    }
+
     #[test]
     fn each_master_has_its_own_breaker_and_keeps_it_across_refreshes() {
-        let t = Topology::new(1, Duration::from_secs(60));
+        let t = Topology::new(1, Duration::from_secs(60), Vec::new());
         let k0 = key_in(100);
         let k2 = key_in(11000);
         assert!(
             Arc::ptr_eq(&t.breaker_for(&k0), &t.breaker_for(&k2)),
             "fallback"
         );
-        t.update(&ranges());
+        assert!(t.link_for(&k0).is_none());
+        t.update(&ranges(), link);
+        assert!(!Arc::ptr_eq(
+            &t.link_for(&k0).unwrap(),
+            &t.link_for(&k2).unwrap()
+        ));
         assert_eq!(t.len(), 3);
         let b0 = t.breaker_for(&k0);
         let b2 = t.breaker_for(&k2);
@@ -286,15 +366,24 @@ mod tests {
             t.breaker_for(&k0).admit(now).is_some(),
             "master 0 unaffected"
         );
-        t.update(&ranges());
+        assert!(
+            Arc::ptr_eq(&t.candidates()[2], &t.link_for(&k2).unwrap()),
+            "a master that is down is asked last"
+        );
+        let l2 = t.link_for(&k2).unwrap();
+        t.update(&ranges(), |_, _| None);
         assert!(
             t.breaker_for(&k2).admit(now).is_none(),
             "a refresh keeps the state"
         );
+        assert!(
+            Arc::ptr_eq(&t.link_for(&k2).unwrap(), &l2),
+            "and the connection"
+        );
         // Master 2's slots move to a new master (a failover): a fresh breaker.
         let mut moved = ranges();
         moved[2].3 = 7005;
-        t.update(&moved);
+        t.update(&moved, link);
         assert!(t.breaker_for(&k2).admit(now).is_some());
         assert_eq!(t.open(), 0, "the old master is forgotten");
         assert_eq!(t.masters().len(), 3);

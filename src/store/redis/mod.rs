@@ -17,19 +17,17 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant, SystemTime};
 
-use ::redis::cluster::ClusterClientBuilder;
-use ::redis::io::tcp::TcpSettings;
 use ::redis::{
     AsyncConnectionConfig, Client, ConnectionAddr, ConnectionInfo, IntoConnectionInfo, RedisError,
     TlsCertificates,
 };
 
 use self::breaker::SharedBreaker;
-use self::client::RunError;
-use self::cluster::{hash_tag, parse_cluster_slots, Topology};
+use self::client::{Route, RunError};
+use self::cluster::{hash_tag, Topology};
 use self::codec::Codec;
 use self::invalidation::Coherence;
-use self::runtime::{Background, Connector, Link};
+use self::runtime::{Background, Link};
 use self::write_behind::{Enqueued, Pending, WriteQueue};
 use crate::clock::unix_millis;
 use crate::error::{Error, StoreError};
@@ -46,11 +44,7 @@ const TIER_BYTES_PER_ENTRY: usize = 4096;
 const BLOCKING_GRACE: Duration = Duration::from_millis(50);
 /// Requests the multiplexed connection buffers before callers wait for room.
 const PIPELINE_BUFFER: usize = 1024;
-/// How often the cluster client may retry a command within the deadline (a redirection after a
-/// failover, a node's reconnection).
-const CLUSTER_RETRIES: u32 = 3;
-/// The shortest wait for a `CLUSTER SLOTS` refresh or a [`RedisStore::check`] (a cluster's
-/// set-up connects to every node).
+/// The shortest wait for a `CLUSTER SLOTS` refresh or a [`RedisStore::check`].
 const TOPOLOGY_MIN_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Where the store finds Redis.
@@ -311,31 +305,19 @@ impl RedisStoreBuilder {
             .map(client_for)
             .collect::<Result<Vec<_>, _>>()?;
         let template = infos[0].clone();
-        let connector = if is_cluster {
-            let mut cluster = ClusterClientBuilder::new(infos.clone())
-                .connection_timeout(self.op_timeout)
-                .response_timeout(self.op_timeout)
-                .overall_response_timeout(None)
-                .retries(CLUSTER_RETRIES)
-                .min_retry_wait(1)
-                .max_retry_wait((self.op_timeout.as_millis() as u64 / 4).max(2))
-                .tcp_settings(TcpSettings::default().set_nodelay(true));
-            if let Some(certs) = &certs {
-                cluster = cluster.certs(certs.clone());
-            }
-            let client = cluster
-                .build()
-                .map_err(|e| Error::Config(format!("redis store: {shown}: {e}")))?;
-            Connector::Cluster(client)
-        } else {
-            // The outer deadline bounds every request; the connection's own response timeout
-            // would only add a timer per request.
-            let config = AsyncConnectionConfig::new()
-                .set_connection_timeout(Some(self.op_timeout))
-                .set_response_timeout(None)
-                .set_pipeline_buffer_size(PIPELINE_BUFFER);
-            Connector::Single(nodes[0].clone(), config)
-        };
+        // The outer deadline bounds every request; the connection's own response timeout
+        // would only add a timer per request.
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(self.op_timeout))
+            .set_response_timeout(None)
+            .set_pipeline_buffer_size(PIPELINE_BUFFER);
+        let topology = is_cluster.then(|| {
+            let seeds = nodes
+                .iter()
+                .map(|c| Arc::new(Link::new(c.clone(), config.clone())))
+                .collect();
+            Topology::new(self.breaker_failures, self.breaker_backoff, seeds)
+        });
         let tier = match self.tier {
             TierConfig::Entries(0) => None,
             TierConfig::Entries(n) => Some(
@@ -355,13 +337,13 @@ impl RedisStoreBuilder {
             op_timeout: self.op_timeout,
             heartbeat: self.heartbeat,
             admin_timeout: self.admin_timeout,
-            link: Link::new(connector),
+            link: Link::new(nodes[0].clone(), config.clone()),
+            config,
             nodes,
             template,
             certs,
             breaker: SharedBreaker::new(self.breaker_failures, self.breaker_backoff),
-            topology: is_cluster
-                .then(|| Topology::new(self.breaker_failures, self.breaker_backoff)),
+            topology,
             queue: WriteQueue::new(self.write_queue),
             coherence: Coherence::new(self.invalidation),
             tier,
@@ -585,38 +567,22 @@ impl Shared {
         }
     }
 
+    /// A connection (not opened yet) to the cluster master at `host:port`.
+    pub(crate) fn node_link(&self, host: &str, port: u16) -> Option<Link> {
+        match self.node_client(host, port) {
+            Ok(client) => Some(Link::new(client, self.config.clone())),
+            Err(e) => {
+                tracing::warn!(host, port, error = %e, "redis session store: cannot reach a cluster master");
+                None
+            }
+        }
+    }
+
     /// Counts the writes a [`WriteQueue::finish`] could not queue again.
     pub(crate) fn count_lost(&self, (puts, removes): (u64, u64)) {
         let c = &self.counters;
         c.puts_dropped.fetch_add(puts, Ordering::Relaxed);
         c.removes_dropped.fetch_add(removes, Ordering::Relaxed);
-    }
-
-    /// Reads the cluster's slot map through the shared connection (a no-op for one server).
-    async fn refresh_topology(&self) -> Result<(), StoreError> {
-        let Some(topology) = &self.topology else {
-            return Ok(());
-        };
-        let deadline = Instant::now() + self.op_timeout.max(TOPOLOGY_MIN_TIMEOUT);
-        let reply = self
-            .run(deadline, |mut conn| async move {
-                ::redis::cmd("CLUSTER")
-                    .arg("SLOTS")
-                    .query_async::<::redis::Value>(&mut conn)
-                    .await
-            })
-            .await
-            .map_err(|e| match e {
-                RunError::Timeout => StoreError::Timeout,
-                RunError::Connect(e) => {
-                    StoreError::Unavailable(format!("redis: cannot connect to {}: {e}", self.url))
-                }
-                RunError::Redis(e) => map_error(&e),
-            })?;
-        let ranges = parse_cluster_slots(&reply)
-            .ok_or_else(|| StoreError::Backend("redis: unexpected CLUSTER SLOTS reply".into()))?;
-        topology.update(&ranges);
-        Ok(())
     }
 }
 
@@ -629,7 +595,9 @@ pub(crate) struct Shared {
     op_timeout: Duration,
     heartbeat: Duration,
     admin_timeout: Duration,
+    /// The server's connection (unused in a cluster: each master has its own).
     link: Link,
+    config: AsyncConnectionConfig,
     /// The server, or the cluster nodes the store was given (for pub/sub and admin calls).
     nodes: Vec<Client>,
     /// The first node's settings (TLS, credentials), for connections to other cluster nodes.
@@ -816,7 +784,10 @@ impl RedisStore {
             invalidations_received: get(&c.invalidations_received),
             subscription_losses: get(&c.subscription_losses),
             heartbeats: get(&c.heartbeats),
-            connects: self.shared.link.connects(),
+            connects: match &self.shared.topology {
+                Some(t) => t.connects(),
+                None => self.shared.link.connects(),
+            },
             admin_errors: get(&c.admin_errors),
             cluster_nodes: self.shared.topology.as_ref().map_or(0, |t| t.len() as u64),
             breakers_open: match &self.shared.topology {
@@ -885,7 +856,7 @@ impl RedisStore {
         self.background.spawn(async move {
             let deadline = Instant::now() + wait;
             let pinged = s
-                .run(deadline, |mut conn| async move {
+                .run(deadline, Route::Any, |mut conn| async move {
                     ::redis::cmd("PING")
                         .query_async::<::redis::Value>(&mut conn)
                         .await
@@ -1137,9 +1108,16 @@ impl SessionStore for RedisStore {
     }
 }
 
-/// Errors that say Redis cannot be reached (as opposed to an error reply).
+/// Errors that say Redis cannot be reached (as opposed to an error reply). In a cluster these
+/// include a redirection the cluster client did not follow (`MOVED`/`ASK` to a master that is
+/// down), `TRYAGAIN`, `CLUSTERDOWN` and no connection to the slot's master.
 fn is_connection_failure(e: &RedisError) -> bool {
-    e.is_io_error() || e.is_timeout() || e.is_connection_dropped() || e.is_connection_refusal()
+    e.is_io_error()
+        || e.is_timeout()
+        || e.is_connection_dropped()
+        || e.is_connection_refusal()
+        || e.is_cluster_error()
+        || e.kind() == ::redis::ErrorKind::ClusterConnectionNotFound
 }
 
 fn map_error(e: &RedisError) -> StoreError {

@@ -1,5 +1,5 @@
 //! The store's background: one thread running a single-threaded tokio runtime, and the one
-//! multiplexed Redis connection (or cluster connection) every lookup and write shares.
+//! multiplexed Redis connection every lookup and write shares (one per master in a cluster).
 //!
 //! Why this client: the `redis` crate's multiplexed connection pipelines every request sent on
 //! it, so thousands of concurrent lookups share one socket and one round trip each, with no pool
@@ -11,10 +11,8 @@ use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::{self, JoinHandle, ThreadId};
 
-use ::redis::aio::{ConnectionLike, MultiplexedConnection};
-use ::redis::cluster::ClusterClient;
-use ::redis::cluster_async::ClusterConnection;
-use ::redis::{AsyncConnectionConfig, Client, Cmd, Pipeline, RedisFuture, RedisResult, Value};
+use ::redis::aio::MultiplexedConnection;
+use ::redis::{AsyncConnectionConfig, Client, RedisResult};
 use parking_lot::Mutex;
 use tokio::runtime::Handle;
 use tokio::sync::oneshot;
@@ -79,65 +77,22 @@ impl Drop for Background {
     }
 }
 
-/// How the store reaches Redis: one server, or a cluster through the `redis` crate's cluster
-/// client.
-pub(crate) enum Connector {
-    /// One server (or a server behind a proxy): one multiplexed connection.
-    Single(Client, AsyncConnectionConfig),
-    /// A Redis Cluster: the cluster client routes each command to the master of its key's slot
-    /// over one multiplexed connection per node, follows `MOVED`/`ASK` and repairs the
-    /// connection of a node that failed on its own.
-    Cluster(ClusterClient),
-}
-
-/// A connection of either kind; both pipeline concurrent requests.
-#[derive(Clone)]
-pub(crate) enum Conn {
-    Single(MultiplexedConnection),
-    Cluster(ClusterConnection),
-}
-
-impl ConnectionLike for Conn {
-    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
-        match self {
-            Self::Single(c) => c.req_packed_command(cmd),
-            Self::Cluster(c) => c.req_packed_command(cmd),
-        }
-    }
-
-    fn req_packed_commands<'a>(
-        &'a mut self,
-        pipeline: &'a Pipeline,
-        offset: usize,
-        count: usize,
-    ) -> RedisFuture<'a, Vec<Value>> {
-        match self {
-            Self::Single(c) => c.req_packed_commands(pipeline, offset, count),
-            Self::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
-        }
-    }
-
-    fn get_db(&self) -> i64 {
-        match self {
-            Self::Single(c) => c.get_db(),
-            Self::Cluster(c) => c.get_db(),
-        }
-    }
-}
-
-/// The shared connection, opened on first use and again after it failed.
+/// The shared connection to one server (or to one cluster master), opened on first use and
+/// again after it failed.
 pub(crate) struct Link {
-    connector: Connector,
-    current: Mutex<Option<(u64, Conn)>>,
+    client: Client,
+    config: AsyncConnectionConfig,
+    current: Mutex<Option<(u64, MultiplexedConnection)>>,
     connecting: tokio::sync::Mutex<()>,
     generation: AtomicU64,
     connects: AtomicU64,
 }
 
 impl Link {
-    pub(crate) fn new(connector: Connector) -> Self {
+    pub(crate) fn new(client: Client, config: AsyncConnectionConfig) -> Self {
         Self {
-            connector,
+            client,
+            config,
             current: Mutex::new(None),
             connecting: tokio::sync::Mutex::new(()),
             generation: AtomicU64::new(0),
@@ -145,14 +100,9 @@ impl Link {
         }
     }
 
-    /// Whether this is a cluster link.
-    pub(crate) fn is_cluster(&self) -> bool {
-        matches!(self.connector, Connector::Cluster(_))
-    }
-
     /// The connection and its generation, connecting if there is none. Concurrent callers wait
     /// for the same connection attempt; each is bounded by its own deadline outside.
-    pub(crate) async fn connection(&self) -> RedisResult<(u64, Conn)> {
+    pub(crate) async fn connection(&self) -> RedisResult<(u64, MultiplexedConnection)> {
         if let Some(c) = self.current.lock().clone() {
             return Ok(c);
         }
@@ -160,39 +110,27 @@ impl Link {
         if let Some(c) = self.current.lock().clone() {
             return Ok(c);
         }
-        let conn = match &self.connector {
-            Connector::Single(client, config) => Conn::Single(
-                client
-                    .get_multiplexed_async_connection_with_config(config)
-                    .await?,
-            ),
-            Connector::Cluster(client) => Conn::Cluster(client.get_async_connection().await?),
-        };
+        let conn = self
+            .client
+            .get_multiplexed_async_connection_with_config(&self.config)
+            .await?;
         let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
         self.connects.fetch_add(1, Ordering::Relaxed);
         *self.current.lock() = Some((generation, conn.clone()));
         Ok((generation, conn))
     }
 
-    /// Forgets connection `generation` (it failed); the next caller opens a fresh one. A cluster
-    /// connection is kept: it repairs the connection of each node itself, and a node that is
-    /// down must not cost the others their connections.
+    /// Forgets connection `generation` (it failed); the next caller opens a fresh one.
     pub(crate) fn reset(&self, generation: u64) {
-        if self.is_cluster() {
-            return;
-        }
         let mut cur = self.current.lock();
         if cur.as_ref().is_some_and(|c| c.0 == generation) {
             *cur = None;
         }
     }
 
-    /// Forgets whatever connection is open (the breaker opened: the probe gets a fresh one);
-    /// a cluster connection is kept, as in [`reset`](Self::reset).
+    /// Forgets whatever connection is open (the breaker opened: the probe gets a fresh one).
     pub(crate) fn reset_any(&self) {
-        if !self.is_cluster() {
-            *self.current.lock() = None;
-        }
+        *self.current.lock() = None;
     }
 
     /// Connections opened so far.

@@ -31,7 +31,7 @@ use parking_lot::{Condvar, Mutex};
 use tokio::sync::Notify;
 
 use super::breaker::SharedBreaker;
-use super::client::RunError;
+use super::client::{Route, RunError};
 use super::{bump, Shared};
 use crate::clock::unix_millis;
 use crate::store::{SessionId, StoredSession};
@@ -324,7 +324,7 @@ async fn single_round(shared: &Arc<Shared>) {
         return;
     }
     let outcome = shared
-        .run(deadline, |mut conn| {
+        .run(deadline, Route::Any, |mut conn| {
             let pipe = pipe.clone();
             async move { pipe.exec_async(&mut conn).await }
         })
@@ -477,7 +477,7 @@ async fn send_one(
             if ttl_ms == 0 {
                 let del = ::redis::cmd("DEL").arg(&key).clone();
                 return shared
-                    .run(deadline, |mut conn| {
+                    .run(deadline, Route::Key(key.as_bytes()), |mut conn| {
                         let del = del.clone();
                         async move { del.exec_async(&mut conn).await }
                     })
@@ -498,7 +498,7 @@ async fn send_one(
                 .arg(ttl_ms)
                 .clone();
             shared
-                .run(deadline, |mut conn| {
+                .run(deadline, Route::Key(key.as_bytes()), |mut conn| {
                     let set = set.clone();
                     async move { set.exec_async(&mut conn).await }
                 })
@@ -512,12 +512,16 @@ async fn send_one(
                 .arg(id.to_hex())
                 .clone();
             shared
-                .run(deadline, |mut conn| {
-                    let (del, publish) = (del.clone(), publish.clone());
-                    async move {
-                        del.exec_async(&mut conn).await?;
-                        publish.exec_async(&mut conn).await
-                    }
+                .run(deadline, Route::Key(key.as_bytes()), |mut conn| {
+                    let del = del.clone();
+                    async move { del.exec_async(&mut conn).await }
+                })
+                .await?;
+            // Any master: the cluster bus carries it to the subscribers of every node.
+            shared
+                .run(deadline, Route::Any, |mut conn| {
+                    let publish = publish.clone();
+                    async move { publish.exec_async(&mut conn).await }
                 })
                 .await
                 .map(|()| Sent::Remove)
