@@ -1,6 +1,8 @@
-//! A shared session store for server farms, on Redis (cargo feature `redis`).
+//! A shared session store for server farms, on Redis (cargo feature `redis`): one server, over
+//! TLS or not, or a Redis Cluster.
 //!
-//! See [`RedisStore`] for what it does and the bounds it keeps; one file per concept below.
+//! See [`RedisStore`] for what it does and the bounds it keeps; one file per concept below
+//! (`cluster.rs`: the slot map and per-master breakers).
 
 mod admin;
 mod breaker;
@@ -672,6 +674,22 @@ pub(crate) struct Shared {
 ///   never touch Redis. The `SCAN`-based size, iteration and clearing are explicit admin calls
 ///   ([`SessionStoreAdmin`]) on a connection of their own, with their own timeout, and do not
 ///   feed the circuit breaker.
+///
+/// - **TLS**: with a `rediss://` URL the connections (lookups, writes, the subscription and the
+///   admin calls) speak TLS through rustls, and the server's certificate is always verified:
+///   against the system's roots, or the CA given to
+///   [`ca_file`](RedisStoreBuilder::ca_file); `#insecure` is refused. A server whose
+///   certificate does not verify is never sent a byte of session data: every operation fails
+///   as a counted [`StoreError::Unavailable`] naming the cause, and [`check`](Self::check) reports
+///   it at start-up.
+/// - **Redis Cluster** ([`cluster_builder`](Self::cluster_builder), or a `redis+cluster://` URL):
+///   keys hash over the 16384 slots (a hash tag in the prefix is refused); the store reads the
+///   slot map with `CLUSTER SLOTS` and sends each key's command on the connection of the master
+///   that holds it, each master with its own circuit breaker, so a master that is down costs
+///   only its own keys (counted misses, each within the deadline, then at once while its
+///   breaker is open) and never stalls the others. Invalidations use ordinary pub/sub, which the
+///   cluster forwards to every node.
+/// - **Keys reload at runtime**: [`replace_key_ring`](Self::replace_key_ring).
 ///
 /// Use an IP address in the URL: the host name is resolved before the deadline applies.
 ///
