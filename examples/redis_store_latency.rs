@@ -96,13 +96,25 @@ mod bench {
         let (tx, rx) = mpsc::channel();
         let mut calls = Vec::with_capacity(n);
         let mut completions = Vec::with_capacity(n);
+        let mut errors = 0;
+        let mut last_error = None;
         for i in 0..n {
             let t = Instant::now();
             store.lookup(id(i), LookupMode::Get, done(&tx));
             calls.push(t.elapsed());
             let r = rx.recv().expect("completed");
             completions.push(t.elapsed());
-            assert_eq!(r.expect("lookup ok").is_some(), expect_hit, "lookup {i}");
+            match r {
+                Ok(found) => assert_eq!(found.is_some(), expect_hit, "lookup {i}"),
+                // Past the deadline on a loaded machine: counted, shown after the figures.
+                Err(e) => {
+                    errors += 1;
+                    last_error = Some(e);
+                }
+            }
+        }
+        if errors > 0 {
+            println!("  ({errors} of {n} lookups failed, the last with: {last_error:?})");
         }
         (calls, completions)
     }
@@ -179,7 +191,23 @@ mod bench {
             .write_queue(n.max(4096))
             .breaker(3, Duration::from_secs(60))
             .build()?;
-        tls.check()?;
+        // The first TLS connection of a freshly started server can take longer than the
+        // deadline (its TLS context warms up); check until it connects.
+        let t = Instant::now();
+        let mut tries = 1;
+        while let Err(e) = tls.check() {
+            if tries == 10 {
+                return Err(e.into());
+            }
+            tries += 1;
+        }
+        println!(
+            "tls store connected after {tries} check(s), {:.1?}",
+            t.elapsed()
+        );
+        // Connect before measuring (a connection set-up is not a lookup).
+        direct.check()?;
+        far.check()?;
         for (name, store) in [("plain", &direct), ("tls", &tls)] {
             let mut puts = Vec::with_capacity(n);
             for i in 0..n {
