@@ -1,10 +1,10 @@
 //! What the Redis session store costs the caller and how long its lookups take to complete:
-//! directly on loopback, and through a proxy that adds a delay each way (Redis "1 ms away"),
-//! against the memory store; what a `put` costs (it only queues); and what a call costs while
+//! directly on loopback, over TLS (`rediss://`, a test CA made here) on loopback, and through a
+//! proxy that adds a delay each way (Redis "1 ms away"), against the memory store; what a `put` costs (it only queues); and what a call costs while
 //! Redis is hung (SIGSTOP): microseconds, with every lookup completed within its deadline.
 //!
-//! Starts its own `redis-server` on a free loopback port and its own delay proxy (both stopped
-//! on exit):
+//! Starts its own `redis-server`s (plain and TLS-only) on free loopback ports and its own delay
+//! proxy (all stopped on exit):
 //!
 //! ```text
 //! cargo run --release --features redis --example redis_store_latency -- [--iterations N]
@@ -40,7 +40,7 @@ mod bench {
     };
 
     use crate::delay_proxy::DelayProxy;
-    use crate::redis_server::RedisServer;
+    use crate::redis_server::{RedisServer, TestPki};
 
     /// Latency of the Redis session store.
     #[derive(Parser, Debug)]
@@ -96,15 +96,38 @@ mod bench {
         let (tx, rx) = mpsc::channel();
         let mut calls = Vec::with_capacity(n);
         let mut completions = Vec::with_capacity(n);
+        let mut errors = 0;
+        let mut last_error = None;
         for i in 0..n {
             let t = Instant::now();
             store.lookup(id(i), LookupMode::Get, done(&tx));
             calls.push(t.elapsed());
             let r = rx.recv().expect("completed");
             completions.push(t.elapsed());
-            assert_eq!(r.expect("lookup ok").is_some(), expect_hit, "lookup {i}");
+            match r {
+                Ok(found) => assert_eq!(found.is_some(), expect_hit, "lookup {i}"),
+                // Past the deadline on a loaded machine: counted, shown after the figures.
+                Err(e) => {
+                    errors += 1;
+                    last_error = Some(e);
+                }
+            }
+        }
+        if errors > 0 {
+            println!("  ({errors} of {n} lookups failed, the last with: {last_error:?})");
         }
         (calls, completions)
+    }
+
+    /// Blocking `get`s, each a hit.
+    fn blocking_gets(store: &dyn SessionStore, n: usize) -> Vec<Duration> {
+        (0..n)
+            .map(|i| {
+                let t = Instant::now();
+                assert!(store.get(&id(i)).expect("get ok").is_some(), "get {i}");
+                t.elapsed()
+            })
+            .collect()
     }
 
     /// Lookups/s with `window` in flight at once.
@@ -155,25 +178,59 @@ mod bench {
             args.session_bytes, args.delay_us
         );
 
+        let pki = TestPki::new();
+        let tls_server = RedisServer::start_tls(&pki.write_server("server", [127, 0, 0, 1].into()));
         let memory = MemoryStore::builder().build()?;
         let direct = build(server.url(), 0)?;
         let far = build(proxy.url(), 0)?;
-        let mut puts = Vec::with_capacity(n);
-        for i in 0..n {
-            memory.put(id(i), session())?;
-            let t = Instant::now();
-            direct.put(id(i), session())?;
-            puts.push(t.elapsed());
-        }
+        let tls = RedisStore::builder(tls_server.url())
+            .ca_file(&pki.ca)
+            .key_ring(ring.clone())
+            .tier_entries(0)
+            .op_timeout(op_timeout)
+            .write_queue(n.max(4096))
+            .breaker(3, Duration::from_secs(60))
+            .build()?;
+        // The first TLS connection of a freshly started server can take longer than the
+        // deadline (its TLS context warms up); check until it connects.
         let t = Instant::now();
-        assert!(direct.flush(Duration::from_secs(60)), "writes drained");
-        let drained = t.elapsed();
-        report("put: caller's call (seal later, queue now)", puts);
+        let mut tries = 1;
+        while let Err(e) = tls.check() {
+            if tries == 10 {
+                return Err(e.into());
+            }
+            tries += 1;
+        }
         println!(
-            "{:<50} {n} puts written in {drained:.1?} after the last call ({:.0}/s)",
-            "put: background writer",
-            n as f64 / drained.as_secs_f64().max(1e-9)
+            "tls store connected after {tries} check(s), {:.1?}",
+            t.elapsed()
         );
+        // Connect before measuring (a connection set-up is not a lookup).
+        direct.check()?;
+        far.check()?;
+        for (name, store) in [("plain", &direct), ("tls", &tls)] {
+            let mut puts = Vec::with_capacity(n);
+            for i in 0..n {
+                if name == "plain" {
+                    memory.put(id(i), session())?;
+                }
+                let t = Instant::now();
+                store.put(id(i), session())?;
+                puts.push(t.elapsed());
+            }
+            let t = Instant::now();
+            assert!(store.flush(Duration::from_secs(60)), "writes drained");
+            let drained = t.elapsed();
+            report(
+                &format!("redis {name}: put call (seal later, queue now)"),
+                puts,
+            );
+            println!(
+                "{:<50} {n} puts written in {drained:.1?} after the last call ({:.0}/s)",
+                format!("redis {name}: background writer"),
+                n as f64 / drained.as_secs_f64().max(1e-9)
+            );
+        }
 
         let (calls, done_at) = sequential(&memory, n, true);
         report("memory lookup: call (completes inline)", calls);
@@ -181,6 +238,11 @@ mod bench {
         let (calls, done_at) = sequential(&direct, n, true);
         report("redis direct: lookup call", calls);
         report("redis direct: lookup completion (GET + open)", done_at);
+        report("redis direct: blocking get", blocking_gets(&direct, n));
+        let (calls, done_at) = sequential(&tls, n, true);
+        report("redis tls: lookup call", calls);
+        report("redis tls: lookup completion (GET + open)", done_at);
+        report("redis tls: blocking get", blocking_gets(&tls, n));
         let (calls, done_at) = sequential(&far, n, true);
         report("redis via proxy: lookup call", calls);
         report("redis via proxy: lookup completion (GET + open)", done_at);
@@ -190,6 +252,7 @@ mod bench {
         for (name, store) in [
             ("memory", &memory as &dyn SessionStore),
             ("redis direct", &direct),
+            ("redis tls", &tls),
             ("redis via proxy", &far),
         ] {
             for window in [16, w] {

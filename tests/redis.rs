@@ -372,6 +372,75 @@ fn key_rotation_keeps_old_sessions_and_seals_with_the_new_key() {
 }
 
 #[test]
+fn a_key_ring_replaced_at_runtime_keeps_old_sessions_and_seals_new_ones_with_its_active_key() {
+    let server = RedisServer::start();
+    let proxy = DelayProxy::start(redis_addr(&server));
+    // Id 999 is sealed under key 1 and in flight behind the paused proxy.
+    let s = writer_held(&proxy, 64);
+    // A put queued before the reload (the writer waits for the batch in flight) is sealed when
+    // it is sent, with the new ring.
+    s.put(id(2), sess(2, hour())).unwrap();
+    let rotated = ring().rotate(2, [0x77; 32]).unwrap();
+    s.replace_key_ring(rotated).unwrap();
+    proxy.resume();
+    flush(&s);
+    s.put(id(3), sess(3, hour())).unwrap();
+    flush(&s);
+    let key_id = |i| envelope_key_id(&raw_get(&server, &s.key_for(&id(i))).unwrap());
+    assert_eq!(
+        (key_id(999), key_id(2), key_id(3)),
+        (Some(1), Some(2), Some(2))
+    );
+    // Key 1 is still in the ring: what it sealed keeps opening.
+    assert_eq!(s.get(&id(999)).unwrap().unwrap().data()[0], 9);
+    for i in 2..=3 {
+        assert_eq!(s.get(&id(i)).unwrap().unwrap().data()[0], i as u8, "id {i}");
+    }
+    // A host holding only key 2 opens the new values.
+    let only_new = store(&server, KeyRing::new(2, [0x77; 32]), 0);
+    assert!(only_new.get(&id(3)).unwrap().is_some());
+    // Key 1 retired: its values become counted misses, left in Redis (another host may still
+    // hold key 1); key 2's values keep opening.
+    s.replace_key_ring(KeyRing::new(2, [0x77; 32])).unwrap();
+    assert!(matches!(s.get(&id(999)), Err(StoreError::Corrupt(_))));
+    assert_eq!(s.stats().decrypt_failures, 1);
+    flush(&s);
+    assert!(raw_get(&server, &s.key_for(&id(999))).is_some());
+    assert!(s.get(&id(2)).unwrap().is_some());
+}
+
+#[test]
+fn sessions_resume_across_a_key_ring_reload() {
+    let server = RedisServer::start();
+    let a = host(&server, Proto::Tls12, false, Duration::from_secs(1));
+    let b = host_with(&server, Proto::Tls12, false, Duration::from_secs(1), ring());
+    let client = client_ctx(Proto::Tls12, false);
+    let before = connect(&a.ctx, &client, None, ServerClose::Clean);
+    flush(&a.store);
+    // Both hosts reload a key file with key 2 appended (SIGHUP in the echo server).
+    let rotated = ring().rotate(2, [0x77; 32]).unwrap();
+    a.store.replace_key_ring(rotated.clone()).unwrap();
+    b.store.replace_key_ring(rotated).unwrap();
+    let resumed = connect(&b.ctx, &client, before.session.as_ref(), ServerClose::Clean);
+    assert!(
+        resumed.server_reused,
+        "a session sealed before the reload resumes"
+    );
+    let after = connect(&a.ctx, &client, None, ServerClose::Clean);
+    flush(&a.store);
+    let sid = SessionId::new(after.session.as_ref().unwrap().id()).unwrap();
+    let v = raw_get(&server, &a.store.key_for(&sid)).unwrap();
+    assert_eq!(
+        envelope_key_id(&v),
+        Some(2),
+        "sealed with the new active key"
+    );
+    let on_b = connect(&b.ctx, &client, after.session.as_ref(), ServerClose::Clean);
+    assert!(on_b.server_reused);
+    assert_eq!(b.cache.stats().store_errors, 0);
+}
+
+#[test]
 fn plaintext_store_works_when_opted_into() {
     let server = RedisServer::start();
     let s = RedisStore::builder(server.url())

@@ -9,10 +9,17 @@ use crate::store::SessionStore;
 /// Builds the shared store named by `url`, sealing values with the keys in `key_file`, with a
 /// memory tier of `tier_entries` sessions in front (0 for none).
 ///
-/// `url` is `redis://host:port[/db]` (use an IP address: the name is resolved outside the
-/// operation deadline). The store uses the default prefix, deadline (50 ms), write queue,
-/// invalidation and breaker of [`RedisStore::builder`](crate::RedisStore::builder): its lookups
-/// never block ([`SessionStore::is_remote`] is true) and its writes are write-behind.
+/// `url` is one of (use IP addresses: names are resolved outside the operation deadline):
+///
+/// - `redis://[user:password@]host:port[/db]`, one server;
+/// - `rediss://…`, one server over TLS, its certificate verified against the system's roots;
+/// - `redis+cluster://[user:password@]host:port,host:port,…` (or `rediss+cluster://`), a Redis
+///   Cluster reached through the listed nodes.
+///
+/// The store uses the default prefix, deadline (50 ms), write queue, invalidation and breaker of
+/// [`RedisStore::builder`](crate::RedisStore::builder): its lookups never block
+/// ([`SessionStore::is_remote`] is true) and its writes are write-behind. For a private CA, build
+/// the store with [`RedisStoreBuilder::ca_file`](crate::RedisStoreBuilder::ca_file) instead.
 ///
 /// # Errors
 /// [`Error::Config`] if the scheme is not `redis://` (the memory store is the caller's business),
@@ -24,12 +31,18 @@ pub fn store_from_url(
     key_file: Option<&Path>,
     tier_entries: usize,
 ) -> Result<Arc<dyn SessionStore>, Error> {
-    if !(url.starts_with("redis://")
-        || url.starts_with("redis+unix://")
-        || url.starts_with("unix://"))
-    {
+    const SCHEMES: [&str; 6] = [
+        "redis://",
+        "rediss://",
+        "redis+cluster://",
+        "rediss+cluster://",
+        "redis+unix://",
+        "unix://",
+    ];
+    if !SCHEMES.iter().any(|s| url.starts_with(s)) {
         return Err(Error::Config(format!(
-            "unsupported store url {url:?}: expected redis://host:port"
+            "unsupported store url {url:?}: expected redis://host:port, rediss://host:port or \
+             redis+cluster://host:port,host:port"
         )));
     }
     build(url, key_file, tier_entries)
@@ -97,5 +110,17 @@ mod tests {
         let store = store_from_url("redis://127.0.0.1:1", Some(&path), 16).unwrap();
         assert!(format!("{store:?}").contains("RedisStore"));
         assert!(store.is_remote());
+        for url in [
+            "rediss://127.0.0.1:1",
+            "redis+cluster://127.0.0.1:1,127.0.0.1:2",
+            "rediss+cluster://127.0.0.1:1,127.0.0.1:2",
+        ] {
+            let store = store_from_url(url, Some(&path), 16).unwrap();
+            assert!(store.is_remote(), "{url}");
+        }
+        let err = store_from_url("rediss://127.0.0.1:1/#insecure", Some(&path), 16)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("cannot be turned off"), "{err}");
     }
 }

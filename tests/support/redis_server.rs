@@ -1,15 +1,20 @@
 //! A throwaway `redis-server` for tests: a free loopback port, no persistence, killed by PID on
-//! drop. Include with `#[path = "support/redis_server.rs"] mod redis_server;`.
+//! drop; over TLS with a test CA made here ([`TestPki`], [`RedisServer::start_tls`]); and a
+//! three-master Redis Cluster ([`RedisCluster`]). Include with
+//! `#[path = "support/redis_server.rs"] mod redis_server;`.
 
 #![allow(dead_code)]
 
 use std::io::{ErrorKind, Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::{IpAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// How long a server may take to answer its first PING.
 const START_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a cluster may take to form and agree on its slots.
+const CLUSTER_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A `redis-server` child process on 127.0.0.1.
 #[derive(Debug)]
@@ -18,6 +23,10 @@ pub(crate) struct RedisServer {
     port: u16,
     dir: tempfile::TempDir,
     paused: bool,
+    /// Serve TLS only (on `port`; the plain port is off).
+    tls: bool,
+    /// Arguments beyond the common ones (TLS files, cluster mode).
+    extra: Vec<String>,
 }
 
 impl RedisServer {
@@ -33,22 +42,55 @@ impl RedisServer {
 
     /// Starts a server on `port` (e.g. the port of a server this test stopped).
     pub(crate) fn start_on(port: u16) -> Self {
+        Self::start_with(port, false, Vec::new())
+    }
+
+    /// Starts a server that speaks TLS only, on a free port, with the server certificate and
+    /// key `cert` (as [`TestPki::write_server`] wrote them); clients are not asked for a
+    /// certificate (`--tls-auth-clients no`).
+    pub(crate) fn start_tls(cert: &ServerCert) -> Self {
+        let tls = vec![
+            "--tls-cert-file".into(),
+            cert.cert.display().to_string(),
+            "--tls-key-file".into(),
+            cert.key.display().to_string(),
+            "--tls-ca-cert-file".into(),
+            cert.ca.display().to_string(),
+            "--tls-auth-clients".into(),
+            "no".into(),
+        ];
+        Self::start_with(free_port(), true, tls)
+    }
+
+    fn start_with(port: u16, tls: bool, extra: Vec<String>) -> Self {
         let dir = tempfile::tempdir().expect("temp dir for redis-server");
         let mut server = Self {
             child: None,
             port,
             dir,
             paused: false,
+            tls,
+            extra,
         };
         server.spawn();
         server
     }
 
     fn spawn(&mut self) {
-        let child = Command::new("redis-server")
+        let (plain_port, tls_port) = if self.tls {
+            ("0".to_string(), Some(self.port.to_string()))
+        } else {
+            (self.port.to_string(), None)
+        };
+        let mut command = Command::new("redis-server");
+        if let Some(tls_port) = &tls_port {
+            command.args(["--tls-port", tls_port]);
+        }
+        let child = command
+            .args(&self.extra)
             .args([
                 "--port",
-                &self.port.to_string(),
+                &plain_port,
                 "--bind",
                 "127.0.0.1",
                 "--save",
@@ -76,7 +118,7 @@ impl RedisServer {
         };
         self.child = Some(child);
         let deadline = Instant::now() + START_TIMEOUT;
-        while !self.ping() {
+        while !self.ready() {
             if let Some(status) = self
                 .child
                 .as_mut()
@@ -101,13 +143,20 @@ impl RedisServer {
         self.port
     }
 
-    /// `redis://127.0.0.1:PORT`.
+    /// `redis://127.0.0.1:PORT`, or `rediss://` for a TLS server.
     pub(crate) fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        let scheme = if self.tls { "rediss" } else { "redis" };
+        format!("{scheme}://127.0.0.1:{}", self.port)
     }
 
-    /// A raw connection for poking at keys behind the store's back.
+    /// The process id (the server runs while this is `Some`).
+    pub(crate) fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// A raw connection for poking at keys behind the store's back (plain servers only).
     pub(crate) fn raw(&self) -> redis::Connection {
+        assert!(!self.tls, "raw() speaks plain TCP");
         let c = redis::Client::open(self.url()).unwrap();
         let conn = c
             .get_connection_with_timeout(Duration::from_secs(2))
@@ -116,7 +165,17 @@ impl RedisServer {
         conn
     }
 
-    /// Whether the server answers PING now.
+    /// Whether the server is up: it answers PING (plain), or accepts connections (TLS).
+    fn ready(&self) -> bool {
+        if self.tls {
+            let addr = ([127, 0, 0, 1], self.port).into();
+            TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+        } else {
+            self.ping()
+        }
+    }
+
+    /// Whether the server answers PING now (plain servers only).
     pub(crate) fn ping(&self) -> bool {
         let addr = ([127, 0, 0, 1], self.port).into();
         let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_millis(200)) else {
@@ -130,7 +189,7 @@ impl RedisServer {
         s.read_exact(&mut buf).is_ok() && &buf == b"+PONG\r\n"
     }
 
-    /// Kills the server (SIGKILL) and waits for it; the port is free again afterwards.
+    /// Kills the server by its PID (SIGKILL) and waits for it; the port is free again afterwards.
     pub(crate) fn kill(&mut self) {
         if self.paused {
             self.resume();
@@ -179,4 +238,242 @@ impl Drop for RedisServer {
 pub(crate) fn free_port() -> u16 {
     let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
     l.local_addr().unwrap().port()
+}
+
+/// A three-master Redis Cluster on loopback: `redis-server --cluster-enabled yes` on three free
+/// ports, joined by `redis-cli --cluster create … --cluster-replicas 0`, with
+/// `cluster-require-full-coverage no` (so the masters that are up keep serving their slots
+/// while one is down). Each server is killed by PID on drop.
+pub(crate) struct RedisCluster {
+    pub(crate) masters: Vec<RedisServer>,
+}
+
+impl RedisCluster {
+    /// Starts three masters, creates the cluster and waits until every node reports
+    /// `cluster_state:ok` (at most 30 s).
+    ///
+    /// # Panics
+    /// If a server does not start, `redis-cli` is missing or fails, or the cluster does not form.
+    pub(crate) fn start() -> Self {
+        let masters: Vec<RedisServer> = (0..3)
+            .map(|_| {
+                let port = free_port();
+                let args = [
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    &format!("nodes-{port}.conf"),
+                    "--cluster-node-timeout",
+                    "2000",
+                    "--cluster-require-full-coverage",
+                    "no",
+                ];
+                RedisServer::start_with(port, false, args.iter().map(|a| a.to_string()).collect())
+            })
+            .collect();
+        let addrs: Vec<String> = masters
+            .iter()
+            .map(|m| format!("127.0.0.1:{}", m.port()))
+            .collect();
+        let out = Command::new("timeout")
+            .arg(CLUSTER_TIMEOUT.as_secs().to_string())
+            .args(["redis-cli", "--cluster", "create"])
+            .args(&addrs)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .stdin(Stdio::null())
+            .output()
+            .expect("run redis-cli --cluster create (apt-get install redis-tools)");
+        assert!(
+            out.status.success(),
+            "redis-cli --cluster create failed: {}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let cluster = Self { masters };
+        let deadline = Instant::now() + CLUSTER_TIMEOUT;
+        while !cluster.masters.iter().all(|m| {
+            let info: String = redis::cmd("CLUSTER")
+                .arg("INFO")
+                .query(&mut m.raw())
+                .unwrap_or_default();
+            info.contains("cluster_state:ok") && info.contains("cluster_slots_ok:16384")
+        }) {
+            assert!(
+                Instant::now() < deadline,
+                "the cluster did not form in time"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        cluster
+    }
+
+    /// `redis+cluster://127.0.0.1:P1,127.0.0.1:P2,127.0.0.1:P3`.
+    pub(crate) fn url(&self) -> String {
+        let nodes: Vec<String> = self
+            .masters
+            .iter()
+            .map(|m| format!("127.0.0.1:{}", m.port()))
+            .collect();
+        format!("redis+cluster://{}", nodes.join(","))
+    }
+
+    /// The node URLs, `redis://127.0.0.1:P` each.
+    pub(crate) fn node_urls(&self) -> Vec<String> {
+        self.masters.iter().map(RedisServer::url).collect()
+    }
+}
+
+/// A test PKI: a CA, a second CA that signed nothing the servers use, and server certificates,
+/// all EC P-256, written as PEM files into a temporary directory.
+pub(crate) struct TestPki {
+    dir: tempfile::TempDir,
+    ca_key: openssl::pkey::PKey<openssl::pkey::Private>,
+    ca_cert: openssl::x509::X509,
+    /// The CA's certificate, PEM.
+    pub(crate) ca: PathBuf,
+    /// Another CA's certificate, PEM: a wrong CA for the servers here.
+    pub(crate) other_ca: PathBuf,
+}
+
+/// A server certificate's files.
+pub(crate) struct ServerCert {
+    pub(crate) cert: PathBuf,
+    pub(crate) key: PathBuf,
+    pub(crate) ca: PathBuf,
+}
+
+impl TestPki {
+    /// Makes the two CAs.
+    pub(crate) fn new() -> Self {
+        let dir = tempfile::tempdir().expect("temp dir for the test PKI");
+        let (ca_key, ca_cert) = make_ca("session store test CA");
+        let (_, other) = make_ca("some other CA");
+        let ca = write_pem(dir.path(), "ca.pem", &ca_cert.to_pem().unwrap());
+        let other_ca = write_pem(dir.path(), "other-ca.pem", &other.to_pem().unwrap());
+        Self {
+            dir,
+            ca_key,
+            ca_cert,
+            ca,
+            other_ca,
+        }
+    }
+
+    /// A server certificate for the IP address `ip`, signed by the CA, written as `name.pem`
+    /// and `name.key`.
+    pub(crate) fn write_server(&self, name: &str, ip: IpAddr) -> ServerCert {
+        use openssl::x509::extension::{
+            BasicConstraints, ExtendedKeyUsage, KeyUsage, SubjectAlternativeName,
+        };
+        let key = ec_key();
+        let mut b = openssl::x509::X509::builder().unwrap();
+        b.set_version(2).unwrap();
+        b.set_serial_number(&serial()).unwrap();
+        b.set_subject_name(&name_of("redis test server")).unwrap();
+        b.set_issuer_name(self.ca_cert.subject_name()).unwrap();
+        b.set_pubkey(&key).unwrap();
+        validity(&mut b);
+        b.append_extension(BasicConstraints::new().build().unwrap())
+            .unwrap();
+        b.append_extension(
+            KeyUsage::new()
+                .critical()
+                .digital_signature()
+                .key_agreement()
+                .build()
+                .unwrap(),
+        )
+        .unwrap();
+        b.append_extension(ExtendedKeyUsage::new().server_auth().build().unwrap())
+            .unwrap();
+        let san = SubjectAlternativeName::new()
+            .ip(&ip.to_string())
+            .build(&b.x509v3_context(Some(&self.ca_cert), None))
+            .unwrap();
+        b.append_extension(san).unwrap();
+        b.sign(&self.ca_key, openssl::hash::MessageDigest::sha256())
+            .unwrap();
+        let cert = b.build();
+        ServerCert {
+            cert: write_pem(
+                self.dir.path(),
+                &format!("{name}.pem"),
+                &cert.to_pem().unwrap(),
+            ),
+            key: write_pem(
+                self.dir.path(),
+                &format!("{name}.key"),
+                &key.private_key_to_pem_pkcs8().unwrap(),
+            ),
+            ca: self.ca.clone(),
+        }
+    }
+}
+
+fn ec_key() -> openssl::pkey::PKey<openssl::pkey::Private> {
+    let group = openssl::ec::EcGroup::from_curve_name(openssl::nid::Nid::X9_62_PRIME256V1).unwrap();
+    openssl::pkey::PKey::from_ec_key(openssl::ec::EcKey::generate(&group).unwrap()).unwrap()
+}
+
+fn serial() -> openssl::asn1::Asn1Integer {
+    let mut n = openssl::bn::BigNum::new().unwrap();
+    n.rand(64, openssl::bn::MsbOption::MAYBE_ZERO, false)
+        .unwrap();
+    n.to_asn1_integer().unwrap()
+}
+
+fn name_of(cn: &str) -> openssl::x509::X509Name {
+    let mut name = openssl::x509::X509NameBuilder::new().unwrap();
+    name.append_entry_by_nid(openssl::nid::Nid::COMMONNAME, cn)
+        .unwrap();
+    name.build()
+}
+
+fn validity(b: &mut openssl::x509::X509Builder) {
+    b.set_not_before(&openssl::asn1::Asn1Time::days_from_now(0).unwrap())
+        .unwrap();
+    b.set_not_after(&openssl::asn1::Asn1Time::days_from_now(2).unwrap())
+        .unwrap();
+}
+
+fn make_ca(
+    cn: &str,
+) -> (
+    openssl::pkey::PKey<openssl::pkey::Private>,
+    openssl::x509::X509,
+) {
+    use openssl::x509::extension::{BasicConstraints, KeyUsage, SubjectKeyIdentifier};
+    let key = ec_key();
+    let name = name_of(cn);
+    let mut b = openssl::x509::X509::builder().unwrap();
+    b.set_version(2).unwrap();
+    b.set_serial_number(&serial()).unwrap();
+    b.set_subject_name(&name).unwrap();
+    b.set_issuer_name(&name).unwrap();
+    b.set_pubkey(&key).unwrap();
+    validity(&mut b);
+    b.append_extension(BasicConstraints::new().critical().ca().build().unwrap())
+        .unwrap();
+    b.append_extension(
+        KeyUsage::new()
+            .critical()
+            .key_cert_sign()
+            .crl_sign()
+            .build()
+            .unwrap(),
+    )
+    .unwrap();
+    let ski = SubjectKeyIdentifier::new()
+        .build(&b.x509v3_context(None, None))
+        .unwrap();
+    b.append_extension(ski).unwrap();
+    b.sign(&key, openssl::hash::MessageDigest::sha256())
+        .unwrap();
+    (key, b.build())
+}
+
+fn write_pem(dir: &Path, name: &str, pem: &[u8]) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, pem).expect("write a PEM file");
+    path
 }

@@ -1,13 +1,15 @@
 //! The admin side: size, iteration and clearing, each a walk of the prefix with `SCAN` on a
 //! blocking connection of its own (its own timeout, outside the circuit breaker), so an admin
-//! call neither waits behind nor delays the lookups on the shared connection.
+//! call neither waits behind nor delays the lookups on the shared connection. In a cluster the
+//! walk visits every master, on a connection to each.
 
 use std::collections::HashSet;
 use std::sync::atomic::Ordering;
 use std::time::SystemTime;
 
-use ::redis::{Connection, RedisResult};
+use ::redis::{Client, Connection, ErrorKind, FromRedisValue, RedisError, RedisResult, Value};
 
+use super::cluster::parse_cluster_slots;
 use super::{bump, id_from_hex, invalidation, map_error, RedisStore};
 use crate::error::StoreError;
 use crate::store::{SessionId, SessionStoreAdmin, StoredSession};
@@ -21,11 +23,12 @@ impl RedisStore {
         id_from_hex(key.strip_prefix(self.shared.prefix.as_bytes())?)
     }
 
-    /// Runs `f` on a fresh blocking connection with the admin timeout; failures are counted
+    /// Runs `f` on fresh blocking connections with the admin timeout: one to the server, or one
+    /// to each master of a cluster (each holds its own share of the keys). Failures are counted
     /// in `admin_errors` only.
     fn admin_run<T>(
         &self,
-        f: impl FnOnce(&mut Connection) -> RedisResult<T>,
+        f: impl FnOnce(&mut [Connection]) -> RedisResult<T>,
     ) -> Result<T, StoreError> {
         if self.background.is_current() {
             return Err(StoreError::Unavailable(
@@ -33,19 +36,53 @@ impl RedisStore {
             ));
         }
         let s = &self.shared;
-        let result = s
-            .client
-            .get_connection_with_timeout(s.admin_timeout)
-            .and_then(|mut conn| {
-                conn.set_read_timeout(Some(s.admin_timeout))?;
-                conn.set_write_timeout(Some(s.admin_timeout))?;
-                f(&mut conn)
-            });
+        let result = self.admin_connections().and_then(|mut conns| f(&mut conns));
         result.map_err(|e| {
             bump(&s.counters.admin_errors);
             tracing::debug!(url = %s.url, error = %e, "redis session store admin call failed");
             map_error(&e)
         })
+    }
+
+    fn admin_connect(&self, client: &Client) -> RedisResult<Connection> {
+        let timeout = self.shared.admin_timeout;
+        let conn = client.get_connection_with_timeout(timeout)?;
+        conn.set_read_timeout(Some(timeout))?;
+        conn.set_write_timeout(Some(timeout))?;
+        Ok(conn)
+    }
+
+    /// The connections an admin call walks: the server, or every master of the cluster (read
+    /// afresh with `CLUSTER SLOTS` from the first node of the list that answers).
+    fn admin_connections(&self) -> RedisResult<Vec<Connection>> {
+        let s = &self.shared;
+        let Some(topology) = &s.topology else {
+            return Ok(vec![self.admin_connect(&s.nodes[0])?]);
+        };
+        let mut last_error = None;
+        for node in &s.nodes {
+            let ranges = self.admin_connect(node).and_then(|mut c| {
+                let reply: Value = ::redis::cmd("CLUSTER").arg("SLOTS").query(&mut c)?;
+                parse_cluster_slots(&reply).ok_or_else(|| {
+                    RedisError::from((
+                        ErrorKind::UnexpectedReturnType,
+                        "unexpected CLUSTER SLOTS reply",
+                    ))
+                })
+            });
+            match ranges {
+                Ok(ranges) => {
+                    topology.update(&ranges, |host, port| s.node_link(host, port));
+                    return topology
+                        .masters()
+                        .iter()
+                        .map(|(host, port)| self.admin_connect(&s.node_client(host, *port)?))
+                        .collect();
+                }
+                Err(e) => last_error = Some(e),
+            }
+        }
+        Err(last_error.unwrap_or_else(|| RedisError::from((ErrorKind::Io, "no cluster node"))))
     }
 
     /// All keys under the prefix (deduplicated: `SCAN` may return a key twice).
@@ -69,27 +106,46 @@ impl RedisStore {
     }
 }
 
+/// Runs `command` on each key of `keys` in pipelines of [`SCAN_COUNT`], collecting the replies
+/// (one key per command, so a cluster node never sees keys of two slots in one command).
+fn per_key<T: FromRedisValue>(
+    conn: &mut Connection,
+    command: &str,
+    keys: &[Vec<u8>],
+) -> RedisResult<Vec<T>> {
+    let mut out = Vec::with_capacity(keys.len());
+    for chunk in keys.chunks(SCAN_COUNT) {
+        let mut pipe = ::redis::pipe();
+        for k in chunk {
+            pipe.cmd(command).arg(k);
+        }
+        out.extend(pipe.query::<Vec<T>>(conn)?);
+    }
+    Ok(out)
+}
+
 /// Explicit admin calls, each a walk of the prefix with `SCAN` (O(keys in Redis)); nothing on a
 /// handshake path or in [`CacheStats`](crate::CacheStats) calls them. They see what Redis holds:
 /// writes still queued here are not counted until the writer has sent them
 /// ([`RedisStore::flush`]).
 impl SessionStoreAdmin for RedisStore {
     fn len(&self) -> Result<usize, StoreError> {
-        self.admin_run(|c| self.scan_keys(c).map(|k| k.len()))
+        self.admin_run(|conns| {
+            conns
+                .iter_mut()
+                .map(|c| self.scan_keys(c).map(|k| k.len()))
+                .sum()
+        })
     }
 
     /// The session bytes in Redis, from each value's length less the envelope.
     fn bytes(&self) -> Result<usize, StoreError> {
         let overhead = self.shared.codec.overhead();
-        self.admin_run(|c| {
-            let keys = self.scan_keys(c)?;
+        self.admin_run(|conns| {
             let mut total = 0usize;
-            for chunk in keys.chunks(SCAN_COUNT) {
-                let mut pipe = ::redis::pipe();
-                for k in chunk {
-                    pipe.cmd("STRLEN").arg(k);
-                }
-                let lens: Vec<usize> = pipe.query(c)?;
+            for c in conns {
+                let keys = self.scan_keys(c)?;
+                let lens: Vec<usize> = per_key(c, "STRLEN", &keys)?;
                 total += lens
                     .iter()
                     .map(|l| l.saturating_sub(overhead))
@@ -101,12 +157,12 @@ impl SessionStoreAdmin for RedisStore {
 
     /// Values that do not open are skipped (and counted in `decrypt_failures`).
     fn for_each(&self, f: &mut dyn FnMut(&SessionId, &StoredSession)) -> Result<(), StoreError> {
-        let entries: Vec<(Vec<u8>, Option<Vec<u8>>)> = self.admin_run(|c| {
-            let keys = self.scan_keys(c)?;
-            let mut out = Vec::with_capacity(keys.len());
-            for chunk in keys.chunks(SCAN_COUNT) {
-                let values: Vec<Option<Vec<u8>>> = ::redis::cmd("MGET").arg(chunk).query(c)?;
-                out.extend(chunk.iter().cloned().zip(values));
+        let entries: Vec<(Vec<u8>, Option<Vec<u8>>)> = self.admin_run(|conns| {
+            let mut out = Vec::new();
+            for c in conns {
+                let keys = self.scan_keys(c)?;
+                let values: Vec<Option<Vec<u8>>> = per_key(c, "GET", &keys)?;
+                out.extend(keys.into_iter().zip(values));
             }
             Ok(out)
         })?;
@@ -135,15 +191,18 @@ impl SessionStoreAdmin for RedisStore {
             s.coherence.invalidate_all(tier);
         }
         s.queue.clear();
-        self.admin_run(|c| {
-            let keys = self.scan_keys(c)?;
-            for chunk in keys.chunks(SCAN_COUNT) {
-                ::redis::cmd("UNLINK").arg(chunk).exec(c)?;
+        self.admin_run(|conns| {
+            for c in conns.iter_mut() {
+                let keys = self.scan_keys(c)?;
+                per_key::<i64>(c, "UNLINK", &keys)?;
             }
-            ::redis::cmd("PUBLISH")
-                .arg(&s.channel)
-                .arg(invalidation::ALL)
-                .exec(c)
+            match conns.first_mut() {
+                Some(c) => ::redis::cmd("PUBLISH")
+                    .arg(&s.channel)
+                    .arg(invalidation::ALL)
+                    .exec(c),
+                None => Ok(()),
+            }
         })
     }
 

@@ -139,6 +139,11 @@ pub(crate) struct Permit {
 }
 
 impl Permit {
+    /// The breaker this permit reports to.
+    pub(crate) fn breaker(&self) -> &Arc<SharedBreaker> {
+        &self.breaker
+    }
+
     /// The backend answered (a value, or an error reply: it is up).
     pub(crate) fn success(mut self) {
         self.reported = true;

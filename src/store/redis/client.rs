@@ -6,10 +6,13 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use ::redis::aio::MultiplexedConnection;
-use ::redis::{RedisError, RedisResult};
+use ::redis::{ErrorKind, RedisError, RedisResult, Value};
 
 use super::breaker::Permit;
+use super::cluster::parse_cluster_slots;
+use super::runtime::Link;
 use super::write_behind::Enqueued;
+use super::TOPOLOGY_MIN_TIMEOUT;
 use super::{bump, id_from_hex, invalidation, is_connection_failure, map_error, Shared};
 use crate::error::StoreError;
 use crate::store::{LookupDone, LookupMode, MemoryStore, SessionId, StoredSession};
@@ -18,6 +21,9 @@ use crate::store::{LookupDone, LookupMode, MemoryStore, SessionId, StoredSession
 pub(crate) enum RunError {
     /// The deadline passed.
     Timeout,
+    /// No connection could be opened (refused, unreachable, TLS handshake or certificate
+    /// verification failed, authentication refused).
+    Connect(RedisError),
     /// Redis (or the connection to it) failed.
     Redis(RedisError),
 }
@@ -26,10 +32,48 @@ impl RunError {
     /// Redis could not be reached or did not answer in time (as opposed to an error reply).
     pub(crate) fn is_unreachable(&self) -> bool {
         match self {
-            Self::Timeout => true,
+            Self::Timeout | Self::Connect(_) => true,
             Self::Redis(e) => is_connection_failure(e),
         }
     }
+}
+
+/// Where a command goes.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Route<'a> {
+    /// To the master that holds this key (the server, for one server).
+    Key(&'a [u8]),
+    /// To any master (`PUBLISH`, `PING`).
+    Any,
+}
+
+/// Runs `f` on `link`'s connection, connecting if needed, once more on a fresh connection if
+/// the connection turns out dead (not on a timeout).
+async fn attempt_on<T, F, Fut>(link: &Link, f: &F) -> Result<T, RunError>
+where
+    F: Fn(MultiplexedConnection) -> Fut,
+    Fut: Future<Output = RedisResult<T>>,
+{
+    let mut retried = false;
+    loop {
+        let (generation, conn) = link.connection().await.map_err(RunError::Connect)?;
+        match f(conn).await {
+            Ok(v) => return Ok(v),
+            Err(e) if is_dead_connection(&e) => {
+                link.reset(generation);
+                if retried {
+                    return Err(RunError::Redis(e));
+                }
+                retried = true;
+            }
+            Err(e) => return Err(RunError::Redis(e)),
+        }
+    }
+}
+
+/// The connection itself failed (reset, closed): a fresh one may work.
+fn is_dead_connection(e: &RedisError) -> bool {
+    (e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal()) && !e.is_timeout()
 }
 
 impl Shared {
@@ -37,43 +81,130 @@ impl Shared {
         format!("{}{}", self.prefix, id.to_hex())
     }
 
-    /// Runs `f` on the shared connection, connecting if needed. A connection that turns out
-    /// dead (Redis restarted, the connection was reset: not a timeout) is forgotten and `f`
-    /// runs once more on a fresh one. Re-running is safe for every command used here:
-    /// `SET`/`DEL`/`PUBLISH` are idempotent for this purpose, and a `GETDEL` whose reply was lost
-    /// only loses the session (at most once, never twice).
-    pub(crate) async fn attempt<T, F, Fut>(&self, f: F) -> RedisResult<T>
+    /// Runs `f` on the connection for `route`, connecting if needed: the server's, or in a
+    /// cluster that of the master holding the key (reading the slot map first if it is not
+    /// known, and once more if the master answers `MOVED`), or for [`Route::Any`] the first
+    /// master that answers. A connection that turns out dead (Redis restarted, the connection
+    /// was reset: not a timeout) is forgotten and `f` runs once more on a fresh one. Re-running
+    /// is safe for every command used here: `SET`/`DEL`/`PUBLISH` are idempotent for this
+    /// purpose, and a `GETDEL` whose reply was lost only loses the session (at most once, never
+    /// twice).
+    pub(crate) async fn attempt<T, F, Fut>(&self, route: Route<'_>, f: F) -> Result<T, RunError>
     where
         F: Fn(MultiplexedConnection) -> Fut,
         Fut: Future<Output = RedisResult<T>>,
     {
-        let mut retried = false;
-        loop {
-            let (generation, conn) = self.link.connection().await?;
-            match f(conn).await {
-                Ok(v) => return Ok(v),
-                Err(e) if is_connection_failure(&e) && !e.is_timeout() => {
-                    self.link.reset(generation);
-                    if retried {
-                        return Err(e);
+        let Some(topology) = &self.topology else {
+            return attempt_on(&self.link, &f).await;
+        };
+        match route {
+            Route::Key(key) => {
+                let mut refreshed = false;
+                loop {
+                    let link = match topology.link_for(key) {
+                        Some(link) => link,
+                        None if !refreshed => {
+                            refreshed = true;
+                            let _ = self.refresh_topology().await;
+                            continue;
+                        }
+                        None => {
+                            return Err(RunError::Connect(RedisError::from((
+                                ErrorKind::ClusterConnectionNotFound,
+                                "no known master holds the key's slot",
+                            ))))
+                        }
+                    };
+                    match attempt_on(&link, &f).await {
+                        Err(RunError::Redis(e)) if e.redirect_node().is_some() && !refreshed => {
+                            // The slot moved (a failover, a resharding): read the map again.
+                            refreshed = true;
+                            let _ = self.refresh_topology().await;
+                        }
+                        r => return r,
                     }
-                    retried = true;
                 }
-                Err(e) => return Err(e),
+            }
+            Route::Any => {
+                let mut last = None;
+                for link in topology.candidates() {
+                    match attempt_on(&link, &f).await {
+                        Err(e) if e.is_unreachable() => last = Some(e),
+                        r => return r,
+                    }
+                }
+                Err(last.unwrap_or_else(|| {
+                    RunError::Connect(RedisError::from((
+                        ErrorKind::ClusterConnectionNotFound,
+                        "no cluster node",
+                    )))
+                }))
             }
         }
     }
 
     /// [`attempt`](Self::attempt) within `deadline`.
-    pub(crate) async fn run<T, F, Fut>(&self, deadline: Instant, f: F) -> Result<T, RunError>
+    pub(crate) async fn run<T, F, Fut>(
+        &self,
+        deadline: Instant,
+        route: Route<'_>,
+        f: F,
+    ) -> Result<T, RunError>
     where
         F: Fn(MultiplexedConnection) -> Fut,
         Fut: Future<Output = RedisResult<T>>,
     {
-        match tokio::time::timeout_at(deadline.into(), self.attempt(f)).await {
-            Ok(r) => r.map_err(RunError::Redis),
+        match tokio::time::timeout_at(deadline.into(), self.attempt(route, f)).await {
+            Ok(r) => r,
             Err(_) => Err(RunError::Timeout),
         }
+    }
+
+    /// Reads a cluster's slot map (`CLUSTER SLOTS`) from the first node that answers, within
+    /// the operation deadline (at least 1 s); a no-op for one server. Concurrent callers share
+    /// one read.
+    pub(crate) async fn refresh_topology(&self) -> Result<(), StoreError> {
+        let Some(topology) = &self.topology else {
+            return Ok(());
+        };
+        let seen = topology.refreshes();
+        let _one_at_a_time = topology.refreshing.lock().await;
+        if topology.refreshes() != seen {
+            return Ok(()); // read while this caller waited
+        }
+        let deadline = Instant::now() + self.op_timeout.max(TOPOLOGY_MIN_TIMEOUT);
+        let slots = |mut conn: MultiplexedConnection| async move {
+            ::redis::cmd("CLUSTER")
+                .arg("SLOTS")
+                .query_async::<Value>(&mut conn)
+                .await
+        };
+        let mut last = StoreError::Unavailable("redis: no cluster node to ask".into());
+        for link in topology.candidates() {
+            let asked = tokio::time::timeout_at(deadline.into(), attempt_on(&link, &slots)).await;
+            let reply = match asked {
+                Ok(Ok(reply)) => reply,
+                Ok(Err(RunError::Connect(e))) => {
+                    last = StoreError::Unavailable(format!(
+                        "redis: cannot connect to {}: {e}",
+                        self.url
+                    ));
+                    continue;
+                }
+                Ok(Err(RunError::Redis(e))) => {
+                    last = map_error(&e);
+                    continue;
+                }
+                Ok(Err(RunError::Timeout)) | Err(_) => return Err(StoreError::Timeout),
+            };
+            let Some(ranges) = parse_cluster_slots(&reply) else {
+                last = StoreError::Backend("redis: unexpected CLUSTER SLOTS reply".into());
+                continue;
+            };
+            topology.update(&ranges, |host, port| self.node_link(host, port));
+            return Ok(());
+        }
+        Err(last)
     }
 
     /// Reports an operation's outcome to the breaker and the counters, and maps its error.
@@ -94,6 +225,16 @@ impl Shared {
                 self.failed(permit, "deadline passed");
                 Err(StoreError::Timeout)
             }
+            Err(RunError::Connect(e)) => {
+                bump(&c.redis_errors);
+                if e.is_timeout() {
+                    bump(&c.timeouts);
+                }
+                let why = format!("cannot connect to {}: {e}", self.url);
+                self.failed(permit, &why);
+                tracing::debug!(error = %why, "redis session store operation failed");
+                Err(StoreError::Unavailable(format!("redis: {why}")))
+            }
             Err(RunError::Redis(e)) => {
                 bump(&c.redis_errors);
                 if is_connection_failure(&e) {
@@ -112,11 +253,15 @@ impl Shared {
     }
 
     fn failed(&self, permit: Permit, why: &str) {
+        let breaker = Arc::clone(permit.breaker());
         if permit.failure(Instant::now()) {
             bump(&self.counters.breaker_opens);
             // The connection is as dead as the operation that failed: the probe after the
             // back-off must open a fresh one.
-            self.link.reset_any();
+            match &self.topology {
+                Some(t) => t.reset_link_of(&breaker),
+                None => self.link.reset_any(),
+            }
             tracing::warn!(url = %self.url, error = why, "redis session store: circuit breaker open");
         }
     }
@@ -168,20 +313,20 @@ impl Shared {
     pub(crate) async fn remote_lookup(
         self: Arc<Self>,
         id: SessionId,
+        key: String,
         mode: LookupMode,
         permit: Permit,
         deadline: Instant,
         done: LookupDone,
     ) {
         let mark = self.coherence.mark();
-        let key = self.key_for(&id);
         let command = match mode {
             LookupMode::Get => "GET",
             LookupMode::Take => "GETDEL",
         };
         let timed = tokio::time::timeout_at(deadline.into(), async {
             let (value, conn) = self
-                .attempt(|mut conn| {
+                .attempt(Route::Key(key.as_bytes()), |mut conn| {
                     let key = &key;
                     async move {
                         let v: Option<Vec<u8>> = ::redis::cmd(command)
@@ -195,13 +340,10 @@ impl Shared {
             let opened = value
                 .map(|v| self.decode_or_drop(&id, &v, mode == LookupMode::Get))
                 .map(|r| (r, conn));
-            Ok::<_, RedisError>(opened)
+            Ok::<_, RunError>(opened)
         })
         .await;
-        let outcome = match timed {
-            Ok(r) => r.map_err(RunError::Redis),
-            Err(_) => Err(RunError::Timeout),
-        };
+        let outcome = timed.unwrap_or(Err(RunError::Timeout));
         let result = match self.settle(permit, outcome) {
             Err(e) => Err(e),
             Ok(None) => Ok(None),

@@ -2,6 +2,8 @@
 
 use std::fmt;
 
+use arc_swap::ArcSwap;
+
 use crate::error::StoreError;
 use crate::store::envelope::{decode_session, envelope_key_id, KeyRing, OVERHEAD};
 use crate::store::{SessionId, StoredSession};
@@ -10,27 +12,45 @@ use crate::store::{SessionId, StoredSession};
 const PLAINTEXT_VERSION: u8 = 0;
 
 pub(crate) enum Codec {
-    Sealed(KeyRing),
+    /// Sealed with the ring, which [`replace_ring`](Self::replace_ring) swaps at runtime.
+    Sealed(ArcSwap<KeyRing>),
     Plaintext,
 }
 
 impl fmt::Debug for Codec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::Sealed(ring) => f.debug_tuple("Sealed").field(ring).finish(),
+            Self::Sealed(ring) => f.debug_tuple("Sealed").field(&**ring.load()).finish(),
             Self::Plaintext => f.write_str("Plaintext"),
         }
     }
 }
 
 impl Codec {
+    pub(crate) fn sealed(ring: KeyRing) -> Self {
+        Self::Sealed(ArcSwap::from_pointee(ring))
+    }
+
+    /// Seals from now on with `ring`'s active key and opens with its keys; returns false for a
+    /// plaintext codec, which has no ring. The old ring's keys are wiped once no operation in
+    /// flight still uses them.
+    pub(crate) fn replace_ring(&self, ring: KeyRing) -> bool {
+        match self {
+            Self::Sealed(current) => {
+                current.store(std::sync::Arc::new(ring));
+                true
+            }
+            Self::Plaintext => false,
+        }
+    }
+
     pub(crate) fn encode(
         &self,
         id: &SessionId,
         session: &StoredSession,
     ) -> Result<Vec<u8>, StoreError> {
         match self {
-            Self::Sealed(ring) => ring.seal_session(id, session),
+            Self::Sealed(ring) => ring.load().seal_session(id, session),
             Self::Plaintext => {
                 let mut v = Vec::with_capacity(9 + session.len());
                 v.push(PLAINTEXT_VERSION);
@@ -43,7 +63,7 @@ impl Codec {
 
     pub(crate) fn decode(&self, id: &SessionId, value: &[u8]) -> Result<StoredSession, StoreError> {
         match self {
-            Self::Sealed(ring) => ring.open_session(id, value),
+            Self::Sealed(ring) => ring.load().open_session(id, value),
             Self::Plaintext => match value {
                 [PLAINTEXT_VERSION, rest @ ..] => decode_session(rest),
                 _ => Err(StoreError::Corrupt(
@@ -57,7 +77,7 @@ impl Codec {
     pub(crate) fn is_foreign(&self, value: &[u8]) -> bool {
         match self {
             Self::Sealed(ring) => {
-                envelope_key_id(value).is_some_and(|k| !ring.key_ids().contains(&k))
+                envelope_key_id(value).is_some_and(|k| ring.load().key(k).is_none())
             }
             Self::Plaintext => false,
         }
@@ -84,7 +104,7 @@ mod tests {
         let v = plain.encode(&id, &s).unwrap();
         assert_eq!(plain.decode(&id, &v).unwrap(), s);
         let ring = KeyRing::generate().unwrap();
-        let sealed = Codec::Sealed(ring.clone());
+        let sealed = Codec::sealed(ring.clone());
         let sv = sealed.encode(&id, &s).unwrap();
         assert!(plain.decode(&id, &sv).is_err());
         assert!(
@@ -92,7 +112,31 @@ mod tests {
             "an encrypted store refuses plaintext values"
         );
         assert!(!sealed.is_foreign(&sv));
-        let other = Codec::Sealed(KeyRing::new(ring.active_key_id().wrapping_add(1), [0; 32]));
+        let other = Codec::sealed(KeyRing::new(ring.active_key_id().wrapping_add(1), [0; 32]));
         assert!(other.is_foreign(&sv));
+        assert!(
+            !plain.replace_ring(ring.clone()),
+            "a plaintext codec has no ring"
+        );
+    }
+
+    #[test]
+    fn a_replaced_ring_seals_with_its_active_key_and_opens_what_its_keys_sealed() {
+        let id = SessionId::new(b"i").unwrap();
+        let s = StoredSession::from_millis(vec![7; 20], 99);
+        let codec = Codec::sealed(KeyRing::new(1, [1; 32]));
+        let under_1 = codec.encode(&id, &s).unwrap();
+        assert!(codec.replace_ring(KeyRing::new(1, [1; 32]).rotate(2, [2; 32]).unwrap()));
+        let under_2 = codec.encode(&id, &s).unwrap();
+        assert_eq!(envelope_key_id(&under_2), Some(2));
+        assert_eq!(
+            codec.decode(&id, &under_1).unwrap(),
+            s,
+            "key 1 is still in the ring"
+        );
+        assert!(codec.replace_ring(KeyRing::new(2, [2; 32])));
+        assert!(codec.decode(&id, &under_1).is_err(), "key 1 left the ring");
+        assert!(codec.is_foreign(&under_1));
+        assert_eq!(codec.decode(&id, &under_2).unwrap(), s);
     }
 }

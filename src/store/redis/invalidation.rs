@@ -17,6 +17,14 @@
 //! within one pub/sub delivery (one network hop) while that host's subscription is up, and
 //! within `heartbeat` + the operation deadline (default 1 s + 50 ms) if the subscription died
 //! silently.
+//!
+//! **In a cluster** the channel is an ordinary (not sharded) pub/sub channel: Redis Cluster
+//! forwards every `PUBLISH` over its bus to every node, so a store subscribes on one node of its
+//! list and moves to the next when that node fails. A removal's `PUBLISH` goes out only after
+//! its `DEL` was answered (the two keys' nodes differ), so no host hears of a removal before the
+//! session is gone. Sharded pub/sub (`SSUBSCRIBE`) would keep each message on one shard, but
+//! invalidations of any key must reach every host, so a host would need a subscription per
+//! shard; at invalidation rates the bus broadcast costs less than that bookkeeping.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -155,15 +163,19 @@ impl Coherence {
 }
 
 /// The subscriber task: subscribe, listen and ping, and on any failure mark the tier untrusted
-/// and subscribe again.
+/// and subscribe again, on the next node of the list for a cluster (a `PUBLISH` reaches the
+/// subscribers of every node of a cluster, so any node will do).
 pub(crate) async fn run_subscriber(shared: Arc<Shared>) {
     let Some(tier) = shared.tier.as_ref() else {
         return;
     };
     let mut wait = RESUBSCRIBE_MIN;
+    let mut node = 0usize;
     loop {
+        let nodes = shared.nodes.len();
+        let client = &shared.nodes[node % nodes];
         let subscribed = timeout(shared.op_timeout, async {
-            let pubsub = shared.client.get_async_pubsub().await?;
+            let pubsub = client.get_async_pubsub().await?;
             let (mut sink, stream) = pubsub.split();
             sink.subscribe(&shared.channel).await?;
             Ok::<_, ::redis::RedisError>((sink, stream))
@@ -204,8 +216,12 @@ pub(crate) async fn run_subscriber(shared: Arc<Shared>) {
                 tracing::debug!(url = %shared.url, "redis session store: subscribe timed out");
             }
         }
-        sleep(wait).await;
-        wait = (wait * 2).min(shared.heartbeat.max(RESUBSCRIBE_MIN));
+        // The next node at once; after a round of them all, back off.
+        node = node.wrapping_add(1);
+        if node.is_multiple_of(nodes) {
+            sleep(wait).await;
+            wait = (wait * 2).min(shared.heartbeat.max(RESUBSCRIBE_MIN));
+        }
     }
 }
 

@@ -1,23 +1,32 @@
-//! A shared session store for server farms, on Redis (cargo feature `redis`).
+//! A shared session store for server farms, on Redis (cargo feature `redis`): one server, over
+//! TLS or not, or a Redis Cluster.
 //!
-//! See [`RedisStore`] for what it does and the bounds it keeps; one file per concept below.
+//! See [`RedisStore`] for what it does and the bounds it keeps; one file per concept below
+//! (`cluster.rs`: the slot map and per-master breakers).
 
 mod admin;
 mod breaker;
 mod client;
+mod cluster;
 mod codec;
 mod invalidation;
 mod runtime;
 mod write_behind;
 
 use std::fmt;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant, SystemTime};
 
-use ::redis::{AsyncConnectionConfig, Client, IntoConnectionInfo, RedisError};
+use ::redis::{
+    AsyncConnectionConfig, Client, ConnectionAddr, ConnectionInfo, IntoConnectionInfo, RedisError,
+    TlsCertificates,
+};
 
 use self::breaker::SharedBreaker;
+use self::client::{Route, RunError};
+use self::cluster::{hash_tag, Topology};
 use self::codec::Codec;
 use self::invalidation::Coherence;
 use self::runtime::{Background, Link};
@@ -37,11 +46,23 @@ const TIER_BYTES_PER_ENTRY: usize = 4096;
 const BLOCKING_GRACE: Duration = Duration::from_millis(50);
 /// Requests the multiplexed connection buffers before callers wait for room.
 const PIPELINE_BUFFER: usize = 1024;
+/// The shortest wait for a `CLUSTER SLOTS` refresh or a [`RedisStore::check`].
+const TOPOLOGY_MIN_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// Builds a [`RedisStore`]; see [`RedisStore::builder`].
+/// Where the store finds Redis.
+#[derive(Clone)]
+enum Target {
+    /// One URL: a server, or `redis+cluster://`/`rediss+cluster://` with several nodes.
+    Url(String),
+    /// The node URLs of a cluster.
+    Cluster(Vec<String>),
+}
+
+/// Builds a [`RedisStore`]; see [`RedisStore::builder`] and [`RedisStore::cluster_builder`].
 #[must_use]
 pub struct RedisStoreBuilder {
-    url: String,
+    target: Target,
+    ca_file: Option<PathBuf>,
     prefix: String,
     op_timeout: Duration,
     write_queue: usize,
@@ -62,8 +83,13 @@ enum TierConfig {
 
 impl fmt::Debug for RedisStoreBuilder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let target = match &self.target {
+            Target::Url(url) => redact_url(url),
+            Target::Cluster(nodes) => redact_nodes(nodes),
+        };
         f.debug_struct("RedisStoreBuilder")
-            .field("url", &redact_url(&self.url))
+            .field("target", &target)
+            .field("ca_file", &self.ca_file)
             .field("prefix", &self.prefix)
             .field("op_timeout", &self.op_timeout)
             .field("write_queue", &self.write_queue)
@@ -147,7 +173,18 @@ impl RedisStoreBuilder {
         self
     }
 
-    /// Seal values with `ring` (AES-256-GCM; the last key added seals, all keys open).
+    /// Trust the CA certificates in the PEM file at `path` (instead of the system's roots) to
+    /// verify the server's certificate on a `rediss://` connection: its chain must lead to one
+    /// of them and it must name the host of the URL (an IP address in the URL must be among the
+    /// certificate's IP addresses). The file is read and checked by [`build`](Self::build).
+    /// Verification cannot be turned off (a URL ending in `#insecure` is refused).
+    pub fn ca_file(mut self, path: impl AsRef<Path>) -> Self {
+        self.ca_file = Some(path.as_ref().to_owned());
+        self
+    }
+
+    /// Seal values with `ring` (AES-256-GCM; the last key added seals, all keys open). Replace
+    /// it at runtime with [`RedisStore::replace_key_ring`].
     pub fn key_ring(mut self, ring: KeyRing) -> Self {
         self.key_ring = Some(ring);
         self
@@ -162,15 +199,19 @@ impl RedisStoreBuilder {
     }
 
     /// Builds the store and starts its background thread. It connects lazily: a store built
-    /// while Redis is down starts working when Redis comes up.
+    /// while Redis is down starts working when Redis comes up. Call [`RedisStore::check`] to
+    /// learn at start-up whether Redis can be reached (a wrong CA, password or address).
     ///
     /// # Errors
-    /// [`Error::Config`] if the URL does not parse, a timeout is zero, the write queue, failure
-    /// count or prefix is empty/zero, or neither a key ring nor the plaintext opt-in was given;
-    /// [`Error::Io`] if the background thread cannot be started.
+    /// [`Error::Config`] if a URL does not parse, ends in `#insecure`, or (in a cluster) names a
+    /// Unix socket or mixes `redis://` and `rediss://`; if a CA file was given for a plain
+    /// `redis://` URL, cannot be read or holds no PEM certificate; if a timeout is zero, the
+    /// write queue, failure count or prefix is empty/zero, a cluster's prefix holds a hash tag
+    /// (`{…}`, which would put every session in one slot), or neither a key ring nor the
+    /// plaintext opt-in was given; [`Error::Io`] if the background thread cannot be started.
     pub fn build(self) -> Result<RedisStore, Error> {
         let codec = match (self.key_ring, self.plaintext) {
-            (Some(ring), false) => Codec::Sealed(ring),
+            (Some(ring), false) => Codec::sealed(ring),
             (None, true) => Codec::Plaintext,
             (Some(_), true) => {
                 return Err(Error::Config(
@@ -201,19 +242,84 @@ impl RedisStoreBuilder {
                 "redis store: the key prefix must not be empty".into(),
             ));
         }
-        let bad_url = |e: RedisError| {
-            Error::Config(format!(
-                "redis store: bad url {}: {e}",
-                redact_url(&self.url)
-            ))
+        let (is_cluster, urls) = match self.target {
+            Target::Url(url) => match cluster_url_nodes(&url)? {
+                Some(nodes) => (true, nodes),
+                None => (false, vec![url]),
+            },
+            Target::Cluster(nodes) => (true, nodes),
         };
-        // No `CLIENT SETINFO` on connect: a connection set-up without a round trip. No Nagle:
-        // pipelined requests go out as they come, not behind the previous one's ACK.
-        let info = self.url.as_str().into_connection_info().map_err(bad_url)?;
-        let settings = info.redis_settings().clone().set_skip_set_lib_name();
-        let tcp = info.tcp_settings().clone().set_nodelay(true);
-        let info = info.set_redis_settings(settings).set_tcp_settings(tcp);
-        let client = Client::open(info).map_err(bad_url)?;
+        if urls.is_empty() {
+            return Err(Error::Config(
+                "redis store: a cluster needs at least one node url".into(),
+            ));
+        }
+        if is_cluster && hash_tag(self.prefix.as_bytes()).is_some() {
+            return Err(Error::Config(format!(
+                "redis store: the prefix {:?} holds a hash tag ({{...}}): in a cluster every \
+                 session would hash to one slot",
+                self.prefix
+            )));
+        }
+        let shown = if is_cluster {
+            redact_nodes(&urls)
+        } else {
+            redact_url(&urls[0])
+        };
+        let infos = urls
+            .iter()
+            .map(|url| connection_info(url))
+            .collect::<Result<Vec<_>, _>>()?;
+        let tls = infos.iter().filter(|i| is_tls(i)).count();
+        if tls != 0 && tls != infos.len() {
+            return Err(Error::Config(format!(
+                "redis store: {shown}: use rediss:// for every node or for none"
+            )));
+        }
+        if is_cluster
+            && infos
+                .iter()
+                .any(|i| matches!(i.addr(), ConnectionAddr::Unix(_)))
+        {
+            return Err(Error::Config(format!(
+                "redis store: {shown}: a cluster is reached over TCP, not a unix socket"
+            )));
+        }
+        let certs = match &self.ca_file {
+            None => None,
+            Some(_) if tls == 0 => {
+                return Err(Error::Config(format!(
+                    "redis store: a CA file was given but {shown} is not a rediss:// url"
+                )))
+            }
+            Some(path) => Some(read_ca_file(path)?),
+        };
+        let client_for = |info: ConnectionInfo| {
+            match &certs {
+                Some(certs) => Client::build_with_tls(info, certs.clone()),
+                None => Client::open(info),
+            }
+            .map_err(|e| Error::Config(format!("redis store: {shown}: {e}")))
+        };
+        let nodes = infos
+            .iter()
+            .cloned()
+            .map(client_for)
+            .collect::<Result<Vec<_>, _>>()?;
+        let template = infos[0].clone();
+        // The outer deadline bounds every request; the connection's own response timeout
+        // would only add a timer per request.
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(self.op_timeout))
+            .set_response_timeout(None)
+            .set_pipeline_buffer_size(PIPELINE_BUFFER);
+        let topology = is_cluster.then(|| {
+            let seeds = nodes
+                .iter()
+                .map(|c| Arc::new(Link::new(c.clone(), config.clone())))
+                .collect();
+            Topology::new(self.breaker_failures, self.breaker_backoff, seeds)
+        });
         let tier = match self.tier {
             TierConfig::Entries(0) => None,
             TierConfig::Entries(n) => Some(
@@ -224,24 +330,22 @@ impl RedisStoreBuilder {
             ),
             TierConfig::Store(store) => Some(store),
         };
-        // The outer deadline bounds every request; the connection's own response timeout
-        // would only add a timer per request.
-        let config = AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(self.op_timeout))
-            .set_response_timeout(None)
-            .set_pipeline_buffer_size(PIPELINE_BUFFER);
         let subscribe = self.invalidation && tier.is_some();
         let shared = Arc::new(Shared {
-            url: redact_url(&self.url),
+            url: shown,
             pattern: format!("{}*", escape_glob(&self.prefix)),
             channel: format!("{}invalidate", self.prefix),
             prefix: self.prefix,
             op_timeout: self.op_timeout,
             heartbeat: self.heartbeat,
             admin_timeout: self.admin_timeout,
-            link: Link::new(client.clone(), config),
-            client,
+            link: Link::new(nodes[0].clone(), config.clone()),
+            config,
+            nodes,
+            template,
+            certs,
             breaker: SharedBreaker::new(self.breaker_failures, self.breaker_backoff),
+            topology,
             queue: WriteQueue::new(self.write_queue),
             coherence: Coherence::new(self.invalidation),
             tier,
@@ -253,7 +357,94 @@ impl RedisStoreBuilder {
         if subscribe {
             background.spawn(invalidation::run_subscriber(shared.clone()));
         }
+        if is_cluster {
+            background.spawn(run_topology(shared.clone()));
+        }
         Ok(RedisStore { shared, background })
+    }
+}
+
+/// The parsed form of `url`, with no `CLIENT SETINFO` on connect (a connection set-up without a
+/// round trip) and no Nagle (pipelined requests go out as they come, not behind the previous
+/// one's ACK).
+fn connection_info(url: &str) -> Result<ConnectionInfo, Error> {
+    let bad_url =
+        |e: RedisError| Error::Config(format!("redis store: bad url {}: {e}", redact_url(url)));
+    let info = url.into_connection_info().map_err(bad_url)?;
+    if matches!(info.addr(), ConnectionAddr::TcpTls { insecure: true, .. }) {
+        return Err(Error::Config(format!(
+            "redis store: {}: certificate verification cannot be turned off (#insecure); \
+             give the CA with ca_file()",
+            redact_url(url)
+        )));
+    }
+    let settings = info.redis_settings().clone().set_skip_set_lib_name();
+    let tcp = info.tcp_settings().clone().set_nodelay(true);
+    Ok(info.set_redis_settings(settings).set_tcp_settings(tcp))
+}
+
+fn is_tls(info: &ConnectionInfo) -> bool {
+    matches!(info.addr(), ConnectionAddr::TcpTls { .. })
+}
+
+/// Reads a CA file for [`RedisStoreBuilder::ca_file`], refusing one without a certificate.
+fn read_ca_file(path: &Path) -> Result<TlsCertificates, Error> {
+    let pem = std::fs::read(path).map_err(|e| {
+        Error::Config(format!(
+            "redis store: cannot read CA file {}: {e}",
+            path.display()
+        ))
+    })?;
+    match openssl::x509::X509::stack_from_pem(&pem) {
+        Ok(certs) if !certs.is_empty() => Ok(TlsCertificates {
+            client_tls: None,
+            root_cert: Some(pem),
+        }),
+        _ => Err(Error::Config(format!(
+            "redis store: CA file {} holds no PEM certificate",
+            path.display()
+        ))),
+    }
+}
+
+/// The node URLs of `redis+cluster://[user:password@]host:port,host:port[/db][?query]` (or
+/// `rediss+cluster://`), each `redis://[user:password@]host:port[/db][?query]`; `None` for any
+/// other scheme.
+fn cluster_url_nodes(url: &str) -> Result<Option<Vec<String>>, Error> {
+    let (scheme, rest) = if let Some(rest) = url.strip_prefix("redis+cluster://") {
+        ("redis", rest)
+    } else if let Some(rest) = url.strip_prefix("rediss+cluster://") {
+        ("rediss", rest)
+    } else {
+        return Ok(None);
+    };
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(end);
+    let (userinfo, hosts) = match authority.rfind('@') {
+        Some(at) => (&authority[..=at], &authority[at + 1..]),
+        None => ("", authority),
+    };
+    let nodes: Vec<String> = hosts
+        .split(',')
+        .filter(|h| !h.is_empty())
+        .map(|h| format!("{scheme}://{userinfo}{h}{tail}"))
+        .collect();
+    if nodes.is_empty() {
+        return Err(Error::Config(format!(
+            "redis store: {} names no node (expected {scheme}+cluster://host:port,host:port)",
+            redact_url(url)
+        )));
+    }
+    Ok(Some(nodes))
+}
+
+/// Reads the cluster's slot map every heartbeat, for the per-master breakers.
+async fn run_topology(shared: Arc<Shared>) {
+    loop {
+        if let Err(e) = shared.refresh_topology().await {
+            tracing::debug!(url = %shared.url, error = %e, "redis session store: CLUSTER SLOTS failed");
+        }
+        tokio::time::sleep(shared.heartbeat).await;
     }
 }
 
@@ -309,7 +500,14 @@ pub struct RedisStoreStats {
     pub connects: u64,
     /// Admin calls (`len`, `bytes`, `for_each`, `clear`) that failed.
     pub admin_errors: u64,
-    /// Whether the breaker is open now.
+    /// Masters of the cluster in the store's slot map (0 for a single server).
+    pub cluster_nodes: u64,
+    /// Circuit breakers open now: 0 or 1 for a single server; in a cluster, one per master that
+    /// is down (and one more while the slot map is not known yet).
+    pub breakers_open: u64,
+    /// Times the cluster's slot map was read (`CLUSTER SLOTS`, every heartbeat).
+    pub topology_refreshes: u64,
+    /// Whether a breaker is open now (in a cluster: any master's).
     pub breaker_open: bool,
     /// Whether the invalidation subscription is up now (false without a tier or invalidation).
     pub subscribed: bool,
@@ -344,6 +542,52 @@ fn bump(c: &AtomicU64) {
     c.fetch_add(1, Ordering::Relaxed);
 }
 
+impl Shared {
+    /// The breaker that guards `key`: the server's, or that of the cluster master holding it.
+    pub(crate) fn breaker_for(&self, key: &[u8]) -> Arc<SharedBreaker> {
+        match &self.topology {
+            Some(t) => t.breaker_for(key),
+            None => Arc::clone(&self.breaker),
+        }
+    }
+
+    /// A client for the cluster node at `host:port`, with the first node's TLS and credentials.
+    pub(crate) fn node_client(&self, host: &str, port: u16) -> Result<Client, RedisError> {
+        let addr = match self.template.addr() {
+            ConnectionAddr::TcpTls { .. } => ConnectionAddr::TcpTls {
+                host: host.to_owned(),
+                port,
+                insecure: false,
+                tls_params: None,
+            },
+            _ => ConnectionAddr::Tcp(host.to_owned(), port),
+        };
+        let info = self.template.clone().set_addr(addr);
+        match &self.certs {
+            Some(certs) => Client::build_with_tls(info, certs.clone()),
+            None => Client::open(info),
+        }
+    }
+
+    /// A connection (not opened yet) to the cluster master at `host:port`.
+    pub(crate) fn node_link(&self, host: &str, port: u16) -> Option<Link> {
+        match self.node_client(host, port) {
+            Ok(client) => Some(Link::new(client, self.config.clone())),
+            Err(e) => {
+                tracing::warn!(host, port, error = %e, "redis session store: cannot reach a cluster master");
+                None
+            }
+        }
+    }
+
+    /// Counts the writes a [`WriteQueue::finish`] could not queue again.
+    pub(crate) fn count_lost(&self, (puts, removes): (u64, u64)) {
+        let c = &self.counters;
+        c.puts_dropped.fetch_add(puts, Ordering::Relaxed);
+        c.removes_dropped.fetch_add(removes, Ordering::Relaxed);
+    }
+}
+
 /// What the callers and the background tasks share.
 pub(crate) struct Shared {
     url: String,
@@ -353,9 +597,18 @@ pub(crate) struct Shared {
     op_timeout: Duration,
     heartbeat: Duration,
     admin_timeout: Duration,
-    client: Client,
+    /// The server's connection (unused in a cluster: each master has its own).
     link: Link,
+    config: AsyncConnectionConfig,
+    /// The server, or the cluster nodes the store was given (for pub/sub and admin calls).
+    nodes: Vec<Client>,
+    /// The first node's settings (TLS, credentials), for connections to other cluster nodes.
+    template: ConnectionInfo,
+    certs: Option<TlsCertificates>,
+    /// The breaker of a single server.
     breaker: Arc<SharedBreaker>,
+    /// A cluster's slot map and per-master breakers.
+    topology: Option<Topology>,
     queue: WriteQueue,
     coherence: Coherence,
     tier: Option<MemoryStore>,
@@ -422,6 +675,22 @@ pub(crate) struct Shared {
 ///   ([`SessionStoreAdmin`]) on a connection of their own, with their own timeout, and do not
 ///   feed the circuit breaker.
 ///
+/// - **TLS**: with a `rediss://` URL the connections (lookups, writes, the subscription and the
+///   admin calls) speak TLS through rustls, and the server's certificate is always verified:
+///   against the system's roots, or the CA given to
+///   [`ca_file`](RedisStoreBuilder::ca_file); `#insecure` is refused. A server whose
+///   certificate does not verify is never sent a byte of session data: every operation fails
+///   as a counted [`StoreError::Unavailable`] naming the cause, and [`check`](Self::check) reports
+///   it at start-up.
+/// - **Redis Cluster** ([`cluster_builder`](Self::cluster_builder), or a `redis+cluster://` URL):
+///   keys hash over the 16384 slots (a hash tag in the prefix is refused); the store reads the
+///   slot map with `CLUSTER SLOTS` and sends each key's command on the connection of the master
+///   that holds it, each master with its own circuit breaker, so a master that is down costs
+///   only its own keys (counted misses, each within the deadline, then at once while its
+///   breaker is open) and never stalls the others. Invalidations use ordinary pub/sub, which the
+///   cluster forwards to every node.
+/// - **Keys reload at runtime**: [`replace_key_ring`](Self::replace_key_ring).
+///
 /// Use an IP address in the URL: the host name is resolved before the deadline applies.
 ///
 /// ```no_run
@@ -460,10 +729,39 @@ impl fmt::Debug for RedisStore {
 }
 
 impl RedisStore {
-    /// A builder for a store at `url` (`redis://[user:password@]host:port[/db]`).
+    /// A builder for a store at `url`:
+    ///
+    /// - `redis://[user:password@]host:port[/db]`: one server;
+    /// - `rediss://…`: one server over TLS, its certificate verified (against the system's roots,
+    ///   or the CA of [`ca_file`](RedisStoreBuilder::ca_file));
+    /// - `redis+cluster://[user:password@]host:port,host:port,…` (or `rediss+cluster://`): a Redis
+    ///   Cluster reached through the listed nodes, as [`cluster_builder`](Self::cluster_builder).
     pub fn builder(url: impl Into<String>) -> RedisStoreBuilder {
+        Self::builder_for(Target::Url(url.into()))
+    }
+
+    /// A builder for a store in a Redis Cluster reached through `nodes`, each
+    /// `redis://[user:password@]host:port` (or all `rediss://`). List every master, or at least
+    /// several nodes: the store learns the rest from the cluster, but subscribes to
+    /// invalidations and starts admin walks on the listed ones.
+    ///
+    /// In a cluster, each master has its own circuit breaker: a master that is down makes the
+    /// lookups of its keys misses (each within the operation deadline, then at once while its
+    /// breaker is open) and holds its writes back, while the keys of the other masters are
+    /// served as before. Run the cluster with `cluster-require-full-coverage no`, or every
+    /// master refuses every command while one is down.
+    pub fn cluster_builder<I, S>(nodes: I) -> RedisStoreBuilder
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        Self::builder_for(Target::Cluster(nodes.into_iter().map(Into::into).collect()))
+    }
+
+    fn builder_for(target: Target) -> RedisStoreBuilder {
         RedisStoreBuilder {
-            url: url.into(),
+            target,
+            ca_file: None,
             prefix: "ossl:sess:".into(),
             op_timeout: Duration::from_millis(50),
             write_queue: 4096,
@@ -504,9 +802,21 @@ impl RedisStore {
             invalidations_received: get(&c.invalidations_received),
             subscription_losses: get(&c.subscription_losses),
             heartbeats: get(&c.heartbeats),
-            connects: self.shared.link.connects(),
+            connects: match &self.shared.topology {
+                Some(t) => t.connects(),
+                None => self.shared.link.connects(),
+            },
             admin_errors: get(&c.admin_errors),
-            breaker_open: self.shared.breaker.is_open(),
+            cluster_nodes: self.shared.topology.as_ref().map_or(0, |t| t.len() as u64),
+            breakers_open: match &self.shared.topology {
+                Some(t) => t.open() as u64,
+                None => u64::from(self.shared.breaker.is_open()),
+            },
+            topology_refreshes: self.shared.topology.as_ref().map_or(0, |t| t.refreshes()),
+            breaker_open: match &self.shared.topology {
+                Some(t) => t.open() > 0,
+                None => self.shared.breaker.is_open(),
+            },
             subscribed: self.shared.coherence.subscribed(),
         }
     }
@@ -537,6 +847,83 @@ impl RedisStore {
     /// thread (from a [`LookupDone`] callback), which must never wait for itself.
     pub fn flush(&self, timeout: Duration) -> bool {
         !self.background.is_current() && self.shared.queue.wait_drained(timeout)
+    }
+
+    /// Connects (if not connected yet) and sends a `PING` through the store's shared connection,
+    /// waiting at most the admin timeout; for a cluster it also reads the slot map. Call it at
+    /// start-up to refuse a wrong CA, certificate, password or address before serving: the store
+    /// itself connects lazily and reports such failures only as counted lookup errors
+    /// ([`StoreError::Unavailable`] naming the cause). A failure is counted in `admin_errors`
+    /// and does not feed the circuit breaker.
+    ///
+    /// # Errors
+    /// [`Error::Store`] with [`StoreError::Unavailable`] (cannot connect: the message says why,
+    /// e.g. the certificate is not signed by the CA), [`StoreError::Timeout`] or
+    /// [`StoreError::Backend`] (an error reply, e.g. a refused password); also when called on
+    /// the store's own background thread.
+    pub fn check(&self) -> Result<(), Error> {
+        if self.background.is_current() {
+            return Err(StoreError::Unavailable(
+                "redis check on the store's own background thread".into(),
+            )
+            .into());
+        }
+        let s = Arc::clone(&self.shared);
+        let wait = s.admin_timeout.max(TOPOLOGY_MIN_TIMEOUT);
+        let (tx, rx) = mpsc::sync_channel(1);
+        self.background.spawn(async move {
+            let deadline = Instant::now() + wait;
+            let pinged = s
+                .run(deadline, Route::Any, |mut conn| async move {
+                    ::redis::cmd("PING")
+                        .query_async::<::redis::Value>(&mut conn)
+                        .await
+                })
+                .await;
+            let r = match pinged {
+                Ok(_) => s.refresh_topology().await,
+                Err(RunError::Timeout) => Err(StoreError::Timeout),
+                Err(RunError::Connect(e)) => Err(StoreError::Unavailable(format!(
+                    "redis: cannot connect to {}: {e}",
+                    s.url
+                ))),
+                Err(RunError::Redis(e)) => Err(map_error(&e)),
+            };
+            let _ = tx.send(r);
+        });
+        let r = match rx.recv_timeout(wait + BLOCKING_GRACE) {
+            Ok(r) => r,
+            Err(mpsc::RecvTimeoutError::Timeout) => Err(StoreError::Timeout),
+            Err(mpsc::RecvTimeoutError::Disconnected) => Err(StoreError::Unavailable(
+                "redis store background thread stopped".into(),
+            )),
+        };
+        r.map_err(|e| {
+            bump(&self.shared.counters.admin_errors);
+            tracing::warn!(url = %self.shared.url, error = %e, "redis session store: check failed");
+            Error::Store(e)
+        })
+    }
+
+    /// Replaces the key ring at runtime (after the key file changed): values sealed under keys
+    /// still in `ring` keep opening, values under keys no longer in it become misses (counted in
+    /// `decrypt_failures` and left in Redis for hosts that still hold the key), and from now on
+    /// values are sealed with `ring`'s active key, writes already queued included (they are
+    /// sealed when sent). Sessions already in the memory tier are not affected. The old ring's
+    /// keys are wiped once no operation in flight uses them.
+    ///
+    /// # Errors
+    /// [`Error::Config`] if the store was built with
+    /// [`plaintext_i_understand_the_risk`](RedisStoreBuilder::plaintext_i_understand_the_risk)
+    /// (it has no ring to replace).
+    pub fn replace_key_ring(&self, ring: KeyRing) -> Result<(), Error> {
+        if self.shared.codec.replace_ring(ring) {
+            Ok(())
+        } else {
+            Err(Error::Config(
+                "redis store: a plaintext store has no key ring to replace".into(),
+            ))
+        }
     }
 
     /// What this host can answer without a round trip: the tier (while it is coherent) or a
@@ -579,7 +966,8 @@ impl RedisStore {
     /// the breaker is open.
     fn start_remote(&self, id: SessionId, mode: LookupMode, done: LookupDone) {
         let s = &self.shared;
-        let Some(permit) = s.breaker.admit(Instant::now()) else {
+        let key = s.key_for(&id);
+        let Some(permit) = s.breaker_for(key.as_bytes()).admit(Instant::now()) else {
             bump(&s.counters.breaker_open_skips);
             done.complete(Err(StoreError::Unavailable(
                 "redis circuit breaker open: redis skipped".into(),
@@ -591,6 +979,7 @@ impl RedisStore {
         self.background.spawn(Shared::remote_lookup(
             Arc::clone(s),
             id,
+            key,
             mode,
             permit,
             deadline,
@@ -741,9 +1130,16 @@ impl SessionStore for RedisStore {
     }
 }
 
-/// Errors that say Redis cannot be reached (as opposed to an error reply).
+/// Errors that say Redis cannot be reached (as opposed to an error reply). In a cluster these
+/// include a redirection the cluster client did not follow (`MOVED`/`ASK` to a master that is
+/// down), `TRYAGAIN`, `CLUSTERDOWN` and no connection to the slot's master.
 fn is_connection_failure(e: &RedisError) -> bool {
-    e.is_io_error() || e.is_timeout() || e.is_connection_dropped() || e.is_connection_refusal()
+    e.is_io_error()
+        || e.is_timeout()
+        || e.is_connection_dropped()
+        || e.is_connection_refusal()
+        || e.is_cluster_error()
+        || e.kind() == ::redis::ErrorKind::ClusterConnectionNotFound
 }
 
 fn map_error(e: &RedisError) -> StoreError {
@@ -778,6 +1174,15 @@ fn escape_glob(prefix: &str) -> String {
         out.push(ch);
     }
     out
+}
+
+/// Node URLs without their passwords, for logs and `Debug`.
+fn redact_nodes(nodes: &[String]) -> String {
+    nodes
+        .iter()
+        .map(|n| redact_url(n))
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// The URL without its password, for logs and `Debug`.
@@ -826,6 +1231,113 @@ mod tests {
         ] {
             assert!(matches!(b.build(), Err(Error::Config(_))));
         }
+    }
+
+    #[test]
+    fn cluster_urls_expand_to_node_urls() {
+        assert_eq!(cluster_url_nodes("redis://127.0.0.1:1").unwrap(), None);
+        assert_eq!(
+            cluster_url_nodes("redis+cluster://u:pw@10.0.0.1:7000,10.0.0.2:7001/0?protocol=2")
+                .unwrap()
+                .unwrap(),
+            [
+                "redis://u:pw@10.0.0.1:7000/0?protocol=2",
+                "redis://u:pw@10.0.0.2:7001/0?protocol=2"
+            ]
+        );
+        assert_eq!(
+            cluster_url_nodes("rediss+cluster://10.0.0.1:7000")
+                .unwrap()
+                .unwrap(),
+            ["rediss://10.0.0.1:7000"]
+        );
+        assert!(cluster_url_nodes("redis+cluster://").is_err());
+        let store = plain("redis+cluster://:hunter2@127.0.0.1:1,127.0.0.1:2")
+            .build()
+            .unwrap();
+        let dbg = format!("{store:?}");
+        assert!(!dbg.contains("hunter2"), "{dbg}");
+        assert!(dbg.contains("127.0.0.1:2"), "{dbg}");
+        assert_eq!(store.stats().cluster_nodes, 0, "not connected yet");
+    }
+
+    #[test]
+    fn builder_refuses_unsafe_tls_and_cluster_settings() {
+        let ring = KeyRing::generate().unwrap();
+        let sealed = |url: &str| RedisStore::builder(url).key_ring(ring.clone());
+        let refused = |b: RedisStoreBuilder| match b.build() {
+            Err(Error::Config(msg)) => msg,
+            other => panic!("not refused: {other:?}"),
+        };
+        let msg = refused(sealed("rediss://127.0.0.1:1/#insecure"));
+        assert!(msg.contains("cannot be turned off"), "{msg}");
+        let msg = refused(sealed("redis://127.0.0.1:1").ca_file("/nonexistent"));
+        assert!(msg.contains("not a rediss:// url"), "{msg}");
+        let msg = refused(sealed("rediss://127.0.0.1:1").ca_file("/nonexistent/ca.pem"));
+        assert!(msg.contains("cannot read CA file"), "{msg}");
+        let dir = tempfile::tempdir().unwrap();
+        let junk = dir.path().join("junk.pem");
+        std::fs::write(&junk, "not a certificate").unwrap();
+        let msg = refused(sealed("rediss://127.0.0.1:1").ca_file(&junk));
+        assert!(msg.contains("holds no PEM certificate"), "{msg}");
+        let msg = refused(sealed("redis+cluster://127.0.0.1:1").prefix("s:{x}:"));
+        assert!(msg.contains("hash tag"), "{msg}");
+        assert!(
+            sealed("redis://127.0.0.1:1")
+                .prefix("s:{x}:")
+                .build()
+                .is_ok(),
+            "a hash tag is harmless on one server"
+        );
+        let msg = refused(
+            RedisStore::cluster_builder(["redis://127.0.0.1:1", "rediss://127.0.0.1:2"])
+                .key_ring(ring.clone()),
+        );
+        assert!(msg.contains("every node or for none"), "{msg}");
+        let msg = refused(
+            RedisStore::cluster_builder(["redis+unix:///tmp/r.sock"]).key_ring(ring.clone()),
+        );
+        assert!(msg.contains("unix socket"), "{msg}");
+        let none: [&str; 0] = [];
+        assert!(matches!(
+            RedisStore::cluster_builder(none)
+                .key_ring(ring.clone())
+                .build(),
+            Err(Error::Config(_))
+        ));
+        let store = RedisStore::cluster_builder(["redis://127.0.0.1:1", "redis://127.0.0.1:2"])
+            .key_ring(ring.clone())
+            .build()
+            .unwrap();
+        assert!(store.is_remote());
+    }
+
+    #[test]
+    fn a_plaintext_store_has_no_ring_to_replace() {
+        let store = plain("redis://127.0.0.1:1").build().unwrap();
+        assert!(matches!(
+            store.replace_key_ring(KeyRing::generate().unwrap()),
+            Err(Error::Config(_))
+        ));
+        let sealed = RedisStore::builder("redis://127.0.0.1:1")
+            .key_ring(KeyRing::new(1, [1; 32]))
+            .build()
+            .unwrap();
+        sealed.replace_key_ring(KeyRing::new(2, [2; 32])).unwrap();
+        assert!(format!("{sealed:?}").contains("2"), "the ring's ids show");
+    }
+
+    #[test]
+    fn check_reports_an_unreachable_server() {
+        let store = plain("redis://127.0.0.1:1").build().unwrap();
+        let err = store.check().unwrap_err().to_string();
+        assert!(
+            err.contains("cannot connect to redis://127.0.0.1:1"),
+            "{err}"
+        );
+        let st = store.stats();
+        assert_eq!(st.admin_errors, 1);
+        assert!(!st.breaker_open, "a check does not feed the breaker");
     }
 
     #[test]

@@ -1,5 +1,5 @@
 //! The store's background: one thread running a single-threaded tokio runtime, and the one
-//! multiplexed Redis connection every lookup and write shares.
+//! multiplexed Redis connection every lookup and write shares (one per master in a cluster).
 //!
 //! Why this client: the `redis` crate's multiplexed connection pipelines every request sent on
 //! it, so thousands of concurrent lookups share one socket and one round trip each, with no pool
@@ -77,7 +77,8 @@ impl Drop for Background {
     }
 }
 
-/// The shared connection, opened on first use and again after it failed.
+/// The shared connection to one server (or to one cluster master), opened on first use and
+/// again after it failed.
 pub(crate) struct Link {
     client: Client,
     config: AsyncConnectionConfig,

@@ -6,7 +6,9 @@
 //! earlier queued `put` of the same id (and a later `put` over an earlier `remove`). Writes
 //! already sent keep their order: the writer sends one batch, waits for its replies (or its
 //! deadline), then sends the next, all on the one connection, and Redis runs a connection's
-//! commands in order.
+//! commands in order. In a cluster a batch's writes go out as single commands, each to the
+//! master of its key; a batch holds one write per id and the next batch waits for this one, so
+//! the writes of one id still reach its master in order.
 //!
 //! Bounds: `put`s are accepted while the queue holds fewer than `capacity` writes; beyond that a
 //! put is dropped and counted (it costs a later full handshake, never a wrong one). Removals may
@@ -14,7 +16,10 @@
 //! removal is dropped and counted too. A batch that failed because Redis could not be reached
 //! (or did not answer by the deadline) is queued again, each write unless a newer write of its
 //! id arrived meanwhile, within the same bounds; so the queue carries this host's writes through
-//! an outage until it overflows. A batch Redis answered with an error is not retried.
+//! an outage until it overflows. A batch Redis answered with an error is not retried. In a
+//! cluster, the writes for a master whose breaker is open are held back in the queue, a put
+//! only while the queue is less than half full: a master that stays down loses its new puts
+//! (counted) but never takes the queue from the other masters.
 
 use std::collections::hash_map::Entry;
 use std::collections::{HashMap, VecDeque};
@@ -25,7 +30,9 @@ use std::time::{Duration, Instant, SystemTime};
 use parking_lot::{Condvar, Mutex};
 use tokio::sync::Notify;
 
-use super::Shared;
+use super::breaker::SharedBreaker;
+use super::client::{Route, RunError};
+use super::{bump, Shared};
 use crate::clock::unix_millis;
 use crate::store::{SessionId, StoredSession};
 
@@ -171,17 +178,25 @@ impl WriteQueue {
     }
 
     /// Ends a batch of `sent` writes, queueing `retry` again (each unless a newer write of its id
-    /// is pending, and within the bounds). Returns how many puts and removals did not fit.
-    pub(crate) fn finish(&self, sent: usize, retry: Vec<(SessionId, WriteOp)>) -> (u64, u64) {
+    /// is pending, and within the bounds) and `held` (writes not sent because their master's
+    /// breaker was open) within tighter bounds: a held put only while the queue is less than
+    /// half full, so writes for a master that is down never take more than half the queue from
+    /// the others. Returns how many puts and removals did not fit.
+    pub(crate) fn finish(&self, sent: usize, retry: Writes, held: Writes) -> (u64, u64) {
         let mut dropped = (0, 0);
         {
             let mut st = self.state.lock();
             st.in_flight = st.in_flight.saturating_sub(sent);
-            for (id, op) in retry {
+            let tagged = retry
+                .into_iter()
+                .map(|w| (w, false))
+                .chain(held.into_iter().map(|w| (w, true)));
+            for ((id, op), is_held) in tagged {
                 if st.ops.contains_key(&id) {
                     continue;
                 }
                 let (limit, count) = match op {
+                    WriteOp::Put(_) if is_held => (self.capacity / 2, &mut dropped.0),
                     WriteOp::Put(_) => (self.capacity, &mut dropped.0),
                     WriteOp::Remove => (self.capacity.saturating_mul(2), &mut dropped.1),
                 };
@@ -235,105 +250,282 @@ impl WriteQueue {
     }
 }
 
-/// The writer task: waits for writes, for the breaker to admit it, then sends a batch.
+/// The writer task: waits for writes, then sends them to the single server or the cluster.
 pub(crate) async fn run_writer(shared: Arc<Shared>) {
     loop {
         shared.queue.has_work().await;
-        let permit = loop {
-            if let Some(p) = shared.breaker.admit(Instant::now()) {
-                break p;
-            }
-            let now = Instant::now();
-            let wait = shared
-                .breaker
-                .retry_at()
-                .map_or(BREAKER_POLL, |t| t.saturating_duration_since(now))
-                .clamp(Duration::from_millis(1), BREAKER_POLL);
-            tokio::time::sleep(wait).await;
-        };
-        let batch = shared.queue.pop_batch(BATCH);
-        if batch.is_empty() {
-            continue; // cleared meanwhile; the dropped permit gives a probe slot back
+        if shared.topology.is_some() {
+            cluster_round(&shared).await;
+        } else {
+            single_round(&shared).await;
         }
-        let sent = batch.len();
-        let deadline = Instant::now() + shared.op_timeout;
-        let mut pipe = ::redis::pipe();
-        let now_ms = unix_millis(SystemTime::now());
-        let mut puts = 0u64;
-        let mut removes = 0u64;
-        let mut expired = 0u64;
-        for (id, op) in &batch {
-            let key = shared.key_for(id);
-            match op {
-                WriteOp::Put(s) => {
-                    let ttl_ms = s.expires_at_millis().saturating_sub(now_ms);
-                    if ttl_ms == 0 {
-                        pipe.cmd("DEL").arg(&key).ignore();
-                        expired += 1;
-                        continue;
-                    }
-                    match shared.codec.encode(id, s) {
-                        Ok(value) => {
-                            pipe.cmd("SET")
-                                .arg(&key)
-                                .arg(value)
-                                .arg("PX")
-                                .arg(ttl_ms)
-                                .ignore();
-                            puts += 1;
-                        }
-                        Err(e) => {
-                            tracing::warn!(error = %e, "redis session store: sealing failed; put dropped");
-                            shared.counters.write_errors.fetch_add(1, Ordering::Relaxed);
-                        }
-                    }
-                }
-                WriteOp::Remove => {
+    }
+}
+
+/// One server: waits for the breaker to admit the writer, then sends one pipelined batch.
+async fn single_round(shared: &Arc<Shared>) {
+    let permit = loop {
+        if let Some(p) = shared.breaker.admit(Instant::now()) {
+            break p;
+        }
+        tokio::time::sleep(breaker_wait(shared.breaker.retry_at())).await;
+    };
+    let batch = shared.queue.pop_batch(BATCH);
+    if batch.is_empty() {
+        return; // cleared meanwhile; the dropped permit gives a probe slot back
+    }
+    let sent = batch.len();
+    let deadline = Instant::now() + shared.op_timeout;
+    let mut pipe = ::redis::pipe();
+    let now_ms = unix_millis(SystemTime::now());
+    let mut puts = 0u64;
+    let mut removes = 0u64;
+    let mut expired = 0u64;
+    for (id, op) in &batch {
+        let key = shared.key_for(id);
+        match op {
+            WriteOp::Put(s) => {
+                let ttl_ms = s.expires_at_millis().saturating_sub(now_ms);
+                if ttl_ms == 0 {
                     pipe.cmd("DEL").arg(&key).ignore();
-                    pipe.cmd("PUBLISH")
-                        .arg(&shared.channel)
-                        .arg(id.to_hex())
-                        .ignore();
-                    removes += 1;
+                    expired += 1;
+                    continue;
+                }
+                match shared.codec.encode(id, s) {
+                    Ok(value) => {
+                        pipe.cmd("SET")
+                            .arg(&key)
+                            .arg(value)
+                            .arg("PX")
+                            .arg(ttl_ms)
+                            .ignore();
+                        puts += 1;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "redis session store: sealing failed; put dropped");
+                        shared.counters.write_errors.fetch_add(1, Ordering::Relaxed);
+                    }
                 }
             }
+            WriteOp::Remove => {
+                pipe.cmd("DEL").arg(&key).ignore();
+                pipe.cmd("PUBLISH")
+                    .arg(&shared.channel)
+                    .arg(id.to_hex())
+                    .ignore();
+                removes += 1;
+            }
         }
-        if puts + removes + expired == 0 {
-            // Nothing to send (every put failed to seal): no round trip, no report.
-            drop(permit);
-            shared.queue.finish(sent, Vec::new());
-            continue;
+    }
+    if puts + removes + expired == 0 {
+        // Nothing to send (every put failed to seal): no round trip, no report.
+        drop(permit);
+        shared.queue.finish(sent, Vec::new(), Vec::new());
+        return;
+    }
+    let outcome = shared
+        .run(deadline, Route::Any, |mut conn| {
+            let pipe = pipe.clone();
+            async move { pipe.exec_async(&mut conn).await }
+        })
+        .await;
+    let c = &shared.counters;
+    let retry = match &outcome {
+        Ok(()) => {
+            c.writes_done
+                .fetch_add(puts + removes + expired, Ordering::Relaxed);
+            c.invalidations_sent.fetch_add(removes, Ordering::Relaxed);
+            Vec::new()
         }
-        let outcome = shared
-            .run(deadline, |mut conn| {
-                let pipe = pipe.clone();
-                async move { pipe.exec_async(&mut conn).await }
-            })
-            .await;
-        let c = &shared.counters;
-        let retry = match &outcome {
-            Ok(()) => {
-                c.writes_done
-                    .fetch_add(puts + removes + expired, Ordering::Relaxed);
-                c.invalidations_sent.fetch_add(removes, Ordering::Relaxed);
+        Err(e) => {
+            c.write_errors.fetch_add(sent as u64, Ordering::Relaxed);
+            if e.is_unreachable() {
+                c.write_retries.fetch_add(sent as u64, Ordering::Relaxed);
+                batch
+            } else {
                 Vec::new()
             }
-            Err(e) => {
-                c.write_errors.fetch_add(sent as u64, Ordering::Relaxed);
-                if e.is_unreachable() {
-                    c.write_retries.fetch_add(sent as u64, Ordering::Relaxed);
-                    batch
-                } else {
-                    Vec::new()
+        }
+    };
+    if let Err(e) = shared.settle(permit, outcome) {
+        tracing::debug!(error = %e, writes = sent, "redis session store: write batch failed");
+    }
+    shared.count_lost(shared.queue.finish(sent, retry, Vec::new()));
+}
+
+/// How long a writer that a breaker refused waits before asking again.
+fn breaker_wait(retry_at: Option<Instant>) -> Duration {
+    let now = Instant::now();
+    retry_at
+        .map_or(BREAKER_POLL, |t| t.saturating_duration_since(now))
+        .clamp(Duration::from_millis(1), BREAKER_POLL)
+}
+
+/// Writes with their ids.
+type Writes = Vec<(SessionId, WriteOp)>;
+
+/// What one write of a cluster batch did.
+#[derive(Clone, Copy)]
+enum Sent {
+    Put,
+    Remove,
+    /// A put whose session expired before it was sent: a `DEL`.
+    Expired,
+    /// A put that could not be sealed: dropped, counted.
+    Unsealed,
+}
+
+/// A cluster: a batch's writes grouped by the master that holds each key; a group whose
+/// master's breaker is open is held back (see [`WriteQueue::finish`]), every other write is sent
+/// at once as a command of its own (a cluster pipeline may not span slots), all within one
+/// deadline. Each group reports to its master's breaker. A removal's invalidation is published
+/// once its `DEL` is done, so no host hears of it before Redis forgot the session.
+async fn cluster_round(shared: &Arc<Shared>) {
+    let batch = shared.queue.pop_batch(BATCH);
+    if batch.is_empty() {
+        return;
+    }
+    let sent = batch.len();
+    let now = Instant::now();
+    let mut groups: Vec<(Arc<SharedBreaker>, Writes)> = Vec::new();
+    for (id, op) in batch {
+        let breaker = shared.breaker_for(shared.key_for(&id).as_bytes());
+        match groups.iter_mut().find(|g| Arc::ptr_eq(&g.0, &breaker)) {
+            Some(g) => g.1.push((id, op)),
+            None => groups.push((breaker, vec![(id, op)])),
+        }
+    }
+    let mut held = Vec::new();
+    let mut admitted = Vec::new();
+    let mut retry_at = None::<Instant>;
+    for (breaker, writes) in groups {
+        match breaker.admit(now) {
+            Some(permit) => admitted.push((permit, writes)),
+            None => {
+                if let Some(t) = breaker.retry_at() {
+                    retry_at = Some(retry_at.map_or(t, |r| r.min(t)));
+                }
+                held.extend(writes);
+            }
+        }
+    }
+    let deadline = now + shared.op_timeout;
+    let now_ms = unix_millis(SystemTime::now());
+    let rounds = admitted.into_iter().map(|(permit, writes)| async move {
+        let outcomes = futures_util::future::join_all(
+            writes
+                .iter()
+                .map(|(id, op)| send_one(shared, id, op, deadline, now_ms)),
+        )
+        .await;
+        (permit, writes, outcomes)
+    });
+    let c = &shared.counters;
+    let mut retry = Vec::new();
+    for (permit, writes, outcomes) in futures_util::future::join_all(rounds).await {
+        let mut unreachable = None;
+        let mut answered_error = None;
+        for ((id, op), outcome) in writes.into_iter().zip(outcomes) {
+            match outcome {
+                Ok(Sent::Put | Sent::Expired) => bump(&c.writes_done),
+                Ok(Sent::Remove) => {
+                    bump(&c.writes_done);
+                    bump(&c.invalidations_sent);
+                }
+                Ok(Sent::Unsealed) => bump(&c.write_errors),
+                Err(e) => {
+                    bump(&c.write_errors);
+                    if e.is_unreachable() {
+                        bump(&c.write_retries);
+                        retry.push((id, op));
+                        unreachable.get_or_insert(e);
+                    } else {
+                        answered_error.get_or_insert(e);
+                    }
                 }
             }
+        }
+        // One report per master: unreachable if any of its writes could not reach it.
+        let outcome = match unreachable.or(answered_error) {
+            Some(e) => Err(e),
+            None => Ok(()),
         };
         if let Err(e) = shared.settle(permit, outcome) {
-            tracing::debug!(error = %e, writes = sent, "redis session store: write batch failed");
+            tracing::debug!(error = %e, "redis session store: cluster writes failed");
         }
-        let (puts_lost, removes_lost) = shared.queue.finish(sent, retry);
-        c.puts_dropped.fetch_add(puts_lost, Ordering::Relaxed);
-        c.removes_dropped.fetch_add(removes_lost, Ordering::Relaxed);
+    }
+    let nothing_sent = held.len() == sent;
+    shared.count_lost(shared.queue.finish(sent, retry, held));
+    if nothing_sent {
+        // Every write waits for a master that is down: do not spin on them.
+        tokio::time::sleep(breaker_wait(retry_at)).await;
+    }
+}
+
+/// Sends one write of a cluster batch.
+async fn send_one(
+    shared: &Shared,
+    id: &SessionId,
+    op: &WriteOp,
+    deadline: Instant,
+    now_ms: u64,
+) -> Result<Sent, RunError> {
+    let key = shared.key_for(id);
+    match op {
+        WriteOp::Put(s) => {
+            let ttl_ms = s.expires_at_millis().saturating_sub(now_ms);
+            if ttl_ms == 0 {
+                let del = ::redis::cmd("DEL").arg(&key).clone();
+                return shared
+                    .run(deadline, Route::Key(key.as_bytes()), |mut conn| {
+                        let del = del.clone();
+                        async move { del.exec_async(&mut conn).await }
+                    })
+                    .await
+                    .map(|()| Sent::Expired);
+            }
+            let value = match shared.codec.encode(id, s) {
+                Ok(v) => v,
+                Err(e) => {
+                    tracing::warn!(error = %e, "redis session store: sealing failed; put dropped");
+                    return Ok(Sent::Unsealed);
+                }
+            };
+            let set = ::redis::cmd("SET")
+                .arg(&key)
+                .arg(value)
+                .arg("PX")
+                .arg(ttl_ms)
+                .clone();
+            shared
+                .run(deadline, Route::Key(key.as_bytes()), |mut conn| {
+                    let set = set.clone();
+                    async move { set.exec_async(&mut conn).await }
+                })
+                .await
+                .map(|()| Sent::Put)
+        }
+        WriteOp::Remove => {
+            let del = ::redis::cmd("DEL").arg(&key).clone();
+            let publish = ::redis::cmd("PUBLISH")
+                .arg(&shared.channel)
+                .arg(id.to_hex())
+                .clone();
+            shared
+                .run(deadline, Route::Key(key.as_bytes()), |mut conn| {
+                    let del = del.clone();
+                    async move { del.exec_async(&mut conn).await }
+                })
+                .await?;
+            // Any master: the cluster bus carries it to the subscribers of every node.
+            shared
+                .run(deadline, Route::Any, |mut conn| {
+                    let publish = publish.clone();
+                    async move { publish.exec_async(&mut conn).await }
+                })
+                .await
+                .map(|()| Sent::Remove)
+        }
     }
 }
 
@@ -368,7 +560,7 @@ mod tests {
         let ids: Vec<_> = batch.iter().map(|(i, _)| *i).collect();
         assert_eq!(ids, [id(1), id(2)], "the id keeps its place in the order");
         assert!(matches!(batch[0].1, WriteOp::Remove));
-        assert_eq!(q.finish(2, Vec::new()), (0, 0));
+        assert_eq!(q.finish(2, Vec::new(), Vec::new()), (0, 0));
         assert_eq!(q.remove(id(3)), Enqueued::Queued);
         assert_eq!(q.put(id(3), sess(3)), Enqueued::Coalesced);
         assert_eq!(pending_put(&q, 3), Some(3));
@@ -421,11 +613,11 @@ mod tests {
         let batch = q.pop_batch(4);
         assert!(!q.wait_drained(Duration::ZERO), "in flight is not drained");
         q.put(id(1), sess(1)); // arrives while the removal is in flight
-        assert_eq!(q.finish(2, batch), (0, 0));
+        assert_eq!(q.finish(2, batch, Vec::new()), (0, 0));
         assert_eq!(pending_put(&q, 1), Some(1), "the newer put stays");
         assert!(matches!(q.pending(&id(2)), Some(Pending::Remove)));
         q.pop_batch(4);
-        q.finish(2, Vec::new());
+        q.finish(2, Vec::new(), Vec::new());
         assert!(q.wait_drained(Duration::ZERO));
     }
 
@@ -479,7 +671,7 @@ mod tests {
                         .collect();
                     let want: Vec<_> = model.drain(..n.min(model.len())).collect();
                     assert_eq!(got, want, "step {step}");
-                    q.finish(got.len(), Vec::new());
+                    q.finish(got.len(), Vec::new(), Vec::new());
                 }
             }
             assert_eq!(q.len(), model.len(), "step {step}");
