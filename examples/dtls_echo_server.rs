@@ -238,6 +238,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         file: args.store_key.clone(),
         tickets,
         snapshot_ring: snapshot.as_ref().map(|(_, r)| Arc::clone(r)),
+        store: Arc::clone(&store),
     };
 
     // A peer silent for two sweeper ticks is shut down: a tick of half the idle timeout frees
@@ -371,6 +372,8 @@ struct Reload {
     file: Option<PathBuf>,
     tickets: Option<TicketKeys>,
     snapshot_ring: Option<Arc<Mutex<KeyRing>>>,
+    /// The session store, whose envelope keys come from the same file (Redis).
+    store: Arc<dyn SessionStore>,
 }
 
 impl Reload {
@@ -389,6 +392,11 @@ impl Reload {
                 }
                 if let Some(r) = &self.snapshot_ring {
                     *r.lock().unwrap_or_else(|e| e.into_inner()) = ring.clone();
+                }
+                if let Some(admin) = self.store.admin() {
+                    if let Err(e) = admin.replace_key_ring(ring.clone()) {
+                        eprintln!("error: the session store refused the new keys: {e}");
+                    }
                 }
                 println!(
                     "reloaded key file {}: {} keys, active key {}",

@@ -424,6 +424,56 @@ mod redis_farm {
     }
 
     #[test]
+    fn sighup_rotates_the_store_keys_and_old_sessions_keep_resuming() {
+        let redis = RedisServer::start();
+        let dir = tempfile::tempdir().unwrap();
+        let (mut a, mut b, old) = two_hosts(dir.path(), &redis);
+        let key = dir.path().join("farm.key");
+        let s1 = dir.path().join("s1.pem");
+        let out = s_client_echo(a.addr, &["-sess_out", path_str(&s1)], "before");
+        assert_eq!(count(&out, "New,"), 1, "{out:?}");
+        // Append a key, SIGHUP both hosts.
+        let new_id = old.active_key_id().wrapping_add(1);
+        let next = dir.path().join("farm.key.next");
+        old.clone()
+            .rotate(new_id, [0x5c; 32])
+            .unwrap()
+            .write_file(&next)
+            .unwrap();
+        std::fs::rename(&next, &key).unwrap();
+        for host in [&mut a, &mut b] {
+            super::signal(host, "-HUP");
+            assert!(
+                host.wait_line(Duration::from_secs(5), |l| l.contains("reloaded key file")),
+                "{:?}",
+                host.lines.output
+            );
+        }
+        // The session sealed under the old key still resumes on the other host.
+        let out = s_client_echo(b.addr, &["-sess_in", path_str(&s1)], "old key");
+        assert_eq!(count(&out, "Reused,"), 1, "{out:?}");
+        // A new session is sealed under the new key.
+        let mut raw = redis.raw();
+        let before: Vec<Vec<u8>> = redis::cmd("KEYS").arg("*").query(&mut raw).unwrap();
+        let s2 = dir.path().join("s2.pem");
+        let out = s_client_echo(a.addr, &["-sess_out", path_str(&s2)], "after");
+        assert_eq!(count(&out, "New,"), 1, "{out:?}");
+        let end = Instant::now() + Duration::from_secs(5);
+        let fresh = loop {
+            let keys: Vec<Vec<u8>> = redis::cmd("KEYS").arg("*").query(&mut raw).unwrap();
+            if let Some(k) = keys.into_iter().find(|k| !before.contains(k)) {
+                break k;
+            }
+            assert!(Instant::now() < end, "the new session never reached Redis");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let value: Vec<u8> = redis::cmd("GET").arg(&fresh).query(&mut raw).unwrap();
+        assert_eq!(envelope_key_id(&value), Some(new_id));
+        a.stop("-TERM");
+        b.stop("-TERM");
+    }
+
+    #[test]
     fn a_session_made_on_one_host_resumes_on_the_other() {
         let redis = RedisServer::start();
         let dir = tempfile::tempdir().unwrap();

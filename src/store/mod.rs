@@ -310,6 +310,17 @@ pub trait SessionStoreAdmin: SessionStore {
     /// Deletes up to `max` entries that expired at or before `now`, and returns how many it
     /// deleted. Bounded work per call: call again to continue.
     fn purge_expired(&self, now: SystemTime, max: usize) -> Result<usize, StoreError>;
+
+    /// Replaces the key ring that seals the store's values at rest (after the key file changed):
+    /// values sealed under keys still in `ring` keep opening, new values are sealed with its
+    /// active key. Returns `Ok(false)` for a store that seals nothing (the default).
+    ///
+    /// # Errors
+    /// The store's own refusal (for example a store built to write plaintext).
+    fn replace_key_ring(&self, ring: KeyRing) -> Result<bool, Error> {
+        let _ = ring;
+        Ok(false)
+    }
 }
 
 /// A store that stores nothing: every lookup misses. Sessions never resume through it.

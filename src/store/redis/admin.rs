@@ -11,8 +11,8 @@ use ::redis::{Client, Connection, ErrorKind, FromRedisValue, RedisError, RedisRe
 
 use super::cluster::parse_cluster_slots;
 use super::{bump, id_from_hex, invalidation, map_error, RedisStore};
-use crate::error::StoreError;
-use crate::store::{SessionId, SessionStoreAdmin, StoredSession};
+use crate::error::{Error, StoreError};
+use crate::store::{KeyRing, SessionId, SessionStoreAdmin, StoredSession};
 
 /// How many keys one `SCAN` call asks for.
 const SCAN_COUNT: usize = 256;
@@ -129,6 +129,10 @@ fn per_key<T: FromRedisValue>(
 /// writes still queued here are not counted until the writer has sent them
 /// ([`RedisStore::flush`]).
 impl SessionStoreAdmin for RedisStore {
+    fn replace_key_ring(&self, ring: KeyRing) -> Result<bool, Error> {
+        RedisStore::replace_key_ring(self, ring).map(|()| true)
+    }
+
     fn len(&self) -> Result<usize, StoreError> {
         self.admin_run(|conns| {
             conns
