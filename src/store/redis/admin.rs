@@ -130,7 +130,7 @@ fn per_key<T: FromRedisValue>(
 /// ([`RedisStore::flush`]).
 impl SessionStoreAdmin for RedisStore {
     fn replace_key_ring(&self, ring: KeyRing) -> Result<bool, Error> {
-        RedisStore::replace_key_ring(self, ring).map(|()| true)
+        Self::replace_key_ring(self, ring).map(|()| true)
     }
 
     fn len(&self) -> Result<usize, StoreError> {
