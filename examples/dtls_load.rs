@@ -29,9 +29,14 @@ use openssl_session_cache::{ClientSessionCache, DatagramPipe};
 /// DTLS 1.2 handshake load generator (one thread, many clients).
 #[derive(Debug, Parser)]
 struct Args {
-    /// The server to load.
+    /// The server to load; repeat it (`--server A --server B`) to spread connections over several
+    /// servers in turn, so that a session made on one is resumed on the next (a farm).
     #[arg(long, default_value = "127.0.0.1:4433")]
-    server: SocketAddr,
+    server: Vec<SocketAddr>,
+    /// Let the servers issue session tickets (resumption then uses them); without it the
+    /// clients refuse tickets and resume by session id.
+    #[arg(long)]
+    tickets: bool,
     /// Concurrent clients (connections in flight at any time).
     #[arg(long, alias = "threads", default_value_t = 16)]
     clients: usize,
@@ -104,6 +109,8 @@ struct Load {
     latencies_us: Vec<u64>,
     resumed: u64,
     failed: u64,
+    /// Which server the next connection goes to (round robin).
+    next_server: usize,
 }
 
 impl Load {
@@ -116,9 +123,9 @@ impl Load {
         let now = Instant::now();
         let mut socket =
             UdpSocket::bind("127.0.0.1:0".parse().unwrap()).map_err(|e| e.to_string())?;
-        socket
-            .connect(self.args.server)
-            .map_err(|e| e.to_string())?;
+        let server = self.args.server[self.next_server % self.args.server.len()];
+        self.next_server += 1;
+        socket.connect(server).map_err(|e| e.to_string())?;
         self.poll
             .registry()
             .register(&mut socket, Token(slot), Interest::READABLE)
@@ -268,7 +275,10 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     }
     let mut ctx = SslContext::builder(SslMethod::dtls_client())?;
     ctx.set_verify(SslVerifyMode::NONE);
-    ctx.set_options(SslOptions::NO_QUERY_MTU | SslOptions::NO_TICKET);
+    ctx.set_options(SslOptions::NO_QUERY_MTU);
+    if !args.tickets {
+        ctx.set_options(SslOptions::NO_TICKET);
+    }
     let sessions = ClientSessionCache::new(args.clients, 1);
     sessions.install(&mut ctx);
     let clients = args.clients;
@@ -278,6 +288,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         poll: Poll::new()?,
         slots: (0..clients).map(|_| None).collect(),
         buf: vec![0; 65536],
+        next_server: 0,
         latencies_us: Vec::new(),
         resumed: 0,
         failed: 0,
