@@ -204,7 +204,8 @@ impl Load {
             Ended::Failed(e) => {
                 self.failed += 1;
                 if self.failed <= 3 {
-                    eprintln!("client {slot}: {e}");
+                    let port = c.socket.local_addr().map(|a| a.port()).unwrap_or(0);
+                    eprintln!("client {slot} (port {port}): {e}");
                 }
             }
         }

@@ -46,10 +46,52 @@ impl Write for Udp {
     }
 }
 
+/// Ports the sloppy clients bind, below Linux's ephemeral range (32768-60999), cycled.
+///
+/// A client that vanishes mid-handshake leaves the server retransmitting its flight to that
+/// port for the handshake timeout. If the kernel handed the port to one of the load's new
+/// connections meanwhile, that connection would receive the old flight: OpenSSL's client
+/// buffers the early ServerHello (message sequence 1) while it waits for the
+/// HelloVerifyRequest, takes it as the answer to its own hello and fails on the server key
+/// exchange's signature ("bad signature"; the server then sees the alert). Real clients on
+/// other hosts or behind a NAT that holds a mapping longer than that window never meet this;
+/// keeping the noise on its own ports keeps the soak's load counting the server's failures only.
+struct NoisePorts(u16);
+
+impl NoisePorts {
+    const FIRST: u16 = 20_000;
+    const END: u16 = 28_000;
+
+    fn bind(&mut self) -> io::Result<UdpSocket> {
+        for _ in Self::FIRST..Self::END {
+            let port = self.0;
+            self.0 = if port + 1 >= Self::END {
+                Self::FIRST
+            } else {
+                port + 1
+            };
+            match UdpSocket::bind(("127.0.0.1", port)) {
+                Ok(s) => return Ok(s),
+                Err(e) if e.kind() == io::ErrorKind::AddrInUse => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(io::Error::new(
+            io::ErrorKind::AddrInUse,
+            "no free noise port",
+        ))
+    }
+}
+
 /// A client that handshakes until it is established (`full`) or only until the server's
 /// flight after the cookie exchange arrived, then is dropped without a word.
-fn sloppy_client(ctx: &SslContext, server: SocketAddr, full: bool) -> io::Result<bool> {
-    let sock = UdpSocket::bind("127.0.0.1:0")?;
+fn sloppy_client(
+    ctx: &SslContext,
+    server: SocketAddr,
+    ports: &mut NoisePorts,
+    full: bool,
+) -> io::Result<bool> {
+    let sock = ports.bind()?;
     sock.connect(server)?;
     sock.set_read_timeout(Some(Duration::from_millis(5)))?;
     let mut ssl = Ssl::new(ctx).map_err(io::Error::other)?;
@@ -98,6 +140,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     let ctx = b.build();
     let mut rng = rand::rngs::SmallRng::seed_from_u64(7);
     let garbage = UdpSocket::bind("127.0.0.1:0")?;
+    let mut ports = NoisePorts(NoisePorts::FIRST);
     let period = Duration::from_secs(1) / args.rate.max(1);
     let end = Instant::now() + Duration::from_secs(args.duration);
     let (mut rounds, mut idle, mut half_open) = (0u64, 0u64, 0u64);
@@ -112,9 +155,9 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
             let s = UdpSocket::bind("127.0.0.1:0")?;
             let _ = s.send_to(&client_hello(&mut rng), args.server);
         }
-        sloppy_client(&ctx, args.server, false)?;
+        sloppy_client(&ctx, args.server, &mut ports, false)?;
         half_open += 1;
-        if sloppy_client(&ctx, args.server, true)? {
+        if sloppy_client(&ctx, args.server, &mut ports, true)? {
             idle += 1;
         }
         rounds += 1;

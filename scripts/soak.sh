@@ -22,7 +22,7 @@ start_redis() {
 start_redis
 (umask 077; echo "1:$(openssl rand -hex 32)" > "$dir/k")
 sleep 0.5
-$B/dtls_echo_server --listen 127.0.0.1:4661 --metrics 127.0.0.1:4662 --stats-interval 0 \
+RUST_LOG=info,openssl_session_cache::server::peer=debug $B/dtls_echo_server --listen 127.0.0.1:4661 --metrics 127.0.0.1:4662 --stats-interval 0 \
   --store redis://127.0.0.1:4660 --store-key "$dir/k" --idle-timeout 4 --handshake-timeout 2 \
   --max-peers 4096 --max-handshakes 256 --per-ip 4096 >"$dir/server.log" 2>&1 &
 server=$!; pids+=($server)
@@ -51,4 +51,7 @@ echo
 echo "resumed load: $(tail -1 "$dir/resumed.out")"
 echo "full load:    $(tail -1 "$dir/full.out")"
 echo "noise:        $(tail -1 "$dir/noise.out")"
+echo "why connections failed (first three per load; the server's side of each):"
+grep -h '^client ' "$dir/resumed.out" "$dir/full.out" || true
+grep -E 'handshake failed|read failed|write failed' "$dir/server.log" | head -10 || true
 echo "RSS after warm-up ${rss_warm} KiB, at the end ${rss} KiB: drift $(echo "scale=1; ($rss - $rss_warm) * 100 / $rss_warm" | bc) %"
