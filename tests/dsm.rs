@@ -995,8 +995,15 @@ fn a_sweeper_with_a_long_tick_still_stops_promptly() {
     let sweeper = Sweeper::start(Arc::clone(&dsm), Duration::from_secs(3600)).unwrap();
     thread::sleep(Duration::from_millis(10));
     let stop = Instant::now();
+    assert_eq!(Arc::strong_count(&dsm), 2, "the thread holds the manager");
+    assert!(format!("{sweeper:?}").contains("running: true"));
     sweeper.stop();
     assert!(stop.elapsed() < Duration::from_secs(1));
+    assert_eq!(
+        Arc::strong_count(&dsm),
+        1,
+        "stop joined the thread, which let go of the manager"
+    );
     assert!(Sweeper::start(dsm, Duration::ZERO).is_err());
 }
 

@@ -899,8 +899,19 @@ mod tests {
         assert_eq!(DsmConfig::new(0).max_handshakes, 0);
         assert_eq!(DsmConfig::default().max_slots, DEFAULT_MAX_SLOTS);
         assert_eq!(DsmConfig::default().max_handshakes, DEFAULT_MAX_SLOTS / 2);
-        let c = DsmConfig::new(4).with_max_per_source(1).with_max_slots(10);
-        assert_eq!((c.max_handshakes, c.max_per_source), (5, 10));
+        let c = DsmConfig::new(4)
+            .with_max_per_source(1)
+            .with_idle_tick(Duration::from_secs(7))
+            .with_max_slots(10);
+        assert_eq!(
+            (c.max_slots, c.max_handshakes, c.max_per_source),
+            (10, 5, 10)
+        );
+        assert_eq!(
+            c.idle_tick,
+            Duration::from_secs(7),
+            "other settings are kept"
+        );
     }
 
     #[test]

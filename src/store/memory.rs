@@ -171,7 +171,6 @@ impl MemoryStoreBuilder {
 /// assert_eq!(store.evictions().capacity, 1);
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
-#[derive(Debug)]
 pub struct MemoryStore {
     shards: Box<[Mutex<Shard>]>,
     // foldhash, randomly seeded per store.
@@ -187,7 +186,6 @@ pub struct MemoryStore {
     purge_cursor: AtomicUsize,
 }
 
-#[derive(Debug)]
 struct Shard {
     lru: LruSlab,
 }
@@ -213,15 +211,6 @@ impl PackedId {
 struct Slot {
     data: SecretBytes,
     meta: u64,
-}
-
-impl fmt::Debug for Slot {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Slot")
-            .field("len", &self.len())
-            .field("expires_at_ms", &self.expires_at_ms())
-            .finish_non_exhaustive()
-    }
 }
 
 const EXPIRY_MASK: u64 = (1 << 56) - 1;
@@ -284,6 +273,19 @@ impl Slot {
 enum Cause {
     Capacity,
     Bytes,
+}
+
+/// Limits, totals and the shard count; never the sessions, nor their ids.
+impl fmt::Debug for MemoryStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MemoryStore")
+            .field("entries", &self.len.load(Ordering::Relaxed))
+            .field("bytes", &self.bytes.load(Ordering::Relaxed))
+            .field("max_entries", &self.max_entries)
+            .field("max_bytes", &self.max_bytes)
+            .field("shards", &self.shards.len())
+            .finish_non_exhaustive()
+    }
 }
 
 impl MemoryStore {
@@ -589,6 +591,38 @@ mod tests {
 
     fn sess(len: usize, expires_s: u64) -> StoredSession {
         StoredSession::new(vec![0x5a; len], UNIX_EPOCH + Duration::from_secs(expires_s))
+    }
+
+    #[test]
+    fn shard_sizing_fills_the_tables() {
+        assert_eq!(
+            [0, 3, 4, 7, 8, 100].map(table_buckets),
+            [4, 4, 8, 8, 16, 128]
+        );
+        assert_eq!(expected_per_shard(1024, 1), 1024 + 4 * 32);
+        assert_eq!(expected_per_shard(1_000_000, 18), 55_556 + 4 * 235);
+        assert_eq!(default_shards(1023, usize::MAX), 1, "too small to shard");
+        assert_eq!(
+            default_shards(1_000_000, usize::MAX),
+            18,
+            "the example above"
+        );
+        // The best count may lie well past the base of 16.
+        assert_eq!(default_shards(100_000, usize::MAX), 30);
+    }
+
+    #[test]
+    fn debug_shows_totals_and_limits_never_ids() {
+        let store = MemoryStore::builder().max_entries(8).build().unwrap();
+        store
+            .put(SessionId::new(&[0xab; 32]).unwrap(), sess(10, 100))
+            .unwrap();
+        let shown = format!("{store:?}");
+        assert!(
+            shown.contains("entries: 1, bytes: 10, max_entries: 8"),
+            "{shown}"
+        );
+        assert!(!shown.contains("171"), "no id bytes: {shown}");
     }
 
     #[test]

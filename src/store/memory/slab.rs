@@ -22,7 +22,6 @@ const MIN_GROWTH: usize = 8;
 
 /// A slab node: an entry, or a vacant node on the free list (its slot is vacant, its `next`
 /// links the free list).
-#[derive(Debug)]
 struct Node {
     key: PackedId,
     slot: Slot,
@@ -31,7 +30,6 @@ struct Node {
 }
 
 /// An LRU map over a slab. Not thread-safe: the store locks each shard.
-#[derive(Debug)]
 pub(super) struct LruSlab {
     /// Indices into `nodes` of the occupied nodes, hashed by key.
     index: HashTable<u32>,
