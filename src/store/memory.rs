@@ -612,6 +612,27 @@ mod tests {
     }
 
     #[test]
+    fn one_purge_call_walks_every_shard_and_admin_is_offered() {
+        let store = MemoryStore::builder().shards(4).build().unwrap();
+        assert_eq!(store.shard_count(), 4);
+        for i in 0..200 {
+            store.put(id(i), sess(10, 100)).unwrap();
+        }
+        let dyn_store: &dyn SessionStore = &store;
+        let admin = dyn_store
+            .admin()
+            .expect("the memory store has an admin side");
+        assert_eq!(admin.len().unwrap(), 200);
+        // Every call starts at another shard and goes on through the others.
+        for _ in 0..3 {
+            assert_eq!(admin.purge_expired(UNIX_EPOCH, 1000).unwrap(), 0);
+        }
+        let later = UNIX_EPOCH + Duration::from_secs(101);
+        assert_eq!(admin.purge_expired(later, 1000).unwrap(), 200);
+        assert_eq!(admin.len().unwrap(), 0);
+    }
+
+    #[test]
     fn debug_shows_totals_and_limits_never_ids() {
         let store = MemoryStore::builder().max_entries(8).build().unwrap();
         store
