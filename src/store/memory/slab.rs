@@ -303,6 +303,17 @@ mod tests {
     }
 
     #[test]
+    fn grows_to_the_expected_size_exactly_then_by_an_eighth() {
+        let mut m = LruSlab::new(100);
+        for i in 0..100u8 {
+            assert!(m.insert(key(i), slot(i, 100)).is_none());
+        }
+        assert_eq!(m.nodes.capacity(), 100, "no slack up to the expected size");
+        m.insert(key(200), slot(200, 100));
+        assert_eq!(m.nodes.capacity(), 112);
+    }
+
+    #[test]
     fn keeps_recency_order_through_gets_replacements_and_removals() {
         let mut m = LruSlab::new(4);
         for i in 1..=5 {
