@@ -1807,6 +1807,134 @@ mod tests {
         assert_eq!(ep.dsm_stats().stored, 0);
     }
 
+    #[test]
+    fn a_datagram_of_the_maximum_size_is_read_one_byte_more_is_not() {
+        let mut ep = Endpoint::new(config()).unwrap();
+        let now = Instant::now();
+        ep.handle(now, addr(1), &vec![0; DEFAULT_MAX_DATAGRAM]);
+        ep.handle(now, addr(1), &vec![0; DEFAULT_MAX_DATAGRAM + 1]);
+        let s = ep.stats();
+        assert_eq!(
+            (s.datagrams_in, s.dropped_garbage, s.dropped_oversize),
+            (2, 1, 1)
+        );
+        assert_eq!(
+            format!("{ep:?}"),
+            format!("Endpoint {{ peers: 0, stats: {s:?}, .. }}")
+        );
+    }
+
+    #[test]
+    fn the_waker_given_is_the_waker_kept() {
+        let mut ep = Endpoint::new(config()).unwrap();
+        assert!(ep.waker().is_none());
+        let wake = Arc::new(CountWake::default());
+        ep.set_waker(Waker::from(Arc::clone(&wake)));
+        ep.waker().expect("kept").wake_by_ref();
+        assert_eq!(wake.0.load(std::sync::atomic::Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn a_new_hello_on_an_established_association_gets_a_cookie_and_keeps_the_old_one() {
+        let mut ep = Endpoint::new(config()).unwrap();
+        let now = Instant::now();
+        let mut c = Client::new(9, None);
+        pump(&mut ep, &mut c, now);
+        assert!(c.established);
+        let before = ep.stats().hello_verify_requests;
+        ep.handle(now, addr(9), &test_hello(0, 0, &[], &[]));
+        assert_eq!(ep.stats().hello_verify_requests, before + 1);
+        assert_eq!(ep.poll_transmit().map(|t| t.to), Some(addr(9)));
+        assert_eq!(ep.peer_state(addr(9)), PeerState::Established);
+    }
+
+    #[test]
+    fn a_cookie_hello_that_never_saw_a_verify_request_is_taken_as_it_is() {
+        let mut ep = Endpoint::new(config()).unwrap();
+        let now = Instant::now();
+        ep.handle(now, addr(5), &test_hello(0, 0, &[], &[]));
+        let cookie = cookie_of(&ep.poll_transmit().unwrap().payload);
+        // Message sequence 0 with a valid cookie: a client that got its cookie earlier.
+        ep.handle(now, addr(5), &test_hello(0, 0, &[], &cookie));
+        let s = ep.stats();
+        assert_eq!((s.hello_verify_requests, s.dropped_bad_sequence), (1, 0));
+        assert_eq!(ep.dsm_stats().stored, 1, "it got a handshake slot");
+    }
+
+    #[test]
+    fn an_idle_peer_evicted_for_a_new_handshake_closes_as_evicted() {
+        // One slot; every test client is on 127.0.0.1, so the quota must not refuse first.
+        let dsm = DsmConfig::new(1)
+            .with_max_per_source(2)
+            .with_evict_idle_after(Some(Duration::from_secs(1)));
+        let mut ep = Endpoint::new(config_with(dsm)).unwrap();
+        let t0 = Instant::now();
+        let mut a = Client::new(1, None);
+        pump(&mut ep, &mut a, t0);
+        assert!(a.established);
+        let _ = events(&mut ep);
+        half_open(&mut ep, 2, t0 + Duration::from_secs(2));
+        let closed: Vec<_> = events(&mut ep)
+            .into_iter()
+            .filter(|e| matches!(e, Event::Closed { .. }))
+            .collect();
+        assert_eq!(
+            closed,
+            vec![Event::Closed {
+                peer: addr(1),
+                reason: CloseReason::Evicted
+            }]
+        );
+        assert_eq!(ep.peer_state(addr(2)), PeerState::Handshake);
+    }
+
+    #[test]
+    fn authenticated_data_keeps_a_peer_from_going_idle() {
+        let dsm = DsmConfig::new(8).with_idle_tick(Duration::from_secs(10));
+        let mut ep = Endpoint::new(config_with(dsm)).unwrap();
+        let t0 = Instant::now();
+        let mut c = Client::new(3, None);
+        pump(&mut ep, &mut c, t0);
+        assert!(c.established);
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        // The sweeper passes every 10 s: a peer unused between two passes goes.
+        for s in [5, 10, 15] {
+            ep.handle_timeout(at(s));
+        }
+        for d in c.send(b"still here") {
+            ep.handle(at(15), c.addr, &d);
+        }
+        for s in [20, 25] {
+            ep.handle_timeout(at(s));
+        }
+        assert_eq!(ep.peer_state(addr(3)), PeerState::Established);
+        for s in [30, 35, 40, 45] {
+            ep.handle_timeout(at(s));
+        }
+        assert_eq!(
+            ep.peer_state(addr(3)),
+            PeerState::None,
+            "silent for two passes"
+        );
+    }
+
+    #[test]
+    fn dropped_sums_every_drop_counter() {
+        let s = EndpointStats {
+            dropped_garbage: 1,
+            dropped_not_client_hello: 2,
+            dropped_fragmented: 4,
+            dropped_oversize: 8,
+            dropped_bad_sequence: 16,
+            dropped_no_space: 32,
+            dropped_invalid: 64,
+            dropped_parked: 128,
+            dropped_over_budget: 256,
+            ..EndpointStats::default()
+        };
+        assert_eq!(s.dropped(), 511);
+    }
+
     fn cookie_of(hvr: &[u8]) -> Vec<u8> {
         hvr[13 + 12 + 3..].to_vec()
     }
