@@ -122,10 +122,12 @@ fn a_held_lookup_parks_one_peer_while_the_worker_serves_the_others() {
     let proxy = DelayProxy::start(([127, 0, 0, 1], redis.port()).into());
     let ring = KeyRing::generate().unwrap();
     // Host A reaches Redis through the proxy; host B directly (another host of the farm).
+    // A's deadline is long enough that a slow machine cannot time the held lookup out
+    // between its parking and the checks made while it waits.
     let a = host(
         &proxy.url(),
         &ring,
-        Duration::from_millis(600),
+        Duration::from_secs(2),
         Duration::from_secs(5),
     );
     let b = host(
@@ -194,7 +196,7 @@ fn a_held_lookup_parks_one_peer_while_the_worker_serves_the_others() {
         "{c:?}"
     );
 
-    // Held past the store's deadline (600 ms): the lookup fails, a full handshake follows.
+    // Held past the store's deadline (2 s): the lookup fails, a full handshake follows.
     proxy.pause();
     let mut late = connect(addr, Some(&elsewhere2));
     assert!(!late.ssl().session_reused());
