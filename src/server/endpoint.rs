@@ -1919,6 +1919,29 @@ mod tests {
     }
 
     #[test]
+    fn the_endpoint_rotates_cookie_secrets_as_time_passes() {
+        let config = builder()
+            .cookie_rotation(Duration::from_secs(10))
+            .build()
+            .unwrap();
+        let mut ep = Endpoint::new(config).unwrap();
+        let t0 = Instant::now();
+        ep.handle(t0, addr(5), &test_hello(0, 0, &[], &[]));
+        let cookie = cookie_of(&ep.poll_transmit().unwrap().payload);
+        // Datagrams from elsewhere carry the clock through two rotation periods.
+        for s in [11, 22] {
+            ep.handle(t0 + Duration::from_secs(s), addr(6), b"x");
+        }
+        ep.handle(
+            t0 + Duration::from_secs(22),
+            addr(5),
+            &test_hello(1, 1, &[], &cookie),
+        );
+        assert_eq!(ep.stats().bad_cookies, 1, "a cookie two secrets old");
+        assert_eq!(ep.peer_count(), 0);
+    }
+
+    #[test]
     fn dropped_sums_every_drop_counter() {
         let s = EndpointStats {
             dropped_garbage: 1,
