@@ -21,13 +21,11 @@ use openssl_session_cache::{
 use redis::Commands;
 
 use delay_proxy::DelayProxy;
-use redis_server::RedisServer;
+use redis_server::{flush, wait_until, RedisServer, PATIENCE};
 use support::{client_ctx, connect, server_ctx, Ctx, Proto, ServerClose};
 
 /// The operation deadline of most stores here.
 const OP_TIMEOUT: Duration = Duration::from_millis(50);
-/// How long a test waits for something that should happen much sooner.
-const PATIENCE: Duration = Duration::from_secs(10);
 
 type LookupResult = Result<Option<StoredSession>, StoreError>;
 
@@ -60,23 +58,6 @@ fn store(server: &RedisServer, ring: KeyRing, tier: usize) -> RedisStore {
 
 fn raw_get(server: &RedisServer, key: &str) -> Option<Vec<u8>> {
     server.raw().get(key).unwrap()
-}
-
-fn flush(s: &RedisStore) {
-    assert!(
-        s.flush(PATIENCE),
-        "the write queue did not drain: {:?}",
-        s.stats()
-    );
-}
-
-/// Waits until `cond` holds, polling; panics with `what` after [`PATIENCE`].
-fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + PATIENCE;
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting until {what}");
-        thread::sleep(Duration::from_millis(5));
-    }
 }
 
 fn wait_subscribed(s: &RedisStore) {

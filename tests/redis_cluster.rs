@@ -9,7 +9,6 @@ mod support;
 
 use std::collections::HashMap;
 use std::sync::{mpsc, Arc};
-use std::thread;
 use std::time::{Duration, Instant, SystemTime};
 
 use openssl_session_cache::{
@@ -17,11 +16,9 @@ use openssl_session_cache::{
     SessionStore, SessionStoreAdmin, StoreError, StoredSession,
 };
 
-use redis_server::RedisCluster;
+use redis_server::{flush, wait_until, RedisCluster, PATIENCE};
 use support::{client_ctx, connect, server_ctx, Proto, ServerClose};
 
-/// How long a test waits for something that should happen much sooner.
-const PATIENCE: Duration = Duration::from_secs(10);
 /// The operation deadline of the failure tests.
 const OP_TIMEOUT: Duration = Duration::from_millis(200);
 /// What a completion may take beyond the deadline: the background thread's latency on a loaded
@@ -42,22 +39,6 @@ fn builder(url: String, tier: usize) -> RedisStoreBuilder {
     RedisStore::builder(url)
         .key_ring(KeyRing::new(1, [0x5a; 32]))
         .tier_entries(tier)
-}
-
-fn flush(s: &RedisStore) {
-    assert!(
-        s.flush(PATIENCE),
-        "the write queue did not drain: {:?}",
-        s.stats()
-    );
-}
-
-fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + PATIENCE;
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting until {what}");
-        thread::sleep(Duration::from_millis(5));
-    }
 }
 
 fn dbsize(cluster: &RedisCluster, master: usize) -> usize {

@@ -7,8 +7,7 @@ mod redis_server;
 
 use std::net::IpAddr;
 use std::sync::mpsc;
-use std::thread;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use openssl_session_cache::envelope::envelope_key_id;
 use openssl_session_cache::{
@@ -16,10 +15,7 @@ use openssl_session_cache::{
     SessionStoreAdmin, StoreError, StoredSession,
 };
 
-use redis_server::{RedisServer, TestPki};
-
-/// How long a test waits for something that should happen much sooner.
-const PATIENCE: Duration = Duration::from_secs(10);
+use redis_server::{flush, wait_until, RedisServer, TestPki, PATIENCE};
 
 fn id(i: u32) -> SessionId {
     SessionId::new(&[&i.to_be_bytes()[..], b"-tls"].concat()).unwrap()
@@ -43,22 +39,6 @@ fn builder(server: &RedisServer, ca: &std::path::Path, tier: usize) -> RedisStor
         .ca_file(ca)
         .tier_entries(tier)
         .op_timeout(Duration::from_millis(500))
-}
-
-fn flush(s: &RedisStore) {
-    assert!(
-        s.flush(PATIENCE),
-        "the write queue did not drain: {:?}",
-        s.stats()
-    );
-}
-
-fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + PATIENCE;
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting until {what}");
-        thread::sleep(Duration::from_millis(5));
-    }
 }
 
 /// A connection of our own over TLS, trusting `ca`.

@@ -16,6 +16,28 @@ const START_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a cluster may take to form and agree on its slots.
 const CLUSTER_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How long the Redis tests wait for anything to happen before they fail.
+pub(crate) const PATIENCE: Duration = Duration::from_secs(10);
+
+/// Waits until the store's write-behind queue is empty (bounded by [`PATIENCE`]).
+#[cfg(feature = "redis")]
+pub(crate) fn flush(s: &openssl_session_cache::RedisStore) {
+    assert!(
+        s.flush(PATIENCE),
+        "the write queue did not drain: {:?}",
+        s.stats()
+    );
+}
+
+/// Waits until `cond` holds, polling; panics with `what` after [`PATIENCE`].
+pub(crate) fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + PATIENCE;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 /// A `redis-server` child process on 127.0.0.1.
 #[derive(Debug)]
 pub(crate) struct RedisServer {
