@@ -212,21 +212,24 @@ pub(crate) enum Screened<'a> {
 /// nonce and tag (`min_protected_body`, 0 when unknown: OpenSSL 3.0 fails the connection on those
 /// instead of dropping them).
 pub(crate) fn screen(datagram: &[u8], min_protected_body: usize) -> Screened<'_> {
+    keep_records(datagram, |record| {
+        u16_at(record, 3) == 0 || record.len() - RECORD_HEADER >= min_protected_body
+    })
+}
+
+/// Keeps the whole records of `datagram` that `keep` accepts, in order; a truncated record and
+/// anything after it are dropped. [`Screened::Nothing`] when no record is kept.
+fn keep_records(datagram: &[u8], mut keep: impl FnMut(&[u8]) -> bool) -> Screened<'_> {
     let mut at = 0;
     let mut kept: Option<Vec<u8>> = None;
     let mut any = false;
-    while at < datagram.len() {
+    while datagram.len() - at >= RECORD_HEADER {
         let rest = &datagram[at..];
-        if rest.len() < RECORD_HEADER {
-            break;
-        }
         let end = RECORD_HEADER + u16_at(rest, 11);
         if end > rest.len() {
             break;
         }
-        let epoch = u16_at(rest, 3);
-        let body = end - RECORD_HEADER;
-        let ok = epoch == 0 || body >= min_protected_body;
+        let ok = keep(&rest[..end]);
         match (&mut kept, ok) {
             (Some(out), true) => out.extend_from_slice(&rest[..end]),
             (None, false) => kept = Some(datagram[..at].to_vec()),
@@ -273,26 +276,7 @@ pub(crate) struct HandshakeBudget {
 impl HandshakeBudget {
     /// Keeps the records of `datagram` (already [`screen`]ed) that fit the budget.
     pub(crate) fn admit<'a>(&mut self, datagram: &'a [u8]) -> Screened<'a> {
-        let mut at = 0;
-        let mut kept: Option<Vec<u8>> = None;
-        let mut any = false;
-        while at + RECORD_HEADER <= datagram.len() {
-            let rest = &datagram[at..];
-            let end = (RECORD_HEADER + u16_at(rest, 11)).min(rest.len());
-            let ok = self.fits(&rest[..end]);
-            match (&mut kept, ok) {
-                (Some(out), true) => out.extend_from_slice(&rest[..end]),
-                (None, false) => kept = Some(datagram[..at].to_vec()),
-                _ => {}
-            }
-            any |= ok;
-            at += end;
-        }
-        match kept {
-            _ if !any => Screened::Nothing,
-            None => Screened::Whole(datagram),
-            Some(out) => Screened::Kept(out),
-        }
+        keep_records(datagram, |record| self.fits(record))
     }
 
     /// Whether one record fits, counting it if it does.
