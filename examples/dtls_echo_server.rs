@@ -94,9 +94,11 @@ struct Args {
     /// Private key for --cert (PEM).
     #[arg(long, requires = "cert")]
     key: Option<PathBuf>,
-    /// Also accept PSK handshakes (PSK-AES128-CCM8 first) for IDENTITY with the hex key.
+    /// Also accept PSK handshakes (PSK-AES128-CCM8 first) for IDENTITY with the hex key; repeat
+    /// for more identities. Sessions of an identity no longer given (or given another key) do
+    /// not resume, from a snapshot either.
     #[arg(long, value_name = "IDENTITY:HEXKEY")]
-    psk: Option<String>,
+    psk: Vec<String>,
     /// Peer slots per worker (handshaking plus established).
     #[arg(long, default_value_t = 1024)]
     max_peers: usize,
@@ -256,7 +258,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         println!("certificate sha256 {}", certificate_fingerprint(&cert)?);
         builder = builder.certificate(cert, key);
     }
-    if let Some(spec) = &args.psk {
+    for spec in &args.psk {
         let (identity, key) = parse_psk(spec)?;
         builder = builder.psk(&identity, &key);
     }
@@ -280,6 +282,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         Io::Batched => IoMode::Batched,
         Io::Single => IoMode::Single,
     };
+    let cache = config.session_cache().clone();
     match args.driver {
         Driver::Std => {
             let server = UdpServer::spawn(config, options, || echo)?;
@@ -291,6 +294,11 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         Driver::Tokio => run_tokio(config, options, reload)?,
     }
     println!("stopped");
+    let c = cache.stats();
+    println!(
+        "session cache: hits {} misses {} stale {} expired {} vetoed {}",
+        c.hits, c.misses, c.stale, c.expired, c.vetoed
+    );
     if let Some((path, ring)) = snapshot {
         let admin = store.admin().ok_or("the memory store has an admin side")?;
         let ring = ring.lock().unwrap_or_else(|e| e.into_inner()).clone();

@@ -79,6 +79,10 @@ mod stats;
 mod store;
 mod tickets;
 
+/// The `openssl` crate this one is built on, so that the types passed in (`SslContextBuilder`,
+/// `X509`, `PKey`) are of the same version.
+pub use openssl;
+
 pub use cache::client::ClientSessionCache;
 pub use cache::lookup::PendingLookup;
 pub use cache::policy::SessionInfo;

@@ -27,8 +27,8 @@ pub struct CacheStats {
     /// Suspended lookups the application gave up on (a full handshake followed).
     pub abandoned: u64,
     /// Stored sessions refused because today's policy no longer allows them: a cipher suite
-    /// the server no longer offers, a PSK identity revoked or with another key (each removed,
-    /// and a miss). Sessions older than today's lifetime count in `expired` instead.
+    /// the server no longer offers, a PSK identity revoked or with another key, a PSK session
+    /// whose key nothing can check (each removed, and a miss). Sessions older than today's lifetime count in `expired` instead.
     pub stale: u64,
     /// Hits served from the tier of decoded sessions (no `d2i_SSL_SESSION`).
     pub decoded_hits: u64,

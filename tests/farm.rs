@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use openssl_session_cache::KeyRing;
 
-use support::s_client::{count, s_client_echo, Lines};
+use support::s_client::{count, s_client_echo, Lines, SClient};
 
 /// How long a server process may take to print `listening on`.
 const START_TIMEOUT: Duration = Duration::from_secs(20);
@@ -276,6 +276,99 @@ fn snapshot_survives_a_clean_restart_and_a_bad_one_is_refused() {
         server.lines.output
     );
     drop(server);
+}
+
+/// s_client flags for a PSK-AES128-CCM8 connection as `identity` with `key_hex`.
+fn psk_flags<'a>(identity: &'a str, key_hex: &'a str) -> [&'a str; 6] {
+    [
+        "-psk",
+        key_hex,
+        "-psk_identity",
+        identity,
+        "-cipher",
+        "PSK-AES128-CCM8",
+    ]
+}
+
+#[test]
+fn a_psk_session_resumes_across_a_restart_only_while_its_identity_keeps_its_key() {
+    const KEY1: &str = "00112233445566778899aabbccddeeff";
+    const KEY2: &str = "ffeeddccbbaa99887766554433221100";
+    let dir = tempfile::tempdir().unwrap();
+    let key = key_file(dir.path(), "sessions.key");
+    let snap = dir.path().join("sessions.snap");
+    let sess = dir.path().join("psk.pem");
+    let client1 = format!("client1:{KEY1}");
+    let client2 = format!("client2:{KEY2}");
+    let store = ["--snapshot", path_str(&snap), "--store-key", path_str(&key)];
+    let with = |psks: &[&str]| -> Vec<String> {
+        let mut args: Vec<String> = store.iter().map(|s| s.to_string()).collect();
+        for p in psks {
+            args.extend(["--psk".to_string(), p.to_string()]);
+        }
+        args
+    };
+    let start = |args: &[String]| {
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        EchoServer::start(&refs)
+    };
+
+    // client1's session is made and saved.
+    let server = start(&with(&[&client1, &client2]));
+    let out = s_client_echo(
+        server.addr,
+        &[
+            &psk_flags("client1", KEY1)[..],
+            &["-sess_out", path_str(&sess)],
+        ]
+        .concat(),
+        "made",
+    );
+    assert_eq!(count(&out, "New,"), 1, "{out:?}");
+    assert!(has(&server.stop("-TERM"), "saved 1 sessions to snapshot"));
+
+    // Restarted with client1 still known under the same key: it resumes (both identities
+    // given by repeating --psk).
+    let server = start(&with(&[&client2, &client1]));
+    let resumed = s_client_echo(
+        server.addr,
+        &[
+            &psk_flags("client1", KEY1)[..],
+            &["-sess_in", path_str(&sess)],
+        ]
+        .concat(),
+        "again",
+    );
+    assert_eq!(count(&resumed, "Reused,"), 1, "{resumed:?}");
+    assert!(has(&server.stop("-TERM"), "saved 1 sessions to snapshot"));
+
+    // Restarted with client1 revoked: its full handshake is refused, and so is its resumption.
+    let server = start(&with(&[&client2]));
+    let mut c = SClient::spawn(
+        server.addr,
+        &[
+            &psk_flags("client1", KEY1)[..],
+            &["-sess_in", path_str(&sess)],
+        ]
+        .concat(),
+    );
+    c.send_line("revoked");
+    let echoed = c.wait_line(Duration::from_secs(3), |l| l == "revoked");
+    let out = c.finish(Duration::from_secs(5));
+    assert!(!echoed, "a revoked identity was served: {out:?}");
+    assert_eq!(
+        count(&out, "Reused,"),
+        0,
+        "a revoked identity resumed: {out:?}"
+    );
+    // client2 is served as before.
+    let out = s_client_echo(server.addr, &psk_flags("client2", KEY2), "other");
+    assert_eq!(count(&out, "New,"), 1, "{out:?}");
+    let printed = server.stop("-TERM");
+    assert!(
+        has(&printed, "session cache: hits 0 misses 1 stale 1"),
+        "the refused session is counted as stale: {printed:?}"
+    );
 }
 
 #[test]

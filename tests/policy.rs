@@ -204,6 +204,54 @@ fn a_revoked_or_rekeyed_psk_identity_does_not_resume() {
     assert_eq!(refusals(&cache.stats()), (0, 0, 1, 0));
 }
 
+#[test]
+fn a_psk_session_nothing_can_check_does_not_resume_unless_the_cache_says_so_by_name() {
+    // A context of one's own with its own PSK callback and no `psk_keys`: the cache cannot
+    // tell a revoked identity from a valid one, so by default such sessions do not resume.
+    let keys: Keys = Arc::default();
+    keys.lock()
+        .unwrap()
+        .insert(b"dev-1".to_vec(), b"0123456789abcdef".to_vec());
+    let client = psk_client(b"dev-1", b"0123456789abcdef");
+    let store = Arc::new(MemoryStore::builder().build().unwrap());
+    let cache = cache_on(&store).build().unwrap();
+    let server = psk_server(&cache, &keys);
+    let first = connect(&server, &client, None, ServerClose::Clean);
+    let again = connect(&server, &client, first.session.as_ref(), ServerClose::Clean);
+    assert!(!again.server_reused, "an unchecked psk session resumed");
+    assert_eq!(refusals(&cache.stats()), (0, 0, 1, 0));
+
+    // Opted out by name: it resumes, as with OpenSSL alone.
+    let store = Arc::new(MemoryStore::builder().build().unwrap());
+    let open = cache_on(&store)
+        .resume_unchecked_psk_sessions()
+        .build()
+        .unwrap();
+    let server = psk_server(&open, &keys);
+    let first = connect(&server, &client, None, ServerClose::Clean);
+    let again = connect(&server, &client, first.session.as_ref(), ServerClose::Clean);
+    assert!(again.server_reused);
+    assert_eq!(refusals(&open.stats()), (1, 0, 0, 0));
+
+    // Where a key source exists the opt-out changes nothing: a revoked identity stays out.
+    let store = Arc::new(MemoryStore::builder().build().unwrap());
+    let k = keys.clone();
+    let checked = cache_on(&store)
+        .resume_unchecked_psk_sessions()
+        .psk_keys(move |identity| k.lock().unwrap().get(identity).cloned().map(Zeroizing::new))
+        .build()
+        .unwrap();
+    let server = psk_server(&checked, &keys);
+    let first = connect(&server, &client, None, ServerClose::Clean);
+    keys.lock().unwrap().remove(&b"dev-1"[..]);
+    assert!(!handshake_succeeds(
+        &server,
+        &client,
+        first.session.as_ref().unwrap()
+    ));
+    assert_eq!(refusals(&checked.stats()), (0, 0, 1, 0));
+}
+
 /// Whether a connection offering `session` completes (the harness panics when a side fails).
 fn handshake_succeeds(server: &Ctx, client: &Ctx, session: &openssl::ssl::SslSession) -> bool {
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {

@@ -76,6 +76,7 @@ impl fmt::Debug for SessionCacheBuilder {
             .field("tickets", &self.tickets)
             .field("single_use", &self.single_use)
             .field("psk_keys", &self.policy.psk_keys.is_some())
+            .field("resume_unchecked_psk", &self.policy.unchecked_psk)
             .field("accept_session", &self.policy.accept.is_some())
             .finish_non_exhaustive()
     }
@@ -235,16 +236,32 @@ impl SessionCacheBuilder {
     }
 
     /// The current key of each PSK identity, as the server's PSK callback knows it (`None`:
-    /// unknown or revoked). Give the cache the same lookup the server uses: a PSK session is then
-    /// stored with a keyed fingerprint of its key (never the key), and resumes only while its
-    /// identity still maps to that key, so a revoked identity or a changed key cannot resume an
-    /// old session, from a snapshot or another host either. Without it PSK sessions are not
-    /// checked.
+    /// unknown or revoked). A PSK session is stored with a keyed fingerprint of its key (never
+    /// the key), and resumes only while its identity still maps to that key, so a revoked
+    /// identity or a changed key cannot resume an old session, from a snapshot or another host
+    /// either.
+    ///
+    /// The DTLS server needs no such call: its
+    /// [`psk_lookup`](crate::ServerConfigBuilder::psk_lookup) (and
+    /// [`psk`](crate::ServerConfigBuilder::psk)) are the key source of every connection on its
+    /// context. Give this for contexts of your own with `set_psk_server_callback`, or to check
+    /// against another source than the server's lookup (it then takes precedence). With neither,
+    /// a PSK session cannot be checked and does not resume (counted in [`CacheStats::stale`]),
+    /// unless [`resume_unchecked_psk_sessions`](Self::resume_unchecked_psk_sessions) says so.
     pub fn psk_keys(
         mut self,
         lookup: impl Fn(&[u8]) -> Option<zeroize::Zeroizing<Vec<u8>>> + Send + Sync + 'static,
     ) -> Self {
         self.policy.psk_keys = Some(Arc::new(lookup));
+        self
+    }
+
+    /// Resumes PSK sessions whose key nothing can check (no [`psk_keys`](Self::psk_keys) and no
+    /// server PSK lookup on the connection's context), as OpenSSL alone does. Off by default:
+    /// such a session would resume after its identity was revoked, for as long as it lives in
+    /// the store. Where a key source exists, sessions are checked against it whatever this says.
+    pub fn resume_unchecked_psk_sessions(mut self) -> Self {
+        self.policy.unchecked_psk = true;
         self
     }
 
@@ -435,9 +452,12 @@ impl SessionCache {
     }
 
     /// Stores `session` as if OpenSSL had just handed it to the new-session callback (to warm a
-    /// cache, or to move sessions between caches). Counted like the callback's inserts.
+    /// cache, or to move sessions between caches). Counted like the callback's inserts. A PSK
+    /// session inserted this way carries the fingerprint of its key only if the cache has
+    /// [`psk_keys`](SessionCacheBuilder::psk_keys); without it, it can resume only with
+    /// [`resume_unchecked_psk_sessions`](SessionCacheBuilder::resume_unchecked_psk_sessions).
     pub fn insert(&self, session: &SslSessionRef) {
-        self.shared.inner.store_session(session);
+        self.shared.inner.store_session(None, session);
     }
 
     /// The lookup a suspended handshake on `ssl` waits for.
@@ -554,7 +574,7 @@ impl Inner {
                 }
             }
         }
-        self.store_session(session);
+        self.store_session(Some(ssl), session);
     }
 
     /// The ClientHello callback: with a remote store, start looking up the offered session and
@@ -603,8 +623,9 @@ impl Inner {
         }
     }
 
-    /// Serializes (outside any lock) and stores a new session.
-    pub(crate) fn store_session(&self, session: &SslSessionRef) {
+    /// Serializes (outside any lock) and stores a new session, made on `ssl` (`None`: inserted
+    /// by hand).
+    pub(crate) fn store_session(&self, ssl: Option<&SslRef>, session: &SslSessionRef) {
         let Ok(id) = SessionId::new(session.id()) else {
             return; // empty id: nothing a client could offer back
         };
@@ -631,9 +652,9 @@ impl Inner {
             return;
         }
         let psk_fp = der::psk_identity(&der).and_then(|identity| {
-            let fp = self.policy.fingerprint_for(identity);
-            if fp.is_none() && self.policy.psk_keys.is_some() {
-                tracing::debug!("psk identity has no key now; its session is stored unchecked");
+            let fp = self.policy.fingerprint_for(ssl, identity);
+            if fp.is_none() {
+                tracing::debug!("no key known for the psk identity; its session cannot resume");
             }
             fp
         });

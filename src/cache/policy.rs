@@ -9,17 +9,25 @@
 //! - its cipher suite is still one the connection offers (a suite removed from the server's list
 //!   no longer resumes);
 //! - a PSK session's identity still maps to the same key: the store keeps a keyed fingerprint of
-//!   the key (never the key), and a revoked identity or a changed key no longer resumes;
+//!   the key (never the key), and a revoked identity or a changed key no longer resumes. The keys
+//!   come from [`SessionCacheBuilder::psk_keys`] or, with no extra call, from the PSK lookup of
+//!   the context the connection runs on (the DTLS server's
+//!   [`psk_lookup`](crate::ServerConfigBuilder::psk_lookup) registers itself there). A PSK session
+//!   whose key cannot be checked does not resume, unless
+//!   [`SessionCacheBuilder::resume_unchecked_psk_sessions`] says so by name;
 //! - the application's own veto ([`SessionCacheBuilder::accept_session`]).
 //!
 //! [`SessionCacheBuilder::accept_session`]: crate::SessionCacheBuilder::accept_session
+//! [`SessionCacheBuilder::psk_keys`]: crate::SessionCacheBuilder::psk_keys
+//! [`SessionCacheBuilder::resume_unchecked_psk_sessions`]: crate::SessionCacheBuilder::resume_unchecked_psk_sessions
 
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use hmac::{Hmac, Mac};
-use openssl::ssl::{SslRef, SslSessionRef, SslVersion};
+use openssl::ex_data::Index;
+use openssl::ssl::{SslContext, SslContextBuilder, SslRef, SslSessionRef, SslVersion};
 use openssl::x509::X509Ref;
 use sha2::Sha256;
 use zeroize::Zeroizing;
@@ -30,6 +38,31 @@ use crate::store::SessionId;
 
 /// Looks up the current key of a PSK identity (`None`: unknown or revoked).
 pub(crate) type PskKeys = Arc<dyn Fn(&[u8]) -> Option<Zeroizing<Vec<u8>>> + Send + Sync>;
+/// The `SslContext` ex_data slot holding the PSK keys of the context's own PSK callback, which
+/// the policy reads when the cache has no [`psk_keys`](crate::SessionCacheBuilder::psk_keys).
+fn context_keys_index() -> Option<Index<SslContext, PskKeys>> {
+    static INDEX: OnceLock<Option<Index<SslContext, PskKeys>>> = OnceLock::new();
+    *INDEX.get_or_init(|| SslContext::new_ex_index().ok())
+}
+
+/// Registers `keys`, the lookup behind `ctx`'s PSK server callback, as the key source the
+/// session policy checks PSK sessions of connections on `ctx` against.
+pub(crate) fn set_context_psk_keys(
+    ctx: &mut SslContextBuilder,
+    keys: PskKeys,
+) -> Result<(), crate::Error> {
+    let index = context_keys_index().ok_or_else(|| {
+        crate::Error::Config("no ssl context ex_data index for the psk keys".into())
+    })?;
+    ctx.set_ex_data(index, keys);
+    Ok(())
+}
+
+/// The PSK keys registered on the context `ssl` runs on, if any.
+fn context_psk_keys(ssl: &SslRef) -> Option<&PskKeys> {
+    ssl.ssl_context().ex_data(context_keys_index()?)
+}
+
 /// The application's veto.
 pub(crate) type Accept = Arc<dyn Fn(&SessionInfo<'_>) -> bool + Send + Sync>;
 
@@ -88,12 +121,28 @@ pub(crate) enum Refusal {
 pub(crate) struct Policy {
     pub(crate) psk_keys: Option<PskKeys>,
     pub(crate) accept: Option<Accept>,
+    /// PSK sessions whose key cannot be checked (no key source) resume anyway.
+    pub(crate) unchecked_psk: bool,
 }
 
 impl Policy {
-    /// The fingerprint to store with a PSK session made with `identity`, if keys are known.
-    pub(crate) fn fingerprint_for(&self, identity: &[u8]) -> Option<[u8; PSK_FINGERPRINT_LEN]> {
-        let keys = self.psk_keys.as_ref()?;
+    /// Where the current PSK keys come from for a connection: the cache's own
+    /// [`psk_keys`](crate::SessionCacheBuilder::psk_keys), else the lookup registered on the
+    /// connection's context (the DTLS server's PSK lookup), if either.
+    pub(crate) fn key_source<'a>(&'a self, ssl: Option<&'a SslRef>) -> Option<&'a PskKeys> {
+        self.psk_keys
+            .as_ref()
+            .or_else(|| ssl.and_then(context_psk_keys))
+    }
+
+    /// The fingerprint to store with a PSK session made with `identity` on `ssl` (`None`: a
+    /// session inserted by hand), if a key is known.
+    pub(crate) fn fingerprint_for(
+        &self,
+        ssl: Option<&SslRef>,
+        identity: &[u8],
+    ) -> Option<[u8; PSK_FINGERPRINT_LEN]> {
+        let keys = self.key_source(ssl)?;
         let key = keys(identity)?;
         Some(psk_fingerprint(identity, &key))
     }
@@ -120,12 +169,20 @@ impl Policy {
                 return Err(Refusal::Stale);
             }
         }
-        if let (Some(identity), Some(keys)) = (psk_identity, &self.psk_keys) {
-            // No fingerprint stored (made before keys were known): it cannot be shown to match.
-            let current = keys(identity).map(|key| psk_fingerprint(identity, &key));
-            match (current, psk_fp) {
-                (Some(now), Some(then)) if openssl::memcmp::eq(&now, &then) => {}
-                _ => return Err(Refusal::Stale),
+        if let Some(identity) = psk_identity {
+            match self.key_source(Some(ssl)) {
+                Some(keys) => {
+                    // No fingerprint stored (made before keys were known): it cannot be shown
+                    // to match.
+                    let current = keys(identity).map(|key| psk_fingerprint(identity, &key));
+                    match (current, psk_fp) {
+                        (Some(now), Some(then)) if openssl::memcmp::eq(&now, &then) => {}
+                        _ => return Err(Refusal::Stale),
+                    }
+                }
+                // Nothing to check the key against: a revoked identity would resume.
+                None if !self.unchecked_psk => return Err(Refusal::Stale),
+                None => {}
             }
         }
         if let Some(accept) = &self.accept {

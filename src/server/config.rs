@@ -4,6 +4,7 @@
 use std::fmt;
 use std::net::SocketAddr;
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -15,8 +16,12 @@ use openssl::ex_data::Index;
 use openssl::hash::MessageDigest;
 use openssl::nid::Nid;
 use openssl::pkey::{PKey, Private};
-use openssl::ssl::{Ssl, SslContext, SslContextBuilder, SslMethod, SslOptions, SslVersion};
+use openssl::ssl::{
+    Ssl, SslContext, SslContextBuilder, SslMethod, SslOptions, SslVerifyMode, SslVersion,
+};
+use openssl::stack::Stack;
 use openssl::x509::extension::SubjectAlternativeName;
+use openssl::x509::store::X509StoreBuilder;
 use openssl::x509::{X509Name, X509Ref, X509};
 use zeroize::Zeroizing;
 
@@ -75,9 +80,35 @@ pub(crate) fn peer_addr_index() -> Result<Index<Ssl, PeerInfo>, Error> {
 }
 
 /// Looks a PSK identity up: the key, or `None` for an unknown identity.
-type PskLookup = Arc<dyn Fn(&[u8]) -> Option<Vec<u8>> + Send + Sync>;
+type PskLookup = Box<dyn Fn(&[u8]) -> Option<Vec<u8>> + Send + Sync>;
 /// A user's changes to the `SslContextBuilder`.
 type Configure = Box<dyn FnOnce(&mut SslContextBuilder) -> Result<(), ErrorStack>>;
+
+/// Every PSK identity the server accepts: the identities given one by one
+/// ([`ServerConfigBuilder::psk`], a later key for the same identity replacing the earlier), then
+/// each [`ServerConfigBuilder::psk_lookup`] in the order given; the first that knows an identity
+/// answers.
+#[derive(Default)]
+struct PskKeySet {
+    identities: Vec<(Vec<u8>, Zeroizing<Vec<u8>>)>,
+    lookups: Vec<PskLookup>,
+}
+
+impl PskKeySet {
+    fn is_empty(&self) -> bool {
+        self.identities.is_empty() && self.lookups.is_empty()
+    }
+
+    fn key(&self, identity: &[u8]) -> Option<Zeroizing<Vec<u8>>> {
+        if let Some((_, key)) = self.identities.iter().find(|(id, _)| id == identity) {
+            return Some(key.clone());
+        }
+        self.lookups
+            .iter()
+            .find_map(|lookup| lookup(identity))
+            .map(Zeroizing::new)
+    }
+}
 
 /// A DTLS server's configuration, built once and shared (`Arc`) by its endpoints.
 pub struct ServerConfig {
@@ -112,10 +143,13 @@ impl ServerConfig {
         ServerConfigBuilder {
             cache,
             context: None,
-            configure: None,
+            configure: Vec::new(),
             ciphers: None,
             identity: None,
-            psk: None,
+            psk: PskKeySet::default(),
+            client_cas: Vec::new(),
+            client_ca_files: Vec::new(),
+            require_client_certificate: false,
             dsm: DsmConfig::default(),
             mtu: DEFAULT_MTU,
             max_datagram: DEFAULT_MAX_DATAGRAM,
@@ -177,10 +211,13 @@ impl ServerConfig {
 pub struct ServerConfigBuilder {
     cache: SessionCache,
     context: Option<SslContextBuilder>,
-    configure: Option<Configure>,
+    configure: Vec<Configure>,
     ciphers: Option<String>,
     identity: Option<(X509, PKey<Private>)>,
-    psk: Option<PskLookup>,
+    psk: PskKeySet,
+    client_cas: Vec<X509>,
+    client_ca_files: Vec<PathBuf>,
+    require_client_certificate: bool,
     dsm: DsmConfig,
     mtu: u32,
     max_datagram: usize,
@@ -194,10 +231,17 @@ impl fmt::Debug for ServerConfigBuilder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ServerConfigBuilder")
             .field("own_context", &self.context.is_some())
-            .field("configure", &self.configure.is_some())
+            .field("configure", &self.configure.len())
             .field("ciphers", &self.ciphers)
             .field("has_certificate", &self.identity.is_some())
-            .field("has_psk", &self.psk.is_some())
+            .field("psk_identities", &self.psk.identities.len())
+            .field("psk_lookups", &self.psk.lookups.len())
+            .field("client_cas", &self.client_cas.len())
+            .field("client_ca_files", &self.client_ca_files)
+            .field(
+                "require_client_certificate",
+                &self.require_client_certificate,
+            )
             .field("dsm", &self.dsm)
             .finish_non_exhaustive()
     }
@@ -213,21 +257,20 @@ impl ServerConfigBuilder {
     }
 
     /// Runs `f` on the context builder (yours from [`context`](Self::context), or the server's
-    /// with its defaults) before the server adds its own settings: verify client certificates,
-    /// choose cipher suites and groups, set a keylog callback. An error from `f` fails
-    /// [`build`](Self::build).
+    /// with its defaults) before the server adds its own settings: choose cipher suites and
+    /// groups, set a keylog callback, anything the named calls do not cover. Calls add up: each
+    /// closure runs, in the order given, after the named settings
+    /// ([`trust_client_cas`](Self::trust_client_cas),
+    /// [`require_client_certificate`](Self::require_client_certificate)), so a later call never
+    /// undoes an earlier one by being given. An error from `f` fails [`build`](Self::build).
     ///
     /// ```
     /// use openssl::ssl::SslVerifyMode;
-    /// use openssl::x509::store::X509StoreBuilder;
     /// # use openssl_session_cache::{ServerConfig, SessionCache};
-    /// # let ca = openssl_session_cache::self_signed_certificate()?.0;
     /// let config = ServerConfig::builder(SessionCache::builder().build()?)
-    ///     .configure(move |b| {
-    ///         let mut roots = X509StoreBuilder::new()?;
-    ///         roots.add_cert(ca)?;
-    ///         b.set_verify_cert_store(roots.build())?;
-    ///         b.set_verify(SslVerifyMode::PEER | SslVerifyMode::FAIL_IF_NO_PEER_CERT);
+    ///     .configure(|b| b.set_groups_list("P-256:X25519"))
+    ///     .configure(|b| {
+    ///         b.set_keylog_callback(|_ssl, _line| { /* write it somewhere safe */ });
     ///         Ok(())
     ///     })
     ///     .build()?;
@@ -237,7 +280,44 @@ impl ServerConfigBuilder {
         mut self,
         f: impl FnOnce(&mut SslContextBuilder) -> Result<(), ErrorStack> + 'static,
     ) -> Self {
-        self.configure = Some(Box::new(f));
+        self.configure.push(Box::new(f));
+        self
+    }
+
+    /// Trusts `cas` to issue client certificates (mutual DTLS): clients are asked for a
+    /// certificate, which must chain to one of these (`SSL_CTX_set_verify` with
+    /// `SSL_VERIFY_PEER`, the CAs in the verify store and in the CertificateRequest's list). A
+    /// client that sends none is still accepted unless
+    /// [`require_client_certificate`](Self::require_client_certificate) is on. Calls add up.
+    ///
+    /// ```
+    /// # use openssl_session_cache::{ServerConfig, SessionCache};
+    /// # let ca = openssl_session_cache::self_signed_certificate()?.0;
+    /// let config = ServerConfig::builder(SessionCache::builder().build()?)
+    ///     .trust_client_cas([ca])
+    ///     .require_client_certificate()
+    ///     .build()?;
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn trust_client_cas(mut self, cas: impl IntoIterator<Item = X509>) -> Self {
+        self.client_cas.extend(cas);
+        self
+    }
+
+    /// Trusts the CA certificates in the PEM file at `path` to issue client certificates, as
+    /// [`trust_client_cas`](Self::trust_client_cas) does. The file is read by
+    /// [`build`](Self::build), which fails if it cannot be read or holds no certificate. Calls
+    /// add up.
+    pub fn client_ca_file(mut self, path: impl AsRef<Path>) -> Self {
+        self.client_ca_files.push(path.as_ref().to_owned());
+        self
+    }
+
+    /// Refuses clients without a certificate from a trusted CA (`SSL_VERIFY_PEER |
+    /// SSL_VERIFY_FAIL_IF_NO_PEER_CERT`). [`build`](Self::build) fails if no CA is trusted
+    /// ([`trust_client_cas`](Self::trust_client_cas), [`client_ca_file`](Self::client_ca_file)).
+    pub fn require_client_certificate(mut self) -> Self {
+        self.require_client_certificate = true;
         self
     }
 
@@ -262,20 +342,37 @@ impl ServerConfigBuilder {
     /// panic in it is caught and counts as an unknown identity. Keys longer than OpenSSL's
     /// maximum (256 bytes) are refused the same way. With a PSK lookup and no certificate, the
     /// server speaks PSK only.
+    ///
+    /// The same lookup is the session cache's key source for this server: a PSK session resumes
+    /// only while its identity still maps to the key it was made with, so an identity the lookup
+    /// no longer knows (revoked) or a changed key cannot resume an old session, from a snapshot
+    /// or another host either.
+    ///
+    /// Calls add up: identities given with [`psk`](Self::psk) are asked first, then each lookup in
+    /// the order given; the first that knows the identity answers.
     pub fn psk_lookup(
         mut self,
         lookup: impl Fn(&[u8]) -> Option<Vec<u8>> + Send + Sync + 'static,
     ) -> Self {
-        self.psk = Some(Arc::new(lookup));
+        self.psk.lookups.push(Box::new(lookup));
         self
     }
 
-    /// Accepts PSK handshakes for one `identity` with `key`: a [`psk_lookup`](Self::psk_lookup)
-    /// that knows one identity.
-    pub fn psk(self, identity: &[u8], key: &[u8]) -> Self {
-        let identity = identity.to_vec();
+    /// Accepts PSK handshakes for `identity` with `key`. Calls add up: each identity is accepted
+    /// with its key (a second call for the same identity replaces its key), beside any
+    /// [`psk_lookup`](Self::psk_lookup).
+    pub fn psk(mut self, identity: &[u8], key: &[u8]) -> Self {
         let key = Zeroizing::new(key.to_vec());
-        self.psk_lookup(move |asked| (asked == identity.as_slice()).then(|| key.to_vec()))
+        match self
+            .psk
+            .identities
+            .iter_mut()
+            .find(|(id, _)| id == identity)
+        {
+            Some((_, old)) => *old = key,
+            None => self.psk.identities.push((identity.to_vec(), key)),
+        }
+        self
     }
 
     /// Peer slots, handshake budget, per-source quota and timeouts, per endpoint.
@@ -352,15 +449,22 @@ impl ServerConfigBuilder {
             Some(ctx) => ctx,
             None => {
                 let mut ctx = SslContext::builder(SslMethod::dtls_server())?;
-                let ciphers = match self.psk {
-                    Some(_) => format!("{DEFAULT_CIPHERS}:{PSK_CIPHERS}"),
-                    None => DEFAULT_CIPHERS.to_owned(),
+                let ciphers = if self.psk.is_empty() {
+                    DEFAULT_CIPHERS.to_owned()
+                } else {
+                    format!("{DEFAULT_CIPHERS}:{PSK_CIPHERS}")
                 };
                 ctx.set_cipher_list(&ciphers)?;
                 ctx
             }
         };
-        if let Some(configure) = self.configure {
+        trust_client_cas(
+            &mut ctx,
+            self.client_cas,
+            &self.client_ca_files,
+            self.require_client_certificate,
+        )?;
+        for configure in self.configure {
             configure(&mut ctx)?;
         }
         if let Some(list) = &self.ciphers {
@@ -372,15 +476,24 @@ impl ServerConfigBuilder {
             ctx.set_certificate(cert)?;
             ctx.set_private_key(key)?;
             ctx.check_private_key()?;
-        } else if !own_context && self.psk.is_none() && ctx.check_private_key().is_err() {
+        } else if !own_context && self.psk.is_empty() && ctx.check_private_key().is_err() {
             let (cert, key) = self_signed_certificate()?;
             ctx.set_certificate(&cert)?;
             ctx.set_private_key(&key)?;
         }
-        if let Some(lookup) = self.psk {
+        if !self.psk.is_empty() {
+            let keys = Arc::new(self.psk);
+            let lookup = Arc::clone(&keys);
             ctx.set_psk_server_callback(move |_ssl, identity, out| {
-                Ok(psk_answer(&*lookup, identity, out))
+                Ok(psk_answer(|id| lookup.key(id), identity, out))
             });
+            // The cache checks this server's PSK sessions against the same keys.
+            crate::cache::policy::set_context_psk_keys(
+                &mut ctx,
+                Arc::new(move |identity: &[u8]| {
+                    catch_unwind(AssertUnwindSafe(|| keys.key(identity))).unwrap_or(None)
+                }),
+            )?;
         }
         pin_dtls12(&mut ctx)?;
         ctx.set_options(
@@ -464,10 +577,55 @@ fn version_name(v: SslVersion) -> String {
         .map_or_else(|| format!("{v:?}"), |(_, name)| (*name).to_owned())
 }
 
+/// Sets up client-certificate verification (mutual DTLS) from the CAs given to the builder, if
+/// any: the verify store, the CA names sent in the CertificateRequest, the verify mode.
+fn trust_client_cas(
+    ctx: &mut SslContextBuilder,
+    mut cas: Vec<X509>,
+    files: &[PathBuf],
+    require: bool,
+) -> Result<(), Error> {
+    for path in files {
+        let pem = std::fs::read(path)
+            .map_err(|e| Error::Config(format!("client ca file {}: {e}", path.display())))?;
+        let certs = X509::stack_from_pem(&pem)
+            .map_err(|e| Error::Config(format!("client ca file {}: {e}", path.display())))?;
+        if certs.is_empty() {
+            return Err(Error::Config(format!(
+                "client ca file {} holds no certificate",
+                path.display()
+            )));
+        }
+        cas.extend(certs);
+    }
+    if cas.is_empty() {
+        if require {
+            return Err(Error::Config(
+                "require_client_certificate without a trusted client ca".into(),
+            ));
+        }
+        return Ok(());
+    }
+    let mut store = X509StoreBuilder::new()?;
+    let mut names = Stack::new()?;
+    for ca in &cas {
+        store.add_cert(ca.clone())?;
+        names.push(ca.subject_name().to_owned()?)?;
+    }
+    ctx.set_verify_cert_store(store.build())?;
+    ctx.set_client_ca_list(names);
+    let mut mode = SslVerifyMode::PEER;
+    if require {
+        mode |= SslVerifyMode::FAIL_IF_NO_PEER_CERT;
+    }
+    ctx.set_verify(mode);
+    Ok(())
+}
+
 /// The PSK callback's answer: the key's length after copying it to `out`, or 0 (unknown
 /// identity, a key too long, a lookup that panicked). Never panics.
 fn psk_answer(
-    lookup: &(dyn Fn(&[u8]) -> Option<Vec<u8>> + Send + Sync),
+    lookup: impl Fn(&[u8]) -> Option<Zeroizing<Vec<u8>>>,
     identity: Option<&[u8]>,
     out: &mut [u8],
 ) -> usize {
@@ -475,7 +633,7 @@ fn psk_answer(
         return 0;
     };
     let key = match catch_unwind(AssertUnwindSafe(|| lookup(identity))) {
-        Ok(Some(key)) => Zeroizing::new(key),
+        Ok(Some(key)) => key,
         Ok(None) => {
             tracing::debug!("psk identity unknown");
             return 0;
@@ -652,20 +810,23 @@ mod tests {
 
     #[test]
     fn psk_answers_known_identities_only_and_survives_a_panicking_lookup() {
-        let lookup = |id: &[u8]| match id {
-            b"known" => Some(vec![7; 16]),
-            b"huge" => Some(vec![7; 300]),
-            b"empty" => Some(Vec::new()),
-            b"boom" => panic!("lookup failed"),
-            _ => None,
+        let lookup = |id: &[u8]| {
+            match id {
+                b"known" => Some(vec![7; 16]),
+                b"huge" => Some(vec![7; 300]),
+                b"empty" => Some(Vec::new()),
+                b"boom" => panic!("lookup failed"),
+                _ => None,
+            }
+            .map(Zeroizing::new)
         };
         let mut out = [0u8; 256];
-        assert_eq!(psk_answer(&lookup, Some(b"known"), &mut out), 16);
+        assert_eq!(psk_answer(lookup, Some(b"known"), &mut out), 16);
         assert_eq!(&out[..16], &[7; 16]);
         for id in [&b"unknown"[..], b"huge", b"empty", b"boom"] {
-            assert_eq!(psk_answer(&lookup, Some(id), &mut out), 0, "{id:?}");
+            assert_eq!(psk_answer(lookup, Some(id), &mut out), 0, "{id:?}");
         }
-        assert_eq!(psk_answer(&lookup, None, &mut out), 0);
+        assert_eq!(psk_answer(lookup, None, &mut out), 0);
     }
 
     #[test]

@@ -1,0 +1,212 @@
+//! The server builder cannot surprise: hook calls add up instead of replacing each other
+//! (`configure`, `psk`, `psk_lookup`), and mutual DTLS has named calls (trusted client CAs,
+//! a required client certificate). Real DTLS handshakes over loopback UDP against `UdpServer`.
+
+mod support;
+
+use std::net::{SocketAddr, UdpSocket};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use openssl::ssl::{
+    ErrorCode, Ssl, SslContext, SslContextBuilder, SslMethod, SslOptions, SslStream, SslVerifyMode,
+};
+use openssl::x509::store::X509StoreBuilder;
+use openssl_session_cache::{DsmConfig, Error, Event, ServerConfig, SessionCache};
+use support::server::{echo, recording, Recorded, TestServer, UdpIo};
+
+/// A DTLS client context `tweak` adds to (a PSK, a certificate).
+fn client(tweak: impl FnOnce(&mut SslContextBuilder)) -> SslContext {
+    let mut ctx = SslContext::builder(SslMethod::dtls_client()).unwrap();
+    ctx.set_verify(SslVerifyMode::NONE);
+    ctx.set_options(SslOptions::NO_QUERY_MTU | SslOptions::NO_TICKET);
+    tweak(&mut ctx);
+    ctx.build()
+}
+
+/// Runs a handshake with `server` (bounded: 5 s); the error OpenSSL reported if it failed.
+fn connect(server: SocketAddr, ctx: &SslContext) -> Result<SslStream<UdpIo>, String> {
+    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    sock.connect(server).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(20)))
+        .unwrap();
+    let mut ssl = Ssl::new(ctx).unwrap();
+    ssl.set_mtu(1400).unwrap();
+    ssl.set_connect_state();
+    let mut stream = SslStream::new(ssl, UdpIo(sock)).unwrap();
+    let end = Instant::now() + Duration::from_secs(5);
+    loop {
+        match stream.do_handshake() {
+            Ok(()) => return Ok(stream),
+            Err(e) if e.code() == ErrorCode::WANT_READ && Instant::now() < end => {}
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+}
+
+fn psk_client(identity: &'static [u8], key: &'static [u8]) -> SslContext {
+    client(|ctx| {
+        ctx.set_cipher_list("PSK-AES128-CCM8").unwrap();
+        ctx.set_psk_client_callback(move |_ssl, _hint, id_out, key_out| {
+            id_out[..identity.len()].copy_from_slice(identity);
+            id_out[identity.len()] = 0;
+            key_out[..key.len()].copy_from_slice(key);
+            Ok(key.len())
+        });
+    })
+}
+
+fn cert_client() -> SslContext {
+    let pki = support::pki();
+    client(|ctx| {
+        ctx.set_certificate(&pki.client.cert).unwrap();
+        ctx.set_private_key(&pki.client.key).unwrap();
+    })
+}
+
+fn peer_certificates(log: &Recorded) -> Vec<Option<openssl::x509::X509>> {
+    log.lock()
+        .iter()
+        .filter_map(|e| match e {
+            Event::Connected { info, .. } => Some(info.peer_certificate.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_second_configure_call_adds_to_the_first_and_keeps_client_certificates_required() {
+    let keylog_lines = Arc::new(AtomicUsize::new(0));
+    let lines = Arc::clone(&keylog_lines);
+    let server = TestServer::start(DsmConfig::new(16), move |b| {
+        b.configure(|ctx| {
+            let mut roots = X509StoreBuilder::new()?;
+            roots.add_cert(support::pki().client.cert.clone())?;
+            ctx.set_verify_cert_store(roots.build())?;
+            ctx.set_verify(SslVerifyMode::PEER | SslVerifyMode::FAIL_IF_NO_PEER_CERT);
+            Ok(())
+        })
+        // Adding a keylog callback afterwards used to replace the closure above.
+        .configure(move |ctx| {
+            ctx.set_keylog_callback(move |_ssl, _line| {
+                lines.fetch_add(1, Ordering::Relaxed);
+            });
+            Ok(())
+        })
+    });
+    assert_eq!(
+        server.config.context().verify_mode(),
+        SslVerifyMode::PEER | SslVerifyMode::FAIL_IF_NO_PEER_CERT
+    );
+    assert!(
+        connect(server.addr(), &client(|_| {})).is_err(),
+        "a client without a certificate was accepted"
+    );
+    let mut stream = connect(server.addr(), &cert_client()).expect("a client with one");
+    assert_eq!(echo(&mut stream, b"hello"), b"hello");
+    assert!(
+        keylog_lines.load(Ordering::Relaxed) > 0,
+        "the second closure ran too"
+    );
+}
+
+#[test]
+fn psk_identities_and_lookups_add_up() {
+    let server = TestServer::start(DsmConfig::new(16), |b| {
+        b.psk(b"dev-a", b"key of device a.")
+            .psk(b"dev-b", b"an older b key..")
+            // A second key for the same identity replaces its first.
+            .psk(b"dev-b", b"key of device b.")
+            .psk_lookup(|id| (id == b"dev-c").then(|| b"key of device c.".to_vec()))
+            .psk_lookup(|id| (id == b"dev-d").then(|| b"key of device d.".to_vec()))
+    });
+    for (identity, key) in [
+        (&b"dev-a"[..], &b"key of device a."[..]),
+        (b"dev-b", b"key of device b."),
+        (b"dev-c", b"key of device c."),
+        (b"dev-d", b"key of device d."),
+    ] {
+        let identity: &'static [u8] = identity.to_vec().leak();
+        let key: &'static [u8] = key.to_vec().leak();
+        let mut stream = connect(server.addr(), &psk_client(identity, key))
+            .unwrap_or_else(|e| panic!("{:?}: {e}", String::from_utf8_lossy(identity)));
+        assert_eq!(echo(&mut stream, identity), identity);
+    }
+    // An unknown identity is refused with an alert; a replaced key's Finished does not decrypt
+    // and is discarded (RFC 6347 4.1.2.7), so that client waits out its bound.
+    assert!(connect(server.addr(), &psk_client(b"dev-e", b"key of device e.")).is_err());
+    assert!(connect(server.addr(), &psk_client(b"dev-b", b"an older b key..")).is_err());
+    assert_eq!(server.server.stats().handshakes, 4);
+}
+
+#[test]
+fn mutual_dtls_from_named_calls_requires_a_trusted_client_certificate() {
+    let log = Recorded::default();
+    let server = TestServer::start_with(
+        DsmConfig::new(16),
+        |b| {
+            b.trust_client_cas([support::pki().client.cert.clone()])
+                .require_client_certificate()
+        },
+        || recording(&log, support::server::echo_app),
+    );
+    assert!(connect(server.addr(), &client(|_| {})).is_err());
+    // A certificate the server does not trust.
+    let stranger = support::self_signed("stranger.test");
+    let untrusted = client(|ctx| {
+        ctx.set_certificate(&stranger.cert).unwrap();
+        ctx.set_private_key(&stranger.key).unwrap();
+    });
+    assert!(connect(server.addr(), &untrusted).is_err());
+    let mut stream = connect(server.addr(), &cert_client()).expect("the trusted client");
+    assert_eq!(echo(&mut stream, b"mutual"), b"mutual");
+    assert_eq!(
+        peer_certificates(&log),
+        vec![Some(support::pki().client.cert.clone())]
+    );
+}
+
+#[test]
+fn trusted_client_cas_without_a_requirement_take_clients_with_or_without_a_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = dir.path().join("clients.pem");
+    std::fs::write(&ca_file, support::pki().client.cert.to_pem().unwrap()).unwrap();
+    let log = Recorded::default();
+    let server = TestServer::start_with(
+        DsmConfig::new(16),
+        |b| b.client_ca_file(&ca_file),
+        || recording(&log, support::server::echo_app),
+    );
+    assert_eq!(server.config.context().verify_mode(), SslVerifyMode::PEER);
+    let mut anonymous = connect(server.addr(), &client(|_| {})).expect("no certificate");
+    assert_eq!(echo(&mut anonymous, b"a"), b"a");
+    let mut named = connect(server.addr(), &cert_client()).expect("a trusted certificate");
+    assert_eq!(echo(&mut named, b"b"), b"b");
+    assert_eq!(
+        peer_certificates(&log),
+        vec![None, Some(support::pki().client.cert.clone())]
+    );
+}
+
+#[test]
+fn client_ca_settings_that_cannot_work_fail_the_build() {
+    let builder = || ServerConfig::builder(SessionCache::builder().build().unwrap());
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("missing.pem");
+    let empty = dir.path().join("empty.pem");
+    std::fs::write(&empty, b"no certificate here\n").unwrap();
+    for (what, result) in [
+        ("missing file", builder().client_ca_file(&missing).build()),
+        ("no certificate", builder().client_ca_file(&empty).build()),
+        (
+            "required without a ca",
+            builder().require_client_certificate().build(),
+        ),
+    ] {
+        match result {
+            Err(Error::Config(msg)) => assert!(!msg.is_empty(), "{what}"),
+            other => panic!("{what}: expected a configuration error, got {other:?}"),
+        }
+    }
+}
