@@ -512,3 +512,67 @@ unsafe extern "C" fn ticket_key_callback(
     });
     std::panic::catch_unwind(run).unwrap_or(-1)
 }
+
+/// The TLS 1.2 PRF (RFC 5246 §5), `PRF(secret, label, seed)` with `digest` as its hash, through
+/// OpenSSL's own "TLS1-PRF" KDF (`EVP_KDF_fetch`, `EVP_KDF_derive`): fills `out`.
+pub(crate) fn tls1_prf(
+    digest: openssl::hash::MessageDigest,
+    secret: &[u8],
+    label: &[u8],
+    seed: &[&[u8]],
+    out: &mut [u8],
+) -> Result<(), ErrorStack> {
+    let name = digest
+        .type_()
+        .short_name()
+        .ok()
+        .and_then(|n| std::ffi::CString::new(n).ok())
+        .ok_or_else(ErrorStack::get)?;
+    let mut full_seed = zeroize::Zeroizing::new(Vec::with_capacity(
+        label.len() + seed.iter().map(|s| s.len()).sum::<usize>(),
+    ));
+    full_seed.extend_from_slice(label);
+    for s in seed {
+        full_seed.extend_from_slice(s);
+    }
+    // SAFETY: the KDF and its context are fetched and made here, checked for NULL, used only
+    // within this call and freed on every path. The params array points into `name`,
+    // `secret` and `full_seed`, which outlive EVP_KDF_derive; OpenSSL only reads through the
+    // octet-string pointers (the KDF copies what it keeps), so the `*mut` casts of shared
+    // buffers are never written through. `out` is a valid writable buffer of `out.len()` bytes.
+    unsafe {
+        let kdf = openssl_sys::EVP_KDF_fetch(
+            std::ptr::null_mut(),
+            c"TLS1-PRF".as_ptr(),
+            std::ptr::null(),
+        );
+        if kdf.is_null() {
+            return Err(ErrorStack::get());
+        }
+        let ctx = openssl_sys::EVP_KDF_CTX_new(kdf);
+        openssl_sys::EVP_KDF_free(kdf);
+        if ctx.is_null() {
+            return Err(ErrorStack::get());
+        }
+        let params = [
+            OSSL_PARAM_construct_utf8_string(c"digest".as_ptr(), name.as_ptr().cast_mut(), 0),
+            openssl_sys::OSSL_PARAM_construct_octet_string(
+                c"secret".as_ptr(),
+                secret.as_ptr().cast_mut().cast::<c_void>(),
+                secret.len(),
+            ),
+            openssl_sys::OSSL_PARAM_construct_octet_string(
+                c"seed".as_ptr(),
+                full_seed.as_ptr().cast_mut().cast::<c_void>(),
+                full_seed.len(),
+            ),
+            openssl_sys::OSSL_PARAM_construct_end(),
+        ];
+        let ok = openssl_sys::EVP_KDF_derive(ctx, out.as_mut_ptr(), out.len(), params.as_ptr());
+        openssl_sys::EVP_KDF_CTX_free(ctx);
+        if ok != 1 {
+            return Err(ErrorStack::get());
+        }
+    }
+    Ok(())
+}
