@@ -211,6 +211,94 @@ pub fn cookie(data: &[u8]) {
     assert!(config.cookies.verify(from, &made));
 }
 
+/// Arbitrary datagrams to a lean peer's record layer, among genuine records of its client.
+/// The first byte picks the AEAD; then each step is `[op][a][b]`: op 0 delivers the client's
+/// genuine record `a` (sealing it first, `b` bytes long, if it does not exist yet), op 1
+/// delivers it with byte `b` XORed with `0x01 << (a % 8)`, op 2 delivers `a` arbitrary bytes
+/// taken from the input, op 3 moves the client's sequence numbers `a * 256` ahead. Whatever
+/// comes: no panic; a record opens only if it is a genuine record never taken before, with its
+/// own plaintext; a record refused leaves the replay window as it was and yields nothing; a
+/// genuine record the window still admits is taken.
+pub fn lean_record(data: &[u8]) {
+    use crate::server::record::keys::{Aead, RecordKeys};
+    use crate::server::record::protect::{Crypto, RecordState, CONTENT_APPLICATION_DATA};
+    use crate::server::record::records;
+    use crate::server::record::replay::ReplayWindow;
+
+    let Some((&pick, mut rest)) = data.split_first() else {
+        return;
+    };
+    let aead = Aead::ALL[usize::from(pick) % Aead::ALL.len()];
+    let keys = RecordKeys::from_master_secret(
+        aead,
+        openssl::hash::MessageDigest::sha256(),
+        &[5; 48],
+        &[6; 32],
+        &[7; 32],
+    )
+    .expect("key block");
+    let mut server = RecordState::new(keys.clone(), 1, 1, ReplayWindow::default());
+    let mut client = RecordState::new(keys.swapped(), 1, 1, ReplayWindow::default());
+    let mut crypto = Crypto::default();
+    // Genuine client records: (bytes, plaintext, sequence number, taken).
+    let mut genuine: Vec<(Vec<u8>, Vec<u8>, u64, bool)> = Vec::new();
+    let mut out = Vec::new();
+    while rest.len() >= 3 {
+        let (op, a, b) = (rest[0] % 4, rest[1], rest[2]);
+        rest = &rest[3..];
+        let datagram = match op {
+            0 | 1 => {
+                let i = usize::from(a) % 16;
+                while genuine.len() <= i {
+                    let plain = vec![genuine.len() as u8; usize::from(b)];
+                    let mut record = Vec::new();
+                    client
+                        .seal(&mut crypto, CONTENT_APPLICATION_DATA, &plain, &mut record)
+                        .expect("sealing a client record");
+                    let seq = client.next_write() - 1;
+                    genuine.push((record, plain, seq, false));
+                }
+                let mut d = genuine[i].0.clone();
+                if op == 1 {
+                    let at = usize::from(b) % d.len();
+                    d[at] ^= 1 << (a % 8);
+                }
+                d
+            }
+            2 => {
+                let take = usize::from(a).min(rest.len());
+                let (bytes, tail) = rest.split_at(take);
+                rest = tail;
+                bytes.to_vec()
+            }
+            _ => {
+                client.set_next_write(client.next_write() + u64::from(a) * 256);
+                continue;
+            }
+        };
+        for record in records(&datagram) {
+            let window = server.window();
+            let known = genuine.iter().position(|g| g.0 == record);
+            let admits = known.is_some_and(|i| window.is_fresh(genuine[i].2));
+            match server.open(&mut crypto, record, &mut out) {
+                Ok(opened) => {
+                    let i = known.expect("a record that is not genuine opened");
+                    let g = &mut genuine[i];
+                    assert!(!g.3, "a genuine record was taken twice");
+                    g.3 = true;
+                    assert_eq!(opened.seq, g.2);
+                    assert_eq!(out, g.1, "plaintext of another record");
+                }
+                Err(_) => {
+                    assert_eq!(server.window(), window, "a refused record moved the window");
+                    assert!(out.is_empty(), "a refused record left plaintext");
+                    assert!(!admits, "a genuine, fresh record was refused");
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::path::Path;
@@ -238,5 +326,6 @@ mod tests {
         assert!(on_corpus("endpoint", super::endpoint) > 0);
         assert!(on_corpus("cookie", super::cookie) > 0);
         assert!(on_corpus("snapshot_load", super::snapshot_load) > 0);
+        assert!(on_corpus("lean_record", super::lean_record) > 0);
     }
 }

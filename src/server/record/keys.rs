@@ -202,6 +202,16 @@ pub(crate) enum NoKeys {
 }
 
 impl RecordKeys {
+    /// The same keys seen from the client (tests and fuzzing: a client's record layer).
+    #[cfg(any(test, feature = "__fuzzing"))]
+    pub(crate) fn swapped(&self) -> Self {
+        Self {
+            aead: self.aead,
+            client: self.server.clone(),
+            server: self.client.clone(),
+        }
+    }
+
     /// The server's write key (seals our records).
     pub(crate) fn server_key(&self) -> &DirectionKey {
         &self.server

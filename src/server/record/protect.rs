@@ -426,7 +426,7 @@ impl RecordState {
     }
 
     /// Sets the next write sequence number (tests: the end of an epoch).
-    #[cfg(test)]
+    #[cfg(any(test, feature = "__fuzzing"))]
     pub(crate) fn set_next_write(&mut self, seq: u64) {
         self.next_write = seq;
     }
