@@ -5,7 +5,8 @@ use std::net::SocketAddr;
 use std::task::Waker;
 use std::time::Instant;
 
-use super::endpoint::{Endpoint, EndpointStats, Event};
+use super::endpoint::{Endpoint, EndpointStats};
+use super::event::Event;
 use crate::SendError;
 
 /// Application logic run by a driver ([`UdpServer`](crate::UdpServer)) on each of its endpoints.

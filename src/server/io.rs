@@ -9,7 +9,7 @@ use std::os::fd::AsFd;
 
 use quinn_udp::{RecvMeta, UdpSockRef, UdpSocketState};
 
-use super::endpoint::Transmit;
+use super::event::Transmit;
 
 /// How a driver moves datagrams between its socket and its endpoint.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

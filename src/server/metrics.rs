@@ -14,7 +14,8 @@ use metrics::{
 };
 
 use super::driver::IoStats;
-use super::endpoint::{Endpoint, EndpointStats, Event};
+use super::endpoint::{Endpoint, EndpointStats};
+use super::event::Event;
 use crate::{CacheStats, DsmStats};
 
 /// How often a worker publishes its counters' deltas.

@@ -29,6 +29,7 @@ mod config;
 pub(crate) mod cookie;
 mod driver;
 mod endpoint;
+mod event;
 mod io;
 #[cfg(feature = "metrics")]
 mod metrics;
@@ -48,9 +49,8 @@ pub use config::{
     DEFAULT_MTU, DEFAULT_PARKED_DATAGRAMS, DEFAULT_SEND_QUEUE, MAX_RECORD_PLAINTEXT, PSK_CIPHERS,
 };
 pub use driver::IoStats;
-pub use endpoint::{
-    CloseReason, ConnectionInfo, DropReason, Endpoint, EndpointStats, Event, Transmit,
-};
+pub use endpoint::{Endpoint, EndpointStats};
+pub use event::{CloseReason, ConnectionInfo, DropReason, Event, Transmit};
 pub use io::IoMode;
 #[cfg(feature = "metrics")]
 pub use metrics::HANDSHAKE_DURATION_METRIC;
