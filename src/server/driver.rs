@@ -11,7 +11,7 @@ use parking_lot::Mutex;
 
 use super::app::{AppContext, Application};
 use super::endpoint::{Endpoint, EndpointStats};
-use super::io::{DatagramSocket, IoMode, UdpIo};
+use super::io::{DatagramSocket, IoMode, IoStats, UdpIo};
 use crate::DsmStats;
 
 /// How often a busy worker publishes its counters for the driver's `stats`; a worker going
@@ -19,33 +19,6 @@ use crate::DsmStats;
 const PUBLISH_EVERY: Duration = Duration::from_millis(5);
 /// Datagrams read in a row, in [`IoMode::Single`], before timers get a turn.
 const SINGLE_BATCH: usize = 64;
-
-/// A worker's UDP I/O counters, from [`UdpServer::io_stats`](crate::UdpServer::io_stats): how
-/// many system calls moved how many datagrams.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct IoStats {
-    /// Receive system calls (`recvmmsg`, `recvfrom`), the ones that found the socket empty
-    /// included.
-    pub recv_calls: u64,
-    /// Datagrams received.
-    pub datagrams_received: u64,
-    /// Send system calls (`sendmsg`, `sendto`), refused ones included.
-    pub send_calls: u64,
-    /// Datagrams sent (in [`IoMode::Batched`] consecutive datagrams to one peer may have been
-    /// joined into one).
-    pub datagrams_sent: u64,
-}
-
-impl IoStats {
-    /// Adds `other`'s counters to these (for summing workers).
-    pub fn merge(&mut self, other: &Self) {
-        self.recv_calls += other.recv_calls;
-        self.datagrams_received += other.datagrams_received;
-        self.send_calls += other.send_calls;
-        self.datagrams_sent += other.datagrams_sent;
-    }
-}
 
 /// What a worker publishes for the driver's `stats`.
 #[derive(Debug, Default, Clone, Copy)]
@@ -61,7 +34,6 @@ pub(crate) struct Core<A> {
     pub(crate) endpoint: Endpoint,
     pub(crate) app: A,
     io: UdpIo,
-    datagrams_received: u64,
     shared: Arc<Mutex<Published>>,
     stats_interval: Option<Duration>,
     dirty: bool,
@@ -88,7 +60,6 @@ impl<A: Application> Core<A> {
             endpoint,
             app,
             io,
-            datagrams_received: 0,
             shared,
             stats_interval,
             dirty: true,
@@ -120,7 +91,7 @@ impl<A: Application> Core<A> {
                         .io
                         .recv(socket, |from, d| endpoint.handle(now, from, d))
                     {
-                        Ok(n) => self.datagrams_received += n as u64,
+                        Ok(_) => {}
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                             self.send(socket);
                             return Ok(false);
@@ -151,7 +122,6 @@ impl<A: Application> Core<A> {
                 });
                 let more = match got {
                     Ok(n) => {
-                        self.datagrams_received += n as u64;
                         // A short batch emptied the socket (each later datagram is a new
                         // readiness edge).
                         n >= quinn_udp::BATCH_SIZE
@@ -237,12 +207,7 @@ impl<A: Application> Core<A> {
     }
 
     fn io_stats(&self) -> IoStats {
-        IoStats {
-            recv_calls: self.io.recv_calls,
-            datagrams_received: self.datagrams_received,
-            send_calls: self.io.send_calls,
-            datagrams_sent: self.io.datagrams_sent,
-        }
+        self.io.stats()
     }
 
     /// Publishes the counters now.

@@ -28,6 +28,33 @@ pub enum IoMode {
     Single,
 }
 
+/// A worker's UDP I/O counters, from [`UdpServer::io_stats`](crate::UdpServer::io_stats): how
+/// many system calls moved how many datagrams.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct IoStats {
+    /// Receive system calls (`recvmmsg`, `recvfrom`), the ones that found the socket empty
+    /// included.
+    pub recv_calls: u64,
+    /// Datagrams received.
+    pub datagrams_received: u64,
+    /// Send system calls (`sendmsg`, `sendto`), refused ones included.
+    pub send_calls: u64,
+    /// Datagrams sent (in [`IoMode::Batched`] consecutive datagrams to one peer may have been
+    /// joined into one).
+    pub datagrams_sent: u64,
+}
+
+impl IoStats {
+    /// Adds `other`'s counters to these (for summing workers).
+    pub fn merge(&mut self, other: &Self) {
+        self.recv_calls += other.recv_calls;
+        self.datagrams_received += other.datagrams_received;
+        self.send_calls += other.send_calls;
+        self.datagrams_sent += other.datagrams_sent;
+    }
+}
+
 /// A non-blocking UDP socket a driver reads and writes (`Err(WouldBlock)` when it cannot).
 pub(crate) trait DatagramSocket: AsFd {
     /// One `recvfrom`.
@@ -87,12 +114,8 @@ pub(crate) struct UdpIo {
     out: VecDeque<Transmit>,
     /// The largest datagram records are coalesced into (the endpoint's MTU).
     mtu: usize,
-    /// Receive system calls made.
-    pub(crate) recv_calls: u64,
-    /// Send system calls made.
-    pub(crate) send_calls: u64,
-    /// Datagrams sent.
-    pub(crate) datagrams_sent: u64,
+    /// System calls made and datagrams moved.
+    stats: IoStats,
 }
 
 impl std::fmt::Debug for UdpIo {
@@ -119,14 +142,17 @@ impl UdpIo {
             meta: vec![RecvMeta::default(); slots],
             out: VecDeque::new(),
             mtu,
-            recv_calls: 0,
-            send_calls: 0,
-            datagrams_sent: 0,
+            stats: IoStats::default(),
         })
     }
 
     pub(crate) fn mode(&self) -> IoMode {
         self.mode
+    }
+
+    /// The system calls made and the datagrams they moved, so far.
+    pub(crate) fn stats(&self) -> IoStats {
+        self.stats
     }
 
     /// One receive system call: hands each datagram it returned to `f` with its source.
@@ -136,10 +162,11 @@ impl UdpIo {
         socket: &S,
         mut f: impl FnMut(SocketAddr, &[u8]),
     ) -> io::Result<usize> {
-        self.recv_calls += 1;
+        self.stats.recv_calls += 1;
         if self.mode == IoMode::Single {
             let (n, from) = socket.raw_io(false, || socket.recv_one(&mut self.buf))?;
             f(from, &self.buf[..n]);
+            self.stats.datagrams_received += 1;
             return Ok(1);
         }
         let state = &self.state;
@@ -164,6 +191,7 @@ impl UdpIo {
                 f(m.addr, d);
             }
         }
+        self.stats.datagrams_received += datagrams as u64;
         Ok(datagrams)
     }
 
@@ -184,7 +212,7 @@ impl UdpIo {
     /// Sends what is queued; `false` if the socket would block (the rest waits).
     pub(crate) fn flush<S: DatagramSocket>(&mut self, socket: &S) -> bool {
         while let Some(t) = self.out.front() {
-            self.send_calls += 1;
+            self.stats.send_calls += 1;
             let sent = match self.mode {
                 IoMode::Single => socket
                     .raw_io(true, || socket.send_one(&t.payload, t.to))
@@ -202,7 +230,7 @@ impl UdpIo {
                 }
             };
             match sent {
-                Ok(()) => self.datagrams_sent += 1,
+                Ok(()) => self.stats.datagrams_sent += 1,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
                 Err(e) => tracing::debug!(to = %t.to, error = %e, "send failed"),
             }

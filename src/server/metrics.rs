@@ -13,9 +13,9 @@ use metrics::{
     describe_counter, describe_gauge, describe_histogram, Counter, Gauge, Histogram, Unit,
 };
 
-use super::driver::IoStats;
 use super::endpoint::{Endpoint, EndpointStats};
 use super::event::Event;
+use super::io::IoStats;
 use crate::{CacheStats, DsmStats};
 
 /// How often a worker publishes its counters' deltas.

@@ -48,10 +48,9 @@ pub use config::{
     DEFAULT_CIPHERS, DEFAULT_COOKIE_ROTATION, DEFAULT_LOOKUP_TIMEOUT, DEFAULT_MAX_DATAGRAM,
     DEFAULT_MTU, DEFAULT_PARKED_DATAGRAMS, DEFAULT_SEND_QUEUE, MAX_RECORD_PLAINTEXT, PSK_CIPHERS,
 };
-pub use driver::IoStats;
 pub use endpoint::{Endpoint, EndpointStats};
 pub use event::{CloseReason, ConnectionInfo, DropReason, Event, Transmit};
-pub use io::IoMode;
+pub use io::{IoMode, IoStats};
 #[cfg(feature = "metrics")]
 pub use metrics::HANDSHAKE_DURATION_METRIC;
 pub use pipe::DatagramPipe;

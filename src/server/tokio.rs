@@ -25,9 +25,9 @@ use parking_lot::Mutex;
 
 use super::app::Application;
 use super::config::ServerConfig;
-use super::driver::{Core, IoStats, Published};
+use super::driver::{Core, Published};
 use super::endpoint::{Endpoint, EndpointStats};
-use super::io::UdpIo;
+use super::io::{IoStats, UdpIo};
 use super::udp::{bind, UdpOptions};
 use crate::{DsmStats, Error};
 

@@ -30,9 +30,9 @@ use socket2::{Domain, Protocol, Socket, Type};
 
 use super::app::Application;
 use super::config::ServerConfig;
-use super::driver::{Core, IoStats, Published};
+use super::driver::{Core, Published};
 use super::endpoint::{Endpoint, EndpointStats};
-use super::io::{IoMode, UdpIo};
+use super::io::{IoMode, IoStats, UdpIo};
 use crate::{DsmStats, Error};
 
 /// How long a stopping worker waits for its socket to take the last close_notify datagrams.
