@@ -10,8 +10,9 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 
 use super::app::{AppContext, Application};
-use super::endpoint::{Endpoint, EndpointStats};
+use super::endpoint::Endpoint;
 use super::io::{DatagramSocket, IoMode, IoStats, UdpIo};
+use super::stats::EndpointStats;
 use crate::DsmStats;
 
 /// How often a busy worker publishes its counters for the driver's `stats`; a worker going

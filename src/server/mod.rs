@@ -36,6 +36,7 @@ mod metrics;
 mod peer;
 mod pipe;
 pub(crate) mod record;
+mod stats;
 #[cfg(feature = "tokio")]
 mod tokio;
 mod udp;
@@ -48,10 +49,11 @@ pub use config::{
     DEFAULT_CIPHERS, DEFAULT_COOKIE_ROTATION, DEFAULT_LOOKUP_TIMEOUT, DEFAULT_MAX_DATAGRAM,
     DEFAULT_MTU, DEFAULT_PARKED_DATAGRAMS, DEFAULT_SEND_QUEUE, MAX_RECORD_PLAINTEXT, PSK_CIPHERS,
 };
-pub use endpoint::{Endpoint, EndpointStats};
+pub use endpoint::Endpoint;
 pub use event::{CloseReason, ConnectionInfo, DropReason, Event, Transmit};
 pub use io::{IoMode, IoStats};
 #[cfg(feature = "metrics")]
-pub use metrics::HANDSHAKE_DURATION_METRIC;
+pub use metrics::{HANDSHAKE_DURATION_BUCKETS, HANDSHAKE_DURATION_METRIC};
 pub use pipe::DatagramPipe;
+pub use stats::EndpointStats;
 pub use udp::{StopHandle, UdpOptions, UdpServer};

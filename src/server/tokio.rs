@@ -26,8 +26,9 @@ use parking_lot::Mutex;
 use super::app::Application;
 use super::config::ServerConfig;
 use super::driver::{Core, Published};
-use super::endpoint::{Endpoint, EndpointStats};
+use super::endpoint::Endpoint;
 use super::io::{IoStats, UdpIo};
+use super::stats::EndpointStats;
 use super::udp::{bind, UdpOptions};
 use crate::{DsmStats, Error};
 

@@ -31,8 +31,9 @@ use socket2::{Domain, Protocol, Socket, Type};
 use super::app::Application;
 use super::config::ServerConfig;
 use super::driver::{Core, Published};
-use super::endpoint::{Endpoint, EndpointStats};
+use super::endpoint::Endpoint;
 use super::io::{IoMode, IoStats, UdpIo};
+use super::stats::EndpointStats;
 use crate::{DsmStats, Error};
 
 /// How long a stopping worker waits for its socket to take the last close_notify datagrams.

@@ -14,6 +14,7 @@ use super::config::{PeerInfo, ServerConfig, MAX_RECORD_PLAINTEXT};
 use super::event::{CloseReason, ConnectionInfo, DropReason, Event, Transmit};
 use super::peer::{Peer, Progress};
 use super::record::{screen, ClientHello, HandshakeBudget, NotHello, Screened};
+use super::stats::EndpointStats;
 use crate::{
     ffi, Authenticated, Dsm, DsmStats, Error, FreeReason, PeerState, PendingLookup, SendError,
     SessionCache,
@@ -28,141 +29,6 @@ const MAX_QUEUED_EVENTS: usize = 4096;
 const TIMER_SLACK: Duration = Duration::from_millis(1);
 /// Stale timer entries allowed beyond two per peer before the heap is rebuilt.
 const TIMER_HEAP_SPARE: usize = 64;
-
-/// The endpoint's counters, from [`Endpoint::stats`].
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct EndpointStats {
-    /// Datagrams handed to [`Endpoint::handle`].
-    pub datagrams_in: u64,
-    /// Datagrams produced for [`Endpoint::poll_transmit`].
-    pub datagrams_out: u64,
-    /// HelloVerifyRequests sent without creating state.
-    pub hello_verify_requests: u64,
-    /// ClientHellos with a cookie that did not verify (answered with a fresh HelloVerifyRequest).
-    pub bad_cookies: u64,
-    /// Datagrams dropped as garbage.
-    pub dropped_garbage: u64,
-    /// Datagrams from unknown peers that were not ClientHellos.
-    pub dropped_not_client_hello: u64,
-    /// Fragmented ClientHellos dropped.
-    pub dropped_fragmented: u64,
-    /// Oversized datagrams dropped.
-    pub dropped_oversize: u64,
-    /// ClientHellos with impossible sequence numbers dropped.
-    pub dropped_bad_sequence: u64,
-    /// Cookie-valid ClientHellos refused by the DSM (no slot, budget or quota).
-    pub dropped_no_space: u64,
-    /// Datagrams for known peers discarded unread ([`DropReason::Invalid`]).
-    pub dropped_invalid: u64,
-    /// Data and Dropped events not queued because [`Endpoint::poll_event`] was not called.
-    pub dropped_events: u64,
-    /// Handshakes completed (full and resumed).
-    pub handshakes: u64,
-    /// Of those, resumed.
-    pub resumed: u64,
-    /// Connections that failed.
-    pub failed: u64,
-    /// Peers closed by their close_notify.
-    pub closed: u64,
-    /// Peers closed by the application ([`Endpoint::close`]).
-    pub closed_locally: u64,
-    /// Handshakes freed by the handshake timeout.
-    pub handshake_timeouts: u64,
-    /// Peers shut down as idle or evicted.
-    pub idle_closed: u64,
-    /// Application records received.
-    pub records_received: u64,
-    /// Application bytes received.
-    pub bytes_received: u64,
-    /// Application records sent ([`Endpoint::send`]).
-    pub records_sent: u64,
-    /// Application bytes sent.
-    pub bytes_sent: u64,
-    /// Sends refused with [`SendError::QueueFull`].
-    pub send_queue_full: u64,
-    /// Calls of [`Endpoint::handle_timeout`].
-    pub timeouts_handled: u64,
-    /// Peers now.
-    pub peers: u64,
-    /// Peers now in the handshake.
-    pub handshaking: u64,
-    /// The most peers ever in the handshake at once.
-    pub max_handshaking: u64,
-    /// Handshakes suspended while a remote store looked their session up (parked peers).
-    pub lookups_parked: u64,
-    /// Of those, the ones that went on because the lookup completed.
-    pub lookups_completed: u64,
-    /// Of those, the ones that went on without it: the lookup took longer than
-    /// [`lookup_timeout`](crate::ServerConfigBuilder::lookup_timeout) (a full handshake follows).
-    pub lookups_timed_out: u64,
-    /// Datagrams dropped because a parked peer already had
-    /// [`parked_datagrams`](crate::ServerConfigBuilder::parked_datagrams) waiting.
-    pub dropped_parked: u64,
-    /// Peers parked now.
-    pub parked: u64,
-    /// Datagrams of handshaking peers dropped because they held only records over the
-    /// handshake's buffering budget ([`DropReason::OverBudget`]).
-    pub dropped_over_budget: u64,
-}
-
-impl EndpointStats {
-    /// Adds `other`'s counters to these (for summing workers); gauges add up too, except
-    /// `max_handshaking`, which takes the larger.
-    pub fn merge(&mut self, other: &Self) {
-        let max = self.max_handshaking.max(other.max_handshaking);
-        macro_rules! add { ($($f:ident),*) => { $(self.$f += other.$f;)* } }
-        add!(
-            datagrams_in,
-            datagrams_out,
-            hello_verify_requests,
-            bad_cookies,
-            dropped_garbage,
-            dropped_not_client_hello,
-            dropped_fragmented,
-            dropped_oversize,
-            dropped_bad_sequence,
-            dropped_no_space,
-            dropped_invalid,
-            dropped_events,
-            handshakes,
-            resumed,
-            failed,
-            closed,
-            closed_locally,
-            handshake_timeouts,
-            idle_closed,
-            records_received,
-            bytes_received,
-            records_sent,
-            bytes_sent,
-            send_queue_full,
-            timeouts_handled,
-            peers,
-            handshaking,
-            lookups_parked,
-            lookups_completed,
-            lookups_timed_out,
-            dropped_parked,
-            parked,
-            dropped_over_budget
-        );
-        self.max_handshaking = max;
-    }
-
-    /// All dropped datagrams.
-    pub fn dropped(&self) -> u64 {
-        self.dropped_garbage
-            + self.dropped_not_client_hello
-            + self.dropped_fragmented
-            + self.dropped_oversize
-            + self.dropped_bad_sequence
-            + self.dropped_no_space
-            + self.dropped_invalid
-            + self.dropped_parked
-            + self.dropped_over_budget
-    }
-}
 
 /// A datagram waiting for `poll_transmit`, and the peer it counts against (0: none).
 #[derive(Debug)]
@@ -743,17 +609,7 @@ impl Endpoint {
     }
 
     fn drop_datagram(&mut self, from: SocketAddr, reason: DropReason) {
-        match reason {
-            DropReason::Garbage => self.stats.dropped_garbage += 1,
-            DropReason::NotClientHello => self.stats.dropped_not_client_hello += 1,
-            DropReason::Fragmented => self.stats.dropped_fragmented += 1,
-            DropReason::Oversize => self.stats.dropped_oversize += 1,
-            DropReason::BadSequence => self.stats.dropped_bad_sequence += 1,
-            DropReason::NoSpace => self.stats.dropped_no_space += 1,
-            DropReason::Invalid => self.stats.dropped_invalid += 1,
-            DropReason::Parked => self.stats.dropped_parked += 1,
-            DropReason::OverBudget => self.stats.dropped_over_budget += 1,
-        }
+        self.stats.count_drop(reason);
         tracing::trace!(%from, ?reason, "datagram dropped");
         self.event(Event::Dropped { from, reason });
     }
@@ -1812,23 +1668,6 @@ mod tests {
         );
         assert_eq!(ep.stats().bad_cookies, 1, "a cookie two secrets old");
         assert_eq!(ep.peer_count(), 0);
-    }
-
-    #[test]
-    fn dropped_sums_every_drop_counter() {
-        let s = EndpointStats {
-            dropped_garbage: 1,
-            dropped_not_client_hello: 2,
-            dropped_fragmented: 4,
-            dropped_oversize: 8,
-            dropped_bad_sequence: 16,
-            dropped_no_space: 32,
-            dropped_invalid: 64,
-            dropped_parked: 128,
-            dropped_over_budget: 256,
-            ..EndpointStats::default()
-        };
-        assert_eq!(s.dropped(), 511);
     }
 
     fn cookie_of(hvr: &[u8]) -> Vec<u8> {
