@@ -37,6 +37,7 @@ mod peer;
 mod pipe;
 pub(crate) mod record;
 mod stats;
+mod timers;
 #[cfg(feature = "tokio")]
 mod tokio;
 mod udp;

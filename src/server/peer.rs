@@ -6,6 +6,7 @@ use openssl::ssl::{ErrorCode, Ssl, SslRef, SslStream};
 
 use super::config::MAX_RECORD_PLAINTEXT;
 use super::pipe::DatagramPipe;
+use super::timers::Timer;
 use crate::ffi;
 
 /// What driving a peer produced, besides datagrams.
@@ -36,8 +37,8 @@ pub(crate) struct Peer {
     established: bool,
     /// The DTLS retransmission deadline, if a timer runs.
     pub(crate) deadline: Option<Instant>,
-    /// The deadline of this peer's live entry in the endpoint's timer heap, if it has one.
-    pub(crate) scheduled: Option<Instant>,
+    /// This peer's live entry in the endpoint's timer heap, if it has one.
+    pub(crate) timer: Option<Timer>,
     /// Datagrams of this peer waiting for `poll_transmit`.
     pub(crate) queued: usize,
     /// The connection ended (failed, closed): nothing more is read or written.
@@ -93,7 +94,7 @@ impl Peer {
             id,
             established: false,
             deadline: None,
-            scheduled: None,
+            timer: None,
             queued: 0,
             finished: false,
             min_body: None,

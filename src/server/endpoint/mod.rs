@@ -1,8 +1,7 @@
 //! The sans-IO DTLS endpoint: datagrams and the current time in; datagrams to send, events and
 //! the next deadline out.
 
-use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::task::{Wake, Waker};
@@ -15,6 +14,7 @@ use super::event::{CloseReason, ConnectionInfo, DropReason, Event, Transmit};
 use super::peer::{Peer, Progress};
 use super::record::{screen, ClientHello, HandshakeBudget, NotHello, Screened};
 use super::stats::EndpointStats;
+use super::timers::{Timer, TimerHeap};
 use crate::{
     ffi, Authenticated, Dsm, DsmStats, Error, FreeReason, PeerState, PendingLookup, SendError,
     SessionCache,
@@ -27,8 +27,6 @@ const MAX_QUEUED_EVENTS: usize = 4096;
 /// A peer's DTLS deadline that moved earlier by less than this keeps its timer entry (it fires
 /// that much later at most), so the heap does not grow with every datagram.
 const TIMER_SLACK: Duration = Duration::from_millis(1);
-/// Stale timer entries allowed beyond two per peer before the heap is rebuilt.
-const TIMER_HEAP_SPARE: usize = 64;
 
 /// A datagram waiting for `poll_transmit`, and the peer it counts against (0: none).
 #[derive(Debug)]
@@ -81,9 +79,9 @@ pub struct Endpoint {
     dsm: Dsm<SocketAddr>,
     peers: HashMap<SocketAddr, Peer>,
     next_peer_id: u64,
-    /// DTLS retransmission deadlines, at most one live entry per peer (its `scheduled`); entries
+    /// DTLS retransmission deadlines, at most one live entry per peer (its `timer`); entries
     /// whose peer moved on are skipped lazily.
-    timers: BinaryHeap<Reverse<(Instant, SocketAddr, u64)>>,
+    timers: TimerHeap<SocketAddr>,
     transmits: VecDeque<Queued>,
     events: VecDeque<Event>,
     /// Data and Dropped events in `events`.
@@ -94,7 +92,7 @@ pub struct Endpoint {
     /// Peers whose handshake waits for a session lookup.
     parked: HashMap<SocketAddr, Parked>,
     /// Their lookup deadlines (entries of peers no longer parked are skipped).
-    park_timers: BinaryHeap<Reverse<(Instant, SocketAddr, u64)>>,
+    park_timers: TimerHeap<SocketAddr>,
     /// Parked peers whose lookup completed, filled by their wakers from any thread.
     ready: Arc<parking_lot::Mutex<Vec<(SocketAddr, u64)>>>,
     /// The latest time the endpoint was given (what `poll_timeout` answers when work is ready).
@@ -109,7 +107,8 @@ pub struct Endpoint {
 struct Parked {
     id: u64,
     lookup: PendingLookup,
-    deadline: Instant,
+    /// Its entry in `park_timers`, at the lookup's deadline.
+    timer: Timer,
 }
 
 /// The waker a parked peer's lookup wakes: records the peer as ready and wakes the driver.
@@ -151,7 +150,7 @@ impl Endpoint {
             dsm,
             peers: HashMap::new(),
             next_peer_id: 1,
-            timers: BinaryHeap::new(),
+            timers: TimerHeap::new(),
             transmits: VecDeque::new(),
             events: VecDeque::new(),
             bounded_events: 0,
@@ -159,7 +158,7 @@ impl Endpoint {
             scratch: Vec::new(),
             waker: None,
             parked: HashMap::new(),
-            park_timers: BinaryHeap::new(),
+            park_timers: TimerHeap::new(),
             ready: Arc::default(),
             last_now: None,
             handshake_started: HashMap::new(),
@@ -412,16 +411,13 @@ impl Endpoint {
             driver: self.waker.clone(),
         })));
         self.stats.lookups_parked += 1;
-        self.parked.insert(
-            addr,
-            Parked {
-                id,
-                lookup,
-                deadline,
-            },
-        );
+        let timer = self.park_timers.push(addr, deadline);
+        self.parked.insert(addr, Parked { id, lookup, timer });
         self.stats.parked = self.parked.len() as u64;
-        self.park_timers.push(Reverse((deadline, addr, id)));
+        let parked = &self.parked;
+        self.park_timers.compact(parked.len(), |a, t| {
+            parked.get(a).is_some_and(|p| p.timer == t)
+        });
     }
 
     /// Drives the parked peer at `addr` (of id `id`) again, its lookup completed or abandoned.
@@ -460,17 +456,16 @@ impl Endpoint {
             }
             self.unpark(now, addr, id);
         }
-        while let Some(&Reverse((at, addr, id))) = self.park_timers.peek() {
-            if at > now {
+        loop {
+            let parked = &self.parked;
+            let due = self
+                .park_timers
+                .pop_due(now, |a, t| parked.get(a).is_some_and(|p| p.timer == t));
+            let Some((addr, _)) = due else {
                 break;
-            }
-            self.park_timers.pop();
-            let Some(p) = self.parked.get(&addr) else {
-                continue;
             };
-            if p.id != id || p.deadline != at {
-                continue;
-            }
+            let p = &self.parked[&addr];
+            let id = p.id;
             if p.lookup.abandon() {
                 self.stats.lookups_timed_out += 1;
             } else {
@@ -489,22 +484,18 @@ impl Endpoint {
         let Some(deadline) = peer.deadline else {
             return;
         };
-        if peer
-            .scheduled
-            .is_some_and(|at| at <= deadline + TIMER_SLACK)
-        {
+        if peer.timer.is_some_and(|t| t.at() <= deadline + TIMER_SLACK) {
             return;
         }
-        peer.scheduled = Some(deadline);
-        self.timers.push(Reverse((deadline, addr, peer.id)));
-        if self.timers.len() > 2 * self.peers.len() + TIMER_HEAP_SPARE {
-            // Only live entries are kept: one per peer at most.
-            self.timers = self
-                .peers
-                .iter()
-                .filter_map(|(a, p)| p.scheduled.map(|at| Reverse((at, *a, p.id))))
-                .collect();
-        }
+        peer.timer = Some(self.timers.push(addr, deadline));
+        let peers = &self.peers;
+        self.timers
+            .compact(peers.len(), |a, t| Self::timer_is_live(peers, a, t));
+    }
+
+    /// Whether `timer` is the live DTLS timer entry of the peer at `addr`.
+    fn timer_is_live(peers: &HashMap<SocketAddr, Peer>, addr: &SocketAddr, timer: Timer) -> bool {
+        peers.get(addr).is_some_and(|p| p.timer == Some(timer))
     }
 
     fn flush_peer(&mut self, addr: SocketAddr) {
@@ -647,18 +638,18 @@ impl Endpoint {
             };
             self.close_peer(addr, reason, true);
         }
-        while let Some(&Reverse((at, addr, id))) = self.timers.peek() {
-            if at > now {
+        loop {
+            let peers = &self.peers;
+            let due = self
+                .timers
+                .pop_due(now, |a, t| Self::timer_is_live(peers, a, t));
+            let Some((addr, _)) = due else {
                 break;
-            }
-            self.timers.pop();
+            };
             let Some(peer) = self.peers.get_mut(&addr) else {
                 continue;
             };
-            if peer.id != id || peer.scheduled != Some(at) {
-                continue;
-            }
-            peer.scheduled = None;
+            peer.timer = None;
             match peer.deadline {
                 Some(deadline) if deadline <= now + TIMER_SLACK => {
                     peer.handle_timeout(now, &mut self.scratch);
@@ -672,28 +663,14 @@ impl Endpoint {
 
     /// The next time [`handle_timeout`](Self::handle_timeout) has something to do.
     pub fn poll_timeout(&mut self) -> Option<Instant> {
-        while let Some(&Reverse((at, addr, id))) = self.timers.peek() {
-            let live = self
-                .peers
-                .get(&addr)
-                .is_some_and(|p| p.id == id && p.scheduled == Some(at));
-            if live {
-                break;
-            }
-            self.timers.pop();
-        }
-        while let Some(&Reverse((at, addr, id))) = self.park_timers.peek() {
-            if self
-                .parked
-                .get(&addr)
-                .is_some_and(|p| p.id == id && p.deadline == at)
-            {
-                break;
-            }
-            self.park_timers.pop();
-        }
-        let timer = self.timers.peek().map(|Reverse((at, _, _))| *at);
-        let park = self.park_timers.peek().map(|Reverse((at, _, _))| *at);
+        let peers = &self.peers;
+        let timer = self
+            .timers
+            .next_deadline(|a, t| Self::timer_is_live(peers, a, t));
+        let parked = &self.parked;
+        let park = self
+            .park_timers
+            .next_deadline(|a, t| parked.get(a).is_some_and(|p| p.timer == t));
         // A completed lookup is due now.
         let ready = if self.ready.lock().is_empty() {
             None
@@ -1312,7 +1289,7 @@ mod tests {
             while ep.poll_transmit().is_some() {}
         }
         assert!(
-            ep.timers.len() <= 2 + TIMER_HEAP_SPARE + 1,
+            ep.timers.len() <= 2 + crate::server::timers::TIMER_HEAP_SPARE + 1,
             "{} timer entries",
             ep.timers.len()
         );
