@@ -8,7 +8,6 @@ use openssl::ssl::{
     ErrorCode, SslContext, SslContextBuilder, SslMethod, SslOptions, SslSession, SslStream,
     SslVerifyMode,
 };
-
 use rand::{Rng, SeedableRng};
 
 use super::*;
@@ -99,6 +98,18 @@ impl Client {
         self.stream.ssl_write(data).unwrap();
         self.stream.get_mut().take_outbound()
     }
+}
+
+/// The cookie exchange every handshake starts with: `c`'s first ClientHello to `ep`, `ep`'s
+/// HelloVerifyRequest (made without state) back to `c`. Returns the ClientHello with the cookie
+/// that `c` sends next, not handed to `ep` yet.
+fn cookie_exchange(ep: &mut Endpoint, c: &mut Client, now: Instant) -> Vec<Vec<u8>> {
+    for d in c.drive() {
+        ep.handle(now, c.addr, &d);
+    }
+    let hvr = ep.poll_transmit().expect("a HelloVerifyRequest");
+    c.stream.get_mut().push(hvr.payload);
+    c.drive()
 }
 
 /// Moves datagrams both ways until nothing moves.
@@ -331,12 +342,7 @@ fn an_unknown_psk_identity_fails_the_handshake() {
         .unwrap();
     let mut ep = Endpoint::new(config).unwrap();
     let mut c = psk_client(1000, None, "PSK-AES128-CCM8");
-    for d in c.drive() {
-        ep.handle(Instant::now(), c.addr, &d);
-    }
-    let hvr = ep.poll_transmit().unwrap();
-    c.stream.get_mut().push(hvr.payload);
-    for d in c.drive() {
+    for d in cookie_exchange(&mut ep, &mut c, Instant::now()) {
         ep.handle(Instant::now(), c.addr, &d);
     }
     for t in std::iter::from_fn(|| ep.poll_transmit()) {
@@ -514,12 +520,7 @@ fn a_thousand_datagrams_to_one_peer_leave_the_timer_heap_bounded() {
     let mut ep = Endpoint::new(config()).unwrap();
     // A peer in its handshake runs a DTLS timer; it retransmits its client hello.
     let mut c = Client::new(1000, None);
-    for d in c.drive() {
-        ep.handle(Instant::now(), c.addr, &d);
-    }
-    let hvr = ep.poll_transmit().unwrap();
-    c.stream.get_mut().push(hvr.payload);
-    let hello = c.drive();
+    let hello = cookie_exchange(&mut ep, &mut c, Instant::now());
     assert_eq!(hello.len(), 1);
     for _ in 0..1000 {
         ep.handle(Instant::now(), c.addr, &hello[0]);
@@ -921,12 +922,7 @@ fn cookieless_hellos_keep_no_state() {
 fn half_open(ep: &mut Endpoint, port: u16, now: Instant) {
     while ep.poll_transmit().is_some() {}
     let mut c = Client::new(port, None);
-    for d in c.drive() {
-        ep.handle(now, c.addr, &d);
-    }
-    let hvr = ep.poll_transmit().unwrap();
-    c.stream.get_mut().push(hvr.payload);
-    for d in c.drive() {
+    for d in cookie_exchange(ep, &mut c, now) {
         ep.handle(now, c.addr, &d);
     }
 }
@@ -1002,12 +998,7 @@ fn lost_flight_is_retransmitted_by_the_timer() {
     let mut ep = Endpoint::new(config()).unwrap();
     let mut c = Client::new(1000, None);
     // Cookie exchange, then the client's second hello; the server's flight is lost.
-    for d in c.drive() {
-        ep.handle(Instant::now(), c.addr, &d);
-    }
-    let hvr = ep.poll_transmit().unwrap();
-    c.stream.get_mut().push(hvr.payload);
-    for d in c.drive() {
+    for d in cookie_exchange(&mut ep, &mut c, Instant::now()) {
         ep.handle(Instant::now(), c.addr, &d);
     }
     let lost: Vec<_> = std::iter::from_fn(|| ep.poll_transmit()).collect();
