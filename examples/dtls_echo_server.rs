@@ -284,8 +284,8 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         Driver::Std => {
             let server = UdpServer::spawn(config, options, || echo)?;
             println!("listening on {}", server.local_addr());
-            let stop = server.stop_handle();
-            handle_signals(move || stop.stop(), reload)?;
+            let stop = server.handle();
+            handle_signals(move || stop.shutdown(), reload)?;
             server.wait()?;
         }
         Driver::Tokio => run_tokio(config, options, reload)?,

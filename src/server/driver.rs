@@ -3,6 +3,7 @@
 //! and publish counters. A driver only adds its way of sleeping until the socket, the
 //! endpoint's deadline or its waker needs it.
 
+use std::any::Any;
 use std::io;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -13,13 +14,15 @@ use super::app::{AppContext, Application};
 use super::endpoint::Endpoint;
 use super::io::{DatagramSocket, IoMode, IoStats, UdpIo};
 use super::stats::EndpointStats;
-use crate::DsmStats;
+use crate::{DsmStats, Error};
 
 /// How often a busy worker publishes its counters for the driver's `stats`; a worker going
 /// idle publishes at most this long after its last change.
 const PUBLISH_EVERY: Duration = Duration::from_millis(5);
 /// Datagrams read in a row, in [`IoMode::Single`], before timers get a turn.
 const SINGLE_BATCH: usize = 64;
+/// How long a stopping worker waits for its socket to take the last close_notify datagrams.
+pub(crate) const FINAL_FLUSH: Duration = Duration::from_secs(1);
 
 /// What a worker publishes for the driver's `stats`.
 #[derive(Debug, Default, Clone, Copy)]
@@ -27,6 +30,64 @@ pub(crate) struct Published {
     pub(crate) endpoint: EndpointStats,
     pub(crate) dsm: DsmStats,
     pub(crate) io: IoStats,
+}
+
+/// Every worker's [`Published`] counters, for the driver's server and handles.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct WorkerStats(Vec<Arc<Mutex<Published>>>);
+
+impl WorkerStats {
+    /// The counters of one more worker, for its [`Core`].
+    pub(crate) fn add(&mut self) -> Arc<Mutex<Published>> {
+        let shared = Arc::new(Mutex::new(Published::default()));
+        self.0.push(Arc::clone(&shared));
+        shared
+    }
+
+    /// The workers' endpoint counters, summed.
+    pub(crate) fn endpoint(&self) -> EndpointStats {
+        let mut total = EndpointStats::default();
+        for p in &self.0 {
+            total.merge(&p.lock().endpoint);
+        }
+        total
+    }
+
+    /// The workers' UDP I/O counters, summed.
+    pub(crate) fn io(&self) -> IoStats {
+        let mut total = IoStats::default();
+        for p in &self.0 {
+            total.merge(&p.lock().io);
+        }
+        total
+    }
+
+    /// Each worker's DSM counters.
+    pub(crate) fn dsm(&self) -> Vec<DsmStats> {
+        self.0.iter().map(|p| p.lock().dsm).collect()
+    }
+}
+
+/// What the end of worker `worker` makes of the server's result: its own result, or for a worker
+/// that panicked ([`Err`], with the panic's payload if there is one) [`Error::WorkerPanic`] with
+/// the panic's message.
+pub(crate) fn worker_outcome(
+    worker: usize,
+    ended: Result<Result<(), Error>, Option<Box<dyn Any + Send>>>,
+) -> Result<(), Error> {
+    match ended {
+        Ok(result) => result,
+        Err(panic) => {
+            let message = panic
+                .and_then(|p| {
+                    p.downcast_ref::<&str>()
+                        .map(|s| (*s).to_owned())
+                        .or_else(|| p.downcast_ref::<String>().cloned())
+                })
+                .unwrap_or_default();
+            Err(Error::WorkerPanic { worker, message })
+        }
+    }
 }
 
 /// One worker's endpoint, application, socket state and counters.

@@ -4,12 +4,14 @@
 
 use std::collections::VecDeque;
 use std::io::{self, IoSliceMut};
-use std::net::SocketAddr;
+use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::AsFd;
 
 use quinn_udp::{RecvMeta, UdpSockRef, UdpSocketState};
+use socket2::{Domain, Protocol, Socket, Type};
 
 use super::event::Transmit;
+use crate::Error;
 
 /// How a driver moves datagrams between its socket and its endpoint.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -53,6 +55,39 @@ impl IoStats {
         self.send_calls += other.send_calls;
         self.datagrams_sent += other.datagrams_sent;
     }
+}
+
+/// The non-blocking sockets of `workers` workers (at least 1) on `listen`, all on one port (with
+/// `SO_REUSEPORT` when there are several: port 0 picks one free port for all), and the address
+/// they are bound to.
+pub(crate) fn bind_workers(
+    listen: SocketAddr,
+    workers: usize,
+) -> Result<(Vec<UdpSocket>, SocketAddr), Error> {
+    if workers == 0 {
+        return Err(Error::Config("workers must be at least 1".into()));
+    }
+    let reuse = workers > 1;
+    let first = bind(listen, reuse)?;
+    let local_addr = first.local_addr()?;
+    let mut sockets = vec![first];
+    for _ in 1..workers {
+        sockets.push(bind(local_addr, reuse)?);
+    }
+    Ok((sockets, local_addr))
+}
+
+/// A non-blocking UDP socket on `addr` (with `SO_REUSEPORT` for several workers).
+fn bind(addr: SocketAddr, reuse_port: bool) -> Result<UdpSocket, Error> {
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if reuse_port {
+        socket.set_reuse_port(true)?;
+    }
+    // A bigger receive buffer rides out bursts (floods, many handshakes); best effort.
+    let _ = socket.set_recv_buffer_size(4 << 20);
+    socket.bind(&addr.into())?;
+    socket.set_nonblocking(true)?;
+    Ok(socket.into())
 }
 
 /// A non-blocking UDP socket a driver reads and writes (`Err(WouldBlock)` when it cannot).
