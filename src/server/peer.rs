@@ -39,8 +39,9 @@ pub(crate) struct Peer {
     /// The connection OpenSSL runs, for the peer's whole life.
     conn: SslConn,
     /// What only the handshake needs: `Some` from the peer's creation until the endpoint saw
-    /// its handshake finish (or the peer closed).
-    pub(crate) handshake: Option<Handshake>,
+    /// its handshake finish (or the peer closed). Boxed, so that an established peer keeps one
+    /// word of it.
+    pub(crate) handshake: Option<Box<Handshake>>,
     /// This peer's live entry in the endpoint's timer heap, if it has one.
     pub(crate) timer: Option<Timer>,
     /// Datagrams of this peer waiting for `poll_transmit`.
@@ -138,7 +139,7 @@ impl Peer {
                 finished: false,
                 min_body: None,
             },
-            handshake: Some(Handshake::new(started)),
+            handshake: Some(Box::new(Handshake::new(started))),
             timer: None,
             queued: 0,
         })

@@ -1,5 +1,5 @@
 //! The endpoint's counters, [`EndpointStats`]: each field is declared once, in the table at
-//! [`endpoint_stats!`]'s call, with its doc, its kind (a counter, a drop counter with the
+//! `endpoint_stats!`'s call, with its doc, its kind (a counter, a drop counter with the
 //! [`DropReason`] it counts, a gauge, a peak) and the help text of its metric. The struct,
 //! [`merge`](EndpointStats::merge), [`dropped`](EndpointStats::dropped), the counting of drops
 //! by reason and the list of metrics `metrics.rs` exports all come from that one table, so a new

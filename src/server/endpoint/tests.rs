@@ -1024,3 +1024,23 @@ fn lost_flight_is_retransmitted_by_the_timer() {
     assert!(c.established);
     assert_eq!(ep.stats().handshakes, 1);
 }
+
+#[test]
+fn what_only_the_handshake_needs_goes_when_it_finishes() {
+    let mut ep = Endpoint::new(config()).unwrap();
+    let now = Instant::now();
+    half_open(&mut ep, 7, now);
+    assert!(ep.peers[&addr(7)].handshake.is_some(), "kept while it runs");
+    while ep.poll_transmit().is_some() {}
+    let mut c = Client::new(1000, None);
+    pump(&mut ep, &mut c, now);
+    assert!(c.established);
+    let ev = events(&mut ep);
+    let handshake_time = connected(&ev)[0].handshake_time;
+    assert_eq!(handshake_time, Duration::ZERO, "all at one `now`");
+    assert!(
+        ep.peers[&c.addr].handshake.is_none(),
+        "dropped once it finished"
+    );
+    assert!(ep.peers[&addr(7)].handshake.is_some());
+}
