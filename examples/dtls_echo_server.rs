@@ -287,8 +287,8 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         Driver::Std => {
             let server = UdpServer::spawn(config, options, || echo)?;
             println!("listening on {}", server.local_addr());
-            let stop = server.stop_handle();
-            handle_signals(move || stop.stop(), reload)?;
+            let stop = server.handle();
+            handle_signals(move || stop.shutdown(), reload)?;
             server.wait()?;
         }
         Driver::Tokio => run_tokio(config, options, reload)?,
@@ -347,11 +347,12 @@ fn run_tokio(
 }
 
 /// Installs the Prometheus exporter with its HTTP listener on `addr` (loopback unless
-/// `any_address`); the handshake duration histograms get buckets from 0.5 ms to 5 s.
+/// `any_address`); the handshake duration histograms get the library's buckets
+/// (`HANDSHAKE_DURATION_BUCKETS`, 0.5 ms to 5 s).
 #[cfg(feature = "metrics")]
 fn serve_metrics(addr: SocketAddr, any_address: bool) -> Result<(), Box<dyn std::error::Error>> {
     use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
-    use openssl_session_cache::HANDSHAKE_DURATION_METRIC;
+    use openssl_session_cache::{HANDSHAKE_DURATION_BUCKETS, HANDSHAKE_DURATION_METRIC};
     if !addr.ip().is_loopback() && !any_address {
         return Err(format!(
             "--metrics {addr} is not a loopback address; add --metrics-any-address to serve it there"
@@ -362,9 +363,7 @@ fn serve_metrics(addr: SocketAddr, any_address: bool) -> Result<(), Box<dyn std:
         .with_http_listener(addr)
         .set_buckets_for_metric(
             Matcher::Full(HANDSHAKE_DURATION_METRIC.into()),
-            &[
-                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
-            ],
+            HANDSHAKE_DURATION_BUCKETS,
         )?
         .install()?;
     Ok(())

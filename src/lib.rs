@@ -93,8 +93,6 @@ pub use dsm::{
     StoreOutcome, Sweeper, DEFAULT_MAX_SLOTS,
 };
 pub use error::{Error, RefusedSetting, SendError, StoreError};
-#[cfg(feature = "metrics")]
-pub use server::HANDSHAKE_DURATION_METRIC;
 pub use server::{
     certificate_fingerprint, deliver_events, self_signed_certificate, AppContext, Application,
     CloseReason, ConnectionInfo, DatagramPipe, DropReason, Endpoint, EndpointStats, Event, IoMode,
@@ -104,6 +102,8 @@ pub use server::{
 };
 #[cfg(feature = "tokio")]
 pub use server::{TokioHandle, TokioServer};
+#[cfg(feature = "metrics")]
+pub use server::{HANDSHAKE_DURATION_BUCKETS, HANDSHAKE_DURATION_METRIC};
 pub use stats::{CacheStats, EvictionStats};
 pub use store::envelope;
 pub use store::snapshot;

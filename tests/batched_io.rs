@@ -90,7 +90,7 @@ fn std_driver_reads_a_burst_with_one_call_when_batched_and_one_each_when_not() {
             IoMode::Batched => assert!(calls <= 4, "{io:?}: {calls} receive calls"),
             _ => assert!(calls >= 21, "{io:?}: {calls} receive calls"),
         }
-        server.stop().unwrap();
+        server.shutdown().unwrap();
     }
 }
 

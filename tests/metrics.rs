@@ -137,7 +137,7 @@ fn a_prometheus_scrape_counts_every_handshake_on_each_driver() {
     handshakes_move_the_counters_by_exactly_their_number(port, server.local_addr(), &cache, || {
         server.stats()
     });
-    server.stop().unwrap();
+    server.shutdown().unwrap();
 
     #[cfg(feature = "tokio")]
     {

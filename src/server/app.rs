@@ -5,7 +5,9 @@ use std::net::SocketAddr;
 use std::task::Waker;
 use std::time::Instant;
 
-use super::endpoint::{Endpoint, EndpointStats, Event};
+use super::endpoint::Endpoint;
+use super::event::Event;
+use super::stats::EndpointStats;
 use crate::SendError;
 
 /// Application logic run by a driver ([`UdpServer`](crate::UdpServer)) on each of its endpoints.

@@ -3,6 +3,7 @@
 //! and publish counters. A driver only adds its way of sleeping until the socket, the
 //! endpoint's deadline or its waker needs it.
 
+use std::any::Any;
 use std::io;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -10,42 +11,18 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 
 use super::app::{AppContext, Application};
-use super::endpoint::{Endpoint, EndpointStats};
-use super::io::{DatagramSocket, IoMode, UdpIo};
-use crate::DsmStats;
+use super::endpoint::Endpoint;
+use super::io::{DatagramSocket, IoMode, IoStats, UdpIo};
+use super::stats::EndpointStats;
+use crate::{DsmStats, Error};
 
 /// How often a busy worker publishes its counters for the driver's `stats`; a worker going
 /// idle publishes at most this long after its last change.
 const PUBLISH_EVERY: Duration = Duration::from_millis(5);
 /// Datagrams read in a row, in [`IoMode::Single`], before timers get a turn.
 const SINGLE_BATCH: usize = 64;
-
-/// A worker's UDP I/O counters, from [`UdpServer::io_stats`](crate::UdpServer::io_stats): how
-/// many system calls moved how many datagrams.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct IoStats {
-    /// Receive system calls (`recvmmsg`, `recvfrom`), the ones that found the socket empty
-    /// included.
-    pub recv_calls: u64,
-    /// Datagrams received.
-    pub datagrams_received: u64,
-    /// Send system calls (`sendmsg`, `sendto`), refused ones included.
-    pub send_calls: u64,
-    /// Datagrams sent (in [`IoMode::Batched`] consecutive datagrams to one peer may have been
-    /// joined into one).
-    pub datagrams_sent: u64,
-}
-
-impl IoStats {
-    /// Adds `other`'s counters to these (for summing workers).
-    pub fn merge(&mut self, other: &Self) {
-        self.recv_calls += other.recv_calls;
-        self.datagrams_received += other.datagrams_received;
-        self.send_calls += other.send_calls;
-        self.datagrams_sent += other.datagrams_sent;
-    }
-}
+/// How long a stopping worker waits for its socket to take the last close_notify datagrams.
+pub(crate) const FINAL_FLUSH: Duration = Duration::from_secs(1);
 
 /// What a worker publishes for the driver's `stats`.
 #[derive(Debug, Default, Clone, Copy)]
@@ -55,13 +32,70 @@ pub(crate) struct Published {
     pub(crate) io: IoStats,
 }
 
+/// Every worker's [`Published`] counters, for the driver's server and handles.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct WorkerStats(Vec<Arc<Mutex<Published>>>);
+
+impl WorkerStats {
+    /// The counters of one more worker, for its [`Core`].
+    pub(crate) fn add(&mut self) -> Arc<Mutex<Published>> {
+        let shared = Arc::new(Mutex::new(Published::default()));
+        self.0.push(Arc::clone(&shared));
+        shared
+    }
+
+    /// The workers' endpoint counters, summed.
+    pub(crate) fn endpoint(&self) -> EndpointStats {
+        let mut total = EndpointStats::default();
+        for p in &self.0 {
+            total.merge(&p.lock().endpoint);
+        }
+        total
+    }
+
+    /// The workers' UDP I/O counters, summed.
+    pub(crate) fn io(&self) -> IoStats {
+        let mut total = IoStats::default();
+        for p in &self.0 {
+            total.merge(&p.lock().io);
+        }
+        total
+    }
+
+    /// Each worker's DSM counters.
+    pub(crate) fn dsm(&self) -> Vec<DsmStats> {
+        self.0.iter().map(|p| p.lock().dsm).collect()
+    }
+}
+
+/// What the end of worker `worker` makes of the server's result: its own result, or for a worker
+/// that panicked ([`Err`], with the panic's payload if there is one) [`Error::WorkerPanic`] with
+/// the panic's message.
+pub(crate) fn worker_outcome(
+    worker: usize,
+    ended: Result<Result<(), Error>, Option<Box<dyn Any + Send>>>,
+) -> Result<(), Error> {
+    match ended {
+        Ok(result) => result,
+        Err(panic) => {
+            let message = panic
+                .and_then(|p| {
+                    p.downcast_ref::<&str>()
+                        .map(|s| (*s).to_owned())
+                        .or_else(|| p.downcast_ref::<String>().cloned())
+                })
+                .unwrap_or_default();
+            Err(Error::WorkerPanic { worker, message })
+        }
+    }
+}
+
 /// One worker's endpoint, application, socket state and counters.
 pub(crate) struct Core<A> {
     pub(crate) id: usize,
     pub(crate) endpoint: Endpoint,
     pub(crate) app: A,
     io: UdpIo,
-    datagrams_received: u64,
     shared: Arc<Mutex<Published>>,
     stats_interval: Option<Duration>,
     dirty: bool,
@@ -88,7 +122,6 @@ impl<A: Application> Core<A> {
             endpoint,
             app,
             io,
-            datagrams_received: 0,
             shared,
             stats_interval,
             dirty: true,
@@ -120,7 +153,7 @@ impl<A: Application> Core<A> {
                         .io
                         .recv(socket, |from, d| endpoint.handle(now, from, d))
                     {
-                        Ok(n) => self.datagrams_received += n as u64,
+                        Ok(_) => {}
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                             self.send(socket);
                             return Ok(false);
@@ -151,7 +184,6 @@ impl<A: Application> Core<A> {
                 });
                 let more = match got {
                     Ok(n) => {
-                        self.datagrams_received += n as u64;
                         // A short batch emptied the socket (each later datagram is a new
                         // readiness edge).
                         n >= quinn_udp::BATCH_SIZE
@@ -237,12 +269,7 @@ impl<A: Application> Core<A> {
     }
 
     fn io_stats(&self) -> IoStats {
-        IoStats {
-            recv_calls: self.io.recv_calls,
-            datagrams_received: self.datagrams_received,
-            send_calls: self.io.send_calls,
-            datagrams_sent: self.io.datagrams_sent,
-        }
+        self.io.stats()
     }
 
     /// Publishes the counters now.

@@ -4,12 +4,14 @@
 
 use std::collections::VecDeque;
 use std::io::{self, IoSliceMut};
-use std::net::SocketAddr;
+use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::AsFd;
 
 use quinn_udp::{RecvMeta, UdpSockRef, UdpSocketState};
+use socket2::{Domain, Protocol, Socket, Type};
 
-use super::endpoint::Transmit;
+use super::event::Transmit;
+use crate::Error;
 
 /// How a driver moves datagrams between its socket and its endpoint.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -26,6 +28,66 @@ pub enum IoMode {
     /// One `recvfrom` per datagram received and one `sendto` per record sent, each record sent
     /// before the next datagram is read: the plain loop, kept for comparison.
     Single,
+}
+
+/// A worker's UDP I/O counters, from [`UdpServer::io_stats`](crate::UdpServer::io_stats): how
+/// many system calls moved how many datagrams.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct IoStats {
+    /// Receive system calls (`recvmmsg`, `recvfrom`), the ones that found the socket empty
+    /// included.
+    pub recv_calls: u64,
+    /// Datagrams received.
+    pub datagrams_received: u64,
+    /// Send system calls (`sendmsg`, `sendto`), refused ones included.
+    pub send_calls: u64,
+    /// Datagrams sent (in [`IoMode::Batched`] consecutive datagrams to one peer may have been
+    /// joined into one).
+    pub datagrams_sent: u64,
+}
+
+impl IoStats {
+    /// Adds `other`'s counters to these (for summing workers).
+    pub fn merge(&mut self, other: &Self) {
+        self.recv_calls += other.recv_calls;
+        self.datagrams_received += other.datagrams_received;
+        self.send_calls += other.send_calls;
+        self.datagrams_sent += other.datagrams_sent;
+    }
+}
+
+/// The non-blocking sockets of `workers` workers (at least 1) on `listen`, all on one port (with
+/// `SO_REUSEPORT` when there are several: port 0 picks one free port for all), and the address
+/// they are bound to.
+pub(crate) fn bind_workers(
+    listen: SocketAddr,
+    workers: usize,
+) -> Result<(Vec<UdpSocket>, SocketAddr), Error> {
+    if workers == 0 {
+        return Err(Error::Config("workers must be at least 1".into()));
+    }
+    let reuse = workers > 1;
+    let first = bind(listen, reuse)?;
+    let local_addr = first.local_addr()?;
+    let mut sockets = vec![first];
+    for _ in 1..workers {
+        sockets.push(bind(local_addr, reuse)?);
+    }
+    Ok((sockets, local_addr))
+}
+
+/// A non-blocking UDP socket on `addr` (with `SO_REUSEPORT` for several workers).
+fn bind(addr: SocketAddr, reuse_port: bool) -> Result<UdpSocket, Error> {
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if reuse_port {
+        socket.set_reuse_port(true)?;
+    }
+    // A bigger receive buffer rides out bursts (floods, many handshakes); best effort.
+    let _ = socket.set_recv_buffer_size(4 << 20);
+    socket.bind(&addr.into())?;
+    socket.set_nonblocking(true)?;
+    Ok(socket.into())
 }
 
 /// A non-blocking UDP socket a driver reads and writes (`Err(WouldBlock)` when it cannot).
@@ -87,12 +149,8 @@ pub(crate) struct UdpIo {
     out: VecDeque<Transmit>,
     /// The largest datagram records are coalesced into (the endpoint's MTU).
     mtu: usize,
-    /// Receive system calls made.
-    pub(crate) recv_calls: u64,
-    /// Send system calls made.
-    pub(crate) send_calls: u64,
-    /// Datagrams sent.
-    pub(crate) datagrams_sent: u64,
+    /// System calls made and datagrams moved.
+    stats: IoStats,
 }
 
 impl std::fmt::Debug for UdpIo {
@@ -119,14 +177,17 @@ impl UdpIo {
             meta: vec![RecvMeta::default(); slots],
             out: VecDeque::new(),
             mtu,
-            recv_calls: 0,
-            send_calls: 0,
-            datagrams_sent: 0,
+            stats: IoStats::default(),
         })
     }
 
     pub(crate) fn mode(&self) -> IoMode {
         self.mode
+    }
+
+    /// The system calls made and the datagrams they moved, so far.
+    pub(crate) fn stats(&self) -> IoStats {
+        self.stats
     }
 
     /// One receive system call: hands each datagram it returned to `f` with its source.
@@ -136,10 +197,11 @@ impl UdpIo {
         socket: &S,
         mut f: impl FnMut(SocketAddr, &[u8]),
     ) -> io::Result<usize> {
-        self.recv_calls += 1;
+        self.stats.recv_calls += 1;
         if self.mode == IoMode::Single {
             let (n, from) = socket.raw_io(false, || socket.recv_one(&mut self.buf))?;
             f(from, &self.buf[..n]);
+            self.stats.datagrams_received += 1;
             return Ok(1);
         }
         let state = &self.state;
@@ -164,6 +226,7 @@ impl UdpIo {
                 f(m.addr, d);
             }
         }
+        self.stats.datagrams_received += datagrams as u64;
         Ok(datagrams)
     }
 
@@ -184,7 +247,7 @@ impl UdpIo {
     /// Sends what is queued; `false` if the socket would block (the rest waits).
     pub(crate) fn flush<S: DatagramSocket>(&mut self, socket: &S) -> bool {
         while let Some(t) = self.out.front() {
-            self.send_calls += 1;
+            self.stats.send_calls += 1;
             let sent = match self.mode {
                 IoMode::Single => socket
                     .raw_io(true, || socket.send_one(&t.payload, t.to))
@@ -202,7 +265,7 @@ impl UdpIo {
                 }
             };
             match sent {
-                Ok(()) => self.datagrams_sent += 1,
+                Ok(()) => self.stats.datagrams_sent += 1,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
                 Err(e) => tracing::debug!(to = %t.to, error = %e, "send failed"),
             }

@@ -6,6 +6,30 @@
 //!
 //! Handles are taken when a worker starts: install the recorder (an exporter) before starting
 //! the server.
+//!
+//! The metrics (counters end in `_total`; the others are gauges but for the histogram):
+//! - `dtls_endpoint_*`: every field of [`EndpointStats`], declared once in its table
+//!   (server/stats.rs), which also writes the list into `EndpointStats`'s docs.
+//! - The DSM: `dtls_dsm_stored_total`, `dtls_dsm_removed_total`, `dtls_dsm_no_space_total`,
+//!   `dtls_dsm_handshake_timeouts_total`, `dtls_dsm_idle_evictions_total`,
+//!   `dtls_dsm_quota_rejections_total`, `dtls_dsm_evicted_total`; gauges `dtls_dsm_handshakes`,
+//!   `dtls_dsm_established`.
+//! - The session cache (worker 0, set to the cache's own totals): `session_cache_hits_total` and
+//!   `session_cache_misses_total` count every session a client offered, once, by how it ended
+//!   (resumed, or a full handshake); `session_cache_lookups_total` counts only the lookups of a
+//!   remote store started from the ClientHello callback without blocking (each of them also
+//!   ends as a hit or a miss), and `session_cache_suspended_total` those of them that made the
+//!   handshake wait. Then `session_cache_refused_total`, `session_cache_abandoned_total`,
+//!   `session_cache_stale_total`, `session_cache_decoded_hits_total`,
+//!   `session_cache_vetoed_total`, `session_cache_inserts_total`, `session_cache_expired_total`,
+//!   `session_cache_evicted_capacity_total`, `session_cache_evicted_bytes_total`,
+//!   `session_cache_removed_total`, `session_cache_decode_errors_total`,
+//!   `session_cache_rejected_oversize_total`, `session_cache_store_errors_total` (see
+//!   [`CacheStats`] for each); gauges `session_store_entries`, `session_store_bytes`.
+//! - UDP I/O: `dtls_udp_recv_calls_total`, `dtls_udp_datagrams_received_total`,
+//!   `dtls_udp_send_calls_total`, `dtls_udp_datagrams_sent_total`.
+//! - The histogram [`HANDSHAKE_DURATION_METRIC`] (`dtls_handshake_duration_seconds`, label
+//!   `kind`: `full` or `resumed`), for which [`HANDSHAKE_DURATION_BUCKETS`] are the buckets.
 
 use std::time::{Duration, Instant};
 
@@ -13,15 +37,42 @@ use metrics::{
     describe_counter, describe_gauge, describe_histogram, Counter, Gauge, Histogram, Unit,
 };
 
-use super::driver::IoStats;
-use super::endpoint::{Endpoint, EndpointStats, Event};
+use super::endpoint::Endpoint;
+use super::event::Event;
+use super::io::IoStats;
+use super::stats::{EndpointStats, Kind};
 use crate::{CacheStats, DsmStats};
 
 /// How often a worker publishes its counters' deltas.
 pub(crate) const METRICS_EVERY: Duration = Duration::from_millis(200);
 
-/// The handshake duration histogram (label `kind`: `full` or `resumed`).
+/// The handshake duration histogram (label `kind`: `full` or `resumed`), in seconds: from the
+/// ClientHello whose cookie verified to the datagram that finished the handshake
+/// ([`ConnectionInfo::handshake_time`](crate::ConnectionInfo::handshake_time)).
 pub const HANDSHAKE_DURATION_METRIC: &str = "dtls_handshake_duration_seconds";
+
+/// Bucket bounds for [`HANDSHAKE_DURATION_METRIC`], in seconds: 0.5 ms (a resumption on
+/// loopback) to 5 s (a full handshake over a lossy path that needed retransmissions).
+///
+/// The `metrics` facade carries no buckets; an exporter that renders histograms as buckets
+/// takes them at installation, such as `metrics-exporter-prometheus` (which renders a summary
+/// otherwise):
+///
+/// ```no_run
+/// use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
+/// use openssl_session_cache::{HANDSHAKE_DURATION_BUCKETS, HANDSHAKE_DURATION_METRIC};
+///
+/// PrometheusBuilder::new()
+///     .set_buckets_for_metric(
+///         Matcher::Full(HANDSHAKE_DURATION_METRIC.into()),
+///         HANDSHAKE_DURATION_BUCKETS,
+///     )?
+///     .install()?;
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub const HANDSHAKE_DURATION_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
+];
 
 /// Declares a list of counters kept in a struct of `u64` fields: their metric names, help
 /// texts, handles, and the publishing of deltas between two snapshots.
@@ -32,6 +83,11 @@ macro_rules! counters {
         }
 
         impl $handles {
+            /// The metrics' names.
+            #[cfg(test)]
+            const NAMES: &'static [&'static str] =
+                &[$(concat!($prefix, stringify!($field), "_total"),)*];
+
             fn new() -> Self {
                 $(describe_counter!(concat!($prefix, stringify!($field), "_total"), $help);)*
                 Self {
@@ -67,6 +123,10 @@ macro_rules! gauges {
         }
 
         impl $handles {
+            /// The metrics' names.
+            #[cfg(test)]
+            const NAMES: &'static [&'static str] = &[$(concat!($prefix, stringify!($field)),)*];
+
             fn new() -> Self {
                 $(describe_gauge!(concat!($prefix, stringify!($field)), $help);)*
                 Self {
@@ -92,42 +152,59 @@ macro_rules! gauges {
     };
 }
 
-counters!(EndpointCounters, EndpointStats, "dtls_endpoint_", [
-    datagrams_in: "Datagrams handed to the endpoint",
-    datagrams_out: "Datagrams the endpoint produced",
-    hello_verify_requests: "HelloVerifyRequests sent without creating state",
-    bad_cookies: "ClientHellos whose cookie did not verify",
-    dropped_garbage: "Datagrams dropped as garbage",
-    dropped_not_client_hello: "Datagrams from unknown peers that were not ClientHellos",
-    dropped_fragmented: "Fragmented ClientHellos dropped",
-    dropped_oversize: "Oversized datagrams dropped",
-    dropped_bad_sequence: "ClientHellos with impossible sequence numbers dropped",
-    dropped_no_space: "Cookie-valid ClientHellos the DSM refused (no slot, budget or quota)",
-    dropped_invalid: "Datagrams for known peers discarded unread",
-    dropped_events: "Data and Dropped events not queued for the application",
-    dropped_parked: "Datagrams dropped for a parked peer with a full queue",
-    handshakes: "Handshakes completed (full and resumed)",
-    resumed: "Handshakes completed by resuming a cached session",
-    failed: "Connections that failed",
-    closed: "Peers closed by their close_notify",
-    closed_locally: "Peers closed by the application",
-    handshake_timeouts: "Handshakes freed by the handshake timeout",
-    idle_closed: "Peers shut down as idle or evicted",
-    records_received: "Application records received",
-    bytes_received: "Application bytes received",
-    records_sent: "Application records sent",
-    bytes_sent: "Application bytes sent",
-    send_queue_full: "Sends refused because the peer's queue was full",
-    lookups_parked: "Handshakes parked while a remote store looked their session up",
-    lookups_completed: "Parked handshakes that went on with the lookup's answer",
-    lookups_timed_out: "Parked handshakes that went on without it (lookup timeout)",
-]);
+/// One handle per field of [`EndpointStats`], in the order of its table.
+enum EndpointHandle {
+    /// For a [`Kind::Counter`]: the deltas add up over workers.
+    Counter(Counter),
+    /// For a [`Kind::Gauge`]: the deltas add up over workers.
+    Gauge(Gauge),
+    /// For a [`Kind::Peak`]: this worker's own gauge (label `worker`), set.
+    Peak(Gauge),
+}
 
-gauges!(EndpointGauges, EndpointStats, "dtls_endpoint_", [
-    peers: "Peers with state now",
-    handshaking: "Peers in the handshake now",
-    parked: "Peers parked on a session lookup now",
-]);
+/// The endpoint's metrics, made from [`EndpointStats::FIELDS`]: every field is exported.
+struct EndpointMetrics(Vec<EndpointHandle>);
+
+impl EndpointMetrics {
+    fn new(worker: usize) -> Self {
+        let handles = EndpointStats::FIELDS.iter().map(|f| match f.kind {
+            Kind::Counter => {
+                describe_counter!(f.metric, f.help);
+                EndpointHandle::Counter(metrics::counter!(f.metric))
+            }
+            Kind::Gauge => {
+                describe_gauge!(f.metric, f.help);
+                EndpointHandle::Gauge(metrics::gauge!(f.metric))
+            }
+            Kind::Peak => {
+                describe_gauge!(f.metric, f.help);
+                EndpointHandle::Peak(metrics::gauge!(f.metric, "worker" => worker.to_string()))
+            }
+        });
+        Self(handles.collect())
+    }
+
+    /// Publishes what changed from `last` to `now`.
+    fn publish(&self, last: &EndpointStats, now: &EndpointStats) {
+        for (f, handle) in EndpointStats::FIELDS.iter().zip(&self.0) {
+            let (was, is) = ((f.get)(last), (f.get)(now));
+            match handle {
+                EndpointHandle::Counter(c) => {
+                    let delta = is.saturating_sub(was);
+                    if delta > 0 {
+                        c.increment(delta);
+                    }
+                }
+                EndpointHandle::Gauge(g) => {
+                    if is != was {
+                        g.increment(is as f64 - was as f64);
+                    }
+                }
+                EndpointHandle::Peak(g) => g.set(is as f64),
+            }
+        }
+    }
+}
 
 counters!(DsmCounters, DsmStats, "dtls_dsm_", [
     stored: "Peers stored or moved to another state",
@@ -145,10 +222,10 @@ gauges!(DsmGauges, DsmStats, "dtls_dsm_", [
 ]);
 
 counters!(CacheCounters, CacheStats, "session_cache_", [
-    hits: "Session lookups that resumed",
-    misses: "Session lookups that ended in a full handshake",
+    hits: "Sessions offered by clients that resumed (hits + misses: every session offered)",
+    misses: "Sessions offered by clients that ended in a full handshake",
     refused: "Sessions handed to OpenSSL that it refused",
-    lookups: "Lookups started without blocking (ClientHello callback)",
+    lookups: "Remote store lookups started without blocking (each also a hit or a miss)",
     suspended: "Lookups that suspended the handshake until the store answered",
     abandoned: "Suspended lookups given up on",
     stale: "Stored sessions refused by today's policy",
@@ -181,7 +258,7 @@ pub(crate) struct Publisher {
     /// Worker 0 also publishes the shared session cache's counters.
     cache: bool,
     next: Instant,
-    endpoint: (EndpointCounters, EndpointGauges, EndpointStats),
+    endpoint: (EndpointMetrics, EndpointStats),
     dsm: (DsmCounters, DsmGauges, DsmStats),
     io: (IoCounters, IoStats),
     cache_stats: (CacheCounters, StoreGauges, CacheStats),
@@ -199,11 +276,7 @@ impl Publisher {
         Self {
             cache: worker == 0,
             next: now,
-            endpoint: (
-                EndpointCounters::new(),
-                EndpointGauges::new(),
-                EndpointStats::default(),
-            ),
+            endpoint: (EndpointMetrics::new(worker), EndpointStats::default()),
             dsm: (DsmCounters::new(), DsmGauges::new(), DsmStats::default()),
             io: (IoCounters::new(), IoStats::default()),
             cache_stats: (
@@ -247,9 +320,8 @@ impl Publisher {
         self.io.0.publish(&self.io.1, &io);
         self.io.1 = io;
         let e = endpoint.stats();
-        self.endpoint.0.publish(&self.endpoint.2, &e);
-        self.endpoint.1.publish(&self.endpoint.2, &e);
-        self.endpoint.2 = e;
+        self.endpoint.0.publish(&self.endpoint.1, &e);
+        self.endpoint.1 = e;
         let d = endpoint.dsm_stats();
         self.dsm.0.publish(&self.dsm.2, &d);
         self.dsm.1.publish(&self.dsm.2, &d);
@@ -262,5 +334,40 @@ impl Publisher {
             self.cache_stats.1.set_all(&c);
             self.cache_stats.2 = c;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_module_docs_name_every_metric_but_the_endpoints_which_its_stats_docs_name() {
+        let docs: String = include_str!("metrics.rs")
+            .lines()
+            .filter_map(|l| l.strip_prefix("//!"))
+            .collect::<Vec<_>>()
+            .join(" ");
+        let names = [
+            DsmCounters::NAMES,
+            DsmGauges::NAMES,
+            CacheCounters::NAMES,
+            StoreGauges::NAMES,
+            IoCounters::NAMES,
+            &[HANDSHAKE_DURATION_METRIC],
+        ];
+        for name in names.concat() {
+            assert!(
+                docs.contains(&format!("`{name}`")),
+                "{name} is not in the docs"
+            );
+        }
+        assert!(docs.contains("`dtls_endpoint_*`"));
+    }
+
+    #[test]
+    fn handshake_duration_buckets_rise() {
+        assert!(HANDSHAKE_DURATION_BUCKETS.windows(2).all(|w| w[0] < w[1]));
+        assert!(HANDSHAKE_DURATION_BUCKETS[0] > 0.0);
     }
 }

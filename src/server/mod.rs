@@ -29,12 +29,15 @@ mod config;
 pub(crate) mod cookie;
 mod driver;
 mod endpoint;
+mod event;
 mod io;
 #[cfg(feature = "metrics")]
 mod metrics;
 mod peer;
 mod pipe;
 pub(crate) mod record;
+mod stats;
+mod timers;
 #[cfg(feature = "tokio")]
 mod tokio;
 mod udp;
@@ -47,12 +50,11 @@ pub use config::{
     DEFAULT_CIPHERS, DEFAULT_COOKIE_ROTATION, DEFAULT_LOOKUP_TIMEOUT, DEFAULT_MAX_DATAGRAM,
     DEFAULT_MTU, DEFAULT_PARKED_DATAGRAMS, DEFAULT_SEND_QUEUE, MAX_RECORD_PLAINTEXT, PSK_CIPHERS,
 };
-pub use driver::IoStats;
-pub use endpoint::{
-    CloseReason, ConnectionInfo, DropReason, Endpoint, EndpointStats, Event, Transmit,
-};
-pub use io::IoMode;
+pub use endpoint::Endpoint;
+pub use event::{CloseReason, ConnectionInfo, DropReason, Event, Transmit};
+pub use io::{IoMode, IoStats};
 #[cfg(feature = "metrics")]
-pub use metrics::HANDSHAKE_DURATION_METRIC;
+pub use metrics::{HANDSHAKE_DURATION_BUCKETS, HANDSHAKE_DURATION_METRIC};
 pub use pipe::DatagramPipe;
+pub use stats::EndpointStats;
 pub use udp::{StopHandle, UdpOptions, UdpServer};

@@ -1,11 +1,15 @@
-//! One DTLS peer: its `Ssl` over an in-memory [`DatagramPipe`].
+//! One DTLS peer: its `Ssl` over an in-memory [`DatagramPipe`], and everything else the
+//! endpoint keeps for it (what only its handshake needs, its timer entry, its send queue).
 
 use std::time::{Duration, Instant};
 
 use openssl::ssl::{ErrorCode, Ssl, SslRef, SslStream};
 
 use super::config::MAX_RECORD_PLAINTEXT;
+use super::endpoint::park::Parked;
 use super::pipe::DatagramPipe;
+use super::record::HandshakeBudget;
+use super::timers::Timer;
 use crate::ffi;
 
 /// What driving a peer produced, besides datagrams.
@@ -24,29 +28,62 @@ pub(crate) enum Progress {
     Suspended,
 }
 
-/// A peer's connection.
+/// One peer of the endpoint: its connection and what the endpoint keeps for it.
 ///
 /// An established peer keeps no record buffers and no datagram queue storage between calls
 /// ([`rest`](Self::rest)): its `Ssl` sets its buffers up again for each call that reads or writes
 /// ([`ffi::LeanStream`]).
 pub(crate) struct Peer {
-    stream: ffi::LeanStream<DatagramPipe>,
     /// Tells this peer's datagrams from those of an earlier peer at the same address.
     pub(crate) id: u64,
-    established: bool,
-    /// The DTLS retransmission deadline, if a timer runs.
-    pub(crate) deadline: Option<Instant>,
-    /// The deadline of this peer's live entry in the endpoint's timer heap, if it has one.
-    pub(crate) scheduled: Option<Instant>,
+    /// The connection OpenSSL runs, for the peer's whole life.
+    conn: SslConn,
+    /// What only the handshake needs: `Some` from the peer's creation until the endpoint saw
+    /// its handshake finish (or the peer closed). Boxed, so that an established peer keeps one
+    /// word of it.
+    pub(crate) handshake: Option<Box<Handshake>>,
+    /// This peer's live entry in the endpoint's timer heap, if it has one.
+    pub(crate) timer: Option<Timer>,
     /// Datagrams of this peer waiting for `poll_transmit`.
     pub(crate) queued: usize,
+}
+
+/// What a peer keeps only while its handshake runs.
+#[derive(Debug)]
+pub(crate) struct Handshake {
+    /// When its cookie verified (the start of
+    /// [`ConnectionInfo::handshake_time`](crate::ConnectionInfo::handshake_time)).
+    pub(crate) started: Instant,
+    /// What the rest of its handshake may still make OpenSSL buffer.
+    pub(crate) budget: HandshakeBudget,
+    /// Its session lookup, while the handshake waits for it.
+    pub(crate) parked: Option<Parked>,
+}
+
+impl Handshake {
+    fn new(started: Instant) -> Self {
+        Self {
+            started,
+            budget: HandshakeBudget::default(),
+            parked: None,
+        }
+    }
+}
+
+/// The peer's `Ssl`, over its in-memory pipe, and what driving it reported.
+struct SslConn {
+    stream: ffi::LeanStream<DatagramPipe>,
+    /// The handshake finished.
+    established: bool,
+    /// The DTLS retransmission deadline, if a timer runs.
+    deadline: Option<Instant>,
     /// The connection ended (failed, closed): nothing more is read or written.
-    pub(crate) finished: bool,
+    finished: bool,
     /// [`min_protected_body`] of the negotiated cipher, once OpenSSL chose it.
     min_body: Option<usize>,
 }
 
-impl Drop for Peer {
+impl Drop for SslConn {
     /// Freeing an `Ssl` whose handshake finished without close_notify makes OpenSSL delete its
     /// session (`ssl_clear_bad_session`). A peer's state can go for reasons that say nothing
     /// against the session (an unanswered retransmission, an idle timeout, a local decision), and
@@ -62,8 +99,8 @@ impl std::fmt::Debug for Peer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Peer")
             .field("id", &self.id)
-            .field("established", &self.established)
-            .field("deadline", &self.deadline)
+            .field("established", &self.conn.established)
+            .field("deadline", &self.conn.deadline)
             .field("queued", &self.queued)
             .finish_non_exhaustive()
     }
@@ -85,64 +122,82 @@ pub(crate) fn min_protected_body(cipher: &str) -> usize {
 }
 
 impl Peer {
-    /// A server-side peer on `ssl` (already configured: MTU, ex_data), not yet fed.
-    pub(crate) fn new(mut ssl: Ssl, id: u64) -> Result<Self, openssl::error::ErrorStack> {
+    /// A server-side peer on `ssl` (already configured: MTU, ex_data), not yet fed, whose
+    /// handshake started (its cookie verified) at `started`.
+    pub(crate) fn new(
+        mut ssl: Ssl,
+        id: u64,
+        started: Instant,
+    ) -> Result<Self, openssl::error::ErrorStack> {
         ssl.set_accept_state();
         Ok(Self {
-            stream: ffi::LeanStream::new(SslStream::new(ssl, DatagramPipe::new())?),
             id,
-            established: false,
-            deadline: None,
-            scheduled: None,
+            conn: SslConn {
+                stream: ffi::LeanStream::new(SslStream::new(ssl, DatagramPipe::new())?),
+                established: false,
+                deadline: None,
+                finished: false,
+                min_body: None,
+            },
+            handshake: Some(Box::new(Handshake::new(started))),
+            timer: None,
             queued: 0,
-            finished: false,
-            min_body: None,
         })
+    }
+
+    /// The session lookup its handshake waits for, if it is parked.
+    pub(crate) fn parked(&self) -> Option<&Parked> {
+        self.handshake.as_ref()?.parked.as_ref()
+    }
+
+    /// The DTLS retransmission deadline, if a timer runs.
+    pub(crate) fn deadline(&self) -> Option<Instant> {
+        self.conn.deadline
     }
 
     /// Whether the record buffers are released now.
     #[cfg(test)]
     fn buffers_released(&self) -> bool {
-        self.stream.buffers_released()
+        self.conn.stream.buffers_released()
     }
 
     /// Whether the handshake has finished.
     pub(crate) fn is_established(&self) -> bool {
-        self.established
+        self.conn.established
     }
 
     /// The peer's `Ssl`.
     pub(crate) fn ssl(&self) -> &SslRef {
-        self.stream.ssl()
+        self.conn.stream.ssl()
     }
 
     /// Datagrams queued and not read by OpenSSL yet.
     pub(crate) fn inbound_len(&self) -> usize {
-        self.stream.get_ref().inbound_len()
+        self.conn.stream.get_ref().inbound_len()
     }
 
     /// Queues one inbound datagram.
     pub(crate) fn push(&mut self, datagram: Vec<u8>) {
-        self.stream.get_mut().push(datagram);
+        self.conn.stream.get_mut().push(datagram);
     }
 
     /// The shortest protected record body OpenSSL does not fail on, for the cipher negotiated
     /// so far (0 before the cipher is chosen).
     pub(crate) fn min_protected_body(&mut self) -> usize {
-        if let Some(n) = self.min_body {
+        if let Some(n) = self.conn.min_body {
             return n;
         }
-        let Some(cipher) = self.stream.ssl().current_cipher() else {
+        let Some(cipher) = self.conn.stream.ssl().current_cipher() else {
             return 0;
         };
         let n = min_protected_body(cipher.name());
-        self.min_body = Some(n);
+        self.conn.min_body = Some(n);
         n
     }
 
     /// Takes the datagrams OpenSSL wrote.
     pub(crate) fn take_outbound(&mut self) -> Vec<Vec<u8>> {
-        let pipe = self.stream.get_mut();
+        let pipe = self.conn.stream.get_mut();
         let out = pipe.take_outbound();
         pipe.free_empty_queues();
         out
@@ -151,26 +206,27 @@ impl Peer {
     /// Drops whatever OpenSSL wrote so far (the HelloVerifyRequest answering a reconstructed
     /// first ClientHello).
     pub(crate) fn discard_outbound(&mut self) {
-        self.stream.get_mut().clear_outbound();
+        self.conn.stream.get_mut().clear_outbound();
     }
 
     /// Runs the connection on everything queued: the handshake, then reading application
     /// records. Pushes what happened onto `progress`.
     pub(crate) fn drive(&mut self, now: Instant, progress: &mut Vec<Progress>) {
-        if !self.finished {
-            let established = &mut self.established;
+        if !self.conn.finished {
+            let established = &mut self.conn.established;
             let outcome = self
+                .conn
                 .stream
                 .with(|stream| Self::drive_inner(stream, established, progress));
             match outcome {
                 Some(None) => {}
                 Some(Some(end)) => {
-                    self.finished = true;
+                    self.conn.finished = true;
                     progress.push(end);
                 }
                 None => {
                     tracing::debug!("dtls record buffers cannot be allocated");
-                    self.finished = true;
+                    self.conn.finished = true;
                     progress.push(Progress::Failed);
                 }
             }
@@ -182,10 +238,10 @@ impl Peer {
     /// Releases what an established peer holds only while OpenSSL runs: the record buffers
     /// (33 KB) and the datagram queues' storage.
     fn rest(&mut self) {
-        if self.established && !self.finished {
-            self.stream.release_buffers();
+        if self.conn.established && !self.conn.finished {
+            self.conn.stream.release_buffers();
         }
-        self.stream.get_mut().free_empty_queues();
+        self.conn.stream.get_mut().free_empty_queues();
     }
 
     /// Runs the handshake, then reads records; `Some` when the connection ended.
@@ -236,10 +292,10 @@ impl Peer {
     /// The caller checks the length (at most [`MAX_RECORD_PLAINTEXT`]) and that the handshake
     /// finished.
     pub(crate) fn write(&mut self, data: &[u8]) -> Result<(), ()> {
-        if self.finished {
+        if self.conn.finished {
             return Err(());
         }
-        let written = match self.stream.with(|stream| stream.ssl_write(data)) {
+        let written = match self.conn.stream.with(|stream| stream.ssl_write(data)) {
             Some(Ok(_)) => Ok(()),
             Some(Err(e)) => {
                 tracing::debug!(error = %e, "dtls write failed");
@@ -250,7 +306,7 @@ impl Peer {
                 Err(())
             }
         };
-        self.finished |= written.is_err();
+        self.conn.finished |= written.is_err();
         self.rest();
         written
     }
@@ -265,21 +321,22 @@ impl Peer {
     }
 
     fn update_deadline(&mut self, now: Instant) {
-        self.deadline = if self.finished {
+        self.conn.deadline = if self.conn.finished {
             None
         } else {
-            ffi::dtls_get_timeout(self.stream.ssl()).map(|d| now + d.max(Duration::from_millis(1)))
+            ffi::dtls_get_timeout(self.conn.stream.ssl())
+                .map(|d| now + d.max(Duration::from_millis(1)))
         };
     }
 
     /// Sends close_notify (if the handshake finished) so that dropping the peer keeps its session
     /// resumable.
     pub(crate) fn close(&mut self) {
-        if self.established && !self.finished {
-            let _ = self.stream.with(|stream| stream.shutdown());
+        if self.conn.established && !self.conn.finished {
+            let _ = self.conn.stream.with(|stream| stream.shutdown());
         }
-        self.finished = true;
-        self.deadline = None;
+        self.conn.finished = true;
+        self.conn.deadline = None;
     }
 }
 
@@ -341,7 +398,7 @@ mod tests {
 
     #[test]
     fn an_established_peer_holds_no_record_buffers_and_still_resends_sends_and_closes() {
-        let mut peer = Peer::new(server_ssl(), 1).unwrap();
+        let mut peer = Peer::new(server_ssl(), 1, Instant::now()).unwrap();
         let mut c = client();
         let mut got = Vec::new();
         let mut progress = Vec::new();
@@ -359,7 +416,7 @@ mod tests {
             peer.buffers_released(),
             "released once established and idle"
         );
-        assert_eq!(peer.stream.get_ref().inbound_len(), 0);
+        assert_eq!(peer.conn.stream.get_ref().inbound_len(), 0);
         // The server's last flight (ChangeCipherSpec, Finished) is lost.
         let lost = peer.take_outbound();
         assert!(!lost.is_empty());

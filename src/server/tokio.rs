@@ -21,18 +21,15 @@ use std::time::{Duration, Instant};
 use ::tokio::net::UdpSocket;
 use ::tokio::sync::Notify;
 use ::tokio::task::JoinHandle;
-use parking_lot::Mutex;
 
 use super::app::Application;
 use super::config::ServerConfig;
-use super::driver::{Core, IoStats, Published};
-use super::endpoint::{Endpoint, EndpointStats};
-use super::io::UdpIo;
-use super::udp::{bind, UdpOptions};
+use super::driver::{worker_outcome, Core, WorkerStats, FINAL_FLUSH};
+use super::endpoint::Endpoint;
+use super::io::{bind_workers, IoStats, UdpIo};
+use super::stats::EndpointStats;
+use super::udp::UdpOptions;
 use crate::{DsmStats, Error};
-
-/// How long a stopping task waits for its socket to take the last close_notify datagrams.
-const FINAL_FLUSH: Duration = Duration::from_secs(1);
 
 /// Wakes one task: marks it woken and notifies it.
 #[derive(Debug, Default)]
@@ -89,7 +86,7 @@ pub struct TokioHandle {
     stop: Arc<AtomicBool>,
     wakes: Vec<Arc<TaskWake>>,
     wakers: Vec<Waker>,
-    published: Vec<Arc<Mutex<Published>>>,
+    stats: WorkerStats,
 }
 
 impl TokioHandle {
@@ -109,25 +106,17 @@ impl TokioHandle {
 
     /// The tasks' endpoint counters, summed (published within a few milliseconds of a change).
     pub fn stats(&self) -> EndpointStats {
-        let mut total = EndpointStats::default();
-        for p in &self.published {
-            total.merge(&p.lock().endpoint);
-        }
-        total
+        self.stats.endpoint()
     }
 
-    /// The tasks' UDP I/O counters, summed.
+    /// The tasks' UDP I/O counters, summed: system calls against datagrams.
     pub fn io_stats(&self) -> IoStats {
-        let mut total = IoStats::default();
-        for p in &self.published {
-            total.merge(&p.lock().io);
-        }
-        total
+        self.stats.io()
     }
 
     /// Each task's DSM counters.
     pub fn dsm_stats(&self) -> Vec<DsmStats> {
-        self.published.iter().map(|p| p.lock().dsm).collect()
+        self.stats.dsm()
     }
 }
 
@@ -149,22 +138,13 @@ impl TokioServer {
         A: Application + Send + 'static,
         F: FnMut() -> A,
     {
-        if options.workers == 0 {
-            return Err(Error::Config("workers must be at least 1".into()));
-        }
-        let reuse = options.workers > 1;
-        let first = bind(options.listen, reuse)?;
-        let local_addr = first.local_addr()?;
-        let mut sockets = vec![first];
-        for _ in 1..options.workers {
-            sockets.push(bind(local_addr, reuse)?);
-        }
+        let (sockets, local_addr) = bind_workers(options.listen, options.workers)?;
         let stop = Arc::new(AtomicBool::new(false));
         let mut handle = TokioHandle {
             stop: Arc::clone(&stop),
             wakes: Vec::new(),
             wakers: Vec::new(),
-            published: Vec::new(),
+            stats: WorkerStats::default(),
         };
         let mut prepared = Vec::new();
         for (id, socket) in sockets.into_iter().enumerate() {
@@ -174,10 +154,9 @@ impl TokioServer {
             let waker = Waker::from(Arc::clone(&wake));
             let mut endpoint = Endpoint::new(Arc::clone(&config))?;
             endpoint.set_waker(waker.clone());
-            let shared = Arc::new(Mutex::new(Published::default()));
+            let shared = handle.stats.add();
             handle.wakes.push(Arc::clone(&wake));
             handle.wakers.push(waker);
-            handle.published.push(Arc::clone(&shared));
             let core = Core::new(id, endpoint, new_app(), io, shared, options.stats_interval);
             prepared.push((core, socket, wake));
         }
@@ -202,9 +181,24 @@ impl TokioServer {
         self.handle.clone()
     }
 
+    /// Each task's waker ([`TokioHandle::wakers`]).
+    pub fn wakers(&self) -> &[Waker] {
+        self.handle.wakers()
+    }
+
     /// The tasks' endpoint counters, summed ([`TokioHandle::stats`]).
     pub fn stats(&self) -> EndpointStats {
         self.handle.stats()
+    }
+
+    /// The tasks' UDP I/O counters, summed ([`TokioHandle::io_stats`]).
+    pub fn io_stats(&self) -> IoStats {
+        self.handle.io_stats()
+    }
+
+    /// Each task's DSM counters ([`TokioHandle::dsm_stats`]).
+    pub fn dsm_stats(&self) -> Vec<DsmStats> {
+        self.handle.dsm_stats()
     }
 
     /// Waits until the server is stopped (by a [`TokioHandle`]) and its tasks have sent their
@@ -213,21 +207,10 @@ impl TokioServer {
     pub async fn wait(mut self) -> Result<(), Error> {
         let mut result = Ok(());
         for (worker, task) in std::mem::take(&mut self.tasks).into_iter().enumerate() {
-            match task.await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => result = Err(e),
-                Err(e) => {
-                    let message = e
-                        .try_into_panic()
-                        .ok()
-                        .and_then(|p| {
-                            p.downcast_ref::<&str>()
-                                .map(|s| (*s).to_owned())
-                                .or_else(|| p.downcast_ref::<String>().cloned())
-                        })
-                        .unwrap_or_default();
-                    result = Err(Error::WorkerPanic { worker, message });
-                }
+            // A task that was cancelled rather than panicked has no message.
+            let ended = task.await.map_err(|e| e.try_into_panic().ok());
+            if let Err(e) = worker_outcome(worker, ended) {
+                result = Err(e);
             }
         }
         result

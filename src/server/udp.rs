@@ -9,7 +9,7 @@
 //!
 //! A worker sleeps in `epoll` (through `mio`) on its socket and an `eventfd` waker until a
 //! datagram arrives, the endpoint's next deadline passes, or its waker is woken (by
-//! [`StopHandle::stop`], by work the endpoint finished elsewhere, or by the application from
+//! [`StopHandle::shutdown`], by work the endpoint finished elsewhere, or by the application from
 //! another thread); it never polls on a fixed period.
 //!
 //! With [`IoMode::Batched`] (the default) a worker reads up to a batch of datagrams per system
@@ -17,7 +17,7 @@
 //! one peer coalesced; [`IoMode::Single`] is one datagram per system call.
 
 use std::io;
-use std::net::{SocketAddr, UdpSocket};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Wake, Waker};
@@ -25,18 +25,15 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use mio::{Events, Interest, Poll, Token};
-use parking_lot::Mutex;
-use socket2::{Domain, Protocol, Socket, Type};
 
 use super::app::Application;
 use super::config::ServerConfig;
-use super::driver::{Core, IoStats, Published};
-use super::endpoint::{Endpoint, EndpointStats};
-use super::io::{IoMode, UdpIo};
+use super::driver::{worker_outcome, Core, WorkerStats, FINAL_FLUSH};
+use super::endpoint::Endpoint;
+use super::io::{bind_workers, IoMode, IoStats, UdpIo};
+use super::stats::EndpointStats;
 use crate::{DsmStats, Error};
 
-/// How long a stopping worker waits for its socket to take the last close_notify datagrams.
-const FINAL_FLUSH: Duration = Duration::from_secs(1);
 const SOCKET: Token = Token(0);
 const WAKER: Token = Token(1);
 
@@ -90,7 +87,8 @@ impl Wake for WorkerWake {
 /// A running DTLS server: worker threads driving endpoints over UDP sockets and running the
 /// application on their events.
 ///
-/// Dropping it stops the workers (established peers get close_notify) and joins them.
+/// [`shutdown`](Self::shutdown) sends close_notify to every peer (their sessions stay
+/// resumable) and waits for the workers; dropping the server does the same.
 ///
 /// ```no_run
 /// use std::sync::Arc;
@@ -107,47 +105,56 @@ impl Wake for WorkerWake {
 ///         }
 ///     }
 /// })?;
-/// server.wait()?;
+/// // ... until it is time to stop (a signal):
+/// server.shutdown()?;
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 #[derive(Debug)]
 pub struct UdpServer {
     local_addr: SocketAddr,
-    stop: Arc<AtomicBool>,
-    wakers: Vec<Waker>,
+    handle: StopHandle,
     workers: Vec<JoinHandle<Result<(), Error>>>,
-    published: Vec<Arc<Mutex<Published>>>,
 }
 
-/// Stops a [`UdpServer`] from another thread (a Ctrl-C handler, a test).
+/// Stops a [`UdpServer`] and reads its counters, from anywhere (a Ctrl-C handler, another
+/// thread, a test).
 #[derive(Debug, Clone)]
 pub struct StopHandle {
     stop: Arc<AtomicBool>,
     wakers: Vec<Waker>,
+    stats: WorkerStats,
 }
 
 impl StopHandle {
-    /// Asks the workers to shut their peers down and exit, and wakes them.
-    pub fn stop(&self) {
+    /// Asks the workers to send close_notify to their peers and exit, and wakes them.
+    pub fn shutdown(&self) {
         self.stop.store(true, Ordering::SeqCst);
         for w in &self.wakers {
             w.wake_by_ref();
         }
     }
-}
 
-/// A non-blocking UDP socket on `addr` (with `SO_REUSEPORT` for several workers), for any
-/// driver.
-pub(crate) fn bind(addr: SocketAddr, reuse_port: bool) -> Result<UdpSocket, Error> {
-    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
-    if reuse_port {
-        socket.set_reuse_port(true)?;
+    /// Each worker's waker, the one its endpoint has ([`Endpoint::set_waker`]): waking it makes
+    /// that worker run [`Endpoint::handle_timeout`] and [`Application::on_wake`] promptly, from
+    /// any thread.
+    pub fn wakers(&self) -> &[Waker] {
+        &self.wakers
     }
-    // A bigger receive buffer rides out bursts (floods, many handshakes); best effort.
-    let _ = socket.set_recv_buffer_size(4 << 20);
-    socket.bind(&addr.into())?;
-    socket.set_nonblocking(true)?;
-    Ok(socket.into())
+
+    /// The workers' endpoint counters, summed (published within a few milliseconds of a change).
+    pub fn stats(&self) -> EndpointStats {
+        self.stats.endpoint()
+    }
+
+    /// The workers' UDP I/O counters, summed: system calls against datagrams.
+    pub fn io_stats(&self) -> IoStats {
+        self.stats.io()
+    }
+
+    /// Each worker's DSM counters.
+    pub fn dsm_stats(&self) -> Vec<DsmStats> {
+        self.stats.dsm()
+    }
 }
 
 impl UdpServer {
@@ -161,19 +168,10 @@ impl UdpServer {
         A: Application + Send + 'static,
         F: FnMut() -> A,
     {
-        if options.workers == 0 {
-            return Err(Error::Config("workers must be at least 1".into()));
-        }
-        let reuse = options.workers > 1;
-        let first = bind(options.listen, reuse)?;
-        let local_addr = first.local_addr()?;
-        let mut sockets = vec![first];
-        for _ in 1..options.workers {
-            sockets.push(bind(local_addr, reuse)?);
-        }
+        let (sockets, local_addr) = bind_workers(options.listen, options.workers)?;
         let stop = Arc::new(AtomicBool::new(false));
         let mut workers = Vec::new();
-        let mut published = Vec::new();
+        let mut stats = WorkerStats::default();
         let mut wakers = Vec::new();
         let mut prepared = Vec::new();
         for socket in sockets {
@@ -195,8 +193,7 @@ impl UdpServer {
             prepared.push((socket, poll, wake, endpoint, io));
         }
         for (id, (socket, poll, wake, endpoint, io)) in prepared.into_iter().enumerate() {
-            let shared = Arc::new(Mutex::new(Published::default()));
-            published.push(Arc::clone(&shared));
+            let shared = stats.add();
             let core = Core::new(id, endpoint, new_app(), io, shared, options.stats_interval);
             let worker = Worker {
                 socket,
@@ -214,10 +211,12 @@ impl UdpServer {
                     // Stop the workers already running before reporting.
                     let _ = Self {
                         local_addr,
-                        stop,
-                        wakers,
+                        handle: StopHandle {
+                            stop,
+                            wakers,
+                            stats,
+                        },
                         workers,
-                        published,
                     };
                     return Err(e.into());
                 }
@@ -225,10 +224,12 @@ impl UdpServer {
         }
         Ok(Self {
             local_addr,
-            stop,
-            wakers,
+            handle: StopHandle {
+                stop,
+                wakers,
+                stats,
+            },
             workers,
-            published,
         })
     }
 
@@ -237,71 +238,51 @@ impl UdpServer {
         self.local_addr
     }
 
-    /// A handle that stops the server from elsewhere.
-    pub fn stop_handle(&self) -> StopHandle {
-        StopHandle {
-            stop: Arc::clone(&self.stop),
-            wakers: self.wakers.clone(),
-        }
+    /// A handle that stops the server and reads its counters from elsewhere.
+    pub fn handle(&self) -> StopHandle {
+        self.handle.clone()
     }
 
-    /// Each worker's waker, the one its endpoint has ([`Endpoint::set_waker`]): waking it makes
-    /// that worker run [`Endpoint::handle_timeout`] and [`Application::on_wake`] promptly, from
-    /// any thread.
+    /// Each worker's waker ([`StopHandle::wakers`]).
     pub fn wakers(&self) -> &[Waker] {
-        &self.wakers
+        self.handle.wakers()
     }
 
-    /// The workers' endpoint counters, summed (published within a few milliseconds of a change).
+    /// The workers' endpoint counters, summed ([`StopHandle::stats`]).
     pub fn stats(&self) -> EndpointStats {
-        let mut total = EndpointStats::default();
-        for p in &self.published {
-            total.merge(&p.lock().endpoint);
-        }
-        total
+        self.handle.stats()
     }
 
-    /// The workers' UDP I/O counters, summed: system calls against datagrams.
+    /// The workers' UDP I/O counters, summed ([`StopHandle::io_stats`]).
     pub fn io_stats(&self) -> IoStats {
-        let mut total = IoStats::default();
-        for p in &self.published {
-            total.merge(&p.lock().io);
-        }
-        total
+        self.handle.io_stats()
     }
 
-    /// Each worker's DSM counters.
+    /// Each worker's DSM counters ([`StopHandle::dsm_stats`]).
     pub fn dsm_stats(&self) -> Vec<DsmStats> {
-        self.published.iter().map(|p| p.lock().dsm).collect()
+        self.handle.dsm_stats()
     }
 
-    /// Waits until the server is stopped (by a [`StopHandle`]) and the workers exit. A worker
-    /// that panicked (in the endpoint or in the application) is reported as
-    /// [`Error::WorkerPanic`].
+    /// Waits until the server is stopped (by a [`StopHandle`]) and the workers have sent their
+    /// close_notify datagrams and exited. A worker that panicked (in the endpoint or in the
+    /// application) is reported as [`Error::WorkerPanic`].
     pub fn wait(mut self) -> Result<(), Error> {
         self.join()
     }
 
-    /// Stops the workers and waits for them, like [`wait`](Self::wait).
-    pub fn stop(mut self) -> Result<(), Error> {
-        self.stop_handle().stop();
+    /// Graceful shutdown: every peer gets close_notify (its session stays resumable), then the
+    /// workers exit; waits for them like [`wait`](Self::wait).
+    pub fn shutdown(mut self) -> Result<(), Error> {
+        self.handle.shutdown();
         self.join()
     }
 
     fn join(&mut self) -> Result<(), Error> {
         let mut result = Ok(());
         for (worker, w) in self.workers.drain(..).enumerate() {
-            match w.join() {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => result = Err(e),
-                Err(panic) => {
-                    let message = panic
-                        .downcast_ref::<&str>()
-                        .map(|s| (*s).to_owned())
-                        .or_else(|| panic.downcast_ref::<String>().cloned())
-                        .unwrap_or_default();
-                    result = Err(Error::WorkerPanic { worker, message });
-                }
+            let ended = w.join().map_err(Some);
+            if let Err(e) = worker_outcome(worker, ended) {
+                result = Err(e);
             }
         }
         result
@@ -310,7 +291,7 @@ impl UdpServer {
 
 impl Drop for UdpServer {
     fn drop(&mut self) {
-        self.stop_handle().stop();
+        self.handle.shutdown();
         let _ = self.join();
     }
 }

@@ -1,0 +1,1046 @@
+//! The endpoint's unit tests: real DTLS clients (the openssl crate's, over in-memory datagrams)
+//! against an endpoint, driven by hand.
+
+use std::task::Wake;
+use std::time::Duration;
+
+use openssl::ssl::{
+    ErrorCode, SslContext, SslContextBuilder, SslMethod, SslOptions, SslSession, SslStream,
+    SslVerifyMode,
+};
+use rand::{Rng, SeedableRng};
+
+use super::*;
+use crate::server::config::{
+    ServerConfigBuilder, DEFAULT_CIPHERS, DEFAULT_MAX_DATAGRAM, DEFAULT_MTU,
+};
+use crate::server::pipe::DatagramPipe;
+use crate::server::record::test_hello;
+use crate::{DsmConfig, SessionCache};
+
+fn builder() -> ServerConfigBuilder {
+    ServerConfig::builder(SessionCache::builder().build().unwrap())
+}
+
+fn config_with(dsm: DsmConfig) -> Arc<ServerConfig> {
+    builder().dsm(dsm).build().unwrap()
+}
+
+fn config() -> Arc<ServerConfig> {
+    config_with(DsmConfig::new(64))
+}
+
+fn addr(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+/// An openssl-crate DTLS client over in-memory datagrams.
+struct Client {
+    addr: SocketAddr,
+    stream: SslStream<DatagramPipe>,
+    established: bool,
+    received: Vec<Vec<u8>>,
+}
+
+impl Client {
+    fn new(port: u16, session: Option<&SslSession>) -> Self {
+        Self::with(port, session, |_| {})
+    }
+
+    /// A client whose context `tweak` changes (cipher list, PSK).
+    fn with(
+        port: u16,
+        session: Option<&SslSession>,
+        tweak: impl FnOnce(&mut SslContextBuilder),
+    ) -> Self {
+        let mut ctx = SslContext::builder(SslMethod::dtls_client()).unwrap();
+        ctx.set_verify(SslVerifyMode::NONE);
+        ctx.set_options(SslOptions::NO_QUERY_MTU | SslOptions::NO_TICKET);
+        tweak(&mut ctx);
+        let ctx = ctx.build();
+        let mut ssl = Ssl::new(&ctx).unwrap();
+        ssl.set_mtu(1400).unwrap();
+        ssl.set_connect_state();
+        if let Some(s) = session {
+            crate::ffi::set_client_session(&mut ssl, s).unwrap();
+        }
+        Self {
+            addr: addr(port),
+            stream: SslStream::new(ssl, DatagramPipe::new()).unwrap(),
+            established: false,
+            received: Vec::new(),
+        }
+    }
+
+    /// Runs the client and returns what it wants to send.
+    fn drive(&mut self) -> Vec<Vec<u8>> {
+        if !self.established {
+            match self.stream.do_handshake() {
+                Ok(()) => self.established = true,
+                Err(e) => assert_eq!(e.code(), ErrorCode::WANT_READ, "{e}"),
+            }
+        }
+        if self.established {
+            let mut buf = [0u8; 2048];
+            loop {
+                match self.stream.ssl_read(&mut buf) {
+                    Ok(n) => self.received.push(buf[..n].to_vec()),
+                    Err(e) if e.code() == ErrorCode::WANT_READ => break,
+                    Err(e) if e.code() == ErrorCode::ZERO_RETURN => break,
+                    Err(e) => panic!("client read: {e}"),
+                }
+            }
+        }
+        self.stream.get_mut().take_outbound()
+    }
+
+    fn send(&mut self, data: &[u8]) -> Vec<Vec<u8>> {
+        self.stream.ssl_write(data).unwrap();
+        self.stream.get_mut().take_outbound()
+    }
+}
+
+/// The cookie exchange every handshake starts with: `c`'s first ClientHello to `ep`, `ep`'s
+/// HelloVerifyRequest (made without state) back to `c`. Returns the ClientHello with the cookie
+/// that `c` sends next, not handed to `ep` yet.
+fn cookie_exchange(ep: &mut Endpoint, c: &mut Client, now: Instant) -> Vec<Vec<u8>> {
+    for d in c.drive() {
+        ep.handle(now, c.addr, &d);
+    }
+    let hvr = ep.poll_transmit().expect("a HelloVerifyRequest");
+    c.stream.get_mut().push(hvr.payload);
+    c.drive()
+}
+
+/// Moves datagrams both ways until nothing moves.
+fn pump(ep: &mut Endpoint, client: &mut Client, now: Instant) {
+    let mut out = client.drive();
+    for _ in 0..20 {
+        for d in out.drain(..) {
+            ep.handle(now, client.addr, &d);
+        }
+        let mut any = false;
+        while let Some(t) = ep.poll_transmit() {
+            assert_eq!(t.to, client.addr);
+            assert!(
+                t.payload.len() <= DEFAULT_MTU as usize,
+                "datagram over the mtu"
+            );
+            client.stream.get_mut().push(t.payload);
+            any = true;
+        }
+        out = client.drive();
+        if !any && out.is_empty() {
+            return;
+        }
+    }
+}
+
+fn events(ep: &mut Endpoint) -> Vec<Event> {
+    std::iter::from_fn(|| ep.poll_event()).collect()
+}
+
+/// The application of these tests: echoes every record back.
+fn echo(ep: &mut Endpoint) -> Vec<Event> {
+    let events = events(ep);
+    for e in &events {
+        if let Event::Data { peer, data } = e {
+            ep.send(*peer, data).unwrap();
+        }
+    }
+    events
+}
+
+fn connected(events: &[Event]) -> Vec<&ConnectionInfo> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Connected { info, .. } => Some(info),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn records_become_events_and_sends_become_records() {
+    let mut ep = Endpoint::new(config()).unwrap();
+    let now = Instant::now();
+    let mut c = Client::new(1000, None);
+    pump(&mut ep, &mut c, now);
+    assert!(c.established);
+    let ev = events(&mut ep);
+    let info = connected(&ev);
+    assert_eq!(info.len(), 1);
+    assert!(!info[0].resumed);
+    assert!(
+        DEFAULT_CIPHERS.split(':').any(|c| c == info[0].cipher),
+        "{}",
+        info[0].cipher
+    );
+    assert_eq!(
+        (&info[0].peer_certificate, &info[0].psk_identity),
+        (&None, &None)
+    );
+    assert!(ep.is_connected(c.addr));
+    for d in c.send(b"ping") {
+        ep.handle(now, c.addr, &d);
+    }
+    for d in c.send(b"pong") {
+        ep.handle(now, c.addr, &d);
+    }
+    assert_eq!(
+        events(&mut ep),
+        vec![
+            Event::Data {
+                peer: c.addr,
+                data: b"ping".to_vec()
+            },
+            Event::Data {
+                peer: c.addr,
+                data: b"pong".to_vec()
+            },
+        ]
+    );
+    assert!(ep.poll_transmit().is_none(), "nothing is echoed");
+    ep.send(c.addr, b"PING").unwrap();
+    ep.send(c.addr, b"").unwrap();
+    assert_eq!(
+        ep.queued_datagrams(c.addr),
+        1,
+        "an empty send sends nothing"
+    );
+    pump(&mut ep, &mut c, now);
+    assert_eq!(c.received, vec![b"PING".to_vec()]);
+    assert_eq!(ep.queued_datagrams(c.addr), 0);
+    let s = ep.stats();
+    assert_eq!(s.hello_verify_requests, 1);
+    assert_eq!((s.handshakes, s.resumed), (1, 0));
+    assert_eq!((s.records_received, s.bytes_received), (2, 8));
+    assert_eq!((s.records_sent, s.bytes_sent), (1, 4));
+    assert_eq!(ep.peer_state(c.addr), PeerState::Established);
+}
+
+#[test]
+fn send_refusals_are_typed_and_disturb_nothing() {
+    let config = builder().send_queue(3).build().unwrap();
+    let mut ep = Endpoint::new(config).unwrap();
+    let now = Instant::now();
+    assert_eq!(ep.send(addr(9), b"x"), Err(SendError::UnknownPeer));
+    // A peer in its handshake takes no data yet.
+    half_open(&mut ep, 7, now);
+    assert_eq!(ep.send(addr(7), b"x"), Err(SendError::NotConnected));
+    while ep.poll_transmit().is_some() {}
+    let mut c = Client::new(1000, None);
+    pump(&mut ep, &mut c, now);
+    assert!(c.established);
+    assert_eq!(
+        ep.send(c.addr, &vec![0; MAX_RECORD_PLAINTEXT + 1]),
+        Err(SendError::TooLarge)
+    );
+    // The queue counts datagrams not taken by poll_transmit yet.
+    for i in 0..3u8 {
+        ep.send(c.addr, &[i]).unwrap();
+    }
+    assert_eq!(ep.send(c.addr, b"one too many"), Err(SendError::QueueFull));
+    assert_eq!(ep.stats().send_queue_full, 1);
+    assert_eq!(ep.stats().records_sent, 3);
+    let first = ep.poll_transmit().unwrap();
+    ep.send(c.addr, &[3]).unwrap();
+    assert_eq!(ep.send(c.addr, b"full again"), Err(SendError::QueueFull));
+    // The refused sends left no trace: the client reads exactly what was accepted.
+    c.stream.get_mut().push(first.payload);
+    pump(&mut ep, &mut c, now);
+    assert_eq!(c.received, vec![vec![0], vec![1], vec![2], vec![3]]);
+    assert!(ep.is_connected(c.addr));
+    assert_eq!(ep.peer_state(addr(7)), PeerState::Handshake);
+    // A closed peer is unknown.
+    assert!(ep.close(c.addr));
+    assert_eq!(ep.send(c.addr, b"late"), Err(SendError::UnknownPeer));
+    assert!(!ep.close(c.addr));
+}
+
+#[test]
+fn close_from_the_application_sends_close_notify_and_keeps_the_session() {
+    let config = config();
+    let mut ep = Endpoint::new(Arc::clone(&config)).unwrap();
+    let now = Instant::now();
+    let mut c = Client::new(1000, None);
+    pump(&mut ep, &mut c, now);
+    let session = c.stream.ssl().session().unwrap().to_owned();
+    while ep.poll_event().is_some() {}
+    assert!(ep.close(c.addr));
+    assert_eq!(
+        events(&mut ep),
+        vec![Event::Closed {
+            peer: c.addr,
+            reason: CloseReason::Local
+        }]
+    );
+    assert_eq!((ep.peer_count(), ep.stats().closed_locally), (0, 1));
+    assert_eq!(ep.peer_state(c.addr), PeerState::None);
+    let bye = ep.poll_transmit().expect("close_notify");
+    c.stream.get_mut().push(bye.payload);
+    c.drive();
+    assert!(c
+        .stream
+        .get_shutdown()
+        .contains(openssl::ssl::ShutdownState::RECEIVED));
+    let mut again = Client::new(1001, Some(&session));
+    pump(&mut ep, &mut again, now);
+    assert!(again.stream.ssl().session_reused());
+    assert!(connected(&events(&mut ep))[0].resumed);
+}
+
+fn psk_client(port: u16, session: Option<&SslSession>, cipher: &str) -> Client {
+    let cipher = cipher.to_owned();
+    Client::with(port, session, move |b| {
+        b.set_cipher_list(&cipher).unwrap();
+        b.set_psk_client_callback(|_, _, identity, key| {
+            identity[..8].copy_from_slice(b"client1\0");
+            key[..16].copy_from_slice(&[0x42; 16]);
+            Ok(16)
+        });
+    })
+}
+
+#[test]
+fn connected_reports_the_psk_identity_on_resumption_too() {
+    let config = builder()
+        .psk_lookup(|id| (id == b"client1").then(|| vec![0x42; 16]))
+        .build()
+        .unwrap();
+    let mut ep = Endpoint::new(config).unwrap();
+    let now = Instant::now();
+    let mut c = psk_client(1000, None, "PSK-AES128-CCM8");
+    pump(&mut ep, &mut c, now);
+    assert!(c.established);
+    let session = c.stream.ssl().session().unwrap().to_owned();
+    let ev = events(&mut ep);
+    let info = connected(&ev)[0];
+    assert_eq!(info.cipher, "PSK-AES128-CCM8");
+    assert_eq!(info.psk_identity.as_deref(), Some(&b"client1"[..]));
+    assert!(info.peer_certificate.is_none());
+    c.stream.shutdown().unwrap();
+    for d in c.stream.get_mut().take_outbound() {
+        ep.handle(now, c.addr, &d);
+    }
+    while ep.poll_transmit().is_some() {}
+    let mut again = psk_client(1001, Some(&session), "PSK-AES128-CCM8");
+    pump(&mut ep, &mut again, now);
+    assert!(again.stream.ssl().session_reused());
+    let ev = events(&mut ep);
+    let info = connected(&ev)[0];
+    assert!(info.resumed);
+    assert_eq!(info.psk_identity.as_deref(), Some(&b"client1"[..]));
+}
+
+#[test]
+fn an_unknown_psk_identity_fails_the_handshake() {
+    let config = builder()
+        .psk_lookup(|id| (id == b"someone else").then(|| vec![0x42; 16]))
+        .build()
+        .unwrap();
+    let mut ep = Endpoint::new(config).unwrap();
+    let mut c = psk_client(1000, None, "PSK-AES128-CCM8");
+    for d in cookie_exchange(&mut ep, &mut c, Instant::now()) {
+        ep.handle(Instant::now(), c.addr, &d);
+    }
+    for t in std::iter::from_fn(|| ep.poll_transmit()) {
+        c.stream.get_mut().push(t.payload);
+    }
+    // The client's key exchange names the identity; the server fails the handshake.
+    let _ = c.stream.do_handshake();
+    for d in c.stream.get_mut().take_outbound() {
+        ep.handle(Instant::now(), c.addr, &d);
+    }
+    assert!(!c.established);
+    assert_eq!(ep.stats().failed, 1);
+    assert!(connected(&events(&mut ep)).is_empty());
+}
+
+#[test]
+fn close_notify_keeps_the_session_resumable() {
+    let config = config();
+    let mut ep = Endpoint::new(Arc::clone(&config)).unwrap();
+    let now = Instant::now();
+    let mut c = Client::new(1000, None);
+    pump(&mut ep, &mut c, now);
+    let session = c.stream.ssl().session().unwrap().to_owned();
+    c.stream.shutdown().unwrap();
+    for d in c.stream.get_mut().take_outbound() {
+        ep.handle(now, c.addr, &d);
+    }
+    assert_eq!(ep.peer_count(), 0);
+    assert!(events(&mut ep).contains(&Event::Closed {
+        peer: c.addr,
+        reason: CloseReason::CloseNotify
+    }));
+    let answer = ep.poll_transmit().expect("close_notify answered");
+    assert_eq!(answer.to, c.addr);
+    let mut again = Client::new(1001, Some(&session));
+    pump(&mut ep, &mut again, now);
+    assert!(again.established);
+    assert!(again.stream.ssl().session_reused());
+    assert_eq!(ep.stats().resumed, 1);
+    assert_eq!(config.session_cache().stats().hits, 1);
+}
+
+/// An epoch-1 DTLS 1.2 record of `content_type` with `body` (what an off-path attacker who
+/// knows the peer's address can send).
+fn epoch1_record(content_type: u8, seq: u64, body: &[u8]) -> Vec<u8> {
+    let mut rec = vec![content_type, 0xfe, 0xfd, 0, 1];
+    rec.extend_from_slice(&seq.to_be_bytes()[2..]);
+    rec.extend_from_slice(&(body.len() as u16).to_be_bytes());
+    rec.extend_from_slice(body);
+    rec
+}
+
+#[test]
+fn spoofed_datagrams_from_a_peers_address_change_nothing() {
+    let config = config();
+    let mut ep = Endpoint::new(Arc::clone(&config)).unwrap();
+    let now = Instant::now();
+    let mut c = Client::new(1000, None);
+    pump(&mut ep, &mut c, now);
+    assert!(c.established);
+    let session = c.stream.ssl().session().unwrap().to_owned();
+    while ep.poll_event().is_some() {}
+    // An empty datagram (read as end of file), then short epoch-1 records of every content
+    // type, then records of garbage the size of real ones: all from the peer's own address.
+    ep.handle(now, c.addr, b"");
+    let mut seq = 1000;
+    for content_type in [0u8, 20, 21, 22, 23, 24, 25, 255] {
+        for len in 0..=48 {
+            seq += 1;
+            let body: Vec<u8> = (0..len).map(|i| (i as u8).wrapping_mul(37)).collect();
+            ep.handle(now, c.addr, &epoch1_record(content_type, seq, &body));
+        }
+    }
+    // Two records in one datagram, the second truncated.
+    let mut two = epoch1_record(23, 5000, &[1; 40]);
+    two.extend_from_slice(&epoch1_record(23, 5001, &[2; 40])[..20]);
+    ep.handle(now, c.addr, &two);
+    let ev = events(&mut ep);
+    assert!(
+        !ev.iter().any(|e| matches!(e, Event::Closed { .. })),
+        "a spoofed datagram closed the peer: {ev:?}"
+    );
+    assert_eq!(ep.peer_count(), 1);
+    assert_eq!(ep.peer_state(c.addr), PeerState::Established);
+    assert_eq!(ep.stats().failed, 0);
+    // The peer still works, and its session still resumes.
+    for d in c.send(b"still here") {
+        ep.handle(now, c.addr, &d);
+    }
+    echo(&mut ep);
+    pump(&mut ep, &mut c, now);
+    assert_eq!(
+        c.received.last().map(Vec::as_slice),
+        Some(&b"still here"[..])
+    );
+    c.stream.shutdown().unwrap();
+    for d in c.stream.get_mut().take_outbound() {
+        ep.handle(now, c.addr, &d);
+    }
+    while ep.poll_transmit().is_some() {}
+    let mut again = Client::new(1001, Some(&session));
+    pump(&mut ep, &mut again, now);
+    assert!(again.stream.ssl().session_reused());
+    assert_eq!(config.session_cache().stats().removed, 0);
+    assert!(ep.stats().dropped_invalid > 0);
+}
+
+/// Spoofed epoch-1 records (random bodies of every length 1..100, content types 20 to 23)
+/// from the address of `c`'s established peer: nothing changes, the peer still talks.
+fn spoof_changes_nothing(ep: &mut Endpoint, c: &mut Client, now: Instant) {
+    assert!(c.established);
+    while ep.poll_event().is_some() {}
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(7);
+    let mut seq = 100;
+    for content_type in 20u8..=23 {
+        for len in 1..100 {
+            seq += 1;
+            let body: Vec<u8> = (0..len).map(|_| rng.random()).collect();
+            ep.handle(now, c.addr, &epoch1_record(content_type, seq, &body));
+        }
+    }
+    let ev: Vec<_> = events(ep)
+        .into_iter()
+        .filter(|e| matches!(e, Event::Closed { .. } | Event::Data { .. }))
+        .collect();
+    assert!(
+        ev.is_empty(),
+        "a spoofed record reached the application or closed the peer: {ev:?}"
+    );
+    assert_eq!(ep.peer_state(c.addr), PeerState::Established);
+    assert_eq!(ep.stats().failed, 0);
+    for d in c.send(b"after the spoof") {
+        ep.handle(now, c.addr, &d);
+    }
+    echo(ep);
+    pump(ep, c, now);
+    assert_eq!(
+        c.received.last().map(Vec::as_slice),
+        Some(&b"after the spoof"[..])
+    );
+}
+
+#[test]
+fn spoofed_records_leave_a_cbc_peer_established() {
+    // The client offers encrypt-then-MAC, as OpenSSL clients do by default for CBC suites;
+    // the server declines it (MAC-then-encrypt), so records with a bad MAC are discarded.
+    let cbc = "ECDHE-ECDSA-AES128-SHA256";
+    let config = builder().ciphers(cbc).build().unwrap();
+    let mut ep = Endpoint::new(config).unwrap();
+    let now = Instant::now();
+    let mut c = Client::with(1000, None, |b| b.set_cipher_list(cbc).unwrap());
+    pump(&mut ep, &mut c, now);
+    assert_eq!(c.stream.ssl().current_cipher().map(|c| c.name()), Some(cbc));
+    spoof_changes_nothing(&mut ep, &mut c, now);
+}
+
+#[test]
+fn spoofed_records_leave_a_psk_ccm8_peer_established() {
+    let config = builder().psk(b"client1", &[0x42; 16]).build().unwrap();
+    let mut ep = Endpoint::new(config).unwrap();
+    let now = Instant::now();
+    let mut c = psk_client(1000, None, "PSK-AES128-CCM8");
+    pump(&mut ep, &mut c, now);
+    assert_eq!(
+        c.stream.ssl().current_cipher().map(|c| c.name()),
+        Some("PSK-AES128-CCM8")
+    );
+    spoof_changes_nothing(&mut ep, &mut c, now);
+    // Bodies under 16 bytes cannot be CCM8 records: screened before OpenSSL.
+    assert!(ep.stats().dropped_invalid >= 4 * 15);
+}
+
+#[test]
+fn a_thousand_datagrams_to_one_peer_leave_the_timer_heap_bounded() {
+    let mut ep = Endpoint::new(config()).unwrap();
+    // A peer in its handshake runs a DTLS timer; it retransmits its client hello.
+    let mut c = Client::new(1000, None);
+    let hello = cookie_exchange(&mut ep, &mut c, Instant::now());
+    assert_eq!(hello.len(), 1);
+    for _ in 0..1000 {
+        ep.handle(Instant::now(), c.addr, &hello[0]);
+        while ep.poll_transmit().is_some() {}
+    }
+    assert_eq!(ep.peer_count(), 1);
+    assert!(ep.peers[&c.addr].deadline().is_some(), "the timer runs");
+    assert!(ep.timers.len() <= 2, "{} timer entries", ep.timers.len());
+    // With time standing still for the endpoint while OpenSSL's clock runs, every deadline
+    // comes a little earlier; stale entries are still bounded.
+    let frozen = Instant::now();
+    for _ in 0..1000 {
+        ep.handle(frozen, c.addr, &hello[0]);
+        while ep.poll_transmit().is_some() {}
+    }
+    assert!(
+        ep.timers.len() <= 2 + crate::server::timers::TIMER_HEAP_SPARE + 1,
+        "{} timer entries",
+        ep.timers.len()
+    );
+    assert!(ep.poll_timeout().is_some());
+}
+
+#[test]
+fn a_peer_failing_without_an_alert_keeps_its_session() {
+    let config = config();
+    let mut ep = Endpoint::new(Arc::clone(&config)).unwrap();
+    let now = Instant::now();
+    let mut c = Client::new(1000, None);
+    pump(&mut ep, &mut c, now);
+    let session = c.stream.ssl().session().unwrap().to_owned();
+    // An end of file under the record layer fails the connection without any alert.
+    let peer = ep.peers.get_mut(&c.addr).unwrap();
+    peer.push(Vec::new());
+    peer.drive(now, &mut ep.scratch);
+    ep.after_drive(now, c.addr);
+    assert_eq!(ep.stats().failed, 1);
+    assert_eq!(ep.peer_count(), 0);
+    assert_eq!(config.session_cache().stats().removed, 0);
+    let mut again = Client::new(1001, Some(&session));
+    pump(&mut ep, &mut again, now);
+    assert!(again.stream.ssl().session_reused());
+}
+
+/// A remote store stand-in: sessions in memory, every lookup held until `release`.
+#[derive(Debug, Default)]
+struct HeldStore {
+    inner: std::sync::OnceLock<crate::MemoryStore>,
+    held: parking_lot::Mutex<Vec<(crate::SessionId, crate::LookupMode, crate::LookupDone)>>,
+}
+
+impl HeldStore {
+    fn mem(&self) -> &crate::MemoryStore {
+        self.inner
+            .get_or_init(|| crate::MemoryStore::builder().build().unwrap())
+    }
+
+    fn release(&self) -> usize {
+        use crate::SessionStore;
+        let held: Vec<_> = self.held.lock().drain(..).collect();
+        let n = held.len();
+        for (id, _, done) in held {
+            done.complete(self.mem().get(&id));
+        }
+        n
+    }
+}
+
+impl crate::SessionStore for HeldStore {
+    fn get(&self, _: &crate::SessionId) -> Result<Option<crate::StoredSession>, crate::StoreError> {
+        panic!("a remote store is never asked synchronously")
+    }
+    fn put(&self, id: crate::SessionId, s: crate::StoredSession) -> Result<(), crate::StoreError> {
+        self.mem().put(id, s)
+    }
+    fn take(
+        &self,
+        _: &crate::SessionId,
+    ) -> Result<Option<crate::StoredSession>, crate::StoreError> {
+        panic!("a remote store is never asked synchronously")
+    }
+    fn remove(&self, id: &crate::SessionId) -> Result<bool, crate::StoreError> {
+        self.mem().remove(id)
+    }
+    fn lookup(&self, id: crate::SessionId, mode: crate::LookupMode, done: crate::LookupDone) {
+        self.held.lock().push((id, mode, done));
+    }
+    fn is_remote(&self) -> bool {
+        true
+    }
+}
+
+#[derive(Default)]
+struct CountWake(std::sync::atomic::AtomicUsize);
+
+impl Wake for CountWake {
+    fn wake(self: Arc<Self>) {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// An endpoint over a held remote store, a session made by a first client, and the
+/// driver's waker.
+fn parked_setup() -> (Endpoint, Arc<HeldStore>, SslSession, Arc<CountWake>) {
+    let store = Arc::new(HeldStore::default());
+    let cache = SessionCache::builder()
+        .store(store.clone())
+        .build()
+        .unwrap();
+    let config = ServerConfig::builder(cache)
+        .lookup_timeout(Duration::from_millis(300))
+        .parked_datagrams(2)
+        .build()
+        .unwrap();
+    let mut ep = Endpoint::new(config).unwrap();
+    let wake = Arc::new(CountWake::default());
+    ep.set_waker(Waker::from(wake.clone()));
+    let now = Instant::now();
+    let mut first = Client::new(1000, None);
+    pump(&mut ep, &mut first, now);
+    let session = first.stream.ssl().session().unwrap().to_owned();
+    first.stream.shutdown().unwrap();
+    for d in first.stream.get_mut().take_outbound() {
+        ep.handle(now, first.addr, &d);
+    }
+    while ep.poll_transmit().is_some() {}
+    while ep.poll_event().is_some() {}
+    (ep, store, session, wake)
+}
+
+#[test]
+fn a_parked_peer_waits_for_its_lookup_while_others_are_served_then_resumes() {
+    let (mut ep, store, session, wake) = parked_setup();
+    let now = Instant::now();
+    // An established peer that will keep talking while the other one is parked.
+    let mut busy = Client::new(2000, None);
+    pump(&mut ep, &mut busy, now);
+    while ep.poll_event().is_some() {}
+    // The resuming client: cookie exchange, then its ClientHello parks it.
+    let mut resuming = Client::new(1001, Some(&session));
+    pump(&mut ep, &mut resuming, now);
+    assert!(!resuming.established);
+    assert_eq!(store.held.lock().len(), 1);
+    let s = ep.stats();
+    assert_eq!((s.lookups_parked, s.parked), (1, 1), "{s:?}");
+    assert_eq!(ep.peer_state(resuming.addr), PeerState::Handshake);
+    // Its retransmissions wait, bounded (2 here); the rest is dropped and counted.
+    for _ in 0..4 {
+        ep.handle(now, resuming.addr, &test_hello(9, 1, &[], &[1; 32]));
+    }
+    assert_eq!(ep.stats().dropped_parked, 2);
+    // The established peer is served meanwhile.
+    for d in busy.send(b"still served") {
+        ep.handle(now, busy.addr, &d);
+    }
+    assert!(events(&mut ep).contains(&Event::Data {
+        peer: busy.addr,
+        data: b"still served".to_vec()
+    }));
+    // Nothing is due before the store answers (but the lookup deadline).
+    assert!(
+        ep.poll_timeout().unwrap() >= now + Duration::from_millis(300) - Duration::from_millis(1)
+    );
+    // The store answers from another thread: the driver's waker fires, and handle_timeout
+    // goes on with the handshake, which resumes.
+    let s2 = Arc::clone(&store);
+    assert_eq!(std::thread::spawn(move || s2.release()).join().unwrap(), 1);
+    assert_eq!(wake.0.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert!(ep.poll_timeout().unwrap() <= now);
+    ep.handle_timeout(now);
+    let s = ep.stats();
+    assert_eq!(
+        (s.lookups_completed, s.lookups_timed_out, s.parked),
+        (1, 0, 0),
+        "{s:?}"
+    );
+    pump(&mut ep, &mut resuming, now);
+    assert!(resuming.established && resuming.stream.ssl().session_reused());
+    assert_eq!(ep.stats().resumed, 1);
+    let cache = ep.config().session_cache().stats();
+    assert_eq!(
+        (cache.lookups, cache.suspended, cache.hits),
+        (1, 1, 1),
+        "{cache:?}"
+    );
+}
+
+#[test]
+fn a_lookup_past_its_bound_is_a_full_handshake_never_a_hung_peer() {
+    let (mut ep, store, session, _) = parked_setup();
+    let now = Instant::now();
+    let mut resuming = Client::new(1001, Some(&session));
+    pump(&mut ep, &mut resuming, now);
+    assert_eq!(ep.stats().parked, 1);
+    ep.handle_timeout(now + Duration::from_millis(299));
+    assert_eq!(ep.stats().parked, 1, "given up too early");
+    let due = ep.poll_timeout().unwrap();
+    assert!(due <= now + Duration::from_millis(300));
+    ep.handle_timeout(now + Duration::from_millis(300));
+    let s = ep.stats();
+    assert_eq!((s.lookups_timed_out, s.parked), (1, 0), "{s:?}");
+    pump(&mut ep, &mut resuming, now + Duration::from_millis(300));
+    assert!(resuming.established);
+    assert!(!resuming.stream.ssl().session_reused(), "a full handshake");
+    // The answer arriving afterwards changes nothing.
+    assert_eq!(store.release(), 1);
+    ep.handle_timeout(now + Duration::from_millis(400));
+    let cache = ep.config().session_cache().stats();
+    assert_eq!((cache.hits, cache.abandoned), (0, 1), "{cache:?}");
+    assert_eq!(ep.stats().handshakes, 2);
+}
+
+#[test]
+fn garbage_and_strays_are_dropped_and_counted() {
+    let mut ep = Endpoint::new(config()).unwrap();
+    let now = Instant::now();
+    ep.handle(now, addr(1), b"");
+    ep.handle(now, addr(1), b"GET / HTTP/1.1\r\n\r\n");
+    let mut appdata = test_hello(1, 0, &[], &[]);
+    appdata[0] = 23;
+    ep.handle(now, addr(2), &appdata);
+    ep.handle(now, addr(3), &vec![22; DEFAULT_MAX_DATAGRAM + 1]);
+    let s = ep.stats();
+    assert_eq!(s.dropped_garbage, 2);
+    assert_eq!(s.dropped_not_client_hello, 1);
+    assert_eq!(s.dropped_oversize, 1);
+    assert_eq!(s.dropped(), 4);
+    assert_eq!(ep.peer_count(), 0);
+    assert!(ep.poll_transmit().is_none());
+    assert_eq!(ep.dsm_stats().stored, 0);
+}
+
+#[test]
+fn a_datagram_of_the_maximum_size_is_read_one_byte_more_is_not() {
+    let mut ep = Endpoint::new(config()).unwrap();
+    let now = Instant::now();
+    ep.handle(now, addr(1), &vec![0; DEFAULT_MAX_DATAGRAM]);
+    ep.handle(now, addr(1), &vec![0; DEFAULT_MAX_DATAGRAM + 1]);
+    let s = ep.stats();
+    assert_eq!(
+        (s.datagrams_in, s.dropped_garbage, s.dropped_oversize),
+        (2, 1, 1)
+    );
+    assert_eq!(
+        format!("{ep:?}"),
+        format!("Endpoint {{ peers: 0, stats: {s:?}, .. }}")
+    );
+}
+
+#[test]
+fn the_waker_given_is_the_waker_kept() {
+    let mut ep = Endpoint::new(config()).unwrap();
+    assert!(ep.waker().is_none());
+    let wake = Arc::new(CountWake::default());
+    ep.set_waker(Waker::from(Arc::clone(&wake)));
+    ep.waker().expect("kept").wake_by_ref();
+    assert_eq!(wake.0.load(std::sync::atomic::Ordering::SeqCst), 1);
+}
+
+#[test]
+fn a_new_hello_on_an_established_association_gets_a_cookie_and_keeps_the_old_one() {
+    let mut ep = Endpoint::new(config()).unwrap();
+    let now = Instant::now();
+    let mut c = Client::new(9, None);
+    pump(&mut ep, &mut c, now);
+    assert!(c.established);
+    let before = ep.stats().hello_verify_requests;
+    ep.handle(now, addr(9), &test_hello(0, 0, &[], &[]));
+    assert_eq!(ep.stats().hello_verify_requests, before + 1);
+    assert_eq!(ep.poll_transmit().map(|t| t.to), Some(addr(9)));
+    assert_eq!(ep.peer_state(addr(9)), PeerState::Established);
+}
+
+#[test]
+fn a_cookie_hello_that_never_saw_a_verify_request_is_taken_as_it_is() {
+    let mut ep = Endpoint::new(config()).unwrap();
+    let now = Instant::now();
+    ep.handle(now, addr(5), &test_hello(0, 0, &[], &[]));
+    let cookie = cookie_of(&ep.poll_transmit().unwrap().payload);
+    // Message sequence 0 with a valid cookie: a client that got its cookie earlier.
+    ep.handle(now, addr(5), &test_hello(0, 0, &[], &cookie));
+    let s = ep.stats();
+    assert_eq!((s.hello_verify_requests, s.dropped_bad_sequence), (1, 0));
+    assert_eq!(ep.dsm_stats().stored, 1, "it got a handshake slot");
+}
+
+#[test]
+fn an_idle_peer_evicted_for_a_new_handshake_closes_as_evicted() {
+    // One slot; every test client is on 127.0.0.1, so the quota must not refuse first.
+    let dsm = DsmConfig::new(1)
+        .with_max_per_source(2)
+        .with_evict_idle_after(Some(Duration::from_secs(1)));
+    let mut ep = Endpoint::new(config_with(dsm)).unwrap();
+    let t0 = Instant::now();
+    let mut a = Client::new(1, None);
+    pump(&mut ep, &mut a, t0);
+    assert!(a.established);
+    let _ = events(&mut ep);
+    half_open(&mut ep, 2, t0 + Duration::from_secs(2));
+    let closed: Vec<_> = events(&mut ep)
+        .into_iter()
+        .filter(|e| matches!(e, Event::Closed { .. }))
+        .collect();
+    assert_eq!(
+        closed,
+        vec![Event::Closed {
+            peer: addr(1),
+            reason: CloseReason::Evicted
+        }]
+    );
+    assert_eq!(ep.peer_state(addr(2)), PeerState::Handshake);
+}
+
+#[test]
+fn authenticated_data_keeps_a_peer_from_going_idle() {
+    let dsm = DsmConfig::new(8).with_idle_tick(Duration::from_secs(10));
+    let mut ep = Endpoint::new(config_with(dsm)).unwrap();
+    let t0 = Instant::now();
+    let mut c = Client::new(3, None);
+    pump(&mut ep, &mut c, t0);
+    assert!(c.established);
+    let at = |s: u64| t0 + Duration::from_secs(s);
+    // The sweeper passes every 10 s: a peer unused between two passes goes.
+    for s in [5, 10, 15] {
+        ep.handle_timeout(at(s));
+    }
+    for d in c.send(b"still here") {
+        ep.handle(at(15), c.addr, &d);
+    }
+    for s in [20, 25] {
+        ep.handle_timeout(at(s));
+    }
+    assert_eq!(ep.peer_state(addr(3)), PeerState::Established);
+    for s in [30, 35, 40, 45] {
+        ep.handle_timeout(at(s));
+    }
+    assert_eq!(
+        ep.peer_state(addr(3)),
+        PeerState::None,
+        "silent for two passes"
+    );
+}
+
+#[test]
+fn the_endpoint_rotates_cookie_secrets_as_time_passes() {
+    let config = builder()
+        .cookie_rotation(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let mut ep = Endpoint::new(config).unwrap();
+    let t0 = Instant::now();
+    ep.handle(t0, addr(5), &test_hello(0, 0, &[], &[]));
+    let cookie = cookie_of(&ep.poll_transmit().unwrap().payload);
+    // Datagrams from elsewhere carry the clock through two rotation periods.
+    for s in [11, 22] {
+        ep.handle(t0 + Duration::from_secs(s), addr(6), b"x");
+    }
+    ep.handle(
+        t0 + Duration::from_secs(22),
+        addr(5),
+        &test_hello(1, 1, &[], &cookie),
+    );
+    assert_eq!(ep.stats().bad_cookies, 1, "a cookie two secrets old");
+    assert_eq!(ep.peer_count(), 0);
+}
+
+fn cookie_of(hvr: &[u8]) -> Vec<u8> {
+    hvr[13 + 12 + 3..].to_vec()
+}
+
+#[test]
+fn cookieless_hellos_keep_no_state() {
+    let mut ep = Endpoint::new(config()).unwrap();
+    let now = Instant::now();
+    for port in 0..1000 {
+        ep.handle(now, addr(port), &test_hello(0, 0, &[], &[]));
+    }
+    assert_eq!(ep.stats().hello_verify_requests, 1000);
+    assert_eq!(ep.peer_count(), 0);
+    assert_eq!(ep.dsm_stats().stored, 0);
+    // A wrong cookie gets a fresh HelloVerifyRequest, not a peer.
+    ep.handle(now, addr(5), &test_hello(1, 1, &[], &[0; 32]));
+    assert_eq!(ep.stats().bad_cookies, 1);
+    assert_eq!(ep.peer_count(), 0);
+    // A cookie made for another address does not verify either.
+    let hvr = std::iter::from_fn(|| ep.poll_transmit()).last().unwrap();
+    assert_eq!(hvr.to, addr(5));
+    ep.handle(
+        now,
+        addr(6),
+        &test_hello(1, 1, &[], &cookie_of(&hvr.payload)),
+    );
+    assert_eq!(ep.stats().bad_cookies, 2);
+    assert_eq!(ep.peer_count(), 0);
+}
+
+/// A real client from `port` does the cookie exchange, sends its second ClientHello and
+/// goes silent.
+fn half_open(ep: &mut Endpoint, port: u16, now: Instant) {
+    while ep.poll_transmit().is_some() {}
+    let mut c = Client::new(port, None);
+    for d in cookie_exchange(ep, &mut c, now) {
+        ep.handle(now, c.addr, &d);
+    }
+}
+
+#[test]
+fn handshake_budget_is_never_exceeded() {
+    let dsm = DsmConfig::new(64).with_max_handshakes(3);
+    let mut ep = Endpoint::new(config_with(dsm)).unwrap();
+    let now = Instant::now();
+    for port in 0..10 {
+        half_open(&mut ep, port, now);
+    }
+    assert_eq!(ep.peer_count(), 3);
+    assert_eq!(ep.stats().dropped_no_space, 7);
+    assert_eq!(ep.stats().max_handshaking, 3);
+    assert_eq!(ep.dsm_stats().handshakes, 3);
+}
+
+#[test]
+fn stalled_handshake_is_freed_after_the_timeout() {
+    let dsm = DsmConfig::new(64).with_handshake_timeout(Duration::from_millis(300));
+    let mut ep = Endpoint::new(config_with(dsm)).unwrap();
+    let t0 = Instant::now();
+    half_open(&mut ep, 7, t0);
+    assert_eq!(ep.peer_state(addr(7)), PeerState::Handshake);
+    let deadline = ep.poll_timeout().unwrap();
+    assert!(deadline <= t0 + Duration::from_millis(300));
+    ep.handle_timeout(t0 + Duration::from_millis(299));
+    assert_eq!(ep.peer_count(), 1);
+    ep.handle_timeout(t0 + Duration::from_millis(300));
+    assert_eq!(ep.peer_count(), 0);
+    assert_eq!(ep.peer_state(addr(7)), PeerState::None);
+    assert_eq!(ep.stats().handshake_timeouts, 1);
+    assert!(events(&mut ep).contains(&Event::Closed {
+        peer: addr(7),
+        reason: CloseReason::HandshakeTimeout
+    }));
+}
+
+#[test]
+fn idle_peer_is_shut_down_and_resumes() {
+    let dsm = DsmConfig::new(64).with_idle_tick(Duration::from_secs(1));
+    let config = config_with(dsm);
+    let mut ep = Endpoint::new(Arc::clone(&config)).unwrap();
+    let t0 = Instant::now();
+    let mut c = Client::new(1000, None);
+    pump(&mut ep, &mut c, t0);
+    let session = c.stream.ssl().session().unwrap().to_owned();
+    while ep.poll_transmit().is_some() {}
+    // The DSM frees a peer unused for two sweeper ticks (one pass per tick).
+    ep.handle_timeout(t0 + Duration::from_millis(1500));
+    assert_eq!(ep.peer_count(), 1, "one tick of silence is not idle yet");
+    let next = ep.poll_timeout().unwrap();
+    assert!(next <= t0 + Duration::from_millis(2500));
+    ep.handle_timeout(next);
+    assert_eq!(ep.peer_count(), 0);
+    assert_eq!(ep.stats().idle_closed, 1);
+    // The server's close_notify went out.
+    let bye = ep.poll_transmit().expect("close_notify");
+    c.stream.get_mut().push(bye.payload);
+    c.drive();
+    assert!(c
+        .stream
+        .get_shutdown()
+        .contains(openssl::ssl::ShutdownState::RECEIVED));
+    let mut again = Client::new(1001, Some(&session));
+    pump(&mut ep, &mut again, t0 + Duration::from_secs(6));
+    assert!(again.stream.ssl().session_reused());
+}
+
+#[test]
+fn lost_flight_is_retransmitted_by_the_timer() {
+    let mut ep = Endpoint::new(config()).unwrap();
+    let mut c = Client::new(1000, None);
+    // Cookie exchange, then the client's second hello; the server's flight is lost.
+    for d in cookie_exchange(&mut ep, &mut c, Instant::now()) {
+        ep.handle(Instant::now(), c.addr, &d);
+    }
+    let lost: Vec<_> = std::iter::from_fn(|| ep.poll_transmit()).collect();
+    assert!(!lost.is_empty());
+    let deadline = ep.poll_timeout().unwrap();
+    let wait = deadline.saturating_duration_since(Instant::now());
+    assert!(
+        wait <= Duration::from_secs(1),
+        "first DTLS timer is 1 s, got {wait:?}"
+    );
+    // Before the deadline nothing is resent.
+    ep.handle_timeout(Instant::now());
+    assert!(ep.poll_transmit().is_none());
+    // OpenSSL's DTLS timer reads the real clock, so this one test waits for it.
+    std::thread::sleep(wait + Duration::from_millis(20));
+    ep.handle_timeout(Instant::now());
+    let resent: Vec<_> = std::iter::from_fn(|| ep.poll_transmit()).collect();
+    assert!(!resent.is_empty(), "flight retransmitted");
+    for t in resent {
+        c.stream.get_mut().push(t.payload);
+    }
+    pump(&mut ep, &mut c, Instant::now());
+    assert!(c.established);
+    assert_eq!(ep.stats().handshakes, 1);
+}
+
+#[test]
+fn what_only_the_handshake_needs_goes_when_it_finishes() {
+    let mut ep = Endpoint::new(config()).unwrap();
+    let now = Instant::now();
+    half_open(&mut ep, 7, now);
+    assert!(ep.peers[&addr(7)].handshake.is_some(), "kept while it runs");
+    while ep.poll_transmit().is_some() {}
+    let mut c = Client::new(1000, None);
+    pump(&mut ep, &mut c, now);
+    assert!(c.established);
+    let ev = events(&mut ep);
+    let handshake_time = connected(&ev)[0].handshake_time;
+    assert_eq!(handshake_time, Duration::ZERO, "all at one `now`");
+    assert!(
+        ep.peers[&c.addr].handshake.is_none(),
+        "dropped once it finished"
+    );
+    assert!(ep.peers[&addr(7)].handshake.is_some());
+}
