@@ -576,3 +576,41 @@ pub(crate) fn tls1_prf(
     }
     Ok(())
 }
+
+/// Makes the next flight of `ssl` time out at once (`DTLS_set_timer_cb`: 1 µs when a timer
+/// starts, a second after an expiry), so that a test gets one retransmission of it without
+/// waiting on OpenSSL's clock.
+#[cfg(test)]
+pub(crate) fn dtls_timer_expires_at_once(ssl: &SslRef) {
+    extern "C" {
+        fn DTLS_set_timer_cb(
+            s: *mut openssl_sys::SSL,
+            cb: Option<unsafe extern "C" fn(*mut openssl_sys::SSL, libc::c_uint) -> libc::c_uint>,
+        );
+    }
+    unsafe extern "C" fn one_microsecond(
+        _ssl: *mut openssl_sys::SSL,
+        previous_us: libc::c_uint,
+    ) -> libc::c_uint {
+        if previous_us == 0 {
+            1
+        } else {
+            1_000_000
+        }
+    }
+    // SAFETY: ssl is a live SSL (borrowed from a stream a test owns and drives on this thread
+    // only); the callback is a plain function that touches nothing and cannot unwind.
+    unsafe { DTLS_set_timer_cb(ssl.as_ptr(), Some(one_microsecond)) }
+}
+
+/// Starts a renegotiation on a client `ssl` (`SSL_renegotiate`): its next handshake call sends
+/// a ClientHello on the established association.
+#[cfg(test)]
+pub(crate) fn renegotiate(ssl: &SslRef) -> bool {
+    extern "C" {
+        fn SSL_renegotiate(s: *mut openssl_sys::SSL) -> c_int;
+    }
+    // SAFETY: ssl is a live SSL (borrowed from a stream a test owns and drives on this thread
+    // only); SSL_renegotiate only sets a flag on it.
+    unsafe { SSL_renegotiate(ssl.as_ptr()) == 1 }
+}

@@ -73,8 +73,19 @@ fn echo_server_bin() -> &'static Path {
                 cmd.args(["--profile", other]);
             }
         }
-        if cfg!(feature = "redis") {
-            cmd.args(["--features", "redis"]);
+        // The features of this test build, so the example (and what it depends on) is the
+        // one `cargo test` built already: no rebuild racing the other test binaries.
+        let features: Vec<&str> = [
+            ("redis", cfg!(feature = "redis")),
+            ("tokio", cfg!(feature = "tokio")),
+            ("metrics", cfg!(feature = "metrics")),
+            ("__fuzzing", cfg!(feature = "__fuzzing")),
+        ]
+        .into_iter()
+        .filter_map(|(name, on)| on.then_some(name))
+        .collect();
+        if !features.is_empty() {
+            cmd.args(["--features", &features.join(",")]);
         }
         let mut child = cmd
             .stdin(Stdio::null())

@@ -460,6 +460,12 @@ impl SessionCache {
         self.shared.inner.store_session(None, session);
     }
 
+    /// Removes the session `id` as OpenSSL's remove callback would (the endpoint's record layer
+    /// received a fatal alert on an association it runs without OpenSSL).
+    pub(crate) fn remove_session_id(&self, id: &SessionId) {
+        self.shared.inner.remove_id(id);
+    }
+
     /// The lookup a suspended handshake on `ssl` waits for.
     ///
     /// With a remote store, a handshake call (`SslStream::do_handshake`, `accept`, a read or
@@ -901,12 +907,19 @@ impl Inner {
     /// The remove-session callback. May run with OpenSSL's context lock held: it must not call
     /// back into OpenSSL for that context.
     pub(crate) fn on_remove_session(&self, session: &SslSessionRef) {
+        if let Ok(id) = SessionId::new(session.id()) {
+            self.remove_id(&id);
+        }
+    }
+
+    /// What OpenSSL asks for when it removes a session (a fatal alert, an expired hit), by id:
+    /// the session goes from the store and the decoded tier (unless the remove callback is
+    /// ignored, [`SessionCacheBuilder::honor_remove_callback`]).
+    pub(crate) fn remove_id(&self, id: &SessionId) {
         if !self.honor_remove {
             return;
         }
-        let Ok(id) = SessionId::new(session.id()) else {
-            return;
-        };
+        let id = *id;
         self.forget_decoded(&id);
         match self.store.remove(&id) {
             Ok(true) => Counters::bump(&self.counters.removed),

@@ -31,6 +31,7 @@ mod driver;
 mod endpoint;
 mod event;
 mod io;
+mod lean;
 #[cfg(feature = "metrics")]
 mod metrics;
 mod peer;

@@ -7,7 +7,9 @@ use openssl::ssl::{ErrorCode, Ssl, SslRef, SslStream};
 
 use super::config::MAX_RECORD_PLAINTEXT;
 use super::endpoint::park::Parked;
+use super::lean::{Epoch1Trace, Lean};
 use super::pipe::DatagramPipe;
+use super::record::protect::Crypto;
 use super::record::HandshakeBudget;
 use super::timers::Timer;
 use crate::ffi;
@@ -30,14 +32,16 @@ pub(crate) enum Progress {
 
 /// One peer of the endpoint: its connection and what the endpoint keeps for it.
 ///
-/// An established peer keeps no record buffers and no datagram queue storage between calls
-/// ([`rest`](Self::rest)): its `Ssl` sets its buffers up again for each call that reads or writes
-/// ([`ffi::LeanStream`]).
+/// OpenSSL runs the handshake ([`Conn::Ssl`]). Once it finished with an AEAD suite the
+/// endpoint takes the records over and frees the `Ssl` ([`Conn::Lean`], [`Peer::go_lean`]);
+/// other suites (CBC), or all with lean peers off, keep their `Ssl`, which then holds no record
+/// buffers and no datagram queue storage between calls ([`rest`](Self::rest)): it sets its
+/// buffers up again for each call that reads or writes ([`ffi::LeanStream`]).
 pub(crate) struct Peer {
     /// Tells this peer's datagrams from those of an earlier peer at the same address.
     pub(crate) id: u64,
-    /// The connection OpenSSL runs, for the peer's whole life.
-    conn: SslConn,
+    /// The connection: OpenSSL's, or the endpoint's own record state.
+    conn: Conn,
     /// What only the handshake needs: `Some` from the peer's creation until the endpoint saw
     /// its handshake finish (or the peer closed). Boxed, so that an established peer keeps one
     /// word of it.
@@ -70,6 +74,14 @@ impl Handshake {
     }
 }
 
+/// Who runs a peer's records.
+enum Conn {
+    /// OpenSSL: the handshake, and afterwards the records of a peer that did not go lean.
+    Ssl(SslConn),
+    /// The endpoint's record layer, the `Ssl` gone.
+    Lean(Box<Lean>),
+}
+
 /// The peer's `Ssl`, over its in-memory pipe, and what driving it reported.
 struct SslConn {
     stream: ffi::LeanStream<DatagramPipe>,
@@ -81,6 +93,12 @@ struct SslConn {
     finished: bool,
     /// [`min_protected_body`] of the negotiated cipher, once OpenSSL chose it.
     min_body: Option<usize>,
+    /// The epoch-1 records fed and written until the handshake finished (for [`Lean`]).
+    trace: Epoch1Trace,
+    /// The last `drive` finished the handshake: what it wrote is the final flight.
+    just_established: bool,
+    /// The final flight of a full handshake, as taken from the pipe.
+    final_flight: Option<Vec<Vec<u8>>>,
 }
 
 impl Drop for SslConn {
@@ -99,8 +117,9 @@ impl std::fmt::Debug for Peer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Peer")
             .field("id", &self.id)
-            .field("established", &self.conn.established)
-            .field("deadline", &self.conn.deadline)
+            .field("established", &self.is_established())
+            .field("lean", &self.is_lean())
+            .field("deadline", &self.deadline())
             .field("queued", &self.queued)
             .finish_non_exhaustive()
     }
@@ -132,13 +151,16 @@ impl Peer {
         ssl.set_accept_state();
         Ok(Self {
             id,
-            conn: SslConn {
+            conn: Conn::Ssl(SslConn {
                 stream: ffi::LeanStream::new(SslStream::new(ssl, DatagramPipe::new())?),
                 established: false,
                 deadline: None,
                 finished: false,
                 min_body: None,
-            },
+                trace: Epoch1Trace::default(),
+                just_established: false,
+                final_flight: None,
+            }),
             handshake: Some(Box::new(Handshake::new(started))),
             timer: None,
             queued: 0,
@@ -152,96 +174,177 @@ impl Peer {
 
     /// The DTLS retransmission deadline, if a timer runs.
     pub(crate) fn deadline(&self) -> Option<Instant> {
-        self.conn.deadline
+        match &self.conn {
+            Conn::Ssl(c) => c.deadline,
+            Conn::Lean(_) => None,
+        }
     }
 
     /// Whether the record buffers are released now.
     #[cfg(test)]
     fn buffers_released(&self) -> bool {
-        self.conn.stream.buffers_released()
+        match &self.conn {
+            Conn::Ssl(c) => c.stream.buffers_released(),
+            Conn::Lean(_) => true,
+        }
     }
 
     /// Whether the handshake has finished.
     pub(crate) fn is_established(&self) -> bool {
-        self.conn.established
+        match &self.conn {
+            Conn::Ssl(c) => c.established,
+            Conn::Lean(_) => true,
+        }
     }
 
-    /// The peer's `Ssl`.
-    pub(crate) fn ssl(&self) -> &SslRef {
-        self.conn.stream.ssl()
+    /// Whether the endpoint runs this peer's records (its `Ssl` is gone).
+    pub(crate) fn is_lean(&self) -> bool {
+        matches!(self.conn, Conn::Lean(_))
+    }
+
+    /// The lean association, if the peer went lean.
+    pub(crate) fn lean_mut(&mut self) -> Option<&mut Lean> {
+        match &mut self.conn {
+            Conn::Lean(l) => Some(l),
+            Conn::Ssl(_) => None,
+        }
+    }
+
+    /// The peer's `Ssl`, while it has one.
+    pub(crate) fn ssl(&self) -> Option<&SslRef> {
+        match &self.conn {
+            Conn::Ssl(c) => Some(c.stream.ssl()),
+            Conn::Lean(_) => None,
+        }
     }
 
     /// Datagrams queued and not read by OpenSSL yet.
     pub(crate) fn inbound_len(&self) -> usize {
-        self.conn.stream.get_ref().inbound_len()
+        match &self.conn {
+            Conn::Ssl(c) => c.stream.get_ref().inbound_len(),
+            Conn::Lean(_) => 0,
+        }
     }
 
-    /// Queues one inbound datagram.
+    /// Queues one inbound datagram for OpenSSL (a peer with an `Ssl`; a lean peer's datagrams
+    /// go through [`lean_mut`](Self::lean_mut)).
     pub(crate) fn push(&mut self, datagram: Vec<u8>) {
-        self.conn.stream.get_mut().push(datagram);
+        if let Conn::Ssl(c) = &mut self.conn {
+            if !c.established {
+                c.trace.fed(&datagram);
+            }
+            c.stream.get_mut().push(datagram);
+        }
     }
 
     /// The shortest protected record body OpenSSL does not fail on, for the cipher negotiated
-    /// so far (0 before the cipher is chosen).
+    /// so far (0 before the cipher is chosen, and for a lean peer, whose records the endpoint
+    /// screens itself).
     pub(crate) fn min_protected_body(&mut self) -> usize {
-        if let Some(n) = self.conn.min_body {
+        let Conn::Ssl(c) = &mut self.conn else {
+            return 0;
+        };
+        if let Some(n) = c.min_body {
             return n;
         }
-        let Some(cipher) = self.conn.stream.ssl().current_cipher() else {
+        let Some(cipher) = c.stream.ssl().current_cipher() else {
             return 0;
         };
         let n = min_protected_body(cipher.name());
-        self.conn.min_body = Some(n);
+        c.min_body = Some(n);
         n
     }
 
     /// Takes the datagrams OpenSSL wrote.
     pub(crate) fn take_outbound(&mut self) -> Vec<Vec<u8>> {
-        let pipe = self.conn.stream.get_mut();
+        let Conn::Ssl(c) = &mut self.conn else {
+            return Vec::new();
+        };
+        let pipe = c.stream.get_mut();
         let out = pipe.take_outbound();
         pipe.free_empty_queues();
+        if !c.established || c.just_established {
+            for d in &out {
+                c.trace.sent(d);
+            }
+        }
+        if std::mem::take(&mut c.just_established) && !c.stream.ssl().session_reused() {
+            // A full handshake: the server spoke last, and the client may not have it.
+            c.final_flight = Some(out.clone());
+        }
         out
     }
 
     /// Drops whatever OpenSSL wrote so far (the HelloVerifyRequest answering a reconstructed
     /// first ClientHello).
     pub(crate) fn discard_outbound(&mut self) {
-        self.conn.stream.get_mut().clear_outbound();
+        if let Conn::Ssl(c) = &mut self.conn {
+            c.stream.get_mut().clear_outbound();
+        }
+    }
+
+    /// Lets the `Ssl` of a peer whose handshake finished go and takes its records over
+    /// ([`Lean`]), once what OpenSSL wrote was taken ([`take_outbound`](Self::take_outbound)).
+    /// Whether it did: a suite the endpoint does not protect (CBC), or anything OpenSSL
+    /// cannot give, keeps the `Ssl`.
+    pub(crate) fn go_lean(&mut self, crypto: &mut Crypto) -> bool {
+        let Conn::Ssl(c) = &mut self.conn else {
+            return true;
+        };
+        if !c.established || c.finished || c.stream.get_ref().inbound_len() > 0 {
+            return false;
+        }
+        let final_flight = c.final_flight.take();
+        match Lean::take_over(c.stream.ssl(), &c.trace, final_flight, crypto) {
+            Ok(lean) => {
+                // Dropping the SslConn frees the Ssl (its session kept resumable).
+                self.conn = Conn::Lean(Box::new(lean));
+                true
+            }
+            Err(why) => {
+                tracing::debug!(?why, "peer keeps its ssl");
+                false
+            }
+        }
     }
 
     /// Runs the connection on everything queued: the handshake, then reading application
     /// records. Pushes what happened onto `progress`.
     pub(crate) fn drive(&mut self, now: Instant, progress: &mut Vec<Progress>) {
-        if !self.conn.finished {
-            let established = &mut self.conn.established;
-            let outcome = self
-                .conn
+        let Conn::Ssl(c) = &mut self.conn else {
+            return;
+        };
+        if !c.finished {
+            let established = &mut c.established;
+            let was = *established;
+            let outcome = c
                 .stream
                 .with(|stream| Self::drive_inner(stream, established, progress));
+            c.just_established = !was && c.established;
             match outcome {
                 Some(None) => {}
                 Some(Some(end)) => {
-                    self.conn.finished = true;
+                    c.finished = true;
                     progress.push(end);
                 }
                 None => {
                     tracing::debug!("dtls record buffers cannot be allocated");
-                    self.conn.finished = true;
+                    c.finished = true;
                     progress.push(Progress::Failed);
                 }
             }
         }
-        self.update_deadline(now);
-        self.rest();
+        Self::update_deadline(c, now);
+        Self::rest(c);
     }
 
     /// Releases what an established peer holds only while OpenSSL runs: the record buffers
     /// (33 KB) and the datagram queues' storage.
-    fn rest(&mut self) {
-        if self.conn.established && !self.conn.finished {
-            self.conn.stream.release_buffers();
+    fn rest(c: &mut SslConn) {
+        if c.established && !c.finished {
+            c.stream.release_buffers();
         }
-        self.conn.stream.get_mut().free_empty_queues();
+        c.stream.get_mut().free_empty_queues();
     }
 
     /// Runs the handshake, then reads records; `Some` when the connection ended.
@@ -288,14 +391,17 @@ impl Peer {
         }
     }
 
-    /// Writes one application record. `Err` means the connection failed (it is finished then).
-    /// The caller checks the length (at most [`MAX_RECORD_PLAINTEXT`]) and that the handshake
-    /// finished.
+    /// Writes one application record through OpenSSL (a peer that kept its `Ssl`). `Err` means
+    /// the connection failed (it is finished then). The caller checks the length (at most
+    /// [`MAX_RECORD_PLAINTEXT`]) and that the handshake finished.
     pub(crate) fn write(&mut self, data: &[u8]) -> Result<(), ()> {
-        if self.conn.finished {
+        let Conn::Ssl(c) = &mut self.conn else {
+            return Err(());
+        };
+        if c.finished {
             return Err(());
         }
-        let written = match self.conn.stream.with(|stream| stream.ssl_write(data)) {
+        let written = match c.stream.with(|stream| stream.ssl_write(data)) {
             Some(Ok(_)) => Ok(()),
             Some(Err(e)) => {
                 tracing::debug!(error = %e, "dtls write failed");
@@ -306,8 +412,8 @@ impl Peer {
                 Err(())
             }
         };
-        self.conn.finished |= written.is_err();
-        self.rest();
+        c.finished |= written.is_err();
+        Self::rest(c);
         written
     }
 
@@ -320,23 +426,29 @@ impl Peer {
         self.drive(now, progress);
     }
 
-    fn update_deadline(&mut self, now: Instant) {
-        self.conn.deadline = if self.conn.finished {
+    fn update_deadline(c: &mut SslConn, now: Instant) {
+        c.deadline = if c.finished {
             None
         } else {
-            ffi::dtls_get_timeout(self.conn.stream.ssl())
-                .map(|d| now + d.max(Duration::from_millis(1)))
+            ffi::dtls_get_timeout(c.stream.ssl()).map(|d| now + d.max(Duration::from_millis(1)))
         };
     }
 
     /// Sends close_notify (if the handshake finished) so that dropping the peer keeps its session
-    /// resumable.
-    pub(crate) fn close(&mut self) {
-        if self.conn.established && !self.conn.finished {
-            let _ = self.conn.stream.with(|stream| stream.shutdown());
+    /// resumable; a lean peer's is sealed by the record layer (`crypto`) and returned with what
+    /// OpenSSL wrote by [`take_outbound`](Self::take_outbound).
+    pub(crate) fn close(&mut self, crypto: &mut Crypto) -> Option<Vec<u8>> {
+        match &mut self.conn {
+            Conn::Ssl(c) => {
+                if c.established && !c.finished {
+                    let _ = c.stream.with(|stream| stream.shutdown());
+                }
+                c.finished = true;
+                c.deadline = None;
+                None
+            }
+            Conn::Lean(l) => l.close(crypto),
         }
-        self.conn.finished = true;
-        self.conn.deadline = None;
     }
 }
 
@@ -416,7 +528,7 @@ mod tests {
             peer.buffers_released(),
             "released once established and idle"
         );
-        assert_eq!(peer.conn.stream.get_ref().inbound_len(), 0);
+        assert_eq!(peer.inbound_len(), 0);
         // The server's last flight (ChangeCipherSpec, Finished) is lost.
         let lost = peer.take_outbound();
         assert!(!lost.is_empty());
@@ -451,7 +563,7 @@ mod tests {
         feed(&mut peer, record, &mut progress);
         assert_eq!(progress, vec![Progress::Data(b"from the client".to_vec())]);
         assert!(peer.buffers_released());
-        peer.close();
+        peer.close(&mut Crypto::default());
         for d in peer.take_outbound() {
             c.get_mut().push(d);
         }

@@ -255,6 +255,25 @@ endpoint_stats! {
         /// handshake's buffering budget ([`DropReason::OverBudget`]).
         drop(OverBudget) dropped_over_budget:
             "Datagrams of handshaking peers dropped for records over the handshake's budget",
+        /// Records for lean peers that did not open under the peer's key (forged, corrupted,
+        /// too short), each discarded silently (RFC 6347 §4.1.2.7).
+        counter records_unopened: "Records for lean peers that did not authenticate",
+        /// Records for lean peers whose sequence number was seen already or is older than the
+        /// replay window (RFC 6347 §4.1.2.6), each discarded.
+        counter records_replayed: "Records for lean peers discarded as replays",
+        /// Established peers whose records the endpoint protects itself, their `Ssl` freed.
+        gauge lean: "Established peers whose records the endpoint protects itself now",
+        /// Times a lean peer's kept final flight was sent again, answering the client's
+        /// retransmitted Finished.
+        counter final_flights_resent: "Final flights sent again to a client that missed one",
+        /// Lean peers whose count of records that did not open reached the AEAD's integrity
+        /// limit for one key (RFC 9147 §4.5.3: 2^7 for AES-CCM8, 2^23.5 for AES-CCM, 2^36 for
+        /// the others); logged, the peer is kept.
+        counter integrity_limits_passed:
+            "Lean peers whose failed openings reached the AEAD's integrity limit",
+        /// Renegotiations refused (a ClientHello on an established lean association, answered
+        /// with a no_renegotiation warning as OpenSSL does).
+        counter renegotiations_refused: "Renegotiations refused",
     }
 }
 

@@ -12,12 +12,14 @@ use openssl::ssl::Ssl;
 use super::config::{PeerInfo, ServerConfig, MAX_RECORD_PLAINTEXT};
 use super::event::{CloseReason, ConnectionInfo, DropReason, Event, Transmit};
 use super::peer::{Peer, Progress};
+use super::record::protect::Crypto;
 use super::record::{screen, ClientHello, NotHello, Screened};
 use super::stats::EndpointStats;
 use super::timers::{Timer, TimerHeap};
 use crate::{ffi, Authenticated, Dsm, DsmStats, Error, FreeReason, PeerState, SendError};
 use park::ParkedLookups;
 
+mod lean;
 pub(super) mod park;
 #[cfg(test)]
 mod tests;
@@ -96,6 +98,10 @@ pub struct Endpoint {
     parked: ParkedLookups,
     /// The latest time the endpoint was given (what `poll_timeout` answers when work is ready).
     last_now: Option<Instant>,
+    /// OpenSSL's AEAD contexts for the records of lean peers.
+    crypto: Crypto,
+    /// The plaintext of the lean record being opened.
+    plain: Vec<u8>,
 }
 
 impl std::fmt::Debug for Endpoint {
@@ -125,6 +131,8 @@ impl Endpoint {
             waker: None,
             parked: ParkedLookups::new(),
             last_now: None,
+            crypto: Crypto::default(),
+            plain: Vec::new(),
         })
     }
 
@@ -157,6 +165,9 @@ impl Endpoint {
         }
         if let Some(peer) = self.peers.get_mut(&from) {
             let restart = peer.is_established() && Self::is_client_hello(datagram);
+            if !restart && peer.is_lean() {
+                return self.handle_lean(now, from, datagram);
+            }
             if !restart {
                 let mut payload = match screen(datagram, peer.min_protected_body()) {
                     Screened::Whole(d) => d.to_vec(),
@@ -243,7 +254,7 @@ impl Endpoint {
         // DTLSv1_listen takes the hello as the answer to a HelloVerifyRequest (sequence numbers
         // set, cookie checked against the one verified above) without OpenSSL processing a
         // first hello only for its answer to be thrown away.
-        if after_hvr && !ffi::dtls_listen(peer.ssl()) {
+        if after_hvr && !peer.ssl().is_some_and(ffi::dtls_listen) {
             peer.discard_outbound();
             drop(peer);
             self.dsm.remove(&from);
@@ -303,6 +314,7 @@ impl Endpoint {
         let mut end = None;
         let mut touched = false;
         let mut suspended = false;
+        let mut established = false;
         for p in progress.drain(..) {
             match p {
                 Progress::Established => {
@@ -320,10 +332,12 @@ impl Endpoint {
                         self.parked.forget(parked);
                         self.stats.parked = self.parked.count() as u64;
                     }
-                    let info = ConnectionInfo::from_ssl(
-                        peer.ssl(),
-                        now.saturating_duration_since(started),
-                    );
+                    let Some(ssl) = peer.ssl() else {
+                        continue;
+                    };
+                    let info =
+                        ConnectionInfo::from_ssl(ssl, now.saturating_duration_since(started));
+                    established = true;
                     self.stats.resumed += u64::from(info.resumed);
                     tracing::debug!(%addr, resumed = info.resumed, cipher = info.cipher, "dtls handshake done");
                     self.event(Event::Connected { peer: addr, info });
@@ -334,7 +348,8 @@ impl Endpoint {
                         if let Some(proof) = self
                             .peers
                             .get(&addr)
-                            .and_then(|p| Authenticated::from_ssl(p.ssl()))
+                            .and_then(Peer::ssl)
+                            .and_then(Authenticated::from_ssl)
                         {
                             self.dsm.touch(&addr, proof, now);
                         }
@@ -352,6 +367,8 @@ impl Endpoint {
         self.flush_peer(addr);
         if let Some(reason) = end {
             self.close_peer(addr, reason, false);
+        } else if established && self.config.lean_peers {
+            self.go_lean(addr);
         } else if suspended {
             self.park(now, addr);
         } else {
@@ -408,7 +425,8 @@ impl Endpoint {
     /// [`SendError::QueueFull`] while the peer has
     /// [`send_queue`](crate::ServerConfigBuilder::send_queue) datagrams waiting for
     /// `poll_transmit`, [`SendError::TooLarge`] over [`MAX_RECORD_PLAINTEXT`] bytes. An empty
-    /// `data` sends nothing. If OpenSSL fails to write, the peer is closed
+    /// `data` sends nothing. If the record cannot be written (OpenSSL fails, or the
+    /// association used up its sequence numbers: 2^48 records), the peer is closed
     /// ([`CloseReason::Failed`]) and the answer is [`SendError::Failed`].
     pub fn send(&mut self, peer: SocketAddr, data: &[u8]) -> Result<(), SendError> {
         let max = self.config.send_queue;
@@ -425,6 +443,9 @@ impl Endpoint {
         }
         if data.is_empty() {
             return Ok(());
+        }
+        if p.is_lean() {
+            return self.send_lean(peer, data);
         }
         if p.write(data).is_err() {
             self.flush_peer(peer);
@@ -460,9 +481,12 @@ impl Endpoint {
         if !peer.is_established() {
             self.stats.handshaking = self.stats.handshaking.saturating_sub(1);
         }
+        if peer.is_lean() {
+            self.stats.lean = self.stats.lean.saturating_sub(1);
+        }
         if shutdown {
-            peer.close();
-            for payload in peer.take_outbound() {
+            let sealed = peer.close(&mut self.crypto);
+            for payload in peer.take_outbound().into_iter().chain(sealed) {
                 self.transmit(addr, payload, 0);
             }
         }

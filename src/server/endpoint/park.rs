@@ -119,7 +119,7 @@ impl Endpoint {
             return;
         };
         let id = peer.id;
-        let Some(lookup) = SessionCache::pending_lookup(peer.ssl()) else {
+        let Some(lookup) = peer.ssl().and_then(SessionCache::pending_lookup) else {
             // Completed between the handshake call and here: go on at once.
             self.parked.ready.lock().push((addr, id));
             return;

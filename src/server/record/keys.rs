@@ -96,6 +96,7 @@ impl Aead {
     }
 
     /// What protection adds to a record's plaintext: explicit nonce and tag.
+    #[cfg(test)]
     pub(crate) fn overhead(self) -> usize {
         self.explicit_nonce_len() + self.tag_len()
     }
@@ -213,6 +214,7 @@ impl RecordKeys {
     }
 
     /// The server's write key (seals our records).
+    #[cfg(test)]
     pub(crate) fn server_key(&self) -> &DirectionKey {
         &self.server
     }

@@ -9,12 +9,8 @@ use std::ops::Range;
 
 #[cfg(test)]
 mod differential;
-// The lean-peer record layer; the endpoint takes it up in the change that follows.
-#[allow(dead_code)]
 pub(crate) mod keys;
-#[allow(dead_code)]
 pub(crate) mod protect;
-#[allow(dead_code)]
 pub(crate) mod replay;
 
 /// DTLS record header length (type, version, epoch, sequence number, length).
@@ -206,7 +202,6 @@ impl<'a> ClientHello<'a> {
 
 /// The whole records of `datagram`, in order; a truncated record and anything after it are
 /// left out (OpenSSL reads a datagram the same way: by each record's length field).
-#[allow(dead_code)] // taken up by the endpoint with the lean-peer record layer
 pub(crate) fn records(datagram: &[u8]) -> impl Iterator<Item = &[u8]> {
     let mut rest = datagram;
     std::iter::from_fn(move || {

@@ -15,7 +15,7 @@
 //! Sequence numbers are the endpoint's: [`RecordState`] hands out each write sequence number
 //! once and refuses to seal past the last one, so a (key, nonce) pair is never used twice.
 
-use openssl::cipher::{Cipher, CipherRef};
+use openssl::cipher::Cipher;
 use openssl::cipher_ctx::CipherCtx;
 use openssl::error::ErrorStack;
 
@@ -29,8 +29,6 @@ pub(crate) const DTLS12: [u8; 2] = [0xfe, 0xfd];
 pub(crate) const MAX_PLAINTEXT: usize = 1 << 14;
 /// The largest sequence number of an epoch (2^48 - 1).
 pub(crate) const MAX_SEQ: u64 = (1 << 48) - 1;
-/// `change_cipher_spec`.
-pub(crate) const CONTENT_CCS: u8 = 20;
 /// `alert`.
 pub(crate) const CONTENT_ALERT: u8 = 21;
 /// `handshake`.
@@ -42,8 +40,6 @@ pub(crate) const CONTENT_APPLICATION_DATA: u8 = 23;
 /// every peer of one endpoint (re-keyed per record, which costs a key schedule, not an
 /// allocation).
 struct AeadContexts {
-    /// The fetched cipher the contexts were set up with.
-    cipher: Cipher,
     seal: CipherCtx,
     open: CipherCtx,
 }
@@ -81,7 +77,8 @@ impl Crypto {
                 seal.set_tag_length(aead.tag_len())?;
                 open.set_iv_length(12)?;
             }
-            *entry = Some(AeadContexts { cipher, seal, open });
+            // Each context holds its own reference to the fetched cipher.
+            *entry = Some(AeadContexts { seal, open });
         }
         Ok(entry.as_mut().expect("BUG: just set"))
     }
@@ -198,11 +195,6 @@ impl Crypto {
         }
         Ok(())
     }
-
-    /// The cipher fetched for `aead`.
-    pub(crate) fn cipher(&mut self, aead: Aead) -> Result<&CipherRef, ErrorStack> {
-        Ok(&self.contexts(aead)?.cipher)
-    }
 }
 
 /// A record that did not authenticate.
@@ -304,6 +296,7 @@ impl RecordState {
     }
 
     /// The keys.
+    #[cfg(test)]
     pub(crate) fn keys(&self) -> &RecordKeys {
         &self.keys
     }
@@ -311,11 +304,6 @@ impl RecordState {
     /// The AEAD.
     pub(crate) fn aead(&self) -> Aead {
         self.keys.aead
-    }
-
-    /// The epoch.
-    pub(crate) fn epoch(&self) -> u16 {
-        self.epoch
     }
 
     /// The next sequence number a sealed record takes.
@@ -334,6 +322,7 @@ impl RecordState {
     }
 
     /// Whether only the last sequence number is left (kept for close_notify).
+    #[cfg(test)]
     pub(crate) fn exhausted(&self) -> bool {
         self.next_write >= MAX_SEQ
     }

@@ -1,0 +1,190 @@
+//! The endpoint's side of lean peers: taking a peer over from OpenSSL when its handshake
+//! finishes, its records in and out, and what an opened record may do to it.
+
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use super::Endpoint;
+use crate::server::event::{CloseReason, DropReason, Event};
+use crate::server::record::protect::{
+    Rejected, SealError, CONTENT_ALERT, CONTENT_APPLICATION_DATA, CONTENT_HANDSHAKE,
+};
+use crate::server::record::records;
+use crate::{Authenticated, SendError};
+
+/// Handshake message types a lean peer looks at.
+const HS_CLIENT_HELLO: u8 = 1;
+const HS_FINISHED: u8 = 20;
+/// Alert levels and the descriptions a lean peer sends or acts on.
+const ALERT_WARNING: u8 = 1;
+const ALERT_FATAL: u8 = 2;
+const CLOSE_NOTIFY: u8 = 0;
+const NO_RENEGOTIATION: u8 = 100;
+
+/// What one opened record asks of the endpoint.
+enum Opened {
+    /// Application data (possibly empty).
+    Data,
+    /// The peer's close_notify.
+    CloseNotify,
+    /// A fatal alert.
+    Fatal,
+    /// The client retransmitted its Finished: our final flight did not arrive.
+    Retransmitted,
+    /// A new handshake (renegotiation), which the server refuses, as OpenSSL does.
+    Renegotiation,
+    /// Nothing to do (a warning alert, an unexpected handshake message).
+    Nothing,
+}
+
+impl Endpoint {
+    /// Takes the association of the peer at `addr`, whose handshake just finished, over from
+    /// OpenSSL if its suite is one the endpoint protects.
+    pub(super) fn go_lean(&mut self, addr: SocketAddr) {
+        let Some(peer) = self.peers.get_mut(&addr) else {
+            return;
+        };
+        if peer.go_lean(&mut self.crypto) {
+            self.stats.lean += 1;
+            peer.timer = None;
+        } else {
+            self.schedule(addr);
+        }
+    }
+
+    /// A datagram from a lean peer: each record is opened by the record layer; only a record
+    /// that opened may touch, refresh or close the peer. A datagram of which nothing opened is
+    /// dropped ([`DropReason::Invalid`]) and changes nothing.
+    pub(super) fn handle_lean(&mut self, now: Instant, from: SocketAddr, datagram: &[u8]) {
+        let mut opened_any = false;
+        let mut end = None;
+        for record in records(datagram) {
+            let Some(lean) = self.peers.get_mut(&from).and_then(|p| p.lean_mut()) else {
+                return;
+            };
+            let opened = match lean.open(&mut self.crypto, record, &mut self.plain) {
+                Ok(o) => o,
+                Err(Rejected::Unopened) => {
+                    self.stats.records_unopened += 1;
+                    if lean.record().unopened() == lean.record().aead().integrity_limit() {
+                        // Forgeries stay improbable (each needs the tag guessed), but the AEAD's
+                        // bound on failed openings per key is passed: say so. Closing the peer
+                        // would hand whoever spoofs its address a way to end it.
+                        self.stats.integrity_limits_passed += 1;
+                        tracing::warn!(
+                            peer = %from,
+                            aead = ?lean.record().aead(),
+                            "failed openings under one key reached the aead's integrity limit"
+                        );
+                    }
+                    continue;
+                }
+                Err(Rejected::Replayed) => {
+                    self.stats.records_replayed += 1;
+                    continue;
+                }
+                Err(Rejected::Malformed | Rejected::OtherEpoch | Rejected::Overflow) => continue,
+            };
+            if !opened_any {
+                opened_any = true;
+                self.dsm.touch(&from, Authenticated::opened(), now);
+            }
+            let plain = &self.plain;
+            let what = match opened.content_type {
+                CONTENT_APPLICATION_DATA => Opened::Data,
+                CONTENT_ALERT => match plain.as_slice() {
+                    [_, CLOSE_NOTIFY] => Opened::CloseNotify,
+                    [ALERT_FATAL, _] => Opened::Fatal,
+                    _ => Opened::Nothing,
+                },
+                CONTENT_HANDSHAKE => match plain.first() {
+                    Some(&HS_FINISHED) => Opened::Retransmitted,
+                    Some(&HS_CLIENT_HELLO) => Opened::Renegotiation,
+                    _ => Opened::Nothing,
+                },
+                _ => Opened::Nothing,
+            };
+            // What the record asks for, taken from the peer while it is borrowed.
+            let mut send: Vec<Vec<u8>> = Vec::new();
+            match what {
+                Opened::Data => {
+                    // A protected record of the client's: it has our final flight.
+                    lean.flight_arrived();
+                }
+                Opened::CloseNotify => end = Some(CloseReason::CloseNotify),
+                Opened::Fatal => {
+                    // As OpenSSL does on a fatal alert: the session must not resume.
+                    if let Some(id) = lean.session() {
+                        self.config.session_cache().remove_session_id(id);
+                    }
+                    lean.fail();
+                    end = Some(CloseReason::Failed);
+                }
+                Opened::Retransmitted => {
+                    if let Some(flight) = lean.final_flight() {
+                        self.stats.final_flights_resent += 1;
+                        send.extend(flight.iter().cloned());
+                    }
+                }
+                Opened::Renegotiation => {
+                    self.stats.renegotiations_refused += 1;
+                    let refusal = [ALERT_WARNING, NO_RENEGOTIATION];
+                    send.extend(lean.seal(&mut self.crypto, CONTENT_ALERT, &refusal).ok());
+                }
+                Opened::Nothing => {}
+            }
+            if matches!(what, Opened::Data) && !self.plain.is_empty() {
+                let data = self.plain.clone();
+                self.stats.records_received += 1;
+                self.stats.bytes_received += data.len() as u64;
+                self.event(Event::Data { peer: from, data });
+            }
+            let id = self.peers.get(&from).map_or(0, |p| p.id);
+            for d in send {
+                self.transmit(from, d, id);
+            }
+            if end.is_some() {
+                break;
+            }
+        }
+        zeroize::Zeroize::zeroize(&mut self.plain);
+        match end {
+            // close_notify answered with ours, which keeps the session resumable.
+            Some(CloseReason::CloseNotify) => self.close_peer(from, CloseReason::CloseNotify, true),
+            Some(reason) => self.close_peer(from, reason, false),
+            None if !opened_any => self.drop_datagram(from, DropReason::Invalid),
+            None => {}
+        }
+    }
+
+    /// [`Endpoint::send`] for a lean peer (the checks done): seals one record.
+    pub(super) fn send_lean(&mut self, addr: SocketAddr, data: &[u8]) -> Result<(), SendError> {
+        let Some(peer) = self.peers.get_mut(&addr) else {
+            return Err(SendError::UnknownPeer);
+        };
+        let id = peer.id;
+        let Some(lean) = peer.lean_mut() else {
+            return Err(SendError::UnknownPeer);
+        };
+        match lean.seal(&mut self.crypto, CONTENT_APPLICATION_DATA, data) {
+            Ok(record) => {
+                peer.queued += 1;
+                self.stats.records_sent += 1;
+                self.stats.bytes_sent += data.len() as u64;
+                self.transmit(addr, record, id);
+                Ok(())
+            }
+            Err(SealError::Exhausted) => {
+                // The last sequence number of the epoch is close_notify's.
+                tracing::info!(%addr, "write sequence numbers used up; closing the peer");
+                self.close_peer(addr, CloseReason::Failed, true);
+                Err(SendError::Failed)
+            }
+            Err(SealError::Crypto) => {
+                tracing::warn!(%addr, "sealing a record failed; closing the peer");
+                self.close_peer(addr, CloseReason::Failed, false);
+                Err(SendError::Failed)
+            }
+        }
+    }
+}
