@@ -126,6 +126,10 @@ struct Args {
     /// Seconds between stats lines (0 = never).
     #[arg(long, default_value_t = 10)]
     stats_interval: u64,
+    /// Whether established AEAD peers give their OpenSSL `Ssl` up, their records protected by
+    /// the endpoint (`--lean-peers false`: every peer keeps its `Ssl`).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    lean_peers: bool,
     /// Where sessions are stored: `memory` (this process only) or `redis://IP:PORT[/DB]`
     /// (shared by every server using that Redis; needs --store-key and a build with
     /// `--features redis`).
@@ -251,7 +255,9 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         .with_handshake_timeout(Duration::from_secs_f64(args.handshake_timeout))
         .with_idle_tick(Duration::from_secs(args.idle_timeout.max(2) / 2));
 
-    let mut builder = ServerConfig::builder(cache).dsm(dsm);
+    let mut builder = ServerConfig::builder(cache)
+        .dsm(dsm)
+        .lean_peers(args.lean_peers);
     if let (Some(cert), Some(key)) = (&args.cert, &args.key) {
         let cert = X509::from_pem(&fs::read(cert)?)?;
         let key = PKey::private_key_from_pem(&fs::read(key)?)?;

@@ -76,8 +76,9 @@ impl Handshake {
 
 /// Who runs a peer's records.
 enum Conn {
-    /// OpenSSL: the handshake, and afterwards the records of a peer that did not go lean.
-    Ssl(SslConn),
+    /// OpenSSL: the handshake, and afterwards the records of a peer that did not go lean
+    /// (boxed: a lean peer's entry in the endpoint's table stays small).
+    Ssl(Box<SslConn>),
     /// The endpoint's record layer, the `Ssl` gone.
     Lean(Box<Lean>),
 }
@@ -151,7 +152,7 @@ impl Peer {
         ssl.set_accept_state();
         Ok(Self {
             id,
-            conn: Conn::Ssl(SslConn {
+            conn: Conn::Ssl(Box::new(SslConn {
                 stream: ffi::LeanStream::new(SslStream::new(ssl, DatagramPipe::new())?),
                 established: false,
                 deadline: None,
@@ -160,7 +161,7 @@ impl Peer {
                 trace: Epoch1Trace::default(),
                 just_established: false,
                 final_flight: None,
-            }),
+            })),
             handshake: Some(Box::new(Handshake::new(started))),
             timer: None,
             queued: 0,

@@ -312,6 +312,7 @@ impl RecordState {
     }
 
     /// The replay window.
+    #[cfg(any(test, feature = "__fuzzing"))]
     pub(crate) fn window(&self) -> ReplayWindow {
         self.window
     }
