@@ -129,7 +129,7 @@ pub fn datagram(data: &[u8]) {
         assert_eq!(parsed.cookie(), &[1; 32]);
     }
     for min in [0, 16, 24] {
-        match screen(data, min) {
+        match screen(data, min, 0) {
             Screened::Whole(w) => assert_eq!(w, data),
             Screened::Kept(k) => assert!(!k.is_empty() && k.len() < data.len()),
             Screened::Nothing => {}
@@ -137,7 +137,7 @@ pub fn datagram(data: &[u8]) {
     }
     let mut budget = HandshakeBudget::default();
     for _ in 0..3 {
-        if let Screened::Kept(k) = budget.admit(data) {
+        if let Screened::Kept(k) = budget.admit(data, 0) {
             assert!(k.len() < data.len());
         }
     }
@@ -276,7 +276,7 @@ pub fn lean_record(data: &[u8]) {
                 continue;
             }
         };
-        for record in records(&datagram) {
+        for record in records(&datagram, 0) {
             let window = server.window();
             let known = genuine.iter().position(|g| g.0 == record);
             let admits = known.is_some_and(|i| window.is_fresh(genuine[i].2));

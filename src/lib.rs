@@ -98,7 +98,8 @@ pub use server::{
     CloseReason, ConnectionInfo, DatagramPipe, DropReason, Endpoint, EndpointStats, Event, IoMode,
     IoStats, ServerConfig, ServerConfigBuilder, StopHandle, Transmit, UdpOptions, UdpServer,
     DEFAULT_CIPHERS, DEFAULT_COOKIE_ROTATION, DEFAULT_LOOKUP_TIMEOUT, DEFAULT_MAX_DATAGRAM,
-    DEFAULT_MTU, DEFAULT_PARKED_DATAGRAMS, DEFAULT_SEND_QUEUE, MAX_RECORD_PLAINTEXT, PSK_CIPHERS,
+    DEFAULT_MTU, DEFAULT_PARKED_DATAGRAMS, DEFAULT_SEND_QUEUE, MAX_CONNECTION_ID_HOST,
+    MAX_RECORD_PLAINTEXT, PSK_CIPHERS,
 };
 #[cfg(feature = "tokio")]
 pub use server::{TokioHandle, TokioServer};

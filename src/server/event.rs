@@ -79,6 +79,16 @@ pub enum Event {
         /// Why.
         reason: CloseReason,
     },
+    /// A peer with a connection ID (RFC 9146) now talks from another address (a NAT rebinding, a
+    /// move between networks): a record from `peer` authenticated and was newer than every one
+    /// before. From now on its events carry `peer`, and [`Endpoint::send`](crate::Endpoint::send)
+    /// takes `peer`, not `previous`; answers go to `peer`.
+    Migrated {
+        /// The peer's new address.
+        peer: SocketAddr,
+        /// The address it had.
+        previous: SocketAddr,
+    },
     /// A datagram was dropped without creating or touching any peer state.
     Dropped {
         /// Its source.
@@ -136,4 +146,6 @@ pub enum DropReason {
     /// For a peer in its handshake, holding only records over what one handshake may make
     /// OpenSSL buffer (64 KiB of claimed handshake messages, 4 early protected records).
     OverBudget,
+    /// A `tls12_cid` record whose connection ID is no peer's.
+    UnknownConnectionId,
 }

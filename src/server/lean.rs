@@ -33,9 +33,10 @@ pub(crate) struct Epoch1Trace {
 const MAX_TRACED: usize = 4;
 
 impl Epoch1Trace {
-    /// Notes the epoch-1 records of a datagram fed to OpenSSL.
-    pub(crate) fn fed(&mut self, datagram: &[u8]) {
-        for record in records(datagram).filter(|r| u16_at(r, 3) == 1) {
+    /// Notes the epoch-1 records of a datagram fed to OpenSSL (`tls12_cid` records carrying
+    /// connection IDs of `cid_len` bytes).
+    pub(crate) fn fed(&mut self, datagram: &[u8], cid_len: usize) {
+        for record in records(datagram, cid_len).filter(|r| u16_at(r, 3) == 1) {
             if self.fed.len() < MAX_TRACED {
                 self.fed.push(record.to_vec());
             }
@@ -44,7 +45,7 @@ impl Epoch1Trace {
 
     /// Notes the epoch-1 records of a datagram OpenSSL wrote.
     pub(crate) fn sent(&mut self, datagram: &[u8]) {
-        for record in records(datagram).filter(|r| u16_at(r, 3) == 1) {
+        for record in records(datagram, 0).filter(|r| u16_at(r, 3) == 1) {
             let seq = u48_at(record, 5);
             self.highest_sent = Some(self.highest_sent.map_or(seq, |h| h.max(seq)));
         }
@@ -86,17 +87,20 @@ impl std::fmt::Debug for Lean {
 impl Lean {
     /// Takes over the association of `ssl`, whose handshake just finished: its keys, the write
     /// sequence numbers above every one OpenSSL used (`trace`), the replay window holding the
-    /// records OpenSSL accepted, and the `final_flight` (for a full handshake).
+    /// records OpenSSL accepted, the `final_flight` (for a full handshake), and the connection
+    /// IDs it settled (`cids`: ours, the peer's).
     pub(crate) fn take_over(
         ssl: &SslRef,
         trace: &Epoch1Trace,
         final_flight: Option<Vec<Vec<u8>>>,
+        cids: Option<(&[u8], &[u8])>,
         crypto: &mut Crypto,
     ) -> Result<Self, NoKeys> {
         let keys = RecordKeys::derive(ssl)?;
         // OpenSSL always writes its Finished at epoch 1; without one there is nothing to go on.
         let next_write = trace.highest_sent.ok_or(NoKeys::Unavailable)? + 1;
-        let mut record = RecordState::new(keys, 1, next_write, ReplayWindow::default());
+        let mut record = RecordState::new(keys, 1, next_write, ReplayWindow::default())
+            .with_cids(cids.map(|c| c.0), cids.map(|c| c.1));
         let mut scratch = Vec::new();
         for fed in &trace.fed {
             // Opening marks the sequence number as seen; records that do not open (spoofed)

@@ -25,6 +25,7 @@
 //!    freed by the handshake timeout.
 
 mod app;
+pub(crate) mod cid;
 mod config;
 pub(crate) mod cookie;
 mod driver;
@@ -38,6 +39,8 @@ mod peer;
 mod pipe;
 pub(crate) mod record;
 mod stats;
+#[cfg(test)]
+mod testing;
 mod timers;
 #[cfg(feature = "tokio")]
 mod tokio;
@@ -46,6 +49,7 @@ mod udp;
 #[cfg(feature = "tokio")]
 pub use self::tokio::{TokioHandle, TokioServer};
 pub use app::{deliver_events, AppContext, Application};
+pub use cid::MAX_CONNECTION_ID_HOST;
 pub use config::{
     certificate_fingerprint, self_signed_certificate, ServerConfig, ServerConfigBuilder,
     DEFAULT_CIPHERS, DEFAULT_COOKIE_ROTATION, DEFAULT_LOOKUP_TIMEOUT, DEFAULT_MAX_DATAGRAM,

@@ -168,13 +168,17 @@ impl UdpServer {
         A: Application + Send + 'static,
         F: FnMut() -> A,
     {
-        let (sockets, local_addr) = bind_workers(options.listen, options.workers)?;
+        let (sockets, local_addr) = bind_workers(
+            options.listen,
+            options.workers,
+            config.connection_id.as_ref(),
+        )?;
         let stop = Arc::new(AtomicBool::new(false));
         let mut workers = Vec::new();
         let mut stats = WorkerStats::default();
         let mut wakers = Vec::new();
         let mut prepared = Vec::new();
-        for socket in sockets {
+        for (index, socket) in sockets.into_iter().enumerate() {
             let mut socket = mio::net::UdpSocket::from_std(socket);
             let poll = Poll::new()?;
             // Writability is asked for only while a send waits (see `Worker::run`): every datagram
@@ -186,7 +190,8 @@ impl UdpServer {
                 woken: AtomicBool::new(false),
             });
             let waker = Waker::from(Arc::clone(&wake));
-            let mut endpoint = Endpoint::new(Arc::clone(&config))?;
+            // The worker index fits: bind_workers allows at most 256 with connection ids.
+            let mut endpoint = Endpoint::for_worker(Arc::clone(&config), index as u8)?;
             endpoint.set_waker(waker.clone());
             wakers.push(waker);
             let io = UdpIo::new(&socket, options.io, config.mtu as usize)?;
@@ -382,5 +387,124 @@ impl<A: Application> Worker<A> {
             }
             let _ = self.poll.poll(events, Some(left));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::UdpSocket;
+    use std::time::{Duration, Instant};
+
+    use super::*;
+    use crate::server::testing::CidClient;
+    use crate::{AppContext, DsmConfig, Event, SessionCache};
+
+    /// A client with a connection ID over real UDP: each `hop` sends from a new socket (a new
+    /// source port), as a device behind a NAT that rebinds.
+    struct Hopping {
+        client: CidClient,
+        socket: UdpSocket,
+        server: SocketAddr,
+    }
+
+    impl Hopping {
+        fn socket(server: SocketAddr) -> UdpSocket {
+            let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+            s.connect(server).unwrap();
+            s.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
+            s
+        }
+
+        fn send(&mut self, datagrams: Vec<Vec<u8>>) {
+            for d in datagrams {
+                self.socket.send(&d).unwrap();
+            }
+        }
+
+        /// Moves datagrams until the handshake finished (bounded: 5 s).
+        fn handshake(&mut self) {
+            let end = Instant::now() + Duration::from_secs(5);
+            let mut buf = [0u8; 2048];
+            while !self.client.client.established {
+                assert!(Instant::now() < end, "no handshake within 5 s");
+                let out = self.client.drive();
+                self.send(out);
+                if let Ok(n) = self.socket.recv(&mut buf) {
+                    self.client.inbound(buf[..n].to_vec());
+                }
+            }
+            let out = self.client.drive();
+            self.send(out);
+        }
+
+        /// Sends `line` from a new source port and waits (bounded: 5 s) for its echo there.
+        fn hop_and_echo(&mut self, line: &[u8]) -> bool {
+            self.socket = Self::socket(self.server);
+            let out = self.client.send(line);
+            self.send(out);
+            let end = Instant::now() + Duration::from_secs(5);
+            let mut buf = [0u8; 2048];
+            while Instant::now() < end {
+                if let Ok(n) = self.socket.recv(&mut buf) {
+                    self.client.inbound(buf[..n].to_vec());
+                    self.client.drive();
+                    if self.client.client.received.last().map(Vec::as_slice) == Some(line) {
+                        return true;
+                    }
+                }
+            }
+            false
+        }
+    }
+
+    #[test]
+    fn four_workers_steer_every_cid_datagram_to_the_worker_that_holds_the_peer() {
+        let config = ServerConfig::builder(SessionCache::builder().build().unwrap())
+            .dsm(DsmConfig::new(64))
+            .build()
+            .unwrap();
+        let mut options = UdpOptions::new("127.0.0.1:0".parse().unwrap());
+        options.workers = 4;
+        options.stats_interval = None;
+        let server = UdpServer::spawn(config, options, || {
+            |ctx: &mut AppContext<'_>, event: Event| {
+                if let Event::Data { peer, data } = event {
+                    let _ = ctx.send(peer, &data);
+                }
+            }
+        })
+        .unwrap();
+        let addr = server.local_addr();
+        let mut clients = Vec::new();
+        for i in 0..4u8 {
+            let mut c = Hopping {
+                client: CidClient::new(40_000 + u16::from(i), &[i; 4], None),
+                socket: Hopping::socket(addr),
+                server: addr,
+            };
+            c.handshake();
+            clients.push(c);
+        }
+        // Each client moves eight times; a datagram the kernel's hash sent to another worker
+        // would be dropped there (an unknown connection id) and its echo would not come.
+        for hop in 0..8 {
+            for (i, c) in clients.iter_mut().enumerate() {
+                let line = format!("client {i} hop {hop}");
+                assert!(
+                    c.hop_and_echo(line.as_bytes()),
+                    "{line}: no echo at the new port"
+                );
+            }
+        }
+        // The workers publish their counters now and then: wait (bounded) for the last ones.
+        let end = Instant::now() + Duration::from_secs(5);
+        while server.stats().migrations < 4 * 8 && Instant::now() < end {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let stats = server.stats();
+        assert_eq!(stats.migrations, 4 * 8, "{stats:?}");
+        assert_eq!(stats.dropped_unknown_cid, 0);
+        assert_eq!(stats.handshakes, 4);
+        server.shutdown().unwrap();
     }
 }

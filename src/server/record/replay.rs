@@ -49,7 +49,6 @@ impl ReplayWindow {
     }
 
     /// The highest sequence number accepted so far (0 before any).
-    #[cfg(test)]
     pub(crate) fn highest(&self) -> u64 {
         self.max
     }
