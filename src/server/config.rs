@@ -126,6 +126,8 @@ pub struct ServerConfig {
     pub(crate) lean_peers: bool,
     /// How the server's connection IDs are made, if it offers them.
     pub(crate) connection_id: Option<CidLayout>,
+    /// Lean peers keep the client's certificate (for a peer carried across a restart).
+    pub(crate) keep_peer_certificates: bool,
     pub(crate) peer_addr: Index<Ssl, PeerInfo>,
     cache: SessionCache,
     fingerprint: Option<String>,
@@ -166,6 +168,7 @@ impl ServerConfig {
             lean_peers: true,
             connection_id: true,
             connection_id_host: Vec::new(),
+            keep_peer_certificates: false,
         }
     }
 
@@ -242,6 +245,7 @@ pub struct ServerConfigBuilder {
     lean_peers: bool,
     connection_id: bool,
     connection_id_host: Vec<u8>,
+    keep_peer_certificates: bool,
 }
 
 impl fmt::Debug for ServerConfigBuilder {
@@ -476,6 +480,15 @@ impl ServerConfigBuilder {
         self
     }
 
+    /// Whether a lean peer keeps the client's certificate after its handshake (default: off).
+    /// [`Event::Connected`](crate::Event::Connected) always reports it; kept, it also comes back
+    /// with a peer restored after a restart ([`Endpoint::restore`](crate::Endpoint::restore)),
+    /// at the cost of the certificate's bytes per peer. Off, a restored peer reports none.
+    pub fn keep_peer_certificates(mut self, on: bool) -> Self {
+        self.keep_peer_certificates = on;
+        self
+    }
+
     /// Builds the `SslContext`: the policy, then what the server owns (see the type's docs).
     pub fn build(self) -> Result<Arc<ServerConfig>, Error> {
         if self.mtu < 256 {
@@ -592,6 +605,7 @@ impl ServerConfigBuilder {
             parked_datagrams: self.parked_datagrams,
             lean_peers: self.lean_peers,
             connection_id,
+            keep_peer_certificates: self.keep_peer_certificates,
             peer_addr,
             cache: self.cache,
             fingerprint,

@@ -10,6 +10,7 @@
 use openssl::ssl::SslRef;
 use zeroize::Zeroize;
 
+use super::continuity::Reported;
 use super::record::keys::{NoKeys, RecordKeys};
 use super::record::protect::{Crypto, Opened, RecordState, Rejected, SealError, CONTENT_ALERT};
 use super::record::replay::ReplayWindow;
@@ -71,6 +72,10 @@ pub(crate) struct Lean {
     session: Option<SessionId>,
     /// No more records are read or written (closed, failed).
     finished: bool,
+    /// What `Event::Connected` reported, and when the session expires (seconds since the
+    /// epoch): what a suspended peer carries.
+    reported: Box<Reported>,
+    expires_at: u64,
 }
 
 impl std::fmt::Debug for Lean {
@@ -89,11 +94,14 @@ impl Lean {
     /// sequence numbers above every one OpenSSL used (`trace`), the replay window holding the
     /// records OpenSSL accepted, the `final_flight` (for a full handshake), and the connection
     /// IDs it settled (`cids`: ours, the peer's).
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn take_over(
         ssl: &SslRef,
         trace: &Epoch1Trace,
         final_flight: Option<Vec<Vec<u8>>>,
         cids: Option<(&[u8], &[u8])>,
+        reported: Reported,
+        max_ttl: std::time::Duration,
         crypto: &mut Crypto,
     ) -> Result<Self, NoKeys> {
         let keys = RecordKeys::derive(ssl)?;
@@ -109,6 +117,9 @@ impl Lean {
             scratch.zeroize();
         }
         let session = ssl.session().and_then(|s| SessionId::new(s.id()).ok());
+        let expires_at = ssl.session().map_or(0, |s| {
+            super::continuity::expiry_secs(s.time(), s.timeout(), max_ttl)
+        });
         Ok(Self {
             record,
             final_flight: final_flight
@@ -116,7 +127,36 @@ impl Lean {
                 .map(Vec::into_boxed_slice),
             session,
             finished: false,
+            reported: Box::new(reported),
+            expires_at,
         })
+    }
+
+    /// A lean peer from a saved state (after a restart): no final flight to send again.
+    pub(crate) fn restored(peer: &super::continuity::SuspendedPeer) -> Self {
+        Self {
+            record: peer.record_state(),
+            final_flight: None,
+            session: peer.session,
+            finished: false,
+            reported: Box::new(peer.reported.clone()),
+            expires_at: peer.expires_at,
+        }
+    }
+
+    /// What `Event::Connected` reported.
+    pub(crate) fn reported(&self) -> &Reported {
+        &self.reported
+    }
+
+    /// When the session expires (seconds since the epoch).
+    pub(crate) fn expires_at(&self) -> u64 {
+        self.expires_at
+    }
+
+    /// Whether the association ended (closed, failed).
+    pub(crate) fn is_finished(&self) -> bool {
+        self.finished
     }
 
     /// Opens one record from the peer (see [`RecordState::open`]).

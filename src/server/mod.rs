@@ -27,6 +27,7 @@
 mod app;
 pub(crate) mod cid;
 mod config;
+pub(crate) mod continuity;
 pub(crate) mod cookie;
 mod driver;
 mod endpoint;
@@ -55,6 +56,7 @@ pub use config::{
     DEFAULT_CIPHERS, DEFAULT_COOKIE_ROTATION, DEFAULT_LOOKUP_TIMEOUT, DEFAULT_MAX_DATAGRAM,
     DEFAULT_MTU, DEFAULT_PARKED_DATAGRAMS, DEFAULT_SEND_QUEUE, MAX_RECORD_PLAINTEXT, PSK_CIPHERS,
 };
+pub use continuity::{save_peers, take_peers, SuspendedPeer};
 pub use endpoint::Endpoint;
 pub use event::{CloseReason, ConnectionInfo, DropReason, Event, Transmit};
 pub use io::{IoMode, IoStats};

@@ -309,6 +309,26 @@ pub(crate) fn min_protected_body(cipher: &str) -> usize {
 }
 
 impl Peer {
+    /// A lean peer restored from a saved state, at `addr`, known to the DSM as `dsm_key`.
+    pub(crate) fn restored(id: u64, lean: Lean, dsm_key: DsmKey) -> Self {
+        Self {
+            id,
+            conn: Conn::Lean(Box::new(lean)),
+            handshake: None,
+            timer: None,
+            queued: 0,
+            dsm_key,
+        }
+    }
+
+    /// The lean association, if the peer went lean.
+    pub(crate) fn lean(&self) -> Option<&Lean> {
+        match &self.conn {
+            Conn::Lean(l) => Some(l),
+            Conn::Ssl(_) => None,
+        }
+    }
+
     /// A server-side peer on `ssl` (already configured: MTU, ex_data), not yet fed, whose
     /// handshake started (its cookie verified) at `started`.
     pub(crate) fn new(
@@ -526,7 +546,12 @@ impl Peer {
     /// ([`Lean`]), once what OpenSSL wrote was taken ([`take_outbound`](Self::take_outbound)).
     /// Whether it did: a suite the endpoint does not protect (CBC), or anything OpenSSL
     /// cannot give, keeps the `Ssl`.
-    pub(crate) fn go_lean(&mut self, crypto: &mut Crypto) -> bool {
+    pub(crate) fn go_lean(
+        &mut self,
+        crypto: &mut Crypto,
+        reported: super::continuity::Reported,
+        max_ttl: Duration,
+    ) -> bool {
         let Conn::Ssl(c) = &mut self.conn else {
             return true;
         };
@@ -535,7 +560,15 @@ impl Peer {
         }
         let final_flight = c.final_flight.take();
         let cids = c.cid.as_ref().map(|cid| (&*cid.ours, &*cid.theirs));
-        match Lean::take_over(c.stream.ssl(), &c.trace, final_flight, cids, crypto) {
+        match Lean::take_over(
+            c.stream.ssl(),
+            &c.trace,
+            final_flight,
+            cids,
+            reported,
+            max_ttl,
+            crypto,
+        ) {
             Ok(lean) => {
                 // Dropping the SslConn frees the Ssl (its session kept resumable).
                 self.conn = Conn::Lean(Box::new(lean));

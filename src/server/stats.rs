@@ -281,6 +281,13 @@ endpoint_stats! {
         /// than every record before (RFC 9146 §6): taken, the peer left where it was.
         counter migrations_refused_old:
             "Records from a new address that authenticated but were not the newest",
+        /// Lean peers taken out to be carried across a restart
+        /// ([`Endpoint::suspend_all`](crate::Endpoint::suspend_all)).
+        counter suspended: "Peers taken out to be carried across a restart",
+        /// Saved peers restored ([`Endpoint::restore`](crate::Endpoint::restore)).
+        counter restored: "Saved peers restored",
+        /// Saved peers refused (expired, of another server identity, address taken, no slot).
+        counter restores_refused: "Saved peers refused",
         /// Renegotiations refused (a ClientHello on an established lean association, answered
         /// with a no_renegotiation warning as OpenSSL does).
         counter renegotiations_refused: "Renegotiations refused",

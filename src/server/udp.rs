@@ -28,7 +28,7 @@ use mio::{Events, Interest, Poll, Token};
 
 use super::app::Application;
 use super::config::ServerConfig;
-use super::driver::{worker_outcome, Core, WorkerStats, FINAL_FLUSH};
+use super::driver::{worker_outcome, Carry, Core, WorkerStats, FINAL_FLUSH};
 use super::endpoint::Endpoint;
 use super::io::{bind_workers, IoMode, IoStats, UdpIo};
 use super::stats::EndpointStats;
@@ -123,6 +123,7 @@ pub struct StopHandle {
     stop: Arc<AtomicBool>,
     wakers: Vec<Waker>,
     stats: WorkerStats,
+    carry: Arc<Carry>,
 }
 
 impl StopHandle {
@@ -132,6 +133,15 @@ impl StopHandle {
         for w in &self.wakers {
             w.wake_by_ref();
         }
+    }
+
+    /// Asks the workers to exit keeping their established lean peers' associations: no
+    /// close_notify; [`UdpServer::suspend`] returns the peers' states, to be saved and restored
+    /// after a restart. Peers that cannot be carried get close_notify as with
+    /// [`shutdown`](Self::shutdown).
+    pub fn suspend(&self) {
+        self.carry.suspend.store(true, Ordering::SeqCst);
+        self.shutdown();
     }
 
     /// Each worker's waker, the one its endpoint has ([`Endpoint::set_waker`]): waking it makes
@@ -162,6 +172,22 @@ impl UdpServer {
     pub fn spawn<A, F>(
         config: Arc<ServerConfig>,
         options: UdpOptions,
+        new_app: F,
+    ) -> Result<Self, Error>
+    where
+        A: Application + Send + 'static,
+        F: FnMut() -> A,
+    {
+        Self::spawn_restoring(config, options, Vec::new(), new_app)
+    }
+
+    /// [`spawn`](Self::spawn), with saved associations (from [`take_peers`](crate::take_peers)
+    /// after a restart) waiting before the first datagram is read: each is restored by the
+    /// worker its client's next datagram reaches (see [`restore`](Self::restore)).
+    pub fn spawn_restoring<A, F>(
+        config: Arc<ServerConfig>,
+        options: UdpOptions,
+        peers: Vec<crate::SuspendedPeer>,
         mut new_app: F,
     ) -> Result<Self, Error>
     where
@@ -174,6 +200,8 @@ impl UdpServer {
             config.connection_id.as_ref(),
         )?;
         let stop = Arc::new(AtomicBool::new(false));
+        let carry = Arc::new(Carry::default());
+        carry.restorable.add(peers);
         let mut workers = Vec::new();
         let mut stats = WorkerStats::default();
         let mut wakers = Vec::new();
@@ -193,6 +221,7 @@ impl UdpServer {
             // The worker index fits: bind_workers allows at most 256 with connection ids.
             let mut endpoint = Endpoint::for_worker(Arc::clone(&config), index as u8)?;
             endpoint.set_waker(waker.clone());
+            endpoint.set_restorable(Arc::clone(&carry.restorable));
             wakers.push(waker);
             let io = UdpIo::new(&socket, options.io, config.mtu as usize)?;
             prepared.push((socket, poll, wake, endpoint, io));
@@ -206,6 +235,7 @@ impl UdpServer {
                 wake,
                 core,
                 stop: Arc::clone(&stop),
+                carry: Arc::clone(&carry),
             };
             let handle = std::thread::Builder::new()
                 .name(format!("dtls-worker-{id}"))
@@ -220,6 +250,7 @@ impl UdpServer {
                             stop,
                             wakers,
                             stats,
+                            carry,
                         },
                         workers,
                     };
@@ -233,9 +264,41 @@ impl UdpServer {
                 stop,
                 wakers,
                 stats,
+                carry,
             },
             workers,
         })
+    }
+
+    /// Hands the server saved associations (from [`take_peers`](crate::take_peers) after a
+    /// restart): each is restored by the worker its client's next datagram reaches (by its
+    /// address, or by its connection ID from any address), which reports
+    /// [`Event::Connected`](crate::Event::Connected) for it with
+    /// [`ConnectionInfo::restored`](crate::ConnectionInfo::restored); see
+    /// [`Endpoint::restore`] for what is refused.
+    pub fn restore(&self, peers: Vec<crate::SuspendedPeer>) {
+        self.handle.carry.restorable.add(peers);
+    }
+
+    /// Saved associations handed to [`restore`](Self::restore) that no datagram claimed yet.
+    pub fn restorable(&self) -> usize {
+        self.handle.carry.restorable.len()
+    }
+
+    /// Graceful restart: the workers exit keeping their established lean peers'
+    /// associations (no close_notify; peers that cannot be carried get one), and their states
+    /// come back, to be saved ([`save_peers`](crate::save_peers)) and handed to the next
+    /// server ([`restore`](Self::restore)).
+    pub fn suspend(self) -> Result<Vec<crate::SuspendedPeer>, Error> {
+        self.handle.suspend();
+        self.wait_peers()
+    }
+
+    /// Waits like [`wait`](Self::wait), and returns the peers the workers suspended (none unless
+    /// the server was stopped by [`StopHandle::suspend`]).
+    pub fn wait_peers(mut self) -> Result<Vec<crate::SuspendedPeer>, Error> {
+        self.join()?;
+        Ok(std::mem::take(&mut *self.handle.carry.suspended.lock()))
     }
 
     /// The bound address.
@@ -308,6 +371,7 @@ struct Worker<A> {
     wake: Arc<WorkerWake>,
     core: Core<A>,
     stop: Arc<AtomicBool>,
+    carry: Arc<Carry>,
 }
 
 impl<A: Application> Worker<A> {
@@ -361,7 +425,7 @@ impl<A: Application> Worker<A> {
                 }
             }
         }
-        self.core.close_all();
+        self.core.finish(&self.carry);
         self.final_flush(&mut events);
         self.core.publish_all();
         tracing::debug!(worker = self.core.id, "worker stopped");

@@ -42,11 +42,17 @@ enum Opened {
 impl Endpoint {
     /// Takes the association of the peer at `addr`, whose handshake just finished, over from
     /// OpenSSL if its suite is one the endpoint protects.
-    pub(super) fn go_lean(&mut self, now: Instant, addr: SocketAddr) {
+    pub(super) fn go_lean(
+        &mut self,
+        now: Instant,
+        addr: SocketAddr,
+        reported: crate::server::continuity::Reported,
+    ) {
+        let max_ttl = self.config.session_cache().max_ttl();
         let Some(peer) = self.peers.get_mut(&addr) else {
             return;
         };
-        if !peer.go_lean(&mut self.crypto) {
+        if !peer.go_lean(&mut self.crypto, reported, max_ttl) {
             self.schedule(addr);
             return;
         }

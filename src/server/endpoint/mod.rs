@@ -19,6 +19,7 @@ use super::timers::{Timer, TimerHeap};
 use crate::{ffi, Authenticated, Dsm, DsmStats, Error, FreeReason, PeerState, SendError};
 use park::ParkedLookups;
 
+pub(crate) mod continuity;
 mod lean;
 pub(super) mod park;
 #[cfg(test)]
@@ -106,6 +107,8 @@ pub struct Endpoint {
     crypto: Crypto,
     /// The plaintext of the lean record being opened.
     plain: Vec<u8>,
+    /// Saved peers waiting to be claimed (shared by a server's workers).
+    restorable: Option<Arc<continuity::Restorable>>,
 }
 
 impl std::fmt::Debug for Endpoint {
@@ -146,6 +149,7 @@ impl Endpoint {
             last_now: None,
             crypto: Crypto::default(),
             plain: Vec::new(),
+            restorable: None,
         })
     }
 
@@ -188,6 +192,10 @@ impl Endpoint {
                 .peers
                 .get(&from)
                 .is_some_and(|p| !p.is_lean() && p.our_cid() == Some(cid));
+            let known = match known {
+                None if !handshaking => self.claim(now, from, Some(cid), datagram),
+                k => k,
+            };
             return match known {
                 Some(addr) => self.handle_lean(now, addr, from, datagram),
                 // The client's Finished of a handshake that settled a connection ID.
@@ -249,7 +257,11 @@ impl Endpoint {
             Ok(h) => h,
             Err(NotHello::Garbage) => return self.drop_datagram(from, DropReason::Garbage),
             Err(NotHello::NotClientHello) => {
-                return self.drop_datagram(from, DropReason::NotClientHello)
+                // A record of a saved peer waiting to be restored (after a restart)?
+                if let Some(addr) = self.claim(now, from, None, datagram) {
+                    return self.handle_lean(now, addr, from, datagram);
+                }
+                return self.drop_datagram(from, DropReason::NotClientHello);
             }
             Err(NotHello::Fragmented) => return self.drop_datagram(from, DropReason::Fragmented),
         };
@@ -364,7 +376,7 @@ impl Endpoint {
         let mut end = None;
         let mut touched = false;
         let mut suspended = false;
-        let mut established = false;
+        let mut reported = None;
         for p in progress.drain(..) {
             match p {
                 Progress::Established => {
@@ -389,7 +401,16 @@ impl Endpoint {
                     };
                     let info =
                         ConnectionInfo::from_ssl(ssl, now.saturating_duration_since(started));
-                    established = true;
+                    reported = Some(super::continuity::Reported {
+                        resumed: info.resumed,
+                        cipher: info.cipher.to_owned(),
+                        psk_identity: info.psk_identity.clone(),
+                        peer_certificate: info
+                            .peer_certificate
+                            .as_ref()
+                            .filter(|_| self.config.keep_peer_certificates)
+                            .and_then(|c| c.to_der().ok()),
+                    });
                     self.stats.resumed += u64::from(info.resumed);
                     tracing::debug!(%addr, resumed = info.resumed, cipher = info.cipher, "dtls handshake done");
                     self.event(Event::Connected { peer: addr, info });
@@ -416,8 +437,8 @@ impl Endpoint {
         self.flush_peer(addr);
         if let Some(reason) = end {
             self.close_peer(addr, reason, false);
-        } else if established && self.config.lean_peers {
-            self.go_lean(now, addr);
+        } else if let Some(reported) = reported.filter(|_| self.config.lean_peers) {
+            self.go_lean(now, addr, reported);
         } else if suspended {
             self.park(now, addr);
         } else {
@@ -543,23 +564,29 @@ impl Endpoint {
                 self.transmit(addr, payload, 0);
             }
         }
-        if let Some(cid) = peer.our_cid() {
-            if self.cids.get(cid) == Some(&addr) {
-                self.cids.remove(cid);
-            }
-        }
-        self.dsm.remove(&peer.dsm_key);
+        self.forget_peer(addr, &peer);
         match reason {
             CloseReason::CloseNotify => self.stats.closed += 1,
             CloseReason::Local => self.stats.closed_locally += 1,
             CloseReason::Failed => self.stats.failed += 1,
             CloseReason::HandshakeTimeout => self.stats.handshake_timeouts += 1,
             CloseReason::Idle | CloseReason::Evicted => self.stats.idle_closed += 1,
-            CloseReason::Replaced | CloseReason::Shutdown => {}
+            CloseReason::Replaced | CloseReason::Shutdown | CloseReason::Suspended => {}
         }
         self.stats.peers = self.peers.len() as u64;
         tracing::debug!(%addr, ?reason, "peer closed");
         self.event(Event::Closed { peer: addr, reason });
+    }
+
+    /// Removes what the endpoint knows of `peer` (at `addr`) besides its entry: its connection ID
+    /// and its DSM slot.
+    fn forget_peer(&mut self, addr: SocketAddr, peer: &Peer) {
+        if let Some(cid) = peer.our_cid() {
+            if self.cids.get(cid) == Some(&addr) {
+                self.cids.remove(cid);
+            }
+        }
+        self.dsm.remove(&peer.dsm_key);
     }
 
     fn transmit(&mut self, to: SocketAddr, payload: Vec<u8>, peer_id: u64) {

@@ -14,7 +14,7 @@ use crate::server::config::{
 use crate::server::peer::DsmKey;
 use crate::server::record::test_hello;
 use crate::server::testing::{addr, CidClient, Client};
-use crate::{DsmConfig, SessionCache};
+use crate::{DsmConfig, RestoreError, SessionCache};
 
 fn builder() -> ServerConfigBuilder {
     ServerConfig::builder(SessionCache::builder().build().unwrap())
@@ -1584,4 +1584,192 @@ fn connection_ids_off_leave_the_extension_unanswered() {
     echo(&mut ep);
     c.pump(&mut ep, addr(1000), now);
     assert_eq!(c.client.received, vec![b"plain".to_vec()]);
+}
+
+// ------------------------------------------------------------------ across a restart
+
+#[test]
+fn a_suspended_peer_goes_on_in_another_endpoint_with_no_handshake() {
+    use crate::server::record::u48_at;
+    let config = config();
+    let mut ep = Endpoint::new(Arc::clone(&config)).unwrap();
+    let now = Instant::now();
+    let mut c = Client::new(1000, None);
+    pump(&mut ep, &mut c, now);
+    for d in c.send(b"before") {
+        ep.handle(now, c.addr, &d);
+    }
+    echo(&mut ep);
+    let last_sent: Vec<u8> = std::iter::from_fn(|| ep.poll_transmit())
+        .map(|t| t.payload)
+        .last()
+        .unwrap();
+    c.stream.get_mut().push(last_sent.clone());
+    c.drive();
+    assert_eq!(c.received, vec![b"before".to_vec()]);
+    while ep.poll_event().is_some() {}
+    let saved = ep.suspend_all();
+    assert_eq!(saved.len(), 1);
+    assert_eq!(
+        events(&mut ep),
+        vec![Event::Closed {
+            peer: c.addr,
+            reason: CloseReason::Suspended
+        }]
+    );
+    assert!(
+        ep.poll_transmit().is_none(),
+        "no close_notify: the client keeps it"
+    );
+    assert_eq!(ep.peer_count(), 0);
+    // "Restart": another endpoint of the same server, through the file.
+    let ring = crate::KeyRing::new(1, [8; 32]);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("peers");
+    crate::save_peers(&path, &saved, &ring).unwrap();
+    drop(saved);
+    let mut restarted = Endpoint::new(Arc::clone(&config)).unwrap();
+    let back = crate::take_peers(&path, &ring, std::time::SystemTime::now()).unwrap();
+    assert_eq!(
+        restarted.restore(now, back.into_iter().next().unwrap()),
+        Ok(c.addr)
+    );
+    let ev = events(&mut restarted);
+    let info = connected(&ev);
+    assert_eq!(info.len(), 1);
+    assert!(info[0].restored && !info[0].resumed);
+    assert!(!info[0].cipher.is_empty());
+    for d in c.send(b"after") {
+        restarted.handle(now, c.addr, &d);
+    }
+    echo(&mut restarted);
+    let answer = restarted.poll_transmit().unwrap().payload;
+    assert!(
+        u48_at(&answer, 5) > u48_at(&last_sent, 5),
+        "the write sequence numbers go on above the last one used"
+    );
+    c.stream.get_mut().push(answer);
+    c.drive();
+    assert_eq!(c.received, vec![b"before".to_vec(), b"after".to_vec()]);
+    let s = restarted.stats();
+    assert_eq!((s.handshakes, s.restored, s.lean), (0, 1, 1));
+}
+
+#[test]
+fn a_saved_peer_is_refused_when_it_expired_belongs_to_another_identity_or_its_place_is_taken() {
+    let config = config();
+    let now = Instant::now();
+    let suspend_one = |config: &Arc<ServerConfig>, port: u16| {
+        let mut ep = Endpoint::new(Arc::clone(config)).unwrap();
+        let mut c = Client::new(port, None);
+        pump(&mut ep, &mut c, now);
+        ep.suspend_all().pop().unwrap()
+    };
+    // Another certificate.
+    let other = builder().build().unwrap();
+    let mut ep = Endpoint::new(Arc::clone(&other)).unwrap();
+    assert_eq!(
+        ep.restore(now, suspend_one(&config, 1000)),
+        Err(RestoreError::Foreign)
+    );
+    // The address is taken.
+    let mut ep = Endpoint::new(Arc::clone(&config)).unwrap();
+    let mut c = Client::new(1001, None);
+    pump(&mut ep, &mut c, now);
+    assert_eq!(
+        ep.restore(now, suspend_one(&config, 1001)),
+        Err(RestoreError::Occupied)
+    );
+    // No slot.
+    let tight = builder().dsm(DsmConfig::new(1)).build().unwrap();
+    let mut ep = Endpoint::new(Arc::clone(&tight)).unwrap();
+    let mut c = Client::new(1002, None);
+    pump(&mut ep, &mut c, now);
+    assert_eq!(
+        ep.restore(now, suspend_one(&tight, 1003)),
+        Err(RestoreError::NoSpace)
+    );
+    // Expired: the session cache's clock is past the session's lifetime.
+    let clock = Arc::new(crate::ManualClock::starting_now());
+    let timed = ServerConfig::builder(
+        SessionCache::builder()
+            .clock(clock.clone())
+            .max_ttl(Duration::from_secs(60))
+            .build()
+            .unwrap(),
+    )
+    .build()
+    .unwrap();
+    let saved = suspend_one(&timed, 1004);
+    clock.advance(Duration::from_secs(61));
+    let mut ep = Endpoint::new(Arc::clone(&timed)).unwrap();
+    assert_eq!(ep.restore(now, saved), Err(RestoreError::Expired));
+    assert_eq!(ep.stats().restores_refused, 1);
+    assert_eq!(ep.peer_count(), 0);
+}
+
+#[test]
+fn a_saved_psk_peer_is_refused_once_its_identity_has_another_key() {
+    let now = Instant::now();
+    let first = builder().psk(b"client1", &[0x42; 16]).build().unwrap();
+    let mut ep = Endpoint::new(Arc::clone(&first)).unwrap();
+    let mut c = psk_client(1000, None, "PSK-AES128-CCM8");
+    pump(&mut ep, &mut c, now);
+    let saved = ep.suspend_all().pop().unwrap();
+    let rekeyed = builder().psk(b"client1", &[0x43; 16]).build().unwrap();
+    let mut ep = Endpoint::new(rekeyed).unwrap();
+    assert_eq!(ep.restore(now, saved), Err(RestoreError::Foreign));
+    let mut ep = Endpoint::new(Arc::clone(&first)).unwrap();
+    let mut c2 = psk_client(1001, None, "PSK-AES128-CCM8");
+    pump(&mut ep, &mut c2, now);
+    let again = ep.suspend_all().pop().unwrap();
+    let same = builder().psk(b"client1", &[0x42; 16]).build().unwrap();
+    let mut ep = Endpoint::new(same).unwrap();
+    assert_eq!(ep.restore(now, again), Ok(c2.addr));
+    let info = connected(&events(&mut ep))
+        .into_iter()
+        .cloned()
+        .collect::<Vec<_>>();
+    assert_eq!(info[0].psk_identity.as_deref(), Some(&b"client1"[..]));
+    assert_eq!(info[0].cipher, "PSK-AES128-CCM8");
+}
+
+#[test]
+fn a_saved_cid_peer_is_claimed_by_its_first_datagram_from_anywhere() {
+    let config = config();
+    let mut ep = Endpoint::new(Arc::clone(&config)).unwrap();
+    let now = Instant::now();
+    let mut c = CidClient::new(1000, b"cid", None);
+    c.pump(&mut ep, addr(1000), now);
+    let saved = ep.suspend_all();
+    let mut restarted = Endpoint::new(Arc::clone(&config)).unwrap();
+    let waiting = Arc::new(continuity::Restorable::default());
+    waiting.add(saved);
+    restarted.set_restorable(Arc::clone(&waiting));
+    // Garbage from the saved address does not claim it; a record with its CID from a new
+    // address does, and moves it there.
+    restarted.handle(now, addr(1000), &epoch1_record(23, 5, &[0; 40]));
+    assert_eq!(waiting.len(), 1);
+    assert_eq!(restarted.peer_count(), 0);
+    assert_eq!(
+        events(&mut restarted),
+        vec![Event::Dropped {
+            from: addr(1000),
+            reason: DropReason::NotClientHello
+        }]
+    );
+    for d in c.send(b"moved and restarted") {
+        restarted.handle(now, addr(2000), &d);
+    }
+    assert_eq!(waiting.len(), 0);
+    let ev = echo(&mut restarted);
+    assert!(
+        matches!(ev[0], Event::Connected { peer, ref info } if peer == addr(1000) && info.restored)
+    );
+    assert!(ev.contains(&Event::Migrated {
+        peer: addr(2000),
+        previous: addr(1000)
+    }));
+    c.pump(&mut restarted, addr(2000), now);
+    assert_eq!(c.client.received, vec![b"moved and restarted".to_vec()]);
 }

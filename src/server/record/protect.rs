@@ -401,7 +401,6 @@ impl RecordState {
     }
 
     /// The keys.
-    #[cfg(test)]
     pub(crate) fn keys(&self) -> &RecordKeys {
         &self.keys
     }
@@ -416,8 +415,17 @@ impl RecordState {
         self.next_write
     }
 
+    /// The epoch.
+    pub(crate) fn epoch(&self) -> u16 {
+        self.epoch
+    }
+
+    /// The connection ID our records carry, if any.
+    pub(crate) fn cid_out(&self) -> Option<&[u8]> {
+        self.cid_out.as_deref()
+    }
+
     /// The replay window.
-    #[cfg(any(test, feature = "__fuzzing"))]
     pub(crate) fn window(&self) -> ReplayWindow {
         self.window
     }
