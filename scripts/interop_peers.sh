@@ -1,0 +1,191 @@
+#!/usr/bin/env bash
+# Installs or builds the independent DTLS clients that tests/interop.rs runs against the server
+# library, all under target/interop/ (or $INTEROP_DIR). Idempotent: a peer whose binary is
+# already there is not rebuilt, so a rerun costs a few seconds.
+#
+#   openssl s_client   Debian's openssl (.ci/run installs it)
+#   gnutls-cli         Debian's gnutls-bin
+#   wolfSSL            examples/client/client, built from the source the wolfssl-sys crate ships
+#   Mbed TLS           programs/ssl/dtls_client and ssl_client2, built from the source the
+#                      mbedtls-sys-auto crate ships
+#   tinydtls           tests/dtls-client, built from the source the tinydtls-sys crate ships
+#
+# The crate sources come from crates.io through cargo: a throwaway project under
+# target/interop/crates/ depends on the three -sys crates (pinned), `cargo fetch` brings them,
+# and `cargo metadata` says where they are. Each is copied to target/interop/<peer>/src/ and
+# built there; the registry's copy is never touched. C builds use at most 2 jobs, one at a time.
+#
+# Each step prints how long it took. Usage: scripts/interop_peers.sh [peer ...] (default: all
+# of gnutls wolfssl mbedtls tinydtls).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+OUT=${INTEROP_DIR:-$ROOT/target/interop}
+mkdir -p "$OUT"
+JOBS=2
+
+WOLFSSL_SYS=5.3.0
+MBEDTLS_SYS=2.28.15
+TINYDTLS_SYS=0.2.0
+
+step() {
+    local name=$1
+    shift
+    local start=$SECONDS
+    echo "interop_peers: $name ..."
+    "$@"
+    echo "interop_peers: $name done in $((SECONDS - start)) s"
+}
+
+apt_install() {
+    local missing=()
+    for pkg in "$@"; do
+        dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
+    done
+    if [ ${#missing[@]} -gt 0 ]; then
+        echo "interop_peers: installing ${missing[*]}"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+    fi
+}
+
+# The source directory of crate $1 (fetched once into the throwaway project).
+crate_src() {
+    local crate=$1
+    local proj=$OUT/crates
+    if [ ! -f "$proj/metadata.json" ]; then
+        mkdir -p "$proj/src"
+        cat >"$proj/Cargo.toml" <<EOF
+[package]
+name = "interop-peer-sources"
+version = "0.0.0"
+edition = "2021"
+publish = false
+
+# Its own workspace: not a member of the project's.
+[workspace]
+
+[dependencies]
+wolfssl-sys = "=$WOLFSSL_SYS"
+mbedtls-sys-auto = "=$MBEDTLS_SYS"
+tinydtls-sys = "=$TINYDTLS_SYS"
+EOF
+        : >"$proj/src/lib.rs"
+        cargo fetch --quiet --manifest-path "$proj/Cargo.toml"
+        cargo metadata --quiet --format-version 1 --manifest-path "$proj/Cargo.toml" \
+            >"$proj/metadata.json.tmp"
+        mv "$proj/metadata.json.tmp" "$proj/metadata.json"
+    fi
+    python3 - "$proj/metadata.json" "$crate" <<'EOF'
+import json, os, sys
+meta = json.load(open(sys.argv[1]))
+for p in meta["packages"]:
+    if p["name"] == sys.argv[2]:
+        print(os.path.dirname(p["manifest_path"]))
+        break
+else:
+    sys.exit("crate %s not in the metadata" % sys.argv[2])
+EOF
+}
+
+# Runs "$@" with its output in the log file $1; on failure, shows the log's tail.
+logged() {
+    local log=$1
+    shift
+    if ! "$@" >"$log" 2>&1; then
+        echo "interop_peers: failed: $* (in $(pwd)); the end of $log:" >&2
+        tail -40 "$log" >&2
+        return 1
+    fi
+}
+
+# Copies $1 (a source tree) to $2, fresh.
+copy_tree() {
+    rm -rf "$2"
+    mkdir -p "$(dirname "$2")"
+    cp -a "$1" "$2"
+}
+
+gnutls() {
+    apt_install gnutls-bin
+    gnutls-cli --version | head -1
+}
+
+wolfssl() {
+    local dir=$OUT/wolfssl
+    if [ -x "$dir/client" ]; then
+        echo "interop_peers: wolfssl: $dir/client is there"
+        return
+    fi
+    apt_install autoconf automake libtool make gcc
+    local src
+    src=$(crate_src wolfssl-sys)/wolfssl-src
+    copy_tree "$src" "$dir/src"
+    (
+        cd "$dir/src"
+        logged "$dir/autogen.log" ./autogen.sh
+        # Static, so the example is one binary (not a libtool wrapper); DTLS 1.2 with PSK and
+        # AES-CCM besides the default suites; session cache on (the default) for -r.
+        logged "$dir/configure.log" ./configure --enable-dtls --enable-psk --enable-aesccm \
+            --enable-static --disable-shared --disable-crypttests --disable-benchmark
+        logged "$dir/make.log" make -j$JOBS examples/client/client
+    )
+    cp "$dir/src/examples/client/client" "$dir/client.tmp"
+    # The client changes to "its root", the first of ., .., ../.. ... holding certs/dh2048.pem.
+    mkdir -p "$dir/root/certs"
+    : >"$dir/root/certs/dh2048.pem"
+    mv "$dir/client.tmp" "$dir/client"
+    rm -rf "$dir/src"
+}
+
+mbedtls() {
+    local dir=$OUT/mbedtls
+    if [ -x "$dir/dtls_client" ] && [ -x "$dir/ssl_client2" ]; then
+        echo "interop_peers: mbedtls: $dir/dtls_client and ssl_client2 are there"
+        return
+    fi
+    apt_install make gcc python3
+    local src
+    src=$(crate_src mbedtls-sys-auto)/vendor
+    copy_tree "$src" "$dir/src"
+    (
+        cd "$dir/src"
+        # dtls_client.c connects to the fixed port 4433; let the port come from DTLS_PORT.
+        sed -i 's|^#define SERVER_PORT "4433"|#define SERVER_PORT (getenv("DTLS_PORT") ? getenv("DTLS_PORT") : "4433")|' \
+            programs/ssl/dtls_client.c
+        grep -q 'getenv("DTLS_PORT")' programs/ssl/dtls_client.c
+        logged "$dir/make-lib.log" make -j$JOBS lib
+        logged "$dir/make-programs.log" make -j$JOBS -C programs ssl/dtls_client ssl/ssl_client2
+    )
+    cp "$dir/src/programs/ssl/dtls_client" "$dir/dtls_client"
+    cp "$dir/src/programs/ssl/ssl_client2" "$dir/ssl_client2"
+    rm -rf "$dir/src"
+}
+
+tinydtls() {
+    local dir=$OUT/tinydtls
+    if [ -x "$dir/dtls-client" ]; then
+        echo "interop_peers: tinydtls: $dir/dtls-client is there"
+        return
+    fi
+    apt_install autoconf automake make gcc
+    local src
+    src=$(crate_src tinydtls-sys)/src/tinydtls
+    copy_tree "$src" "$dir/src"
+    (
+        cd "$dir/src"
+        logged "$dir/autogen.log" ./autogen.sh
+        logged "$dir/configure.log" ./configure
+        logged "$dir/make.log" make -j$JOBS
+    )
+    cp "$dir/src/tests/dtls-client" "$dir/dtls-client"
+    rm -rf "$dir/src"
+}
+
+peers=("$@")
+[ ${#peers[@]} -gt 0 ] || peers=(gnutls wolfssl mbedtls tinydtls)
+total=$SECONDS
+for peer in "${peers[@]}"; do
+    step "$peer" "$peer"
+done
+echo "interop_peers: all done in $((SECONDS - total)) s"
