@@ -99,6 +99,23 @@ logged() {
     fi
 }
 
+# What a peer is built from: its build function's text and the crate versions. A build that is
+# there but was made by another recipe is redone.
+recipe() {
+    { declare -f "$1"; echo "$WOLFSSL_SYS $MBEDTLS_SYS $TINYDTLS_SYS"; } | sha256sum | cut -d' ' -f1
+}
+
+# Whether peer $1's directory $2 holds the binaries $3... built by its current recipe.
+built() {
+    local peer=$1 dir=$2
+    shift 2
+    [ "$(cat "$dir/recipe" 2>/dev/null)" = "$(recipe "$peer")" ] || return 1
+    for bin in "$@"; do
+        [ -x "$dir/$bin" ] || return 1
+    done
+    echo "interop_peers: $peer: $* in $dir, up to date"
+}
+
 # Copies $1 (a source tree) to $2, fresh.
 copy_tree() {
     rm -rf "$2"
@@ -113,10 +130,7 @@ gnutls() {
 
 wolfssl() {
     local dir=$OUT/wolfssl
-    if [ -x "$dir/client" ]; then
-        echo "interop_peers: wolfssl: $dir/client is there"
-        return
-    fi
+    built wolfssl "$dir" client && return
     apt_install autoconf automake libtool make gcc
     local src
     src=$(crate_src wolfssl-sys)/wolfssl-src
@@ -125,9 +139,11 @@ wolfssl() {
         cd "$dir/src"
         logged "$dir/autogen.log" ./autogen.sh
         # Static, so the example is one binary (not a libtool wrapper); DTLS 1.2 with PSK and
-        # AES-CCM besides the default suites; session cache on (the default) for -r.
+        # AES-CCM besides the default suites (WOLFSSL_STATIC_PSK: the plain PSK suites, such as
+        # PSK-AES128-CCM-8, are compiled only with it); session cache on (the default) for -r.
         logged "$dir/configure.log" ./configure --enable-dtls --enable-psk --enable-aesccm \
-            --enable-static --disable-shared --disable-crypttests --disable-benchmark
+            --enable-static --disable-shared --disable-crypttests --disable-benchmark \
+            CPPFLAGS=-DWOLFSSL_STATIC_PSK
         logged "$dir/make.log" make -j$JOBS examples/client/client
     )
     cp "$dir/src/examples/client/client" "$dir/client.tmp"
@@ -136,23 +152,24 @@ wolfssl() {
     : >"$dir/root/certs/dh2048.pem"
     mv "$dir/client.tmp" "$dir/client"
     rm -rf "$dir/src"
+    recipe wolfssl >"$dir/recipe"
 }
 
 mbedtls() {
     local dir=$OUT/mbedtls
-    if [ -x "$dir/dtls_client" ] && [ -x "$dir/ssl_client2" ]; then
-        echo "interop_peers: mbedtls: $dir/dtls_client and ssl_client2 are there"
-        return
-    fi
+    built mbedtls "$dir" dtls_client ssl_client2 && return
     apt_install make gcc python3
     local src
     src=$(crate_src mbedtls-sys-auto)/vendor
     copy_tree "$src" "$dir/src"
     (
         cd "$dir/src"
-        # dtls_client.c connects to the fixed port 4433; let the port come from DTLS_PORT.
-        sed -i 's|^#define SERVER_PORT "4433"|#define SERVER_PORT (getenv("DTLS_PORT") ? getenv("DTLS_PORT") : "4433")|' \
+        # dtls_client.c connects to [::1]:4433, fixed; make it 127.0.0.1 (its FORCE_IPV4) and
+        # let the port come from DTLS_PORT.
+        sed -i -e 's|^//#define FORCE_IPV4|#define FORCE_IPV4|' \
+            -e 's|^#define SERVER_PORT "4433"|#define SERVER_PORT (getenv("DTLS_PORT") ? getenv("DTLS_PORT") : "4433")|' \
             programs/ssl/dtls_client.c
+        grep -q '^#define FORCE_IPV4' programs/ssl/dtls_client.c
         grep -q 'getenv("DTLS_PORT")' programs/ssl/dtls_client.c
         logged "$dir/make-lib.log" make -j$JOBS lib
         logged "$dir/make-programs.log" make -j$JOBS -C programs ssl/dtls_client ssl/ssl_client2
@@ -160,14 +177,12 @@ mbedtls() {
     cp "$dir/src/programs/ssl/dtls_client" "$dir/dtls_client"
     cp "$dir/src/programs/ssl/ssl_client2" "$dir/ssl_client2"
     rm -rf "$dir/src"
+    recipe mbedtls >"$dir/recipe"
 }
 
 tinydtls() {
     local dir=$OUT/tinydtls
-    if [ -x "$dir/dtls-client" ]; then
-        echo "interop_peers: tinydtls: $dir/dtls-client is there"
-        return
-    fi
+    built tinydtls "$dir" dtls-client && return
     apt_install autoconf automake make gcc
     local src
     src=$(crate_src tinydtls-sys)/src/tinydtls
@@ -180,6 +195,7 @@ tinydtls() {
     )
     cp "$dir/src/tests/dtls-client" "$dir/dtls-client"
     rm -rf "$dir/src"
+    recipe tinydtls >"$dir/recipe"
 }
 
 peers=("$@")
