@@ -18,9 +18,10 @@
 mod support;
 
 use std::io::Write;
-use std::net::SocketAddr;
+use std::net::{SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -69,6 +70,8 @@ enum Seen {
 struct Server {
     inner: TestServer,
     seen: Arc<Mutex<Vec<Seen>>>,
+    /// Where the clients are sent instead of the server, if set.
+    relay: Option<LossyRelay>,
 }
 
 impl Server {
@@ -97,7 +100,11 @@ impl Server {
                 log.lock().push(seen);
             }
         });
-        Self { inner, seen }
+        Self {
+            inner,
+            seen,
+            relay: None,
+        }
     }
 
     /// The server with its default certificate (a generated ECDSA P-256 one).
@@ -111,8 +118,15 @@ impl Server {
         Self::start(move |b| b.psk(&identity, &key))
     }
 
+    /// Puts a [`LossyRelay`] between the clients and the server: the clients connect to it.
+    fn losing_the_final_flight(mut self) -> Self {
+        self.relay = Some(LossyRelay::start(self.inner.addr()));
+        self
+    }
+
+    /// Where the clients connect: the server, or its relay.
     fn addr(&self) -> SocketAddr {
-        self.inner.addr()
+        self.relay.as_ref().map_or(self.inner.addr(), |r| r.addr)
     }
 
     fn port(&self) -> String {
@@ -214,6 +228,106 @@ impl Server {
             (0, 0),
             "connection {nth}: records of the client's that the lean record layer refused"
         );
+    }
+}
+
+/// A UDP relay on 127.0.0.1 between one client and the server that drops the first datagram
+/// from the server holding a ChangeCipherSpec record, and forwards everything else. In a full
+/// handshake that datagram is the server's final flight (ChangeCipherSpec, Finished), sent as
+/// OpenSSL finishes, so the peer is lean when the client, still waiting, retransmits its own
+/// final flight: the endpoint must answer it with the flight it kept.
+struct LossyRelay {
+    addr: SocketAddr,
+    dropped: Arc<AtomicUsize>,
+    stop: Arc<AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+/// Whether a datagram holds a DTLS record of type ChangeCipherSpec (20).
+fn holds_change_cipher_spec(mut datagram: &[u8]) -> bool {
+    while datagram.len() >= 13 {
+        if datagram[0] == 20 {
+            return true;
+        }
+        let len = usize::from(u16::from_be_bytes([datagram[11], datagram[12]]));
+        datagram = datagram.get(13 + len..).unwrap_or_default();
+    }
+    false
+}
+
+impl LossyRelay {
+    fn start(server: SocketAddr) -> Self {
+        let front = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let back = UdpSocket::bind("127.0.0.1:0").unwrap();
+        back.connect(server).unwrap();
+        for s in [&front, &back] {
+            s.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
+        }
+        let addr = front.local_addr().unwrap();
+        let (front_in, back_out) = (front.try_clone().unwrap(), back.try_clone().unwrap());
+        let client = Arc::new(Mutex::new(None));
+        let dropped = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let to_server = {
+            let (client, stop) = (Arc::clone(&client), Arc::clone(&stop));
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 65536];
+                while !stop.load(Ordering::Relaxed) {
+                    if let Ok((n, from)) = front_in.recv_from(&mut buf) {
+                        *client.lock() = Some(from);
+                        let _ = back_out.send(&buf[..n]);
+                    }
+                }
+            })
+        };
+        let to_client = {
+            let (dropped, stop) = (Arc::clone(&dropped), Arc::clone(&stop));
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 65536];
+                while !stop.load(Ordering::Relaxed) {
+                    let Ok(n) = back.recv(&mut buf) else { continue };
+                    if dropped.load(Ordering::Relaxed) == 0 && holds_change_cipher_spec(&buf[..n]) {
+                        dropped.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    }
+                    if let Some(to) = *client.lock() {
+                        let _ = front.send_to(&buf[..n], to);
+                    }
+                }
+            })
+        };
+        Self {
+            addr,
+            dropped,
+            stop,
+            threads: vec![to_server, to_client],
+        }
+    }
+
+    fn dropped(&self) -> usize {
+        self.dropped.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for LossyRelay {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Server {
+    /// Asserts that the relay dropped the server's final flight and that the lean peer sent it
+    /// again when the client retransmitted.
+    fn assert_final_flight_resent(&self) {
+        let relay = self.relay.as_ref().expect("a relay");
+        assert_eq!(relay.dropped(), 1, "the relay dropped no final flight");
+        let stats = self.stats_when("the final flight sent again", |s| {
+            s.final_flights_resent >= 1
+        });
+        assert_eq!(stats.handshakes, 1, "{stats:?}");
     }
 }
 
@@ -731,9 +845,8 @@ fn mbedtls_ssl_client2_psk_aes128_ccm8_echoes_through_a_lean_peer() {
 // ---------------------------------------------------------------------------------------------
 // tinydtls
 
-#[test]
-fn tinydtls_psk_aes128_ccm8_echoes_through_a_lean_peer() {
-    let server = Server::psk(TINYDTLS_IDENTITY, TINYDTLS_KEY);
+/// One tinydtls dtls-client connection (PSK-AES128-CCM8) that echoes `line` and closes.
+fn tinydtls_echo(server: &Server, line: &str) {
     let mut cmd = Command::new(built_peer("tinydtls/dtls-client"));
     cmd.args([
         "-c",
@@ -743,9 +856,8 @@ fn tinydtls_psk_aes128_ccm8_echoes_through_a_lean_peer() {
     ]);
     let mut c = Client::spawn(&mut cmd);
     // tinydtls's client drops a line typed before its handshake finished: type it once the
-    // server's peer is lean.
+    // server's peer is lean, again every half second until the echo is there.
     server.stats_when("a lean peer", |s| s.lean == 1);
-    let line = "tinydtls line";
     let deadline = Instant::now() + WAIT;
     loop {
         c.send(&format!("{line}\n"));
@@ -753,15 +865,25 @@ fn tinydtls_psk_aes128_ccm8_echoes_through_a_lean_peer() {
         {
             break;
         }
-        assert!(Instant::now() < deadline, "no echo from tinydtls");
+        assert!(
+            Instant::now() < deadline,
+            "no echo from tinydtls: {}",
+            joined(&c.lines.output)
+        );
     }
-    server.assert_lean_echo(0, "PSK-AES128-CCM8", false, line);
     // client:close sends close_notify, client:exit ends the program.
     c.send("client:close\n");
     server.stats_when("the peer closed", |s| s.closed == 1);
     c.send("client:exit\n");
-    let (_, exited) = c.wait_exit(EXIT);
-    assert!(exited);
+    let (out, exited) = c.wait_exit(EXIT);
+    assert!(exited, "tinydtls did not exit: {}", joined(&out));
+}
+
+#[test]
+fn tinydtls_psk_aes128_ccm8_echoes_through_a_lean_peer() {
+    let server = Server::psk(TINYDTLS_IDENTITY, TINYDTLS_KEY);
+    tinydtls_echo(&server, "tinydtls line");
+    server.assert_lean_echo(0, "PSK-AES128-CCM8", false, "tinydtls line");
     server.assert_all_closed_by_close_notify(1);
 }
 
@@ -828,4 +950,96 @@ fn wolfssl_client_resumes_a_session_whose_peer_was_lean() {
     server.assert_lean_echo(1, cipher, true, "resuming wolfssl!");
     server.stats_when("a resumption", |s| s.resumed == 1 && s.handshakes == 2);
     server.assert_all_closed_by_close_notify(2);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The server's final flight lost: each client retransmits its own to a peer already lean.
+// Not tinydtls: its example client never drives the library's retransmission timer
+// (tests/dtls-client.c does not call dtls_check_retransmit), so it never retransmits anything,
+// against any server; seen here with lean peers on and off alike.
+
+#[test]
+fn s_client_gets_the_final_flight_again_from_a_lean_peer_after_losing_it() {
+    let server = Server::certificate().losing_the_final_flight();
+    let cipher = "ECDHE-ECDSA-AES128-GCM-SHA256";
+    s_client_echo(&server, &["-cipher", cipher], "after a lost flight");
+    server.assert_final_flight_resent();
+    server.assert_lean_echo(0, cipher, false, "after a lost flight");
+    server.assert_all_closed_by_close_notify(1);
+}
+
+#[test]
+fn gnutls_cli_gets_the_final_flight_again_from_a_lean_peer_after_losing_it() {
+    let server = Server::certificate().losing_the_final_flight();
+    let prio = gnutls_priority("ECDHE-ECDSA", "CHACHA20-POLY1305");
+    gnutls_echo(
+        &server,
+        &prio,
+        &[],
+        "Handshake was completed",
+        "after a lost flight",
+    );
+    server.assert_final_flight_resent();
+    server.assert_lean_echo(
+        0,
+        "ECDHE-ECDSA-CHACHA20-POLY1305",
+        false,
+        "after a lost flight",
+    );
+    server.assert_all_closed_by_close_notify(1);
+}
+
+#[test]
+fn mbedtls_dtls_client_gets_the_final_flight_again_from_a_lean_peer_after_losing_it() {
+    let server = Server::certificate().losing_the_final_flight();
+    let mut cmd = Command::new(built_peer("mbedtls/dtls_client"));
+    cmd.env("DTLS_PORT", server.port());
+    let (out, exited) = Client::spawn(&mut cmd).wait_exit(WAIT);
+    assert!(exited, "dtls_client did not exit:\n{}", joined(&out));
+    assert!(
+        out.iter().any(|l| l.contains("9 bytes read")),
+        "no echo: {}",
+        joined(&out)
+    );
+    server.assert_final_flight_resent();
+    server.assert_lean_echo(0, "ECDHE-ECDSA-CHACHA20-POLY1305", false, "Echo this");
+    server.assert_all_closed_by_close_notify(1);
+}
+
+#[test]
+fn mbedtls_ssl_client2_psk_ccm8_gets_the_final_flight_again_from_a_lean_peer_after_losing_it() {
+    let server = Server::psk(PSK_IDENTITY.as_bytes(), &psk_key()).losing_the_final_flight();
+    let (out, exited) = ssl_client2(
+        &server,
+        &[
+            "force_ciphersuite=TLS-PSK-WITH-AES-128-CCM-8",
+            &format!("psk={PSK_HEX}"),
+            &format!("psk_identity={PSK_IDENTITY}"),
+        ],
+    );
+    assert!(exited, "ssl_client2 did not exit:\n{}", joined(&out));
+    assert!(
+        out.iter().any(|l| l.contains("bytes read")),
+        "no echo: {}",
+        joined(&out)
+    );
+    server.assert_final_flight_resent();
+    server.assert_lean_echo(0, "PSK-AES128-CCM8", false, "GET / HTTP/1.0");
+    server.assert_all_closed_by_close_notify(1);
+}
+
+#[test]
+fn wolfssl_client_gets_the_final_flight_again_from_a_lean_peer_after_losing_it() {
+    let server = Server::certificate().losing_the_final_flight();
+    let cipher = "ECDHE-ECDSA-AES128-GCM-SHA256";
+    let (out, exited) = wolfssl_client(&server, &["-d", "-x", "-l", cipher]);
+    assert!(exited, "the client did not exit:\n{}", joined(&out));
+    assert!(
+        out.iter().any(|l| l == "hello wolfssl!"),
+        "no echo: {}",
+        joined(&out)
+    );
+    server.assert_final_flight_resent();
+    server.assert_lean_echo(0, cipher, false, "hello wolfssl!");
+    server.assert_all_closed_by_close_notify(1);
 }
