@@ -39,7 +39,24 @@ extern "C" {
         buf: *mut libc::c_char,
         bsize: libc::size_t,
     ) -> openssl_sys::OSSL_PARAM;
+    fn SSL_CTX_set_security_callback(ctx: *mut openssl_sys::SSL_CTX, cb: Option<SecurityCallback>);
+    fn SSL_CTX_get_security_callback(ctx: *const openssl_sys::SSL_CTX) -> Option<SecurityCallback>;
+    fn SSL_CTX_set0_security_ex_data(ctx: *mut openssl_sys::SSL_CTX, ex: *mut c_void);
+    fn SSL_CTX_get0_security_ex_data(ctx: *const openssl_sys::SSL_CTX) -> *mut c_void;
+    fn SSL_CIPHER_get_bits(c: *const openssl_sys::SSL_CIPHER, alg_bits: *mut c_int) -> c_int;
 }
+
+/// `int (*)(const SSL *s, const SSL_CTX *ctx, int op, int bits, int nid, void *other, void *ex)`,
+/// OpenSSL's security callback.
+type SecurityCallback = unsafe extern "C" fn(
+    *const openssl_sys::SSL,
+    *const openssl_sys::SSL_CTX,
+    c_int,
+    c_int,
+    c_int,
+    *mut c_void,
+    *mut c_void,
+) -> c_int;
 
 /// `int (*)(SSL *, unsigned char key_name[16], unsigned char iv[16], EVP_CIPHER_CTX *,
 /// EVP_MAC_CTX *, int enc)`.
@@ -341,6 +358,124 @@ pub(crate) fn max_proto_version(ssl: &SslRef) -> Option<i32> {
     // SAFETY: ssl is a live SSL; SSL_CTRL_GET_MAX_PROTO_VERSION only reads an int field.
     let v = unsafe { openssl_sys::SSL_get_max_proto_version(ssl.as_ptr()) };
     (v != 0).then_some(v)
+}
+
+/// `SSL_SECOP_OTHER_CIPHER` and the three cipher operations of OpenSSL's `ssl.h`
+/// (`SSL_SECOP_CIPHER_SUPPORTED`, `_SHARED`, `_CHECK`): the security callback's questions about
+/// one cipher suite (`other` points at its `SSL_CIPHER`, `bits` is its strength).
+const SSL_SECOP_OTHER_CIPHER: c_int = 1 << 16;
+const SECOP_CIPHER_OPS: [c_int; 3] = [
+    1 | SSL_SECOP_OTHER_CIPHER,
+    2 | SSL_SECOP_OTHER_CIPHER,
+    3 | SSL_SECOP_OTHER_CIPHER,
+];
+
+/// The TLS 1.2 / DTLS 1.2 AES-CCM-8 suites (`TLS1_CK_*_CCM_8` in OpenSSL's `tls1.h`): RSA,
+/// DHE-RSA, PSK, DHE-PSK and ECDHE-ECDSA, each with AES-128 and AES-256.
+const CCM8_SUITES: [u32; 10] = [
+    0x0300_C0A0,
+    0x0300_C0A1,
+    0x0300_C0A2,
+    0x0300_C0A3,
+    0x0300_C0A8,
+    0x0300_C0A9,
+    0x0300_C0AA,
+    0x0300_C0AB,
+    0x0300_C0AE,
+    0x0300_C0AF,
+];
+
+/// Whether the OpenSSL running here may rate the CCM8 suites below their key size. OpenSSL 3.0
+/// gives them the key's strength (128 or 256 bits); the cipher table of 3.2 and later
+/// (`ssl/s3_lib.c`, the `TLS1_CK_*_CCM_8` entries: "CCM8 uses a short tag, so we have a low
+/// security strength") gives them 64, which every security level above 0 refuses
+/// (`ssl/ssl_cert.c` `ssl_security_default_callback`: `bits < minbits`, 80 bits at level 1,
+/// 112 at level 2, the default since 3.2). 3.1 is counted in: where a release still rates them by
+/// key size, [`ccm8_security_callback`] changes nothing.
+pub(crate) fn ccm8_rated_below_key_size(version: i64) -> bool {
+    version >= 0x3010_0000
+}
+
+/// Makes the context's security level judge the AES-CCM-8 suites by their key size (128 or 256
+/// bits), as OpenSSL 3.0 does, instead of by their 8-byte tag (64 bits: refused at every level
+/// above 0 on OpenSSL 3.2 and later). Every other question the security level answers
+/// (certificate keys, signature algorithms, groups, versions, other suites) is still answered by
+/// the context's own callback, unchanged. Returns whether the callback is installed: not where
+/// OpenSSL still rates them by key size (3.0, nothing to do), and not on a context whose security
+/// callback already carries data of its own (`SSL_CTX_set0_security_ex_data`: a callback some
+/// C code installed, which is left alone).
+pub(crate) fn rate_ccm8_by_key_size(builder: &mut SslContextBuilder) -> bool {
+    if !ccm8_rated_below_key_size(openssl::version::number()) {
+        return false;
+    }
+    let ctx = builder.as_ptr();
+    // SAFETY: ctx is the live SSL_CTX being built; both getters only read its CERT's fields.
+    let (previous, ex) = unsafe {
+        (
+            SSL_CTX_get_security_callback(ctx),
+            SSL_CTX_get0_security_ex_data(ctx),
+        )
+    };
+    let Some(previous) = previous else {
+        return false;
+    };
+    if !ex.is_null() {
+        return false;
+    }
+    if previous as usize == ccm8_security_callback as SecurityCallback as usize {
+        return true;
+    }
+    // SAFETY: ctx is live. The previous callback (OpenSSL's default, which takes no data: ex was
+    // NULL) is kept as the security data, a function pointer in a `void *`, which
+    // ccm8_security_callback reads back and calls with the NULL data it had; OpenSSL copies
+    // callback and data together into every SSL made from the context (ssl_cert_dup) and into an
+    // SSL switched to it (SSL_set_SSL_CTX), so the callback always finds its own data. Neither
+    // can be changed through rust-openssl's safe API afterwards (it binds no security callback
+    // or data setter); `set_security_level` only changes the level, which the previous callback
+    // still reads.
+    unsafe {
+        SSL_CTX_set0_security_ex_data(ctx, previous as *mut c_void);
+        SSL_CTX_set_security_callback(ctx, Some(ccm8_security_callback));
+    }
+    true
+}
+
+/// The security callback [`rate_ccm8_by_key_size`] installs: for the cipher questions about an
+/// AES-CCM-8 suite it passes the key's strength instead of the suite's rating to the callback
+/// it replaced (kept in `ex`); everything else goes to that callback unchanged. Never unwinds
+/// (no Rust code here can panic).
+unsafe extern "C" fn ccm8_security_callback(
+    s: *const openssl_sys::SSL,
+    ctx: *const openssl_sys::SSL_CTX,
+    op: c_int,
+    bits: c_int,
+    nid: c_int,
+    other: *mut c_void,
+    ex: *mut c_void,
+) -> c_int {
+    // SAFETY: OpenSSL passes the data installed with this callback (see rate_ccm8_by_key_size):
+    // the previous callback's function pointer, never NULL there. A NULL (impossible through the
+    // safe API) refuses the operation instead of calling through it.
+    let previous = unsafe { std::mem::transmute::<*mut c_void, Option<SecurityCallback>>(ex) };
+    let Some(previous) = previous else {
+        return 0;
+    };
+    let mut bits = bits;
+    if SECOP_CIPHER_OPS.contains(&op) && !other.is_null() {
+        let cipher = other.cast::<openssl_sys::SSL_CIPHER>().cast_const();
+        // SAFETY: for the cipher operations `other` is the SSL_CIPHER being judged, an entry of
+        // OpenSSL's static cipher tables; both getters only read it.
+        unsafe {
+            if CCM8_SUITES.contains(&SSL_CIPHER_get_id(cipher)) {
+                let mut key_bits: c_int = 0;
+                SSL_CIPHER_get_bits(cipher, &mut key_bits);
+                bits = bits.max(key_bits);
+            }
+        }
+    }
+    // SAFETY: the callback OpenSSL installed (or that was installed) before this one, called with
+    // the arguments OpenSSL passed and the NULL data it was installed with.
+    unsafe { previous(s, ctx, op, bits, nid, other, std::ptr::null_mut()) }
 }
 
 /// The cipher suite `session` was made with (`SSL_SESSION_get0_cipher`).

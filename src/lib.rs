@@ -96,11 +96,12 @@ pub use error::{Error, RefusedSetting, SendError, StoreError};
 #[cfg(feature = "metrics")]
 pub use server::HANDSHAKE_DURATION_METRIC;
 pub use server::{
-    certificate_fingerprint, deliver_events, self_signed_certificate, AppContext, Application,
-    CloseReason, ConnectionInfo, DatagramPipe, DropReason, Endpoint, EndpointStats, Event, IoMode,
-    IoStats, ServerConfig, ServerConfigBuilder, StopHandle, Transmit, UdpOptions, UdpServer,
-    DEFAULT_CIPHERS, DEFAULT_COOKIE_ROTATION, DEFAULT_LOOKUP_TIMEOUT, DEFAULT_MAX_DATAGRAM,
-    DEFAULT_MTU, DEFAULT_PARKED_DATAGRAMS, DEFAULT_SEND_QUEUE, MAX_RECORD_PLAINTEXT, PSK_CIPHERS,
+    certificate_fingerprint, deliver_events, rate_ccm8_by_key_size, self_signed_certificate,
+    AppContext, Application, CloseReason, ConnectionInfo, DatagramPipe, DropReason, Endpoint,
+    EndpointStats, Event, IoMode, IoStats, ServerConfig, ServerConfigBuilder, StopHandle, Transmit,
+    UdpOptions, UdpServer, DEFAULT_CIPHERS, DEFAULT_COOKIE_ROTATION, DEFAULT_LOOKUP_TIMEOUT,
+    DEFAULT_MAX_DATAGRAM, DEFAULT_MTU, DEFAULT_PARKED_DATAGRAMS, DEFAULT_SEND_QUEUE,
+    MAX_RECORD_PLAINTEXT, PSK_CIPHERS,
 };
 #[cfg(feature = "tokio")]
 pub use server::{TokioHandle, TokioServer};

@@ -203,7 +203,11 @@ impl ServerConfig {
 ///   records silently, which OpenSSL does with MAC-then-encrypt and with AEAD suites). It changes
 ///   nothing for AEAD suites, the default;
 /// - the session cache ([`SessionCache::install`]: its callbacks, the cache mode without
-///   OpenSSL's internal store, no tickets, the session id context).
+///   OpenSSL's internal store, no tickets, the session id context);
+/// - on OpenSSL 3.2 and later, [`rate_ccm8_by_key_size`]: the AES-CCM-8 suites (RFC 7925's
+///   mandatory `PSK-AES128-CCM8` and `ECDHE-ECDSA-AES128-CCM8`) pass the security level by their
+///   key size, as on OpenSSL 3.0, instead of being refused at every level above 0 for their
+///   8-byte tag. A [`ciphers`](Self::ciphers) list without them turns them off.
 ///
 /// It refuses ([`RefusedSetting`]) what would break the server: a context that is not DTLS, a
 /// maximum version other than DTLS 1.2, a [`ciphers`](Self::ciphers) list that enables nothing.
@@ -496,6 +500,7 @@ impl ServerConfigBuilder {
             )?;
         }
         pin_dtls12(&mut ctx)?;
+        rate_ccm8_by_key_size(&mut ctx);
         ctx.set_options(
             SslOptions::COOKIE_EXCHANGE | SslOptions::NO_QUERY_MTU | NO_ENCRYPT_THEN_MAC,
         );
@@ -649,6 +654,28 @@ fn psk_answer(
     }
     out[..key.len()].copy_from_slice(&key);
     key.len()
+}
+
+/// Makes `ctx`'s security level judge the AES-CCM-8 cipher suites by their key size (128 or 256
+/// bits), as OpenSSL 3.0 does, instead of by their 8-byte authentication tag.
+///
+/// OpenSSL 3.2 and later rate every CCM8 suite at 64 bits of security (`ssl/s3_lib.c`: "CCM8
+/// uses a short tag"), which every security level above 0 refuses, and make level 2 the default:
+/// a server or client on such a release silently drops `PSK-AES128-CCM8` and
+/// `ECDHE-ECDSA-AES128-CCM8`, the suites RFC 7925 makes mandatory for constrained devices, from
+/// its list, and a peer offering only those fails the handshake. The 64 bits are the chance of
+/// one forged record passing, each forgery costing the attacker a datagram; a DTLS receiver
+/// drops records that fail (RFC 6347 §4.1.2.7), so IoT profiles accept it. Lowering the whole
+/// security level to 0 would also accept weak certificate keys and signatures; this changes
+/// the verdict on the CCM8 suites only, and leaves every other question to the context's own
+/// callback.
+///
+/// [`ServerConfigBuilder::build`] does this on the server's context; call it on a client context
+/// (or a TLS server of your own) that must offer CCM8 on OpenSSL 3.2+. Returns whether it
+/// installed anything: `false` on OpenSSL 3.0 (nothing to do) and on a context whose security
+/// callback C code replaced with one carrying its own data (left alone).
+pub fn rate_ccm8_by_key_size(ctx: &mut SslContextBuilder) -> bool {
+    crate::ffi::rate_ccm8_by_key_size(ctx)
 }
 
 /// Generates a self-signed ECDSA P-256 certificate for `localhost`, valid for a year.

@@ -43,6 +43,8 @@ fn pin(b: &mut SslContextBuilder, suite: &str) {
     b.set_max_proto_version(Some(SslVersion::DTLS1_2)).unwrap();
     b.set_options(SslOptions::NO_QUERY_MTU | SslOptions::NO_TICKET);
     b.set_cipher_list(suite).unwrap();
+    // The CCM8 suites pass the security level of OpenSSL 3.2+ only with this (both ends).
+    crate::rate_ccm8_by_key_size(b);
 }
 
 /// Two OpenSSL peers of `suite` after their handshake, and what our side needs to take over
