@@ -215,26 +215,47 @@ pub(crate) fn dtls_get_timeout(ssl: &SslRef) -> Option<Duration> {
     })
 }
 
-/// Whether `SSL_free_buffers` of the OpenSSL running here is the one [`LeanStream`] relies on:
-/// the 3.0 / 3.1 record layer, from the releases that also refuse while decrypted data is unread
-/// (the fix of CVE-2024-4741: 3.0.14, 3.1.6). 3.2 rewrote the record layer; there the buffers
-/// are simply kept.
+/// Whether `SSL_free_buffers` of the OpenSSL running here is one [`LeanStream`] relies on: from
+/// the releases that refuse while a record is half read, a write is pending or decrypted data is
+/// unread (the fix of CVE-2024-4741: 3.0.14, 3.1.6, 3.2.2, 3.3.1, and every release since), on
+/// either record layer:
+/// - 3.0 and 3.1 (`ssl/record/ssl3_buffer.c`, `ssl3_release_read_buffer` and
+///   `ssl3_release_write_buffer`): the DTLS read path sets a missing read buffer up again, the
+///   DTLS write path does not (see [`LeanStream`]);
+/// - 3.2 and later, the record layer rewritten as `OSSL_RECORD_METHOD`s
+///   (`ssl/record/methods/tls_common.c`, `tls_free_buffers` and `tls_alloc_buffers`, which
+///   `SSL_free_buffers` and `SSL_alloc_buffers` call for the current read and write record
+///   layers): `dtls_get_more_records` (`dtls_meth.c`) sets a missing read buffer up, and every
+///   DTLS record write sets its write buffer up first (`tls_write_records_default` calls
+///   `allocate_write_buffers`, for DTLS `tls_allocate_write_buffers_default`, i.e.
+///   `tls_setup_write_buffer`). Checked on 3.6.2 and 4.0.3.
+///
+/// A later major release is not assumed to keep that shape: there the buffers are simply kept.
 fn free_buffers_supported(version: i64) -> bool {
-    (0x3000_00e0..0x3010_0000).contains(&version) || (0x3010_0060..0x3020_0000).contains(&version)
+    (0x3000_00e0..0x3010_0000).contains(&version)
+        || (0x3010_0060..0x3020_0000).contains(&version)
+        || (0x3020_0020..0x3030_0000).contains(&version)
+        || (0x3030_0010..0x5000_0000).contains(&version)
 }
 
 /// A DTLS connection whose record-layer buffers are released while it is idle.
 ///
 /// An established DTLS connection holds a read buffer (16.7 KB) and a write buffer (16.6 KB)
-/// whether or not anything moves. `SSL_MODE_RELEASE_BUFFERS` does not release them for DTLS
-/// (OpenSSL 3.0 tests `!SSL_IS_DTLS(s)` where the shared paths release them, `ssl3_read_n` and
-/// `ssl3_write_bytes`, and DTLS's own read and write paths never do), so
+/// whether or not anything moves. On OpenSSL 3.0 and 3.1 `SSL_MODE_RELEASE_BUFFERS` does not
+/// release them for DTLS (3.0 tests `!SSL_IS_DTLS(s)` where the shared paths release them,
+/// `ssl3_read_n` and `ssl3_write_bytes`, and DTLS's own read and write paths never do), so
 /// [`release_buffers`](Self::release_buffers) calls `SSL_free_buffers`, and every call into
 /// OpenSSL that may read or write on the connection goes through [`with`](Self::with), which sets
-/// them up again first (`SSL_alloc_buffers`). That is needed: OpenSSL 3.0's DTLS read path sets
+/// them up again first (`SSL_alloc_buffers`). That is needed on 3.0: its DTLS read path sets
 /// its buffers up when they are missing, but its write path (`do_dtls1_write`, reached by
 /// `SSL_write`, `SSL_shutdown`, alerts, and the retransmission of a flight) writes through the
-/// write buffer's pointer without checking it.
+/// write buffer's pointer without checking it. The record layer of 3.2 and later sets both up
+/// itself when missing (see [`free_buffers_supported`]); `with` costs one allocation per buffer
+/// there too, as OpenSSL would make it anyway. On 3.2 and later a server's last flight keeps the
+/// epoch-0 write record layer (for the ChangeCipherSpec it may retransmit,
+/// `saved_retransmit_state` in `ssl/statem/statem_dtls.c`), whose write buffer `SSL_free_buffers`
+/// does not reach (it frees the current layers' only): an idle peer releases the read and the
+/// current write buffer.
 pub(crate) struct LeanStream<S> {
     /// Private: the only `&mut` to it is the one [`with`](Self::with) lends.
     stream: SslStream<S>,
@@ -271,9 +292,11 @@ impl<S: Read + Write> LeanStream<S> {
     pub(crate) fn with<R>(&mut self, f: impl FnOnce(&mut SslStream<S>) -> R) -> Option<R> {
         if self.released {
             // SAFETY: the SSL is live (owned by `stream`). SSL_alloc_buffers is
-            // ssl3_setup_buffers: it allocates a missing read buffer and a missing (or
-            // differently sized) write buffer and touches nothing else; it returns 0, leaving
-            // a buffer missing, only when an allocation failed.
+            // ssl3_setup_buffers on 3.0/3.1 and tls_alloc_buffers of the current read and
+            // write record layers on 3.2+: it allocates a missing read buffer and a missing (or
+            // differently sized) write buffer, marked empty, and touches nothing else (with
+            // data pending, the buffers are there and it returns 1); it returns 0, leaving a
+            // buffer missing, only when an allocation failed.
             if unsafe { SSL_alloc_buffers(self.stream.ssl().as_ptr()) } != 1 {
                 return None;
             }
@@ -288,25 +311,30 @@ impl<S: Read + Write> LeanStream<S> {
     /// [`free_buffers_supported`]).
     pub(crate) fn release_buffers(&mut self) -> bool {
         if !self.released && free_buffers_supported(openssl::version::number()) {
-            // SAFETY: the SSL is live (owned by `stream`). In OpenSSL 3.0.14+ / 3.1.6+,
-            // SSL_free_buffers returns 0 and changes nothing while a record is half read, a
-            // write is pending or decrypted data is unread; otherwise it frees the read and
+            // SAFETY: the SSL is live (owned by `stream`). In the releases free_buffers_supported
+            // accepts, SSL_free_buffers returns 0 and changes nothing while a record is half
+            // read, a write is pending or decrypted data is unread (3.0/3.1:
+            // ssl3_release_*_buffer behind RECORD_LAYER_read_pending / write_pending checks;
+            // 3.2+: tls_free_buffers checks curr_rec/num_recs/num_released, rbuf.left,
+            // rstate == SSL_ST_READ_BODY and nextwbuf/numwpipes); otherwise it frees the read and
             // write buffers, leaving null pointers, no write pipes and no current packet. DTLS
-            // records queued for a later epoch or read early (`rlayer.d`) own buffers of their
-            // own, and the retained last flight (`d1->sent_messages`, `init_buf`) is not
-            // touched. Afterwards a null buffer is only dereferenced by the DTLS write path
-            // (see the type's docs), and OpenSSL only runs it inside the calls that do I/O on
-            // the connection: SSL_write, SSL_shutdown, SSL_do_handshake (SSL_accept,
-            // SSL_connect), SSL_read, SSL_peek (the `_ex` forms, and the TLS 1.3-only early data
-            // and stateless calls) and DTLSv1_handle_timeout. rust-openssl makes all but the
-            // last only on an `SslStream` (`&mut`), and none of them, nor any other call that
-            // writes, on `SslRef` (what reads the record layer there, such as SSL_pending,
-            // reads lengths, never the buffers); nothing in this crate sends
-            // DTLS_CTRL_HANDLE_TIMEOUT. This type never lends `&mut SslStream` but in `with`,
-            // after SSL_alloc_buffers succeeded, and `ssl()` lends only `&SslRef`; callbacks
-            // OpenSSL runs on this connection run inside those calls and are given an
-            // `SslRef`, not the stream. Freeing the SSL with null buffers is fine
-            // (OPENSSL_free(NULL)).
+            // records queued for a later epoch or read early own buffers of their own (3.0:
+            // `rlayer.d`; 3.2+: the read layer's `unprocessed_rcds`, moved or copied out of
+            // rbuf by dtls_rlayer_buffer_record), and the retained last flight
+            // (`d1->sent_messages`, `init_buf`, on 3.2+ with its saved write layer) is not
+            // touched. Afterwards a null buffer is only dereferenced by the 3.0/3.1 DTLS write
+            // path (see the type's docs; 3.2+ sets a missing buffer up on every read and
+            // write), and OpenSSL only runs it inside the calls that do I/O on the connection:
+            // SSL_write, SSL_shutdown, SSL_do_handshake (SSL_accept, SSL_connect), SSL_read,
+            // SSL_peek (the `_ex` forms, and the TLS 1.3-only early data and stateless calls)
+            // and DTLSv1_handle_timeout. rust-openssl makes all but the last only on an
+            // `SslStream` (`&mut`), and none of them, nor any other call that writes, on
+            // `SslRef` (what reads the record layer there, such as SSL_pending, reads lengths,
+            // never the buffers); nothing in this crate sends DTLS_CTRL_HANDLE_TIMEOUT. This
+            // type never lends `&mut SslStream` but in `with`, after SSL_alloc_buffers
+            // succeeded, and `ssl()` lends only `&SslRef`; callbacks OpenSSL runs on this
+            // connection run inside those calls and are given an `SslRef`, not the stream.
+            // Freeing the SSL with null buffers is fine (OPENSSL_free(NULL)).
             self.released = unsafe { SSL_free_buffers(self.stream.ssl().as_ptr()) } == 1;
         }
         self.released
