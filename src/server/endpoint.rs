@@ -1600,7 +1600,8 @@ mod tests {
         let mut c = Client::new(1000, None);
         pump(&mut ep, &mut c, now);
         let session = c.stream.ssl().session().unwrap().to_owned();
-        // An end of file under the record layer fails the connection without any alert.
+        // An empty datagram (a read error under the record layer: DatagramPipe) fails the
+        // connection without any alert.
         let peer = ep.peers.get_mut(&c.addr).unwrap();
         peer.push(Vec::new());
         peer.drive(now, &mut ep.scratch);
