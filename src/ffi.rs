@@ -739,3 +739,36 @@ pub(crate) fn tls1_prf(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buffers_are_released_on_the_releases_with_the_cve_2024_4741_fix_only() {
+        for (version, supported) in [
+            (0x3000_00d0, false), // 3.0.13
+            (0x3000_00e0, true),  // 3.0.14
+            (0x3000_0160, true),  // 3.0.22
+            (0x3010_0050, false), // 3.1.5
+            (0x3010_0060, true),  // 3.1.6
+            (0x3020_0010, false), // 3.2.1
+            (0x3020_0020, true),  // 3.2.2
+            (0x3030_0000, false), // 3.3.0
+            (0x3030_0010, true),  // 3.3.1
+            (0x3060_0020, true),  // 3.6.2
+            (0x4000_0030, true),  // 4.0.3
+            (0x5000_0000, false), // a later major release: not assumed
+        ] {
+            assert_eq!(free_buffers_supported(version), supported, "{version:#x}");
+        }
+    }
+
+    #[test]
+    fn ccm8_is_rerated_from_3_1_on() {
+        assert!(!ccm8_rated_below_key_size(0x3000_0160));
+        assert!(ccm8_rated_below_key_size(0x3010_0000));
+        assert!(ccm8_rated_below_key_size(0x3060_0020));
+        assert!(ccm8_rated_below_key_size(0x4000_0030));
+    }
+}
