@@ -238,6 +238,37 @@ fn free_buffers_supported(version: i64) -> bool {
         || (0x3030_0010..0x5000_0000).contains(&version)
 }
 
+/// Whether `SSL_MODE_RELEASE_BUFFERS` releases DTLS record buffers in the OpenSSL running here:
+/// on the record layer of 3.2 and later (`ssl/record/methods/tls_common.c`:
+/// `tls_release_record` frees the read buffer once its records are consumed,
+/// `tls_retry_write_records` the write buffer once a write went out, neither with a DTLS
+/// exception), not on 3.0/3.1, whose `ssl3_read_n` and `ssl3_write_bytes` skip DTLS. It matters
+/// for the one buffer [`LeanStream::release_buffers`] cannot reach there: a DTLS server's last
+/// flight keeps the epoch-0 write record layer for the ChangeCipherSpec it may retransmit
+/// (`saved_retransmit_state`, `ssl/statem/statem_dtls.c`, freed only with the buffered flight),
+/// and `SSL_free_buffers` frees the current layers only. With the mode, that layer frees its
+/// write buffer as soon as the ChangeCipherSpec went out (16.6 KB of the 88.9 KB an idle peer
+/// held on 4.0.3, `examples/idle_peer_memory`); a later retransmission sets it up again
+/// (`tls_allocate_write_buffers_default`).
+pub(crate) fn release_buffers_mode_covers_dtls(version: i64) -> bool {
+    version >= 0x3020_0000
+}
+
+/// The mode bits set on `ssl` (`SSL_get_mode`).
+#[cfg(test)]
+pub(crate) fn ssl_mode(ssl: &SslRef) -> openssl::ssl::SslMode {
+    // SAFETY: ssl is live; SSL_CTRL_MODE with larg 0 ORs nothing in and returns the mode.
+    let bits = unsafe {
+        openssl_sys::SSL_ctrl(
+            ssl.as_ptr(),
+            openssl_sys::SSL_CTRL_MODE,
+            0,
+            std::ptr::null_mut(),
+        )
+    };
+    openssl::ssl::SslMode::from_bits_retain(bits as _)
+}
+
 /// A DTLS connection whose record-layer buffers are released while it is idle.
 ///
 /// An established DTLS connection holds a read buffer (16.7 KB) and a write buffer (16.6 KB)
@@ -254,8 +285,8 @@ fn free_buffers_supported(version: i64) -> bool {
 /// there too, as OpenSSL would make it anyway. On 3.2 and later a server's last flight keeps the
 /// epoch-0 write record layer (for the ChangeCipherSpec it may retransmit,
 /// `saved_retransmit_state` in `ssl/statem/statem_dtls.c`), whose write buffer `SSL_free_buffers`
-/// does not reach (it frees the current layers' only): an idle peer releases the read and the
-/// current write buffer.
+/// does not reach (it frees the current layers' only); the server's `SSL_MODE_RELEASE_BUFFERS`
+/// frees that one (see [`release_buffers_mode_covers_dtls`]).
 pub(crate) struct LeanStream<S> {
     /// Private: the only `&mut` to it is the one [`with`](Self::with) lends.
     stream: SslStream<S>,
@@ -762,6 +793,14 @@ mod tests {
         ] {
             assert_eq!(free_buffers_supported(version), supported, "{version:#x}");
         }
+    }
+
+    #[test]
+    fn the_release_buffers_mode_covers_dtls_from_3_2_on() {
+        assert!(!release_buffers_mode_covers_dtls(0x3000_0160));
+        assert!(!release_buffers_mode_covers_dtls(0x3010_0060));
+        assert!(release_buffers_mode_covers_dtls(0x3020_0000));
+        assert!(release_buffers_mode_covers_dtls(0x4000_0030));
     }
 
     #[test]

@@ -17,7 +17,7 @@ use openssl::hash::MessageDigest;
 use openssl::nid::Nid;
 use openssl::pkey::{PKey, Private};
 use openssl::ssl::{
-    Ssl, SslContext, SslContextBuilder, SslMethod, SslOptions, SslVerifyMode, SslVersion,
+    Ssl, SslContext, SslContextBuilder, SslMethod, SslMode, SslOptions, SslVerifyMode, SslVersion,
 };
 use openssl::stack::Stack;
 use openssl::x509::extension::SubjectAlternativeName;
@@ -207,7 +207,10 @@ impl ServerConfig {
 /// - on OpenSSL 3.2 and later, [`rate_ccm8_by_key_size`]: the AES-CCM-8 suites (RFC 7925's
 ///   mandatory `PSK-AES128-CCM8` and `ECDHE-ECDSA-AES128-CCM8`) pass the security level by their
 ///   key size, as on OpenSSL 3.0, instead of being refused at every level above 0 for their
-///   8-byte tag. A [`ciphers`](Self::ciphers) list without them turns them off.
+///   8-byte tag. A [`ciphers`](Self::ciphers) list without them turns them off;
+/// - on OpenSSL 3.2 and later, `SSL_MODE_RELEASE_BUFFERS`, which there releases DTLS record
+///   buffers once they are drained (on 3.0 it does nothing for DTLS): an idle peer keeps no
+///   write buffer for the ChangeCipherSpec of its last flight either.
 ///
 /// It refuses ([`RefusedSetting`]) what would break the server: a context that is not DTLS, a
 /// maximum version other than DTLS 1.2, a [`ciphers`](Self::ciphers) list that enables nothing.
@@ -501,6 +504,10 @@ impl ServerConfigBuilder {
         }
         pin_dtls12(&mut ctx)?;
         rate_ccm8_by_key_size(&mut ctx);
+        if crate::ffi::release_buffers_mode_covers_dtls(openssl::version::number()) {
+            // The epoch-0 write layer a finished handshake keeps frees its buffer too.
+            ctx.set_mode(SslMode::RELEASE_BUFFERS);
+        }
         ctx.set_options(
             SslOptions::COOKIE_EXCHANGE | SslOptions::NO_QUERY_MTU | NO_ENCRYPT_THEN_MAC,
         );
@@ -730,6 +737,16 @@ mod tests {
             Err(Error::RefusedSetting(r)) => r,
             other => panic!("expected a refused setting, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn dtls_record_buffers_are_released_when_drained_from_openssl_3_2_on() {
+        let config = builder().build().unwrap();
+        let ssl = openssl::ssl::Ssl::new(config.context()).unwrap();
+        assert_eq!(
+            crate::ffi::ssl_mode(&ssl).contains(SslMode::RELEASE_BUFFERS),
+            openssl::version::number() >= 0x3020_0000
+        );
     }
 
     #[test]
