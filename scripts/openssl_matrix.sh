@@ -77,7 +77,12 @@ fn main() {
 EOF
     echo 'fn main() {}' >"$b/src/main.rs"
     # CARGO_MAKEFLAGS (cargo's jobserver, -j$jobs) reaches OpenSSL's make through openssl-src.
-    OSSL_MATRIX_OUT="$dir" cargo build -j"$jobs" --manifest-path "$b/Cargo.toml" \
+    # --release: openssl-src compiles OpenSSL at -O2 either way, but a dev build script also
+    # gets -g (cc follows cargo's DEBUG), which makes the build slower and the install larger;
+    # OPENSSL_MATRIX_DEBUG=1 keeps the debug info (C frames in backtraces).
+    local profile=(--release)
+    [ "${OPENSSL_MATRIX_DEBUG:-0}" = 1 ] && profile=()
+    OSSL_MATRIX_OUT="$dir" cargo build "${profile[@]}" -j"$jobs" --manifest-path "$b/Cargo.toml" \
         --target-dir "$b/target" >&2
     [ -f "$install/lib/libssl.a" ] || { echo "OpenSSL $v: no $install/lib/libssl.a" >&2; exit 1; }
     echo "openssl-src $req" >"$stamp"
