@@ -56,7 +56,12 @@ fn own_cpu() -> Duration {
     };
     let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
     let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok()).unwrap_or(0);
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
     Duration::from_millis((ticks(11) + ticks(12)) * 10)
 }
 
@@ -189,7 +194,9 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         }
         // A lost datagram (full socket buffer) would stall its client: send again after 1 s.
         for c in &mut clients {
-            if c.sent_at.is_some_and(|t| t.elapsed() > Duration::from_secs(1)) {
+            if c.sent_at
+                .is_some_and(|t| t.elapsed() > Duration::from_secs(1))
+            {
                 resent += 1;
                 c.send_record(&record);
             }

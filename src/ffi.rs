@@ -39,7 +39,24 @@ extern "C" {
         buf: *mut libc::c_char,
         bsize: libc::size_t,
     ) -> openssl_sys::OSSL_PARAM;
+    fn SSL_CTX_set_security_callback(ctx: *mut openssl_sys::SSL_CTX, cb: Option<SecurityCallback>);
+    fn SSL_CTX_get_security_callback(ctx: *const openssl_sys::SSL_CTX) -> Option<SecurityCallback>;
+    fn SSL_CTX_set0_security_ex_data(ctx: *mut openssl_sys::SSL_CTX, ex: *mut c_void);
+    fn SSL_CTX_get0_security_ex_data(ctx: *const openssl_sys::SSL_CTX) -> *mut c_void;
+    fn SSL_CIPHER_get_bits(c: *const openssl_sys::SSL_CIPHER, alg_bits: *mut c_int) -> c_int;
 }
+
+/// `int (*)(const SSL *s, const SSL_CTX *ctx, int op, int bits, int nid, void *other, void *ex)`,
+/// OpenSSL's security callback.
+type SecurityCallback = unsafe extern "C" fn(
+    *const openssl_sys::SSL,
+    *const openssl_sys::SSL_CTX,
+    c_int,
+    c_int,
+    c_int,
+    *mut c_void,
+    *mut c_void,
+) -> c_int;
 
 /// `int (*)(SSL *, unsigned char key_name[16], unsigned char iv[16], EVP_CIPHER_CTX *,
 /// EVP_MAC_CTX *, int enc)`.
@@ -198,26 +215,78 @@ pub(crate) fn dtls_get_timeout(ssl: &SslRef) -> Option<Duration> {
     })
 }
 
-/// Whether `SSL_free_buffers` of the OpenSSL running here is the one [`LeanStream`] relies on:
-/// the 3.0 / 3.1 record layer, from the releases that also refuse while decrypted data is unread
-/// (the fix of CVE-2024-4741: 3.0.14, 3.1.6). 3.2 rewrote the record layer; there the buffers
-/// are simply kept.
+/// Whether `SSL_free_buffers` of the OpenSSL running here is one [`LeanStream`] relies on: from
+/// the releases that refuse while a record is half read, a write is pending or decrypted data is
+/// unread (the fix of CVE-2024-4741: 3.0.14, 3.1.6, 3.2.2, 3.3.1, and every release since), on
+/// either record layer:
+/// - 3.0 and 3.1 (`ssl/record/ssl3_buffer.c`, `ssl3_release_read_buffer` and
+///   `ssl3_release_write_buffer`): the DTLS read path sets a missing read buffer up again, the
+///   DTLS write path does not (see [`LeanStream`]);
+/// - 3.2 and later, the record layer rewritten as `OSSL_RECORD_METHOD`s
+///   (`ssl/record/methods/tls_common.c`, `tls_free_buffers` and `tls_alloc_buffers`, which
+///   `SSL_free_buffers` and `SSL_alloc_buffers` call for the current read and write record
+///   layers): `dtls_get_more_records` (`dtls_meth.c`) sets a missing read buffer up, and every
+///   DTLS record write sets its write buffer up first (`tls_write_records_default` calls
+///   `allocate_write_buffers`, for DTLS `tls_allocate_write_buffers_default`, i.e.
+///   `tls_setup_write_buffer`). Checked on 3.6.2 and 4.0.3.
+///
+/// A later major release is not assumed to keep that shape: there the buffers are simply kept.
 fn free_buffers_supported(version: i64) -> bool {
-    (0x3000_00e0..0x3010_0000).contains(&version) || (0x3010_0060..0x3020_0000).contains(&version)
+    (0x3000_00e0..0x3010_0000).contains(&version)
+        || (0x3010_0060..0x3020_0000).contains(&version)
+        || (0x3020_0020..0x3030_0000).contains(&version)
+        || (0x3030_0010..0x5000_0000).contains(&version)
+}
+
+/// Whether `SSL_MODE_RELEASE_BUFFERS` releases DTLS record buffers in the OpenSSL running here:
+/// on the record layer of 3.2 and later (`ssl/record/methods/tls_common.c`:
+/// `tls_release_record` frees the read buffer once its records are consumed,
+/// `tls_retry_write_records` the write buffer once a write went out, neither with a DTLS
+/// exception), not on 3.0/3.1, whose `ssl3_read_n` and `ssl3_write_bytes` skip DTLS. It matters
+/// for the one buffer [`LeanStream::release_buffers`] cannot reach there: a DTLS server's last
+/// flight keeps the epoch-0 write record layer for the ChangeCipherSpec it may retransmit
+/// (`saved_retransmit_state`, `ssl/statem/statem_dtls.c`, freed only with the buffered flight),
+/// and `SSL_free_buffers` frees the current layers only. With the mode, that layer frees its
+/// write buffer as soon as the ChangeCipherSpec went out (16.6 KB of the 88.9 KB an idle peer
+/// held on 4.0.3, `examples/idle_peer_memory`); a later retransmission sets it up again
+/// (`tls_allocate_write_buffers_default`).
+pub(crate) fn release_buffers_mode_covers_dtls(version: i64) -> bool {
+    version >= 0x3020_0000
+}
+
+/// The mode bits set on `ssl` (`SSL_get_mode`).
+#[cfg(test)]
+pub(crate) fn ssl_mode(ssl: &SslRef) -> openssl::ssl::SslMode {
+    // SAFETY: ssl is live; SSL_CTRL_MODE with larg 0 ORs nothing in and returns the mode.
+    let bits = unsafe {
+        openssl_sys::SSL_ctrl(
+            ssl.as_ptr(),
+            openssl_sys::SSL_CTRL_MODE,
+            0,
+            std::ptr::null_mut(),
+        )
+    };
+    openssl::ssl::SslMode::from_bits_retain(bits as _)
 }
 
 /// A DTLS connection whose record-layer buffers are released while it is idle.
 ///
 /// An established DTLS connection holds a read buffer (16.7 KB) and a write buffer (16.6 KB)
-/// whether or not anything moves. `SSL_MODE_RELEASE_BUFFERS` does not release them for DTLS
-/// (OpenSSL 3.0 tests `!SSL_IS_DTLS(s)` where the shared paths release them, `ssl3_read_n` and
-/// `ssl3_write_bytes`, and DTLS's own read and write paths never do), so
+/// whether or not anything moves. On OpenSSL 3.0 and 3.1 `SSL_MODE_RELEASE_BUFFERS` does not
+/// release them for DTLS (3.0 tests `!SSL_IS_DTLS(s)` where the shared paths release them,
+/// `ssl3_read_n` and `ssl3_write_bytes`, and DTLS's own read and write paths never do), so
 /// [`release_buffers`](Self::release_buffers) calls `SSL_free_buffers`, and every call into
 /// OpenSSL that may read or write on the connection goes through [`with`](Self::with), which sets
-/// them up again first (`SSL_alloc_buffers`). That is needed: OpenSSL 3.0's DTLS read path sets
+/// them up again first (`SSL_alloc_buffers`). That is needed on 3.0: its DTLS read path sets
 /// its buffers up when they are missing, but its write path (`do_dtls1_write`, reached by
 /// `SSL_write`, `SSL_shutdown`, alerts, and the retransmission of a flight) writes through the
-/// write buffer's pointer without checking it.
+/// write buffer's pointer without checking it. The record layer of 3.2 and later sets both up
+/// itself when missing (see [`free_buffers_supported`]); `with` costs one allocation per buffer
+/// there too, as OpenSSL would make it anyway. On 3.2 and later a server's last flight keeps the
+/// epoch-0 write record layer (for the ChangeCipherSpec it may retransmit,
+/// `saved_retransmit_state` in `ssl/statem/statem_dtls.c`), whose write buffer `SSL_free_buffers`
+/// does not reach (it frees the current layers' only); the server's `SSL_MODE_RELEASE_BUFFERS`
+/// frees that one (see [`release_buffers_mode_covers_dtls`]).
 pub(crate) struct LeanStream<S> {
     /// Private: the only `&mut` to it is the one [`with`](Self::with) lends.
     stream: SslStream<S>,
@@ -254,9 +323,11 @@ impl<S: Read + Write> LeanStream<S> {
     pub(crate) fn with<R>(&mut self, f: impl FnOnce(&mut SslStream<S>) -> R) -> Option<R> {
         if self.released {
             // SAFETY: the SSL is live (owned by `stream`). SSL_alloc_buffers is
-            // ssl3_setup_buffers: it allocates a missing read buffer and a missing (or
-            // differently sized) write buffer and touches nothing else; it returns 0, leaving
-            // a buffer missing, only when an allocation failed.
+            // ssl3_setup_buffers on 3.0/3.1 and tls_alloc_buffers of the current read and
+            // write record layers on 3.2+: it allocates a missing read buffer and a missing (or
+            // differently sized) write buffer, marked empty, and touches nothing else (with
+            // data pending, the buffers are there and it returns 1); it returns 0, leaving a
+            // buffer missing, only when an allocation failed.
             if unsafe { SSL_alloc_buffers(self.stream.ssl().as_ptr()) } != 1 {
                 return None;
             }
@@ -271,25 +342,30 @@ impl<S: Read + Write> LeanStream<S> {
     /// [`free_buffers_supported`]).
     pub(crate) fn release_buffers(&mut self) -> bool {
         if !self.released && free_buffers_supported(openssl::version::number()) {
-            // SAFETY: the SSL is live (owned by `stream`). In OpenSSL 3.0.14+ / 3.1.6+,
-            // SSL_free_buffers returns 0 and changes nothing while a record is half read, a
-            // write is pending or decrypted data is unread; otherwise it frees the read and
+            // SAFETY: the SSL is live (owned by `stream`). In the releases free_buffers_supported
+            // accepts, SSL_free_buffers returns 0 and changes nothing while a record is half
+            // read, a write is pending or decrypted data is unread (3.0/3.1:
+            // ssl3_release_*_buffer behind RECORD_LAYER_read_pending / write_pending checks;
+            // 3.2+: tls_free_buffers checks curr_rec/num_recs/num_released, rbuf.left,
+            // rstate == SSL_ST_READ_BODY and nextwbuf/numwpipes); otherwise it frees the read and
             // write buffers, leaving null pointers, no write pipes and no current packet. DTLS
-            // records queued for a later epoch or read early (`rlayer.d`) own buffers of their
-            // own, and the retained last flight (`d1->sent_messages`, `init_buf`) is not
-            // touched. Afterwards a null buffer is only dereferenced by the DTLS write path
-            // (see the type's docs), and OpenSSL only runs it inside the calls that do I/O on
-            // the connection: SSL_write, SSL_shutdown, SSL_do_handshake (SSL_accept,
-            // SSL_connect), SSL_read, SSL_peek (the `_ex` forms, and the TLS 1.3-only early data
-            // and stateless calls) and DTLSv1_handle_timeout. rust-openssl makes all but the
-            // last only on an `SslStream` (`&mut`), and none of them, nor any other call that
-            // writes, on `SslRef` (what reads the record layer there, such as SSL_pending,
-            // reads lengths, never the buffers); nothing in this crate sends
-            // DTLS_CTRL_HANDLE_TIMEOUT. This type never lends `&mut SslStream` but in `with`,
-            // after SSL_alloc_buffers succeeded, and `ssl()` lends only `&SslRef`; callbacks
-            // OpenSSL runs on this connection run inside those calls and are given an
-            // `SslRef`, not the stream. Freeing the SSL with null buffers is fine
-            // (OPENSSL_free(NULL)).
+            // records queued for a later epoch or read early own buffers of their own (3.0:
+            // `rlayer.d`; 3.2+: the read layer's `unprocessed_rcds`, moved or copied out of
+            // rbuf by dtls_rlayer_buffer_record), and the retained last flight
+            // (`d1->sent_messages`, `init_buf`, on 3.2+ with its saved write layer) is not
+            // touched. Afterwards a null buffer is only dereferenced by the 3.0/3.1 DTLS write
+            // path (see the type's docs; 3.2+ sets a missing buffer up on every read and
+            // write), and OpenSSL only runs it inside the calls that do I/O on the connection:
+            // SSL_write, SSL_shutdown, SSL_do_handshake (SSL_accept, SSL_connect), SSL_read,
+            // SSL_peek (the `_ex` forms, and the TLS 1.3-only early data and stateless calls)
+            // and DTLSv1_handle_timeout. rust-openssl makes all but the last only on an
+            // `SslStream` (`&mut`), and none of them, nor any other call that writes, on
+            // `SslRef` (what reads the record layer there, such as SSL_pending, reads lengths,
+            // never the buffers); nothing in this crate sends DTLS_CTRL_HANDLE_TIMEOUT. This
+            // type never lends `&mut SslStream` but in `with`, after SSL_alloc_buffers
+            // succeeded, and `ssl()` lends only `&SslRef`; callbacks OpenSSL runs on this
+            // connection run inside those calls and are given an `SslRef`, not the stream.
+            // Freeing the SSL with null buffers is fine (OPENSSL_free(NULL)).
             self.released = unsafe { SSL_free_buffers(self.stream.ssl().as_ptr()) } == 1;
         }
         self.released
@@ -341,6 +417,124 @@ pub(crate) fn max_proto_version(ssl: &SslRef) -> Option<i32> {
     // SAFETY: ssl is a live SSL; SSL_CTRL_GET_MAX_PROTO_VERSION only reads an int field.
     let v = unsafe { openssl_sys::SSL_get_max_proto_version(ssl.as_ptr()) };
     (v != 0).then_some(v)
+}
+
+/// `SSL_SECOP_OTHER_CIPHER` and the three cipher operations of OpenSSL's `ssl.h`
+/// (`SSL_SECOP_CIPHER_SUPPORTED`, `_SHARED`, `_CHECK`): the security callback's questions about
+/// one cipher suite (`other` points at its `SSL_CIPHER`, `bits` is its strength).
+const SSL_SECOP_OTHER_CIPHER: c_int = 1 << 16;
+const SECOP_CIPHER_OPS: [c_int; 3] = [
+    1 | SSL_SECOP_OTHER_CIPHER,
+    2 | SSL_SECOP_OTHER_CIPHER,
+    3 | SSL_SECOP_OTHER_CIPHER,
+];
+
+/// The TLS 1.2 / DTLS 1.2 AES-CCM-8 suites (`TLS1_CK_*_CCM_8` in OpenSSL's `tls1.h`): RSA,
+/// DHE-RSA, PSK, DHE-PSK and ECDHE-ECDSA, each with AES-128 and AES-256.
+const CCM8_SUITES: [u32; 10] = [
+    0x0300_C0A0,
+    0x0300_C0A1,
+    0x0300_C0A2,
+    0x0300_C0A3,
+    0x0300_C0A8,
+    0x0300_C0A9,
+    0x0300_C0AA,
+    0x0300_C0AB,
+    0x0300_C0AE,
+    0x0300_C0AF,
+];
+
+/// Whether the OpenSSL running here may rate the CCM8 suites below their key size. OpenSSL 3.0
+/// gives them the key's strength (128 or 256 bits); the cipher table of 3.2 and later
+/// (`ssl/s3_lib.c`, the `TLS1_CK_*_CCM_8` entries: "CCM8 uses a short tag, so we have a low
+/// security strength") gives them 64, which every security level above 0 refuses
+/// (`ssl/ssl_cert.c` `ssl_security_default_callback`: `bits < minbits`, 80 bits at level 1,
+/// 112 at level 2, the default since 3.2). 3.1 is counted in: where a release still rates them by
+/// key size, [`ccm8_security_callback`] changes nothing.
+pub(crate) fn ccm8_rated_below_key_size(version: i64) -> bool {
+    version >= 0x3010_0000
+}
+
+/// Makes the context's security level judge the AES-CCM-8 suites by their key size (128 or 256
+/// bits), as OpenSSL 3.0 does, instead of by their 8-byte tag (64 bits: refused at every level
+/// above 0 on OpenSSL 3.2 and later). Every other question the security level answers
+/// (certificate keys, signature algorithms, groups, versions, other suites) is still answered by
+/// the context's own callback, unchanged. Returns whether the callback is installed: not where
+/// OpenSSL still rates them by key size (3.0, nothing to do), and not on a context whose security
+/// callback already carries data of its own (`SSL_CTX_set0_security_ex_data`: a callback some
+/// C code installed, which is left alone).
+pub(crate) fn rate_ccm8_by_key_size(builder: &mut SslContextBuilder) -> bool {
+    if !ccm8_rated_below_key_size(openssl::version::number()) {
+        return false;
+    }
+    let ctx = builder.as_ptr();
+    // SAFETY: ctx is the live SSL_CTX being built; both getters only read its CERT's fields.
+    let (previous, ex) = unsafe {
+        (
+            SSL_CTX_get_security_callback(ctx),
+            SSL_CTX_get0_security_ex_data(ctx),
+        )
+    };
+    let Some(previous) = previous else {
+        return false;
+    };
+    if !ex.is_null() {
+        return false;
+    }
+    if previous as usize == ccm8_security_callback as SecurityCallback as usize {
+        return true;
+    }
+    // SAFETY: ctx is live. The previous callback (OpenSSL's default, which takes no data: ex was
+    // NULL) is kept as the security data, a function pointer in a `void *`, which
+    // ccm8_security_callback reads back and calls with the NULL data it had; OpenSSL copies
+    // callback and data together into every SSL made from the context (ssl_cert_dup) and into an
+    // SSL switched to it (SSL_set_SSL_CTX), so the callback always finds its own data. Neither
+    // can be changed through rust-openssl's safe API afterwards (it binds no security callback
+    // or data setter); `set_security_level` only changes the level, which the previous callback
+    // still reads.
+    unsafe {
+        SSL_CTX_set0_security_ex_data(ctx, previous as *mut c_void);
+        SSL_CTX_set_security_callback(ctx, Some(ccm8_security_callback));
+    }
+    true
+}
+
+/// The security callback [`rate_ccm8_by_key_size`] installs: for the cipher questions about an
+/// AES-CCM-8 suite it passes the key's strength instead of the suite's rating to the callback
+/// it replaced (kept in `ex`); everything else goes to that callback unchanged. Never unwinds
+/// (no Rust code here can panic).
+unsafe extern "C" fn ccm8_security_callback(
+    s: *const openssl_sys::SSL,
+    ctx: *const openssl_sys::SSL_CTX,
+    op: c_int,
+    bits: c_int,
+    nid: c_int,
+    other: *mut c_void,
+    ex: *mut c_void,
+) -> c_int {
+    // SAFETY: OpenSSL passes the data installed with this callback (see rate_ccm8_by_key_size):
+    // the previous callback's function pointer, never NULL there. A NULL (impossible through the
+    // safe API) refuses the operation instead of calling through it.
+    let previous = unsafe { std::mem::transmute::<*mut c_void, Option<SecurityCallback>>(ex) };
+    let Some(previous) = previous else {
+        return 0;
+    };
+    let mut bits = bits;
+    if SECOP_CIPHER_OPS.contains(&op) && !other.is_null() {
+        let cipher = other.cast::<openssl_sys::SSL_CIPHER>().cast_const();
+        // SAFETY: for the cipher operations `other` is the SSL_CIPHER being judged, an entry of
+        // OpenSSL's static cipher tables; both getters only read it.
+        unsafe {
+            if CCM8_SUITES.contains(&SSL_CIPHER_get_id(cipher)) {
+                let mut key_bits: c_int = 0;
+                SSL_CIPHER_get_bits(cipher, &mut key_bits);
+                bits = bits.max(key_bits);
+            }
+        }
+    }
+    // SAFETY: the callback OpenSSL installed (or that was installed) before this one, called with
+    // the arguments OpenSSL passed and the NULL data it was installed with.
+    unsafe { previous(s, ctx, op, bits, nid, other, std::ptr::null_mut()) }
 }
 
 /// The cipher suite `session` was made with (`SSL_SESSION_get0_cipher`).
@@ -646,5 +840,46 @@ pub(crate) fn attach_reuseport_cbpf(
         Ok(())
     } else {
         Err(std::io::Error::last_os_error())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buffers_are_released_on_the_releases_with_the_cve_2024_4741_fix_only() {
+        for (version, supported) in [
+            (0x3000_00d0, false), // 3.0.13
+            (0x3000_00e0, true),  // 3.0.14
+            (0x3000_0160, true),  // 3.0.22
+            (0x3010_0050, false), // 3.1.5
+            (0x3010_0060, true),  // 3.1.6
+            (0x3020_0010, false), // 3.2.1
+            (0x3020_0020, true),  // 3.2.2
+            (0x3030_0000, false), // 3.3.0
+            (0x3030_0010, true),  // 3.3.1
+            (0x3060_0020, true),  // 3.6.2
+            (0x4000_0030, true),  // 4.0.3
+            (0x5000_0000, false), // a later major release: not assumed
+        ] {
+            assert_eq!(free_buffers_supported(version), supported, "{version:#x}");
+        }
+    }
+
+    #[test]
+    fn the_release_buffers_mode_covers_dtls_from_3_2_on() {
+        assert!(!release_buffers_mode_covers_dtls(0x3000_0160));
+        assert!(!release_buffers_mode_covers_dtls(0x3010_0060));
+        assert!(release_buffers_mode_covers_dtls(0x3020_0000));
+        assert!(release_buffers_mode_covers_dtls(0x4000_0030));
+    }
+
+    #[test]
+    fn ccm8_is_rerated_from_3_1_on() {
+        assert!(!ccm8_rated_below_key_size(0x3000_0160));
+        assert!(ccm8_rated_below_key_size(0x3010_0000));
+        assert!(ccm8_rated_below_key_size(0x3060_0020));
+        assert!(ccm8_rated_below_key_size(0x4000_0030));
     }
 }

@@ -55,6 +55,20 @@
 //! one module of OpenSSL calls, each with a safety argument that holds for every later safe call
 //! (`quinn-udp` keeps its own).
 //!
+//! # OpenSSL versions
+//! Built on the system OpenSSL (3.0 on Debian bookworm) and tested on it and on OpenSSL 3.6 and
+//! 4.0 (`scripts/openssl_matrix.sh`). What differs, and what the crate relies on:
+//! - OpenSSL 3.2+ refuses the AES-CCM-8 suites at every security level above 0 (it rates them at
+//!   64 bits for their short tag); the DTLS server rates them by key size as 3.0 does
+//!   ([`rate_ccm8_by_key_size`], which a client context can use too).
+//! - OpenSSL 4.0 refuses a session from the get callback whose id is not the ClientHello's
+//!   (a miss), where 3.x resumed it under the wrong id; the cache checks the id of every
+//!   session it decodes, so such stored bytes are a decode error on every version.
+//! - OpenSSL 4.0 ends a connection whose transport reads 0 bytes with a fatal alert (which
+//!   deletes its session); [`DatagramPipe`] reads an empty datagram as an error instead.
+//! - Idle DTLS peers release their record buffers on 3.0.14+ and on the rewritten record layer
+//!   of 3.2.2+/3.3.1+ (3.6, 4.0) alike.
+//!
 //! # Crate features
 //! - `redis`: a Redis-backed [`SessionStore`] for server farms (the `redis` crate, on a small
 //!   tokio runtime of its own).
@@ -94,12 +108,12 @@ pub use dsm::{
 };
 pub use error::{Error, RefusedSetting, RestoreError, SendError, StoreError};
 pub use server::{
-    certificate_fingerprint, deliver_events, self_signed_certificate, AppContext, Application,
-    CloseReason, ConnectionInfo, DatagramPipe, DropReason, Endpoint, EndpointStats, Event, IoMode,
-    IoStats, ServerConfig, ServerConfigBuilder, StopHandle, SuspendedPeer, Transmit, UdpOptions,
-    UdpServer, DEFAULT_CIPHERS, DEFAULT_COOKIE_ROTATION, DEFAULT_LOOKUP_TIMEOUT,
-    DEFAULT_MAX_DATAGRAM, DEFAULT_MTU, DEFAULT_PARKED_DATAGRAMS, DEFAULT_SEND_QUEUE,
-    MAX_CONNECTION_ID_HOST, MAX_RECORD_PLAINTEXT, PSK_CIPHERS,
+    certificate_fingerprint, deliver_events, rate_ccm8_by_key_size, self_signed_certificate,
+    AppContext, Application, CloseReason, ConnectionInfo, DatagramPipe, DropReason, Endpoint,
+    EndpointStats, Event, IoMode, IoStats, ServerConfig, ServerConfigBuilder, StopHandle,
+    SuspendedPeer, Transmit, UdpOptions, UdpServer, DEFAULT_CIPHERS, DEFAULT_COOKIE_ROTATION,
+    DEFAULT_LOOKUP_TIMEOUT, DEFAULT_MAX_DATAGRAM, DEFAULT_MTU, DEFAULT_PARKED_DATAGRAMS,
+    DEFAULT_SEND_QUEUE, MAX_CONNECTION_ID_HOST, MAX_RECORD_PLAINTEXT, PSK_CIPHERS,
 };
 pub use server::{save_peers, take_peers};
 #[cfg(feature = "tokio")]

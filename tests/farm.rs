@@ -50,6 +50,24 @@ fn echo_server_bin() -> &'static Path {
             .to_owned();
         let mut target_dir = profile_dir.parent().expect("target directory");
         let mut cmd = Command::new(env!("CARGO"));
+        // Not the variables cargo set for this test process (CARGO_MANIFEST_DIR, CARGO_PKG_*):
+        // ring's build script reruns when they differ from the outer cargo's (its
+        // rerun-if-env-changed list names them), which rebuilt ring, rustls and redis here and
+        // again at the next `cargo test`, about two minutes each time.
+        for (key, _) in std::env::vars_os() {
+            let key = key.to_string_lossy();
+            if key.starts_with("CARGO_PKG_")
+                || key.starts_with("CARGO_MANIFEST_")
+                || [
+                    "CARGO_CRATE_NAME",
+                    "CARGO_PRIMARY_PACKAGE",
+                    "CARGO_TARGET_TMPDIR",
+                ]
+                .contains(&key.as_ref())
+            {
+                cmd.env_remove(key.as_ref());
+            }
+        }
         cmd.args(["build", "--quiet", "--example", "dtls_echo_server"])
             .arg("--manifest-path")
             .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml"));
@@ -73,8 +91,9 @@ fn echo_server_bin() -> &'static Path {
                 cmd.args(["--profile", other]);
             }
         }
-        // The features of this test build, so the example (and what it depends on) is the
-        // one `cargo test` built already: no rebuild racing the other test binaries.
+        // This build's own features, all of them: a different set (say `redis` alone under
+        // `--all-features`) makes cargo rebuild the dependencies whose features differ (ring,
+        // rustls, redis) here, and again for the next `cargo test`.
         let features: Vec<&str> = [
             ("redis", cfg!(feature = "redis")),
             ("tokio", cfg!(feature = "tokio")),

@@ -9,7 +9,7 @@ use openssl_session_cache::{
     CacheStats, ManualClock, MemoryStore, SessionCache, SessionId, SessionStore, StoreError,
     StoredSession,
 };
-use support::{client_ctx, connect, server_ctx, Proto, ServerClose};
+use support::{client_ctx, connect, server_builder, server_ctx, Ctx, Proto, ServerClose};
 
 fn counts(s: &CacheStats) -> (u64, u64, u64) {
     (s.hits, s.misses, s.inserts)
@@ -419,6 +419,59 @@ fn corrupted_stored_bytes_are_a_full_handshake_and_a_decode_error() {
         store.get(&id).unwrap().is_none(),
         "the corrupt entry was kept"
     );
+}
+
+/// OpenSSL 4.0 refuses a session from the get callback whose own id is not the one the
+/// ClientHello offered (`ssl_get_prev_session`, ssl/ssl_sess.c: a miss); 3.0 and 3.6 resume it
+/// and answer with the stored id, which the client does not take for a resumption, and the
+/// handshake fails. The cache refuses such bytes itself, the same on every version: a decode
+/// error, the entry removed, a full handshake.
+#[test]
+fn stored_bytes_of_another_session_id_are_a_decode_error_not_a_failed_handshake() {
+    let store = Arc::new(MemoryStore::builder().build().unwrap());
+    let cache = SessionCache::builder()
+        .store(store.clone())
+        .build()
+        .unwrap();
+    let server = server_ctx(Proto::Dtls12, &cache, false);
+    let client = client_ctx(Proto::Dtls12, false);
+    let first = connect(&server, &client, None, ServerClose::Clean)
+        .session
+        .unwrap();
+    let id = SessionId::new(first.id()).unwrap();
+    let entry = store.get(&id).unwrap().unwrap();
+
+    // Plain DER (with its own id) of a session another server context made, with the same
+    // session id context, filed under the first session's id.
+    let other_der = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut b = server_builder(Proto::Dtls12, false);
+    b.set_session_id_context(openssl_session_cache::DEFAULT_SESSION_ID_CONTEXT)
+        .unwrap();
+    b.set_session_cache_mode(openssl::ssl::SslSessionCacheMode::SERVER);
+    b.set_options(openssl::ssl::SslOptions::NO_TICKET);
+    let slot = Arc::clone(&other_der);
+    b.set_new_session_callback(move |_, session| {
+        *slot.lock().unwrap() = session.to_der().unwrap();
+    });
+    let other = Ctx {
+        ctx: b.build(),
+        proto: Proto::Dtls12,
+    };
+    let made = connect(&other, &client, None, ServerClose::Clean)
+        .session
+        .unwrap();
+    assert_ne!(made.id(), first.id());
+    let der = other_der.lock().unwrap().clone();
+    assert!(!der.is_empty());
+    store
+        .put(id, StoredSession::new(der, entry.expires_at()))
+        .unwrap();
+
+    let second = connect(&server, &client, Some(&first), ServerClose::Clean);
+    assert!(!second.server_reused && !second.client_reused);
+    let s = cache.stats();
+    assert_eq!((s.decode_errors, s.hits, s.misses), (1, 0, 1), "{s:?}");
+    assert!(store.get(&id).unwrap().is_none(), "the entry was kept");
 }
 
 /// A store that fails every call, as a down backend would.

@@ -45,16 +45,23 @@ fn connect(server: SocketAddr, ctx: &SslContext) -> Result<SslStream<UdpIo>, Str
     }
 }
 
+/// A client offering only `PSK-AES128-CCM8`, which OpenSSL 3.2+ refuses at its default security
+/// level unless the context rates it by its key size (`rate_ccm8_by_key_size`).
 fn psk_client(identity: &'static [u8], key: &'static [u8]) -> SslContext {
     client(|ctx| {
-        ctx.set_cipher_list("PSK-AES128-CCM8").unwrap();
-        ctx.set_psk_client_callback(move |_ssl, _hint, id_out, key_out| {
-            id_out[..identity.len()].copy_from_slice(identity);
-            id_out[identity.len()] = 0;
-            key_out[..key.len()].copy_from_slice(key);
-            Ok(key.len())
-        });
+        openssl_session_cache::rate_ccm8_by_key_size(ctx);
+        psk_ccm8_only(ctx, identity, key);
     })
+}
+
+fn psk_ccm8_only(ctx: &mut SslContextBuilder, identity: &'static [u8], key: &'static [u8]) {
+    ctx.set_cipher_list("PSK-AES128-CCM8").unwrap();
+    ctx.set_psk_client_callback(move |_ssl, _hint, id_out, key_out| {
+        id_out[..identity.len()].copy_from_slice(identity);
+        id_out[identity.len()] = 0;
+        key_out[..key.len()].copy_from_slice(key);
+        Ok(key.len())
+    });
 }
 
 fn cert_client() -> SslContext {
@@ -138,6 +145,69 @@ fn psk_identities_and_lookups_add_up() {
     assert!(connect(server.addr(), &psk_client(b"dev-e", b"key of device e.")).is_err());
     assert!(connect(server.addr(), &psk_client(b"dev-b", b"an older b key..")).is_err());
     assert_eq!(server.server.stats().handshakes, 4);
+}
+
+/// OpenSSL 3.2 and later rate the AES-CCM-8 suites at 64 bits (`ssl/s3_lib.c`) and refuse them
+/// at every security level above 0; the server rates them by key size as 3.0 does, and leaves
+/// every other verdict of the level alone.
+#[test]
+fn ccm8_suites_pass_the_default_security_level_and_nothing_else_changes() {
+    let version = openssl::version::number();
+    let rated_low = version >= 0x3020_0000;
+    let server = TestServer::start(DsmConfig::new(16), |b| b.psk(b"dev", b"a sixteen b key."));
+    // A client that rates CCM8 by key size handshakes with it on every version.
+    let mut stream = connect(server.addr(), &psk_client(b"dev", b"a sixteen b key."))
+        .expect("a CCM8-only client handshakes with the server");
+    assert_eq!(
+        stream.ssl().current_cipher().unwrap().name(),
+        "PSK-AES128-CCM8"
+    );
+    assert_eq!(echo(&mut stream, b"ccm8"), b"ccm8");
+    // Without it, a 3.2+ client has no cipher to offer (the cause of the failure on 3.6/4.0).
+    let plain = client(|ctx| psk_ccm8_only(ctx, b"dev", b"a sixteen b key."));
+    assert_eq!(
+        connect(server.addr(), &plain).is_err(),
+        rated_low,
+        "OpenSSL {version:#x}"
+    );
+    // It is installed where needed only, and the level still judges everything else: a
+    // 1024-bit RSA certificate (80 bits) stays refused at level 2.
+    let mut ctx = SslContext::builder(SslMethod::dtls()).unwrap();
+    ctx.set_security_level(2);
+    assert_eq!(
+        openssl_session_cache::rate_ccm8_by_key_size(&mut ctx),
+        version >= 0x3010_0000
+    );
+    let (cert, key) = rsa_1024_certificate();
+    assert!(
+        ctx.set_certificate(&cert).is_err(),
+        "a weak key stays refused"
+    );
+    ctx.set_security_level(0);
+    ctx.set_certificate(&cert).unwrap();
+    ctx.set_private_key(&key).unwrap();
+}
+
+fn rsa_1024_certificate() -> (
+    openssl::x509::X509,
+    openssl::pkey::PKey<openssl::pkey::Private>,
+) {
+    use openssl::{asn1::Asn1Time, hash::MessageDigest, pkey::PKey, rsa::Rsa, x509};
+    let key = PKey::from_rsa(Rsa::generate(1024).unwrap()).unwrap();
+    let mut name = x509::X509NameBuilder::new().unwrap();
+    name.append_entry_by_text("CN", "weak").unwrap();
+    let name = name.build();
+    let mut b = x509::X509::builder().unwrap();
+    b.set_version(2).unwrap();
+    b.set_subject_name(&name).unwrap();
+    b.set_issuer_name(&name).unwrap();
+    b.set_pubkey(&key).unwrap();
+    b.set_not_before(&Asn1Time::days_from_now(0).unwrap())
+        .unwrap();
+    b.set_not_after(&Asn1Time::days_from_now(1).unwrap())
+        .unwrap();
+    b.sign(&key, MessageDigest::sha256()).unwrap();
+    (b.build(), key)
 }
 
 #[test]

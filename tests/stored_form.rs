@@ -207,12 +207,14 @@ fn every_kind_of_session_round_trips_through_the_store() {
         Kind::Psk,
     ] {
         let store = Arc::new(MemoryStore::builder().build().unwrap());
-        // No decoded tier: every resumption decodes what the store holds. The PSK context's own
-        // callback knows one identity; the cache checks PSK sessions against the same key.
+        // No decoded tier: every resumption decodes what the store holds. The PSK kind's key
+        // is known to the cache, which resumes only PSK sessions whose key it can check.
         let cache = SessionCache::builder()
             .store(store.clone())
             .decoded_entries(0)
-            .psk_keys(|id| (id == b"sensor-42").then(|| zeroize::Zeroizing::new(PSK.to_vec())))
+            .psk_keys(|identity| {
+                (identity == b"sensor-42").then(|| zeroize::Zeroizing::new(PSK.to_vec()))
+            })
             .build()
             .unwrap();
         let (server, client) = (server(kind, &cache), client(kind));

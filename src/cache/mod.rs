@@ -859,8 +859,16 @@ impl Inner {
             der::Expanded::OtherContext => return Decode::OtherContext,
         };
         match decoded {
-            Ok(session) => Decode::Session(ffi::fresh_session(session)),
-            Err(_) => Decode::Failed,
+            // Bytes that decode to a session of another id (plain DER filed under the wrong key)
+            // are refused here on every OpenSSL: 4.0 refuses such a session itself after the get
+            // callback (`ssl_get_prev_session` in ssl/ssl_sess.c compares the ClientHello's
+            // session id with the session's: a miss), while 3.0 and 3.6 would resume it and
+            // answer with the stored id, which the client does not take for a resumption (the
+            // handshake fails).
+            Ok(session) if session.id() == id.as_bytes() => {
+                Decode::Session(ffi::fresh_session(session))
+            }
+            Ok(_) | Err(_) => Decode::Failed,
         }
     }
 

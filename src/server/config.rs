@@ -17,7 +17,7 @@ use openssl::hash::MessageDigest;
 use openssl::nid::Nid;
 use openssl::pkey::{PKey, Private};
 use openssl::ssl::{
-    Ssl, SslContext, SslContextBuilder, SslMethod, SslOptions, SslVerifyMode, SslVersion,
+    Ssl, SslContext, SslContextBuilder, SslMethod, SslMode, SslOptions, SslVerifyMode, SslVersion,
 };
 use openssl::stack::Stack;
 use openssl::x509::extension::SubjectAlternativeName;
@@ -220,7 +220,14 @@ impl ServerConfig {
 ///   records silently, which OpenSSL does with MAC-then-encrypt and with AEAD suites). It changes
 ///   nothing for AEAD suites, the default;
 /// - the session cache ([`SessionCache::install`]: its callbacks, the cache mode without
-///   OpenSSL's internal store, no tickets, the session id context).
+///   OpenSSL's internal store, no tickets, the session id context);
+/// - on OpenSSL 3.2 and later, [`rate_ccm8_by_key_size`]: the AES-CCM-8 suites (RFC 7925's
+///   mandatory `PSK-AES128-CCM8` and `ECDHE-ECDSA-AES128-CCM8`) pass the security level by their
+///   key size, as on OpenSSL 3.0, instead of being refused at every level above 0 for their
+///   8-byte tag. A [`ciphers`](Self::ciphers) list without them turns them off;
+/// - on OpenSSL 3.2 and later, `SSL_MODE_RELEASE_BUFFERS`, which there releases DTLS record
+///   buffers once they are drained (on 3.0 it does nothing for DTLS): an idle peer keeps no
+///   write buffer for the ChangeCipherSpec of its last flight either.
 ///
 /// It refuses ([`RefusedSetting`]) what would break the server: a context that is not DTLS, a
 /// maximum version other than DTLS 1.2, a [`ciphers`](Self::ciphers) list that enables nothing.
@@ -560,6 +567,11 @@ impl ServerConfigBuilder {
             )?;
         }
         pin_dtls12(&mut ctx)?;
+        rate_ccm8_by_key_size(&mut ctx);
+        if crate::ffi::release_buffers_mode_covers_dtls(openssl::version::number()) {
+            // The epoch-0 write layer a finished handshake keeps frees its buffer too.
+            ctx.set_mode(SslMode::RELEASE_BUFFERS);
+        }
         ctx.set_options(
             SslOptions::COOKIE_EXCHANGE | SslOptions::NO_QUERY_MTU | NO_ENCRYPT_THEN_MAC,
         );
@@ -725,6 +737,28 @@ fn psk_answer(
     key.len()
 }
 
+/// Makes `ctx`'s security level judge the AES-CCM-8 cipher suites by their key size (128 or 256
+/// bits), as OpenSSL 3.0 does, instead of by their 8-byte authentication tag.
+///
+/// OpenSSL 3.2 and later rate every CCM8 suite at 64 bits of security (`ssl/s3_lib.c`: "CCM8
+/// uses a short tag"), which every security level above 0 refuses, and make level 2 the default:
+/// a server or client on such a release silently drops `PSK-AES128-CCM8` and
+/// `ECDHE-ECDSA-AES128-CCM8`, the suites RFC 7925 makes mandatory for constrained devices, from
+/// its list, and a peer offering only those fails the handshake. The 64 bits are the chance of
+/// one forged record passing, each forgery costing the attacker a datagram; a DTLS receiver
+/// drops records that fail (RFC 6347 §4.1.2.7), so IoT profiles accept it. Lowering the whole
+/// security level to 0 would also accept weak certificate keys and signatures; this changes
+/// the verdict on the CCM8 suites only, and leaves every other question to the context's own
+/// callback.
+///
+/// [`ServerConfigBuilder::build`] does this on the server's context; call it on a client context
+/// (or a TLS server of your own) that must offer CCM8 on OpenSSL 3.2+. Returns whether it
+/// installed anything: `false` on OpenSSL 3.0 (nothing to do) and on a context whose security
+/// callback C code replaced with one carrying its own data (left alone).
+pub fn rate_ccm8_by_key_size(ctx: &mut SslContextBuilder) -> bool {
+    crate::ffi::rate_ccm8_by_key_size(ctx)
+}
+
 /// Generates a self-signed ECDSA P-256 certificate for `localhost`, valid for a year.
 pub fn self_signed_certificate() -> Result<(X509, PKey<Private>), Error> {
     let group = EcGroup::from_curve_name(Nid::X9_62_PRIME256V1)?;
@@ -777,6 +811,16 @@ mod tests {
             Err(Error::RefusedSetting(r)) => r,
             other => panic!("expected a refused setting, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn dtls_record_buffers_are_released_when_drained_from_openssl_3_2_on() {
+        let config = builder().build().unwrap();
+        let ssl = openssl::ssl::Ssl::new(config.context()).unwrap();
+        assert_eq!(
+            crate::ffi::ssl_mode(&ssl).contains(SslMode::RELEASE_BUFFERS),
+            openssl::version::number() >= 0x3020_0000
+        );
     }
 
     #[test]

@@ -52,9 +52,10 @@ pub use self::tokio::{TokioHandle, TokioServer};
 pub use app::{deliver_events, AppContext, Application};
 pub use cid::MAX_CONNECTION_ID_HOST;
 pub use config::{
-    certificate_fingerprint, self_signed_certificate, ServerConfig, ServerConfigBuilder,
-    DEFAULT_CIPHERS, DEFAULT_COOKIE_ROTATION, DEFAULT_LOOKUP_TIMEOUT, DEFAULT_MAX_DATAGRAM,
-    DEFAULT_MTU, DEFAULT_PARKED_DATAGRAMS, DEFAULT_SEND_QUEUE, MAX_RECORD_PLAINTEXT, PSK_CIPHERS,
+    certificate_fingerprint, rate_ccm8_by_key_size, self_signed_certificate, ServerConfig,
+    ServerConfigBuilder, DEFAULT_CIPHERS, DEFAULT_COOKIE_ROTATION, DEFAULT_LOOKUP_TIMEOUT,
+    DEFAULT_MAX_DATAGRAM, DEFAULT_MTU, DEFAULT_PARKED_DATAGRAMS, DEFAULT_SEND_QUEUE,
+    MAX_RECORD_PLAINTEXT, PSK_CIPHERS,
 };
 pub use continuity::{save_peers, take_peers, SuspendedPeer};
 pub use endpoint::Endpoint;

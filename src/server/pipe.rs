@@ -29,8 +29,14 @@ use std::io::{self, Read, Write};
 ///
 /// `read` truncates a datagram larger than the buffer (OpenSSL's DTLS read buffer holds any
 /// datagram up to its maximum record size) and reports [`WouldBlock`](io::ErrorKind::WouldBlock)
-/// when nothing is queued; an empty pushed datagram reads as 0 bytes, which OpenSSL takes for the
-/// end of the stream.
+/// when nothing is queued. An empty pushed datagram reads as an I/O error
+/// ([`UnexpectedEof`](io::ErrorKind::UnexpectedEof)), which fails the connection without an
+/// alert on every OpenSSL release. (Reading it as 0 bytes would be an end of stream: OpenSSL 3.x
+/// failed the connection on it without an alert too, but OpenSSL 4.0 marks a BIO whose read
+/// returned 0 as at its end, `BIO_FLAGS_AUTO_EOF` in `bread_conv`, `crypto/bio/bio_meth.c`, and
+/// answers with a fatal `decode_error` alert, `SSL_R_UNEXPECTED_EOF_WHILE_READING` in
+/// `ossl_tls_handle_rlayer_return`, which removes the connection's session from the cache.)
+/// [`Endpoint`](crate::Endpoint) never queues an empty datagram: it carries no record.
 #[derive(Debug, Default)]
 pub struct DatagramPipe {
     inbound: VecDeque<Vec<u8>>,
@@ -88,6 +94,7 @@ impl DatagramPipe {
 impl Read for DatagramPipe {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         match self.inbound.pop_front() {
+            Some(d) if d.is_empty() => Err(io::ErrorKind::UnexpectedEof.into()),
             Some(d) => {
                 let n = d.len().min(buf.len());
                 buf[..n].copy_from_slice(&d[..n]);
@@ -122,7 +129,11 @@ mod tests {
         let mut buf = [0u8; 4];
         assert_eq!(p.read(&mut buf).unwrap(), 4, "truncated to the buffer");
         assert_eq!(&buf, b"firs");
-        assert_eq!(p.read(&mut buf).unwrap(), 0, "an empty datagram reads as 0");
+        assert_eq!(
+            p.read(&mut buf).unwrap_err().kind(),
+            io::ErrorKind::UnexpectedEof,
+            "an empty datagram reads as an error, not as an end of stream"
+        );
         assert_eq!(p.inbound_len(), 1);
         let mut big = [0u8; 64];
         assert_eq!(p.read(&mut big).unwrap(), 9);

@@ -44,6 +44,8 @@ fn pin(b: &mut SslContextBuilder, suite: &str) {
     b.set_max_proto_version(Some(SslVersion::DTLS1_2)).unwrap();
     b.set_options(SslOptions::NO_QUERY_MTU | SslOptions::NO_TICKET);
     b.set_cipher_list(suite).unwrap();
+    // The CCM8 suites pass the security level of OpenSSL 3.2+ only with this (both ends).
+    crate::rate_ccm8_by_key_size(b);
 }
 
 /// Two OpenSSL peers of `suite` after their handshake, and what our side needs to take over
@@ -147,9 +149,24 @@ fn handshake(suite: &str) -> Pair {
     }
 }
 
-/// What OpenSSL's server made of one datagram: the application records it delivered.
+/// What OpenSSL's server made of one datagram: the application records it delivered. The
+/// datagram goes through the endpoint's screen first, as every datagram of a peer does: OpenSSL
+/// 3.6 (seen with a GCM record whose length field was cut to 23) fails the connection on a
+/// protected record shorter than the suite's nonce and tag (the AEAD's `EVP_CTRL_AEAD_TLS1_AAD`
+/// refuses it and `tls1_cipher`, ssl/record/methods/tls1_meth.c, raises an internal_error
+/// alert) where RFC 6347 says to discard it, and the screen drops such records.
 fn openssl_reads(server: &mut SslStream<DatagramPipe>, datagram: &[u8]) -> Vec<Vec<u8>> {
-    server.get_mut().push(datagram.to_vec());
+    let cipher = server
+        .ssl()
+        .current_cipher()
+        .map(|c| c.name())
+        .unwrap_or("");
+    let min_body = crate::server::peer::min_protected_body(cipher);
+    match super::screen(datagram, min_body, 0) {
+        super::Screened::Nothing => return Vec::new(),
+        super::Screened::Whole(d) => server.get_mut().push(d.to_vec()),
+        super::Screened::Kept(d) => server.get_mut().push(d),
+    }
     let mut got = Vec::new();
     let mut buf = vec![0u8; 1 << 15];
     loop {
@@ -302,8 +319,8 @@ fn our_sealed_records_are_openssls_byte_for_byte_and_its_client_reads_them() {
             let n = pair.client.ssl_read(&mut buf).unwrap();
             assert_eq!(&buf[..n], &data[..], "{suite} {len}");
         }
-        // An empty record of ours is taken by OpenSSL's client (a read of 0 bytes, which the
-        // endpoint skips too), which then reads the next one.
+        // An empty record of ours is taken by OpenSSL's client (on 3.0 a read of 0 bytes, which
+        // the endpoint skips too), which then reads the next one.
         let mut empty = Vec::new();
         pair.state
             .seal(&mut pair.crypto, CONTENT_APPLICATION_DATA, b"", &mut empty)
@@ -320,7 +337,12 @@ fn our_sealed_records_are_openssls_byte_for_byte_and_its_client_reads_them() {
         pair.client.get_mut().push(empty);
         pair.client.get_mut().push(next);
         let mut buf = [0u8; 64];
-        assert_eq!(pair.client.ssl_read(&mut buf).unwrap(), 0, "{suite}");
+        // OpenSSL 3.0/3.1 return the empty record as a read of 0 bytes; 3.2+ drops a record
+        // without payload (dtls_get_more_records, ssl/record/methods/dtls_meth.c: "No payload
+        // data in this record. Dump it") and reads the next one at once.
+        if openssl::version::number() < 0x3020_0000 {
+            assert_eq!(pair.client.ssl_read(&mut buf).unwrap(), 0, "{suite}");
+        }
         let n = pair.client.ssl_read(&mut buf).unwrap();
         assert_eq!(&buf[..n], b"after", "{suite}");
         // Our close_notify is OpenSSL's, and its client reads it as the end.
