@@ -27,8 +27,25 @@ pub const CHILD_LIMIT: Duration = Duration::from_secs(60);
 ///     fn name() { body }
 /// }
 /// ```
+///
+/// With `parent: f;` first, the parent process runs `f(name)` instead of the default (run the
+/// child and require it passed): `f` runs the child itself ([`run_child`], e.g. under strace)
+/// and checks what it needs.
 #[macro_export]
 macro_rules! isolated_test {
+    (parent: $parent:expr; $(#[$meta:meta])* fn $name:ident() $body:block) => {
+        $(#[$meta])*
+        #[test]
+        fn $name() {
+            let name = $crate::support::child::test_name(module_path!(), stringify!($name));
+            if $crate::support::child::is_child_for(&name) {
+                $body
+            } else {
+                let parent: fn(&str) = $parent;
+                parent(&name);
+            }
+        }
+    };
     ($(#[$meta:meta])* fn $name:ident() $body:block) => {
         $(#[$meta])*
         #[test]
@@ -88,7 +105,8 @@ pub fn assert_ran_one(name: &str, run: &ChildRun) {
         run.stderr
     );
     assert!(
-        run.stdout.contains(&format!("test {name} ... ok"))
+        run.stdout.contains("running 1 test\n")
+            && run.stdout.contains(&format!("test {name} ... "))
             && run.stdout.contains("test result: ok. 1 passed;"),
         "the child process did not run exactly the test {name}:\n{}",
         run.stdout
