@@ -100,8 +100,17 @@ fn vanished_client_session_still_resumes() {
     let mut c = SClient::spawn(server.addr(), &["-sess_out", &sess]);
     c.send_line("then vanish");
     assert!(c.wait_line(Duration::from_secs(5), |l| l == "then vanish"));
-    // s_client writes -sess_out after the handshake; give it a moment, then SIGKILL it.
-    std::thread::sleep(Duration::from_millis(100));
+    // s_client writes -sess_out after the handshake: wait for the whole session, then SIGKILL.
+    let end = std::time::Instant::now() + Duration::from_secs(5);
+    while !std::fs::read_to_string(&sess)
+        .is_ok_and(|pem| pem.contains("-----END SSL SESSION PARAMETERS-----"))
+    {
+        assert!(
+            std::time::Instant::now() < end,
+            "s_client wrote no session to {sess}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
     c.kill();
     // The server's idle sweep shuts the silent peer down (close_notify; session kept).
     assert!(
@@ -443,10 +452,12 @@ fn a_full_send_queue_refuses_the_rest_and_disturbs_nothing() {
     assert_eq!(server.server.stats().failed, 0);
 }
 
-/// Sends what other threads queue to every connected peer when the worker is woken.
+/// Sends what other threads queue to every connected peer when the worker is woken, and counts
+/// its wakes.
 struct Broadcast {
     queue: Arc<Mutex<Vec<Vec<u8>>>>,
     peers: Vec<std::net::SocketAddr>,
+    wakes: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Application for Broadcast {
@@ -462,6 +473,7 @@ impl Application for Broadcast {
     }
 
     fn on_wake(&mut self, ctx: &mut AppContext<'_>) {
+        self.wakes.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         for message in self.queue.lock().drain(..) {
             for &peer in &self.peers {
                 let _ = ctx.send(peer, &message);
@@ -472,8 +484,10 @@ impl Application for Broadcast {
 
 #[test]
 fn a_wake_from_another_thread_runs_handle_timeout_and_the_application() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
     let queue: Arc<Mutex<Vec<Vec<u8>>>> = Arc::default();
-    // No timer is due for an hour: only a wake makes the worker run handle_timeout.
+    let wakes = Arc::new(AtomicUsize::new(0));
+    // No timer is due for an hour: only a wake makes the worker run the application's on_wake.
     let dsm = DsmConfig::new(64).with_idle_tick(Duration::from_secs(3600));
     let server = TestServer::start_with(
         dsm,
@@ -481,26 +495,28 @@ fn a_wake_from_another_thread_runs_handle_timeout_and_the_application() {
         || Broadcast {
             queue: Arc::clone(&queue),
             peers: Vec::new(),
+            wakes: Arc::clone(&wakes),
         },
     );
     let mut client = dtls_connect(server.addr());
     assert_eq!(echo(&mut client, b"hi"), b"hi");
     let settled = |s: &TestServer| s.server.stats().timeouts_handled;
-    std::thread::sleep(Duration::from_millis(50));
     let before = settled(&server);
-    std::thread::sleep(Duration::from_millis(200));
     assert_eq!(
-        settled(&server),
-        before,
-        "something else runs handle_timeout"
+        wakes.load(Ordering::SeqCst),
+        0,
+        "on_wake ran without a wake"
     );
 
     queue.lock().push(b"news".to_vec());
     let waker = server.server.wakers()[0].clone();
     std::thread::spawn(move || waker.wake()).join().unwrap();
     assert!(
-        server.wait_for(Duration::from_secs(5), |s| settled(s) > before),
-        "the wake did not reach handle_timeout"
+        server.wait_for(Duration::from_secs(5), |s| settled(s) > before
+            && wakes.load(Ordering::SeqCst) == 1),
+        "the wake did not reach handle_timeout and the application: {} wakes",
+        wakes.load(Ordering::SeqCst)
     );
     assert_eq!(read_record(&mut client), Some(b"news".to_vec()));
+    assert_eq!(wakes.load(Ordering::SeqCst), 1);
 }
