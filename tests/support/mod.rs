@@ -9,6 +9,7 @@
 
 pub mod child;
 pub mod s_client;
+pub mod secrets;
 pub mod server;
 
 use std::io::{self, Read, Write};
