@@ -130,10 +130,15 @@ impl EchoServer {
     /// Starts `dtls_echo_server --listen 127.0.0.1:0 --stats-interval 0 <args>` and waits for
     /// its `listening on ADDR` line.
     fn start(args: &[&str]) -> Self {
+        Self::start_logging(args, "info")
+    }
+
+    /// [`start`](Self::start) with `RUST_LOG` at `level`.
+    fn start_logging(args: &[&str], level: &str) -> Self {
         let mut child = Command::new(echo_server_bin())
             .args(["--listen", "127.0.0.1:0", "--stats-interval", "0"])
             .args(args)
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", level)
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -524,7 +529,40 @@ mod redis_farm {
             path_str(&pkey),
         ];
         let ring = KeyRing::from_file(&key).unwrap();
-        (EchoServer::start(&flags), EchoServer::start(&flags), ring)
+        // Everything they log, at every level: the tests look for secrets in it.
+        (
+            EchoServer::start_logging(&flags, "trace"),
+            EchoServer::start_logging(&flags, "trace"),
+            ring,
+        )
+    }
+
+    /// Fails if the ring's keys or the session's master key show in `printed`.
+    fn assert_no_secret_printed(printed: &[String], ring: &KeyRing, session: &Path) {
+        use support::secrets::{assert_none_shown, Secret};
+        let mut secrets: Vec<Secret> = ring
+            .to_file_string()
+            .lines()
+            .map(|l| {
+                let (id, key) = l.split_once(':').unwrap();
+                Secret::new(format!("key {id}"), &hex::decode(key).unwrap())
+            })
+            .collect();
+        let pem = std::fs::read_to_string(session).unwrap();
+        let body: String = pem
+            .lines()
+            .skip_while(|l| !l.starts_with("-----BEGIN SSL SESSION PARAMETERS"))
+            .skip(1)
+            .take_while(|l| !l.starts_with("-----END"))
+            .collect();
+        let der = openssl::base64::decode_block(&body).unwrap();
+        let session = openssl::ssl::SslSession::from_der(&der).unwrap();
+        let mut master = [0u8; 48];
+        let n = session.master_key(&mut master);
+        secrets.push(Secret::new("the session's master key", &master[..n]));
+        let text = printed.join("\n");
+        assert!(text.contains("TRACE") || text.contains("DEBUG"), "{text}");
+        assert_none_shown("the echo server's output", text.as_bytes(), &secrets);
     }
 
     #[test]
@@ -605,7 +643,8 @@ mod redis_farm {
 
         let printed = a.stop("-TERM");
         assert!(has(&printed, "stopped"), "{printed:?}");
-        b.stop("-TERM");
+        assert_no_secret_printed(&printed, &ring, &sess);
+        assert_no_secret_printed(&b.stop("-TERM"), &ring, &sess);
     }
 
     #[test]
