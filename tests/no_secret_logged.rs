@@ -7,7 +7,8 @@
 //! read with loose permissions, and with the `redis` feature a Redis store through its life
 //! and its Redis's death. Then it looks for every secret involved (key ring keys, the derived
 //! ticket keys, PSK keys, the sessions' master keys) in the log, in the `Debug` output of every
-//! type holding one and in the errors returned, in every formatting (`support::secrets`).
+//! type holding one and in the errors returned, in every formatting (`support::secrets`), and
+//! for the PSK keys in the stored sessions too.
 //! (Cookie secrets never leave `src/server/cookie.rs`; its own test does the same for them.)
 
 mod support;
@@ -79,8 +80,10 @@ fn client_ctx(tweak: impl FnOnce(&mut SslContextBuilder)) -> SslContext {
     b.build()
 }
 
+/// A PSK client, without tickets (so that its session is stored in the cache).
 fn psk_client(key: [u8; 16]) -> SslContext {
     client_ctx(move |b| {
+        b.set_options(SslOptions::NO_TICKET);
         b.set_cipher_list("PSK-AES128-CCM8").unwrap();
         b.set_psk_client_callback(move |_, _, id, out| {
             id[..PSK_IDENTITY.len()].copy_from_slice(PSK_IDENTITY);
@@ -257,12 +260,22 @@ fn dtls_server(f: &mut Findings, ring: &KeyRing, epoch: u64, psk: [u8; 16]) {
     f.debug("SessionCache", &cache);
     f.debug("ServerConfig", &*config);
     f.debug("MemoryStore", &*store);
+    // What the cache stores of a PSK session holds no PSK (a fingerprint of 8 bytes only); it
+    // holds master keys, so only the PSKs are looked for there.
+    let psks = [Secret::new("the PSK", &psk)];
+    let mut stored = 0;
     store
         .for_each(&mut |id, s| {
             f.texts.push(("SessionId".into(), format!("{id:?}")));
             f.texts.push(("StoredSession".into(), format!("{s:?}")));
+            assert_none_shown("a stored session's bytes", s.data(), &psks);
+            stored += 1;
         })
         .unwrap();
+    assert_eq!(
+        stored, 1,
+        "the PSK session is stored (the others have tickets)"
+    );
     server.shutdown().unwrap();
 }
 
