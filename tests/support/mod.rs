@@ -199,7 +199,7 @@ impl<S: Read> Read for Bounded<S> {
                 ) =>
             {
                 panic!(
-                    "{}: nothing arrived from the other side within {IO_PATIENCE:?} (it hung or died)",
+                    "{}: nothing arrived from the other side in time (it hung or died)",
                     self.side
                 )
             }
@@ -218,7 +218,7 @@ impl<S: Write> Write for Bounded<S> {
                 ) =>
             {
                 panic!(
-                    "{}: the other side took nothing for {IO_PATIENCE:?} (it hung or died)",
+                    "{}: the other side took nothing in time (it hung or died)",
                     self.side
                 )
             }
@@ -234,8 +234,13 @@ impl<S: Write> Write for Bounded<S> {
 impl Bounded<UnixStream> {
     /// `s`, its reads and writes bounded by [`IO_PATIENCE`]; `side` names it in the failure.
     pub fn stream(s: UnixStream, side: &'static str) -> Self {
-        s.set_read_timeout(Some(IO_PATIENCE)).unwrap();
-        s.set_write_timeout(Some(IO_PATIENCE)).unwrap();
+        Self::stream_within(s, side, IO_PATIENCE)
+    }
+
+    /// [`stream`](Self::stream), bounded by `patience` (the harness's own test).
+    pub fn stream_within(s: UnixStream, side: &'static str, patience: Duration) -> Self {
+        s.set_read_timeout(Some(patience)).unwrap();
+        s.set_write_timeout(Some(patience)).unwrap();
         Self { io: s, side }
     }
 }
