@@ -275,11 +275,14 @@ fn shutdown_sends_close_notify_to_every_peer_and_keeps_their_sessions() {
     assert_eq!(cache.stats().hits, 3);
 }
 
+/// A lookup's answer, and where it goes.
+type Held = (Result<Option<StoredSession>, StoreError>, LookupDone);
+
 /// A remote store stand-in: sessions in memory; each lookup is held until the test answers it.
 #[derive(Debug)]
 struct HeldStore {
     mem: MemoryStore,
-    held: parking_lot::Mutex<Vec<(Result<Option<StoredSession>, StoreError>, LookupDone)>>,
+    held: parking_lot::Mutex<Vec<Held>>,
 }
 
 impl HeldStore {

@@ -177,7 +177,7 @@ mod tests {
     /// Every form in which 8 bytes of `secret` in a row could be written out: raw, hex (lower,
     /// upper), `Debug` lists of bytes.
     fn forms(secret: &[u8]) -> Vec<Vec<u8>> {
-        let inner = |l: String| l[1..l.len() - 1].as_bytes().to_vec();
+        let inner = |l: String| l.as_bytes()[1..l.len() - 1].to_vec();
         secret
             .windows(8)
             .flat_map(|w| {
