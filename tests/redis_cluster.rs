@@ -34,10 +34,13 @@ fn sess(tag: u8) -> StoredSession {
     StoredSession::new(vec![tag; 200], SystemTime::now() + Duration::from_secs(600))
 }
 
+/// A store on the cluster; its deadline is generous (the failure tests set their own), so a
+/// test not about it never meets it on a loaded machine.
 fn builder(url: String, tier: usize) -> RedisStoreBuilder {
     RedisStore::builder(url)
         .key_ring(KeyRing::new(1, [0x5a; 32]))
         .tier_entries(tier)
+        .op_timeout(Duration::from_secs(2))
 }
 
 fn dbsize(cluster: &RedisCluster, master: usize) -> usize {
@@ -94,6 +97,7 @@ fn sessions_spread_over_the_masters_and_two_hosts_share_them() {
     let b = RedisStore::cluster_builder(cluster.node_urls())
         .key_ring(KeyRing::new(1, [0x5a; 32]))
         .tier_entries(64)
+        .op_timeout(Duration::from_secs(2))
         .build()
         .unwrap();
     a.check().unwrap();
