@@ -146,6 +146,11 @@ fn a_held_lookup_parks_one_peer_while_the_worker_serves_the_others() {
     let mut established = connect(addr, None);
     assert_eq!(echo(&mut established, b"before"), b"before");
 
+    // A's tier serves only while its invalidation subscription is up: wait for it, or a slow
+    // machine pauses the proxy first and the tier hit below becomes a lookup held there.
+    redis_server::wait_until("A subscribed to invalidations", || {
+        a.store.stats().subscribed
+    });
     // Redis unreachable for A: a resumption of B's session parks.
     proxy.pause();
     let parked = {
