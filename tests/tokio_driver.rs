@@ -124,7 +124,7 @@ fn s_client_gets_its_line_echoed_in_both_io_modes() {
         let server = TokioTest::start(io);
         let out = s_client_echo(server.addr, &[], "hello tokio");
         assert_eq!(count(&out, "New, TLSv1.2"), 1, "{io:?}: {out:?}");
-        assert!(server.wait_for(Duration::from_secs(2), |s| s.handle.stats().closed == 1));
+        assert!(server.wait_for(Duration::from_secs(10), |s| s.handle.stats().closed == 1));
         let stats = server.handle.stats();
         assert_eq!(stats.handshakes, 1, "{io:?}");
         assert_eq!(
@@ -153,7 +153,7 @@ fn sess_out_then_sess_in_is_reused_and_a_cache_hit_in_both_io_modes() {
         let second = s_client_echo(server.addr, &["-sess_in", &sess], "two");
         assert_eq!(count(&second, "Reused,"), 1, "{io:?}: {second:?}");
         assert_eq!(server.cache.stats().hits, 1, "{io:?}");
-        assert!(server.wait_for(Duration::from_secs(2), |s| s.handle.stats().resumed == 1));
+        assert!(server.wait_for(Duration::from_secs(10), |s| s.handle.stats().resumed == 1));
     }
 }
 
@@ -186,7 +186,7 @@ fn twenty_sequential_resumptions_all_reuse() {
         assert_eq!(count(&out, "Reused,"), 1, "resumption {i}: {out:?}");
     }
     assert_eq!(server.cache.stats().hits, 20);
-    assert!(server.wait_for(Duration::from_secs(2), |s| s.handle.stats().resumed == 20));
+    assert!(server.wait_for(Duration::from_secs(10), |s| s.handle.stats().resumed == 20));
 }
 
 #[test]
