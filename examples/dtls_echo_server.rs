@@ -48,6 +48,11 @@
 //! refused with an error message, moved aside to `FILE.refused`, and the server starts with an
 //! empty cache.
 //!
+//! The established associations go across the restart too (std driver): at SIGTERM the lean
+//! peers are taken out without close_notify and saved, sealed, to `FILE.peers`; at start that
+//! file is read (and deleted, so that it is used once) and each association is restored when its
+//! client's next datagram arrives, so a client that kept it open goes on with no handshake.
+//!
 //! ```text
 //! cargo run --example dtls_echo_server -- --snapshot /tmp/sessions.snap --store-key /tmp/farm.key
 //! ```
@@ -76,9 +81,9 @@ use clap::{Parser, ValueEnum};
 use openssl::pkey::PKey;
 use openssl::x509::X509;
 use openssl_session_cache::{
-    certificate_fingerprint, load_snapshot, save_snapshot, store_from_url, AppContext, DsmConfig,
-    Event, IoMode, KeyRing, MemoryStore, ServerConfig, SessionCache, SessionStore,
-    SessionStoreAdmin, TicketKeys, UdpOptions, UdpServer,
+    certificate_fingerprint, load_snapshot, save_peers, save_snapshot, store_from_url, take_peers,
+    AppContext, DsmConfig, Event, IoMode, KeyRing, MemoryStore, ServerConfig, SessionCache,
+    SessionStore, SessionStoreAdmin, TicketKeys, UdpOptions, UdpServer,
 };
 
 /// DTLS 1.2 echo server with an external session cache and a DTLS session manager.
@@ -291,11 +296,51 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     let cache = config.session_cache().clone();
     match args.driver {
         Driver::Std => {
-            let server = UdpServer::spawn(config, options, || echo)?;
+            // With a snapshot, established associations are carried across the restart too.
+            let carry = snapshot
+                .as_ref()
+                .map(|(path, ring)| (peers_path(path), ring));
+            let mut peers = Vec::new();
+            if let Some((path, ring)) = &carry {
+                let ring = ring.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                match take_peers(path, &ring, SystemTime::now()) {
+                    Ok(saved) => peers = saved,
+                    Err(e) => {
+                        eprintln!("error: saved peers at {} not restored: {e}", path.display())
+                    }
+                }
+            }
+            let restoring = peers.len();
+            let server = UdpServer::spawn_restoring(config, options, peers, || echo)?;
             println!("listening on {}", server.local_addr());
+            if let Some((path, _)) = &carry {
+                println!("restoring {restoring} peers from {}", path.display());
+            }
             let stop = server.handle();
-            handle_signals(move || stop.shutdown(), reload)?;
-            server.wait()?;
+            let counters = server.handle();
+            let suspend = carry.is_some();
+            handle_signals(
+                move || {
+                    if suspend {
+                        stop.suspend();
+                    } else {
+                        stop.shutdown();
+                    }
+                },
+                reload,
+            )?;
+            let peers = server.wait_peers()?;
+            let s = counters.stats();
+            println!(
+                "endpoint: handshakes {} resumed {} restored {} restores refused {} suspended {}",
+                s.handshakes, s.resumed, s.restored, s.restores_refused, s.suspended
+            );
+            if let Some((path, ring)) = carry {
+                let ring = ring.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                let n = save_peers(&path, &peers, &ring)
+                    .map_err(|e| format!("cannot write the saved peers {}: {e}", path.display()))?;
+                println!("saved {n} peers to {}", path.display());
+            }
         }
         Driver::Tokio => run_tokio(config, options, reload)?,
     }
@@ -445,6 +490,13 @@ fn handle_signals(
             }
         })?;
     Ok(())
+}
+
+/// Where the established associations are saved beside a snapshot.
+fn peers_path(snapshot: &std::path::Path) -> PathBuf {
+    let mut name = snapshot.as_os_str().to_owned();
+    name.push(".peers");
+    PathBuf::from(name)
 }
 
 /// Where to save a snapshot at shutdown, and the key ring that seals it.

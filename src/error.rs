@@ -58,6 +58,25 @@ pub enum RefusedSetting {
     NoCiphers(String),
 }
 
+/// Why [`Endpoint::restore`](crate::Endpoint::restore) refused a saved peer (nothing changed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum RestoreError {
+    /// Its session's lifetime is over.
+    #[error("the saved peer's session expired")]
+    Expired,
+    /// It was made by a server with another certificate, for a PSK identity whose key is not
+    /// the one it had (or that is unknown now), or with connection IDs this server does not use.
+    #[error("the saved peer belongs to another server identity")]
+    Foreign,
+    /// Its address or connection ID belongs to a peer already.
+    #[error("the saved peer's address or connection id is in use")]
+    Occupied,
+    /// The DSM has no slot for it.
+    #[error("no slot for the saved peer")]
+    NoSpace,
+}
+
 /// Why [`Endpoint::send`](crate::Endpoint::send) refused to send.
 ///
 /// Nothing was sent and nothing changed for any peer, except with [`Failed`](Self::Failed).

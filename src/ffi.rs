@@ -614,3 +614,37 @@ pub(crate) fn renegotiate(ssl: &SslRef) -> bool {
     // only); SSL_renegotiate only sets a flag on it.
     unsafe { SSL_renegotiate(ssl.as_ptr()) == 1 }
 }
+
+/// Attaches `program`, a classic BPF program, to the `SO_REUSEPORT` group of `socket`
+/// (`SO_ATTACH_REUSEPORT_CBPF`): for each datagram the kernel runs it and delivers the datagram
+/// to the group's socket whose index it returns, or picks one by its hash when the index is
+/// past the group.
+#[cfg(target_os = "linux")]
+pub(crate) fn attach_reuseport_cbpf(
+    socket: &impl std::os::fd::AsRawFd,
+    program: &[libc::sock_filter],
+) -> std::io::Result<()> {
+    let len = u16::try_from(program.len())
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+    let prog = libc::sock_fprog {
+        len,
+        filter: program.as_ptr().cast_mut(),
+    };
+    // SAFETY: the descriptor belongs to a live socket the caller holds; `prog` points to
+    // `program`, which outlives the call, and its length is the program's; the kernel copies
+    // the program and checks it before attaching (it never writes through `filter`).
+    let r = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_ATTACH_REUSEPORT_CBPF,
+            std::ptr::from_ref(&prog).cast::<c_void>(),
+            std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}

@@ -129,7 +129,7 @@ pub fn datagram(data: &[u8]) {
         assert_eq!(parsed.cookie(), &[1; 32]);
     }
     for min in [0, 16, 24] {
-        match screen(data, min) {
+        match screen(data, min, 0) {
             Screened::Whole(w) => assert_eq!(w, data),
             Screened::Kept(k) => assert!(!k.is_empty() && k.len() < data.len()),
             Screened::Nothing => {}
@@ -137,7 +137,7 @@ pub fn datagram(data: &[u8]) {
     }
     let mut budget = HandshakeBudget::default();
     for _ in 0..3 {
-        if let Screened::Kept(k) = budget.admit(data) {
+        if let Screened::Kept(k) = budget.admit(data, 0) {
             assert!(k.len() < data.len());
         }
     }
@@ -212,7 +212,8 @@ pub fn cookie(data: &[u8]) {
 }
 
 /// Arbitrary datagrams to a lean peer's record layer, among genuine records of its client.
-/// The first byte picks the AEAD; then each step is `[op][a][b]`: op 0 delivers the client's
+/// The first byte picks the AEAD (its value modulo 7) and whether the association has a
+/// connection ID (bit 7: the client's records are then `tls12_cid` records); then each step is `[op][a][b]`: op 0 delivers the client's
 /// genuine record `a` (sealing it first, `b` bytes long, if it does not exist yet), op 1
 /// delivers it with byte `b` XORed with `0x01 << (a % 8)`, op 2 delivers `a` arbitrary bytes
 /// taken from the input, op 3 moves the client's sequence numbers `a * 256` ahead. Whatever
@@ -228,7 +229,10 @@ pub fn lean_record(data: &[u8]) {
     let Some((&pick, mut rest)) = data.split_first() else {
         return;
     };
-    let aead = Aead::ALL[usize::from(pick) % Aead::ALL.len()];
+    let aead = Aead::ALL[usize::from(pick & 0x7f) % Aead::ALL.len()];
+    const CID: &[u8] = &[0, 0xc1, 0xd0, 0x5e, 0xed, 0x77, 0x01];
+    let cid = (pick & 0x80 != 0).then_some(CID);
+    let cid_len = cid.map_or(0, <[u8]>::len);
     let keys = RecordKeys::from_master_secret(
         aead,
         openssl::hash::MessageDigest::sha256(),
@@ -237,8 +241,10 @@ pub fn lean_record(data: &[u8]) {
         &[7; 32],
     )
     .expect("key block");
-    let mut server = RecordState::new(keys.clone(), 1, 1, ReplayWindow::default());
-    let mut client = RecordState::new(keys.swapped(), 1, 1, ReplayWindow::default());
+    let mut server =
+        RecordState::new(keys.clone(), 1, 1, ReplayWindow::default()).with_cids(cid, None);
+    let mut client =
+        RecordState::new(keys.swapped(), 1, 1, ReplayWindow::default()).with_cids(None, cid);
     let mut crypto = Crypto::default();
     // Genuine client records: (bytes, plaintext, sequence number, taken).
     let mut genuine: Vec<(Vec<u8>, Vec<u8>, u64, bool)> = Vec::new();
@@ -276,7 +282,7 @@ pub fn lean_record(data: &[u8]) {
                 continue;
             }
         };
-        for record in records(&datagram) {
+        for record in records(&datagram, cid_len) {
             let window = server.window();
             let known = genuine.iter().position(|g| g.0 == record);
             let admits = known.is_some_and(|i| window.is_fresh(genuine[i].2));

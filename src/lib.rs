@@ -92,14 +92,16 @@ pub use dsm::{
     Authenticated, Dsm, DsmConfig, DsmStats, FreeReason, PeerKey, PeerState, SocketPeer,
     StoreOutcome, Sweeper, DEFAULT_MAX_SLOTS,
 };
-pub use error::{Error, RefusedSetting, SendError, StoreError};
+pub use error::{Error, RefusedSetting, RestoreError, SendError, StoreError};
 pub use server::{
     certificate_fingerprint, deliver_events, self_signed_certificate, AppContext, Application,
     CloseReason, ConnectionInfo, DatagramPipe, DropReason, Endpoint, EndpointStats, Event, IoMode,
-    IoStats, ServerConfig, ServerConfigBuilder, StopHandle, Transmit, UdpOptions, UdpServer,
-    DEFAULT_CIPHERS, DEFAULT_COOKIE_ROTATION, DEFAULT_LOOKUP_TIMEOUT, DEFAULT_MAX_DATAGRAM,
-    DEFAULT_MTU, DEFAULT_PARKED_DATAGRAMS, DEFAULT_SEND_QUEUE, MAX_RECORD_PLAINTEXT, PSK_CIPHERS,
+    IoStats, ServerConfig, ServerConfigBuilder, StopHandle, SuspendedPeer, Transmit, UdpOptions,
+    UdpServer, DEFAULT_CIPHERS, DEFAULT_COOKIE_ROTATION, DEFAULT_LOOKUP_TIMEOUT,
+    DEFAULT_MAX_DATAGRAM, DEFAULT_MTU, DEFAULT_PARKED_DATAGRAMS, DEFAULT_SEND_QUEUE,
+    MAX_CONNECTION_ID_HOST, MAX_RECORD_PLAINTEXT, PSK_CIPHERS,
 };
+pub use server::{save_peers, take_peers};
 #[cfg(feature = "tokio")]
 pub use server::{TokioHandle, TokioServer};
 #[cfg(feature = "metrics")]

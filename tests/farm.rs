@@ -130,13 +130,22 @@ impl EchoServer {
     /// Starts `dtls_echo_server --listen 127.0.0.1:0 --stats-interval 0 <args>` and waits for
     /// its `listening on ADDR` line.
     fn start(args: &[&str]) -> Self {
-        Self::start_logging(args, "info")
+        Self::start_on("127.0.0.1:0", args, None)
     }
 
     /// [`start`](Self::start) with `RUST_LOG` at `level`.
     fn start_logging(args: &[&str], level: &str) -> Self {
+        Self::start_on("127.0.0.1:0", args, Some(level))
+    }
+
+    /// [`start`](Self::start) on `listen`, with `RUST_LOG` at `level` (default: `$ECHO_LOG`,
+    /// or `info`).
+    fn start_on(listen: &str, args: &[&str], level: Option<&str>) -> Self {
+        let level = level
+            .map(str::to_owned)
+            .unwrap_or_else(|| std::env::var("ECHO_LOG").unwrap_or("info".into()));
         let mut child = Command::new(echo_server_bin())
-            .args(["--listen", "127.0.0.1:0", "--stats-interval", "0"])
+            .args(["--listen", listen, "--stats-interval", "0"])
             .args(args)
             .env("RUST_LOG", level)
             .env("NO_COLOR", "1")
@@ -385,6 +394,71 @@ fn a_psk_session_resumes_across_a_restart_only_while_its_identity_keeps_its_key(
         has(&printed, "session cache: hits 0 misses 1 stale 1"),
         "the refused session is counted as stale: {printed:?}"
     );
+}
+
+#[test]
+fn an_open_association_goes_on_across_a_graceful_restart_with_no_handshake() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = key_file(dir.path(), "sessions.key");
+    let snap = dir.path().join("sessions.snap");
+    // A certificate of its own: saved associations are bound to the server's identity.
+    let (cert, cert_key) = openssl_session_cache::self_signed_certificate().unwrap();
+    let (cert_file, cert_key_file) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert_file, cert.to_pem().unwrap()).unwrap();
+    std::fs::write(&cert_key_file, cert_key.private_key_to_pem_pkcs8().unwrap()).unwrap();
+    let flags = [
+        "--snapshot",
+        path_str(&snap),
+        "--store-key",
+        path_str(&key),
+        "--cert",
+        path_str(&cert_file),
+        "--key",
+        path_str(&cert_key_file),
+    ];
+    let server = EchoServer::start(&flags);
+    let listen = server.addr.to_string();
+    // An s_client that keeps its association open across the restart.
+    let mut client = SClient::spawn(server.addr, &[]);
+    client.send_line("before the restart");
+    assert!(
+        client.wait_line(Duration::from_secs(5), |l| l == "before the restart"),
+        "{:?}",
+        client.lines.output
+    );
+    let printed = server.stop("-TERM");
+    assert!(has(&printed, "saved 1 peers to"), "{printed:?}");
+    let peers_file = dir.path().join("sessions.snap.peers");
+    assert!(peers_file.is_file());
+
+    let mut server = EchoServer::start_on(&listen, &flags, None);
+    assert!(
+        server.wait_line(Duration::from_secs(5), |l| l
+            .starts_with("restoring 1 peers from")),
+        "{:?}",
+        server.lines.output
+    );
+    assert!(!peers_file.exists(), "the saved peers are read once");
+    for line in ["after the restart", "and again"] {
+        client.send_line(line);
+        if !client.wait_line(Duration::from_secs(5), |l| l == line) {
+            let printed = server.stop("-TERM");
+            panic!(
+                "no echo of {line:?} after the restart: {:?}; the server printed {printed:?}",
+                client.lines.output
+            );
+        }
+    }
+    let out = client.finish(Duration::from_secs(5));
+    assert_eq!(count(&out, "New,"), 1, "one handshake only: {out:?}");
+    assert_eq!(count(&out, "Reused,"), 0, "{out:?}");
+    let printed = server.stop("-TERM");
+    assert!(
+        has(&printed, "endpoint: handshakes 0 resumed 0 restored 1"),
+        "the second server made no handshake: {printed:?}"
+    );
+    // The client said goodbye (close_notify) before the stop: nothing left to carry.
+    assert!(has(&printed, "saved 0 peers to"), "{printed:?}");
 }
 
 #[test]

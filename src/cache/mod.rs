@@ -460,6 +460,16 @@ impl SessionCache {
         self.shared.inner.store_session(None, session);
     }
 
+    /// The time by the cache's clock ([`SessionCacheBuilder::clock`]).
+    pub(crate) fn wall_clock(&self) -> SystemTime {
+        self.shared.inner.clock.now()
+    }
+
+    /// The longest a session lives ([`SessionCacheBuilder::max_ttl`]).
+    pub(crate) fn max_ttl(&self) -> Duration {
+        self.shared.inner.max_ttl
+    }
+
     /// Removes the session `id` as OpenSSL's remove callback would (the endpoint's record layer
     /// received a fatal alert on an association it runs without OpenSSL).
     pub(crate) fn remove_session_id(&self, id: &SessionId) {

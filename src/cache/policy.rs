@@ -60,7 +60,12 @@ pub(crate) fn set_context_psk_keys(
 
 /// The PSK keys registered on the context `ssl` runs on, if any.
 fn context_psk_keys(ssl: &SslRef) -> Option<&PskKeys> {
-    ssl.ssl_context().ex_data(context_keys_index()?)
+    context_keys(ssl.ssl_context())
+}
+
+/// The PSK keys registered on `ctx`, if any.
+pub(crate) fn context_keys(ctx: &openssl::ssl::SslContextRef) -> Option<&PskKeys> {
+    ctx.ex_data(context_keys_index()?)
 }
 
 /// The application's veto.

@@ -25,6 +25,7 @@ use openssl::x509::store::X509StoreBuilder;
 use openssl::x509::{X509Name, X509Ref, X509};
 use zeroize::Zeroizing;
 
+use super::cid::{CidLayout, CidNegotiation};
 use super::cookie::CookieKeys;
 use crate::{DsmConfig, Error, RefusedSetting, SessionCache};
 
@@ -69,6 +70,8 @@ pub(crate) struct PeerInfo {
     /// The cookie the endpoint already verified for the ClientHello that created this `Ssl`, so
     /// OpenSSL's own verification of the same cookie is a comparison, not a second HMAC.
     pub(crate) verified_cookie: Vec<u8>,
+    /// The connection IDs of this connection (RFC 9146), as its handshake settles them.
+    pub(crate) cid: CidNegotiation,
 }
 
 /// The `Ssl` ex_data slot holding the [`PeerInfo`], read by the cookie callbacks.
@@ -121,6 +124,10 @@ pub struct ServerConfig {
     pub(crate) lookup_timeout: Duration,
     pub(crate) parked_datagrams: usize,
     pub(crate) lean_peers: bool,
+    /// How the server's connection IDs are made, if it offers them.
+    pub(crate) connection_id: Option<CidLayout>,
+    /// Lean peers keep the client's certificate (for a peer carried across a restart).
+    pub(crate) keep_peer_certificates: bool,
     pub(crate) peer_addr: Index<Ssl, PeerInfo>,
     cache: SessionCache,
     fingerprint: Option<String>,
@@ -159,6 +166,9 @@ impl ServerConfig {
             lookup_timeout: DEFAULT_LOOKUP_TIMEOUT,
             parked_datagrams: DEFAULT_PARKED_DATAGRAMS,
             lean_peers: true,
+            connection_id: true,
+            connection_id_host: Vec::new(),
+            keep_peer_certificates: false,
         }
     }
 
@@ -180,6 +190,11 @@ impl ServerConfig {
     /// The `SslContext` every peer's `Ssl` is made from.
     pub fn context(&self) -> &SslContext {
         &self.ctx
+    }
+
+    /// The length of the server's connection IDs (0 when it offers none).
+    pub(crate) fn cid_len(&self) -> usize {
+        self.connection_id.as_ref().map_or(0, CidLayout::len)
     }
 }
 
@@ -228,6 +243,9 @@ pub struct ServerConfigBuilder {
     lookup_timeout: Duration,
     parked_datagrams: usize,
     lean_peers: bool,
+    connection_id: bool,
+    connection_id_host: Vec<u8>,
+    keep_peer_certificates: bool,
 }
 
 impl fmt::Debug for ServerConfigBuilder {
@@ -440,6 +458,37 @@ impl ServerConfigBuilder {
         self
     }
 
+    /// Whether the server offers DTLS 1.2 connection IDs (RFC 9146) to clients that ask for them
+    /// (default: on). An association with a connection ID survives a change of the client's
+    /// address or port (a NAT rebinding, a device moving between networks): its records carry
+    /// the server's connection ID, the endpoint finds the peer by it from whatever address they
+    /// come, and the peer moves to a new address only on a record that authenticated and is
+    /// newer than every one before. Clients that do not ask see no difference. Connection IDs
+    /// need [`lean_peers`](Self::lean_peers) (the endpoint frames those records itself) and an
+    /// AEAD suite; otherwise the server does not offer them.
+    pub fn connection_id(mut self, on: bool) -> Self {
+        self.connection_id = on;
+        self
+    }
+
+    /// A host id (at most 8 bytes, default none) that every connection ID of this server
+    /// carries after the worker index, so that a load balancer in front of a farm can route a
+    /// `tls12_cid` datagram to its host: see the layout in the crate's connection ID docs
+    /// (`[worker][host id][6 random bytes]`, starting at byte 11 of the datagram).
+    pub fn connection_id_host(mut self, host: &[u8]) -> Self {
+        self.connection_id_host = host.to_vec();
+        self
+    }
+
+    /// Whether a lean peer keeps the client's certificate after its handshake (default: off).
+    /// [`Event::Connected`](crate::Event::Connected) always reports it; kept, it also comes back
+    /// with a peer restored after a restart ([`Endpoint::restore`](crate::Endpoint::restore)),
+    /// at the cost of the certificate's bytes per peer. Off, a restored peer reports none.
+    pub fn keep_peer_certificates(mut self, on: bool) -> Self {
+        self.keep_peer_certificates = on;
+        self
+    }
+
     /// Builds the `SslContext`: the policy, then what the server owns (see the type's docs).
     pub fn build(self) -> Result<Arc<ServerConfig>, Error> {
         if self.mtu < 256 {
@@ -535,6 +584,13 @@ impl ServerConfigBuilder {
             })
         });
         self.cache.install(&mut ctx)?;
+        let connection_id = if self.connection_id && self.lean_peers {
+            let layout = CidLayout::new(&self.connection_id_host)?;
+            super::cid::install(&mut ctx, peer_addr)?;
+            Some(layout)
+        } else {
+            None
+        };
 
         let ctx = ctx.build();
         let fingerprint = ctx.certificate().map(certificate_fingerprint).transpose()?;
@@ -548,6 +604,8 @@ impl ServerConfigBuilder {
             lookup_timeout: self.lookup_timeout,
             parked_datagrams: self.parked_datagrams,
             lean_peers: self.lean_peers,
+            connection_id,
+            keep_peer_certificates: self.keep_peer_certificates,
             peer_addr,
             cache: self.cache,
             fingerprint,

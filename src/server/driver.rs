@@ -68,6 +68,16 @@ impl WorkerStats {
     }
 }
 
+/// Associations a server carries across a restart: whether its workers are to suspend their
+/// peers instead of shutting them down, the peers they suspended, and the saved peers waiting to
+/// be restored by the worker their first datagram reaches.
+#[derive(Debug, Default)]
+pub(crate) struct Carry {
+    pub(crate) suspend: std::sync::atomic::AtomicBool,
+    pub(crate) suspended: parking_lot::Mutex<Vec<crate::SuspendedPeer>>,
+    pub(crate) restorable: Arc<super::endpoint::continuity::Restorable>,
+}
+
 /// What the end of worker `worker` makes of the server's result: its own result, or for a worker
 /// that panicked ([`Err`], with the panic's payload if there is one) [`Error::WorkerPanic`] with
 /// the panic's message.
@@ -266,6 +276,19 @@ impl<A: Application> Core<A> {
     pub(crate) fn close_all(&mut self) {
         self.endpoint.close_all();
         self.deliver(Instant::now());
+    }
+
+    /// What a stopping worker does with its peers: shuts them down, or, when the server is
+    /// suspended ([`Carry::suspend`]), takes its lean peers out for `carry` (the others shut
+    /// down); hands the application the events. Send afterwards.
+    pub(crate) fn finish(&mut self, carry: &Carry) {
+        if carry.suspend.load(std::sync::atomic::Ordering::Acquire) {
+            let peers = self.endpoint.suspend_all();
+            self.deliver(Instant::now());
+            carry.suspended.lock().extend(peers);
+        } else {
+            self.close_all();
+        }
     }
 
     fn io_stats(&self) -> IoStats {

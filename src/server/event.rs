@@ -31,8 +31,12 @@ pub struct ConnectionInfo {
     /// The PSK identity the client used, for PSK suites (on a resumption too).
     pub psk_identity: Option<Vec<u8>>,
     /// How long the handshake took: from the ClientHello whose cookie verified to the datagram
-    /// that finished it (by the times the driver handed the endpoint).
+    /// that finished it (by the times the driver handed the endpoint); zero for a restored peer.
     pub handshake_time: Duration,
+    /// The association was not made now but restored from a saved state (after a restart,
+    /// [`Endpoint::restore`](crate::Endpoint::restore)): no handshake took place; the rest
+    /// reports the original handshake.
+    pub restored: bool,
 }
 
 impl ConnectionInfo {
@@ -45,6 +49,7 @@ impl ConnectionInfo {
             peer_certificate: ssl.peer_certificate(),
             psk_identity: ssl.psk_identity().map(<[u8]>::to_vec),
             handshake_time,
+            restored: false,
         }
     }
 }
@@ -79,6 +84,16 @@ pub enum Event {
         /// Why.
         reason: CloseReason,
     },
+    /// A peer with a connection ID (RFC 9146) now talks from another address (a NAT rebinding, a
+    /// move between networks): a record from `peer` authenticated and was newer than every one
+    /// before. From now on its events carry `peer`, and [`Endpoint::send`](crate::Endpoint::send)
+    /// takes `peer`, not `previous`; answers go to `peer`.
+    Migrated {
+        /// The peer's new address.
+        peer: SocketAddr,
+        /// The address it had.
+        previous: SocketAddr,
+    },
     /// A datagram was dropped without creating or touching any peer state.
     Dropped {
         /// Its source.
@@ -109,6 +124,9 @@ pub enum CloseReason {
     Replaced,
     /// [`Endpoint::close_all`](crate::Endpoint::close_all) (server shutdown).
     Shutdown,
+    /// [`Endpoint::suspend_all`](crate::Endpoint::suspend_all): taken out to be carried across a
+    /// restart, without a word to the peer (its client keeps the association).
+    Suspended,
 }
 
 /// Why a datagram was dropped.
@@ -136,4 +154,6 @@ pub enum DropReason {
     /// For a peer in its handshake, holding only records over what one handshake may make
     /// OpenSSL buffer (64 KiB of claimed handshake messages, 4 early protected records).
     OverBudget,
+    /// A `tls12_cid` record whose connection ID is no peer's.
+    UnknownConnectionId,
 }

@@ -10,6 +10,7 @@ use std::os::fd::AsFd;
 use quinn_udp::{RecvMeta, UdpSockRef, UdpSocketState};
 use socket2::{Domain, Protocol, Socket, Type};
 
+use super::cid::CidLayout;
 use super::event::Transmit;
 use crate::Error;
 
@@ -60,12 +61,22 @@ impl IoStats {
 /// The non-blocking sockets of `workers` workers (at least 1) on `listen`, all on one port (with
 /// `SO_REUSEPORT` when there are several: port 0 picks one free port for all), and the address
 /// they are bound to.
+///
+/// With connection IDs (`steering`), the sockets get the steering program that sends each
+/// `tls12_cid` datagram to the worker its connection ID names (the worker index is the ID's
+/// first byte, so at most 256 workers).
 pub(crate) fn bind_workers(
     listen: SocketAddr,
     workers: usize,
+    steering: Option<&CidLayout>,
 ) -> Result<(Vec<UdpSocket>, SocketAddr), Error> {
     if workers == 0 {
         return Err(Error::Config("workers must be at least 1".into()));
+    }
+    if steering.is_some() && workers > 256 {
+        return Err(Error::Config(format!(
+            "{workers} workers with connection ids (a connection id names one of at most 256)"
+        )));
     }
     let reuse = workers > 1;
     let first = bind(listen, reuse)?;
@@ -73,6 +84,12 @@ pub(crate) fn bind_workers(
     let mut sockets = vec![first];
     for _ in 1..workers {
         sockets.push(bind(local_addr, reuse)?);
+    }
+    if let (Some(layout), true) = (steering, reuse) {
+        #[cfg(target_os = "linux")]
+        crate::ffi::attach_reuseport_cbpf(&sockets[0], &layout.steering_program(workers))?;
+        #[cfg(not(target_os = "linux"))]
+        let _ = layout;
     }
     Ok((sockets, local_addr))
 }

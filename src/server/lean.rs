@@ -10,6 +10,7 @@
 use openssl::ssl::SslRef;
 use zeroize::Zeroize;
 
+use super::continuity::Reported;
 use super::record::keys::{NoKeys, RecordKeys};
 use super::record::protect::{Crypto, Opened, RecordState, Rejected, SealError, CONTENT_ALERT};
 use super::record::replay::ReplayWindow;
@@ -33,9 +34,10 @@ pub(crate) struct Epoch1Trace {
 const MAX_TRACED: usize = 4;
 
 impl Epoch1Trace {
-    /// Notes the epoch-1 records of a datagram fed to OpenSSL.
-    pub(crate) fn fed(&mut self, datagram: &[u8]) {
-        for record in records(datagram).filter(|r| u16_at(r, 3) == 1) {
+    /// Notes the epoch-1 records of a datagram fed to OpenSSL (`tls12_cid` records carrying
+    /// connection IDs of `cid_len` bytes).
+    pub(crate) fn fed(&mut self, datagram: &[u8], cid_len: usize) {
+        for record in records(datagram, cid_len).filter(|r| u16_at(r, 3) == 1) {
             if self.fed.len() < MAX_TRACED {
                 self.fed.push(record.to_vec());
             }
@@ -44,7 +46,7 @@ impl Epoch1Trace {
 
     /// Notes the epoch-1 records of a datagram OpenSSL wrote.
     pub(crate) fn sent(&mut self, datagram: &[u8]) {
-        for record in records(datagram).filter(|r| u16_at(r, 3) == 1) {
+        for record in records(datagram, 0).filter(|r| u16_at(r, 3) == 1) {
             let seq = u48_at(record, 5);
             self.highest_sent = Some(self.highest_sent.map_or(seq, |h| h.max(seq)));
         }
@@ -70,6 +72,10 @@ pub(crate) struct Lean {
     session: Option<SessionId>,
     /// No more records are read or written (closed, failed).
     finished: bool,
+    /// What `Event::Connected` reported, and when the session expires (seconds since the
+    /// epoch): what a suspended peer carries.
+    reported: Box<Reported>,
+    expires_at: u64,
 }
 
 impl std::fmt::Debug for Lean {
@@ -86,17 +92,23 @@ impl std::fmt::Debug for Lean {
 impl Lean {
     /// Takes over the association of `ssl`, whose handshake just finished: its keys, the write
     /// sequence numbers above every one OpenSSL used (`trace`), the replay window holding the
-    /// records OpenSSL accepted, and the `final_flight` (for a full handshake).
+    /// records OpenSSL accepted, the `final_flight` (for a full handshake), and the connection
+    /// IDs it settled (`cids`: ours, the peer's).
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn take_over(
         ssl: &SslRef,
         trace: &Epoch1Trace,
         final_flight: Option<Vec<Vec<u8>>>,
+        cids: Option<(&[u8], &[u8])>,
+        reported: Reported,
+        max_ttl: std::time::Duration,
         crypto: &mut Crypto,
     ) -> Result<Self, NoKeys> {
         let keys = RecordKeys::derive(ssl)?;
         // OpenSSL always writes its Finished at epoch 1; without one there is nothing to go on.
         let next_write = trace.highest_sent.ok_or(NoKeys::Unavailable)? + 1;
-        let mut record = RecordState::new(keys, 1, next_write, ReplayWindow::default());
+        let mut record = RecordState::new(keys, 1, next_write, ReplayWindow::default())
+            .with_cids(cids.map(|c| c.0), cids.map(|c| c.1));
         let mut scratch = Vec::new();
         for fed in &trace.fed {
             // Opening marks the sequence number as seen; records that do not open (spoofed)
@@ -105,6 +117,9 @@ impl Lean {
             scratch.zeroize();
         }
         let session = ssl.session().and_then(|s| SessionId::new(s.id()).ok());
+        let expires_at = ssl.session().map_or(0, |s| {
+            super::continuity::expiry_secs(s.time(), s.timeout(), max_ttl)
+        });
         Ok(Self {
             record,
             final_flight: final_flight
@@ -112,7 +127,36 @@ impl Lean {
                 .map(Vec::into_boxed_slice),
             session,
             finished: false,
+            reported: Box::new(reported),
+            expires_at,
         })
+    }
+
+    /// A lean peer from a saved state (after a restart): no final flight to send again.
+    pub(crate) fn restored(peer: &super::continuity::SuspendedPeer) -> Self {
+        Self {
+            record: peer.record_state(),
+            final_flight: None,
+            session: peer.session,
+            finished: false,
+            reported: Box::new(peer.reported.clone()),
+            expires_at: peer.expires_at,
+        }
+    }
+
+    /// What `Event::Connected` reported.
+    pub(crate) fn reported(&self) -> &Reported {
+        &self.reported
+    }
+
+    /// When the session expires (seconds since the epoch).
+    pub(crate) fn expires_at(&self) -> u64 {
+        self.expires_at
+    }
+
+    /// Whether the association ended (closed, failed).
+    pub(crate) fn is_finished(&self) -> bool {
+        self.finished
     }
 
     /// Opens one record from the peer (see [`RecordState::open`]).

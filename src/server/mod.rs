@@ -25,7 +25,9 @@
 //!    freed by the handshake timeout.
 
 mod app;
+pub(crate) mod cid;
 mod config;
+pub(crate) mod continuity;
 pub(crate) mod cookie;
 mod driver;
 mod endpoint;
@@ -38,6 +40,8 @@ mod peer;
 mod pipe;
 pub(crate) mod record;
 mod stats;
+#[cfg(test)]
+mod testing;
 mod timers;
 #[cfg(feature = "tokio")]
 mod tokio;
@@ -46,11 +50,13 @@ mod udp;
 #[cfg(feature = "tokio")]
 pub use self::tokio::{TokioHandle, TokioServer};
 pub use app::{deliver_events, AppContext, Application};
+pub use cid::MAX_CONNECTION_ID_HOST;
 pub use config::{
     certificate_fingerprint, self_signed_certificate, ServerConfig, ServerConfigBuilder,
     DEFAULT_CIPHERS, DEFAULT_COOKIE_ROTATION, DEFAULT_LOOKUP_TIMEOUT, DEFAULT_MAX_DATAGRAM,
     DEFAULT_MTU, DEFAULT_PARKED_DATAGRAMS, DEFAULT_SEND_QUEUE, MAX_RECORD_PLAINTEXT, PSK_CIPHERS,
 };
+pub use continuity::{save_peers, take_peers, SuspendedPeer};
 pub use endpoint::Endpoint;
 pub use event::{CloseReason, ConnectionInfo, DropReason, Event, Transmit};
 pub use io::{IoMode, IoStats};

@@ -1,6 +1,7 @@
 //! One DTLS peer: its `Ssl` over an in-memory [`DatagramPipe`], and everything else the
 //! endpoint keeps for it (what only its handshake needs, its timer entry, its send queue).
 
+use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use openssl::ssl::{ErrorCode, Ssl, SslRef, SslStream};
@@ -9,9 +10,12 @@ use super::config::MAX_RECORD_PLAINTEXT;
 use super::endpoint::park::Parked;
 use super::lean::{Epoch1Trace, Lean};
 use super::pipe::DatagramPipe;
-use super::record::protect::Crypto;
+use super::record::keys::RecordKeys;
+use super::record::protect::{Crypto, Framing, CONTENT_TLS12_CID};
 use super::record::HandshakeBudget;
+use super::record::{records, u16_at, u48_at, RECORD_HEADER};
 use super::timers::Timer;
+use crate::dsm::PeerKey;
 use crate::ffi;
 
 /// What driving a peer produced, besides datagrams.
@@ -50,6 +54,8 @@ pub(crate) struct Peer {
     pub(crate) timer: Option<Timer>,
     /// Datagrams of this peer waiting for `poll_transmit`.
     pub(crate) queued: usize,
+    /// What the DSM knows the peer by.
+    pub(crate) dsm_key: DsmKey,
 }
 
 /// What a peer keeps only while its handshake runs.
@@ -72,6 +78,38 @@ impl Handshake {
             parked: None,
         }
     }
+}
+
+/// What the endpoint's DSM knows a peer by: its address, or, once an association with a
+/// connection ID is established, that connection ID (and the source address its handshake came
+/// from, which its per-source quota counts), so that a change of address changes nothing there.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) enum DsmKey {
+    /// By address.
+    Addr(SocketAddr),
+    /// By the server's connection ID.
+    Cid(Box<[u8]>, IpAddr),
+}
+
+impl PeerKey for DsmKey {
+    fn source(&self) -> IpAddr {
+        match self {
+            Self::Addr(a) => a.source(),
+            Self::Cid(_, ip) => *ip,
+        }
+    }
+}
+
+/// The connection IDs a handshake settled, and the keys to translate its epoch-1 handshake
+/// records between the `tls12_cid` format on the wire and the plain format OpenSSL reads and
+/// writes.
+struct CidHandshake {
+    /// Ours: the peer's records carry it.
+    ours: Box<[u8]>,
+    /// The peer's: ours carry it (empty: ours go without one).
+    theirs: Box<[u8]>,
+    /// The record keys, once OpenSSL has the master secret.
+    keys: Option<RecordKeys>,
 }
 
 /// Who runs a peer's records.
@@ -100,6 +138,8 @@ struct SslConn {
     just_established: bool,
     /// The final flight of a full handshake, as taken from the pipe.
     final_flight: Option<Vec<Vec<u8>>>,
+    /// The connection IDs, once the ServerHello settled them.
+    cid: Option<Box<CidHandshake>>,
 }
 
 impl Drop for SslConn {
@@ -111,6 +151,133 @@ impl Drop for SslConn {
     fn drop(&mut self) {
         // `SessionCache::keep_resumable`, on a stream that may hold no buffers: only a flag.
         self.stream.keep_resumable();
+    }
+}
+
+impl CidHandshake {
+    /// The connection IDs the handshake on `ssl` settled, once its ServerHello carried ours.
+    fn settled(ssl: &SslRef) -> Option<Box<Self>> {
+        let index = super::config::peer_addr_index().ok()?;
+        let (ours, theirs) = ssl.ex_data(index)?.cid.settled()?;
+        Some(Box::new(Self {
+            ours: ours.into(),
+            theirs: theirs.into(),
+            keys: None,
+        }))
+    }
+
+    /// The record keys, derived once OpenSSL has the master secret.
+    fn keys(&mut self, ssl: &SslRef) -> Option<&RecordKeys> {
+        if self.keys.is_none() {
+            self.keys = RecordKeys::derive(ssl).ok();
+        }
+        self.keys.as_ref()
+    }
+}
+
+impl SslConn {
+    /// The client's `tls12_cid` record (our connection ID) as the plain record OpenSSL reads:
+    /// opened under the client's key, sealed again under it with the same sequence number and
+    /// explicit nonce. The plain record exists only in memory between the endpoint and OpenSSL.
+    fn plain_from_cid(&mut self, record: &[u8], crypto: &mut Crypto) -> Option<Vec<u8>> {
+        let ssl = self.stream.ssl();
+        let cid = self.cid.as_mut()?;
+        let header = RECORD_HEADER + cid.ours.len();
+        if record.len() < header || record[11..11 + cid.ours.len()] != *cid.ours {
+            return None;
+        }
+        let ours = cid.ours.clone();
+        let keys = cid.keys(ssl)?;
+        let (epoch, seq) = (u16_at(record, 3) as u16, u48_at(record, 5));
+        let mut plain = Vec::new();
+        let content_type = crypto
+            .open(
+                keys.aead,
+                &keys.client,
+                Framing::Cid(&ours),
+                record[0],
+                epoch,
+                seq,
+                &record[header..],
+                &mut plain,
+            )
+            .ok()?;
+        let explicit = keys.aead.explicit_nonce_len();
+        let nonce = (explicit > 0).then(|| {
+            let mut n = [0u8; 8];
+            n.copy_from_slice(&record[header..header + 8]);
+            n
+        });
+        let mut out = Vec::with_capacity(record.len());
+        let sealed = crypto.seal(
+            keys.aead,
+            &keys.client,
+            Framing::Plain,
+            content_type,
+            epoch,
+            seq,
+            nonce,
+            &plain,
+            &mut out,
+        );
+        zeroize::Zeroize::zeroize(&mut plain);
+        sealed.ok().map(|()| out)
+    }
+
+    /// `datagram` as OpenSSL wrote it, its epoch-1 records (the server's Finished) framed as
+    /// `tls12_cid` records with the peer's connection ID: each opened under the server's key and
+    /// sealed again with the same sequence number, the explicit nonce being that number (the
+    /// plain record OpenSSL sealed never leaves the process). A record that cannot be translated
+    /// is left out.
+    fn cid_from_plain(&mut self, datagram: Vec<u8>, crypto: &mut Crypto) -> Vec<u8> {
+        let ssl = self.stream.ssl();
+        let Some(cid) = self.cid.as_mut() else {
+            return datagram;
+        };
+        if !records(&datagram, 0).any(|r| u16_at(r, 3) == 1) {
+            return datagram;
+        }
+        let theirs = cid.theirs.clone();
+        let Some(keys) = cid.keys(ssl) else {
+            return datagram;
+        };
+        let mut out = Vec::with_capacity(datagram.len() + 16);
+        let mut plain = Vec::new();
+        for record in records(&datagram, 0) {
+            if u16_at(record, 3) != 1 {
+                out.extend_from_slice(record);
+                continue;
+            }
+            let (epoch, seq) = (1, u48_at(record, 5));
+            let opened = crypto.open(
+                keys.aead,
+                &keys.server,
+                Framing::Plain,
+                record[0],
+                epoch,
+                seq,
+                &record[RECORD_HEADER..],
+                &mut plain,
+            );
+            if let Ok(content_type) = opened {
+                let sealed = crypto.seal(
+                    keys.aead,
+                    &keys.server,
+                    Framing::Cid(&theirs),
+                    content_type,
+                    epoch,
+                    seq,
+                    None,
+                    &plain,
+                    &mut out,
+                );
+                if sealed.is_err() {
+                    tracing::debug!("an epoch-1 record could not be framed with the peer's cid");
+                }
+            }
+            zeroize::Zeroize::zeroize(&mut plain);
+        }
+        out
     }
 }
 
@@ -142,12 +309,33 @@ pub(crate) fn min_protected_body(cipher: &str) -> usize {
 }
 
 impl Peer {
+    /// A lean peer restored from a saved state, at `addr`, known to the DSM as `dsm_key`.
+    pub(crate) fn restored(id: u64, lean: Lean, dsm_key: DsmKey) -> Self {
+        Self {
+            id,
+            conn: Conn::Lean(Box::new(lean)),
+            handshake: None,
+            timer: None,
+            queued: 0,
+            dsm_key,
+        }
+    }
+
+    /// The lean association, if the peer went lean.
+    pub(crate) fn lean(&self) -> Option<&Lean> {
+        match &self.conn {
+            Conn::Lean(l) => Some(l),
+            Conn::Ssl(_) => None,
+        }
+    }
+
     /// A server-side peer on `ssl` (already configured: MTU, ex_data), not yet fed, whose
     /// handshake started (its cookie verified) at `started`.
     pub(crate) fn new(
         mut ssl: Ssl,
         id: u64,
         started: Instant,
+        addr: SocketAddr,
     ) -> Result<Self, openssl::error::ErrorStack> {
         ssl.set_accept_state();
         Ok(Self {
@@ -161,10 +349,12 @@ impl Peer {
                 trace: Epoch1Trace::default(),
                 just_established: false,
                 final_flight: None,
+                cid: None,
             })),
             handshake: Some(Box::new(Handshake::new(started))),
             timer: None,
             queued: 0,
+            dsm_key: DsmKey::Addr(addr),
         })
     }
 
@@ -228,13 +418,71 @@ impl Peer {
     }
 
     /// Queues one inbound datagram for OpenSSL (a peer with an `Ssl`; a lean peer's datagrams
-    /// go through [`lean_mut`](Self::lean_mut)).
-    pub(crate) fn push(&mut self, datagram: Vec<u8>) {
+    /// go through [`lean_mut`](Self::lean_mut)), its `tls12_cid` records taken to carry
+    /// connection IDs of `cid_len` bytes.
+    pub(crate) fn push(&mut self, datagram: Vec<u8>, cid_len: usize) {
         if let Conn::Ssl(c) = &mut self.conn {
             if !c.established {
-                c.trace.fed(&datagram);
+                c.trace.fed(&datagram, cid_len);
             }
             c.stream.get_mut().push(datagram);
+        }
+    }
+
+    /// The connection ID the peer's records carry (ours), if its handshake settled one.
+    pub(crate) fn our_cid(&self) -> Option<&[u8]> {
+        match &self.conn {
+            Conn::Ssl(c) => c.cid.as_ref().map(|cid| &*cid.ours),
+            Conn::Lean(l) => l.record().cid_in(),
+        }
+    }
+
+    /// Queues `datagram` for OpenSSL and drives the connection on it. For a handshake that
+    /// settled connection IDs, its `tls12_cid` records (the client's Finished) are opened and
+    /// handed to OpenSSL in the plain format it reads, each after what came before it was
+    /// driven (so that OpenSSL has the master secret the keys come from); one that does not
+    /// open, or comes before the keys exist, is discarded.
+    pub(crate) fn feed(
+        &mut self,
+        now: Instant,
+        datagram: Vec<u8>,
+        cid_len: usize,
+        crypto: &mut Crypto,
+        progress: &mut Vec<Progress>,
+    ) {
+        let has_cid_records = matches!(&self.conn, Conn::Ssl(c) if c.cid.is_some())
+            && records(&datagram, cid_len).any(|r| r[0] == CONTENT_TLS12_CID);
+        if !has_cid_records {
+            self.push(datagram, cid_len);
+            self.drive(now, progress);
+            return;
+        }
+        let mut plain: Vec<u8> = Vec::new();
+        for record in records(&datagram, cid_len) {
+            if record[0] != CONTENT_TLS12_CID {
+                plain.extend_from_slice(record);
+                continue;
+            }
+            if !plain.is_empty() {
+                self.push(std::mem::take(&mut plain), cid_len);
+                self.drive(now, progress);
+            }
+            let Conn::Ssl(c) = &mut self.conn else {
+                return;
+            };
+            let Some(translated) = c.plain_from_cid(record, crypto) else {
+                continue;
+            };
+            if !c.established {
+                // The record as the peer sent it: what the lean record layer opens later.
+                c.trace.fed(record, cid_len);
+            }
+            c.stream.get_mut().push(translated);
+            self.drive(now, progress);
+        }
+        if !plain.is_empty() {
+            self.push(plain, cid_len);
+            self.drive(now, progress);
         }
     }
 
@@ -256,17 +504,27 @@ impl Peer {
         n
     }
 
-    /// Takes the datagrams OpenSSL wrote.
-    pub(crate) fn take_outbound(&mut self) -> Vec<Vec<u8>> {
+    /// Takes the datagrams OpenSSL wrote (its epoch-1 records in the `tls12_cid` format when
+    /// the handshake settled connection IDs and the peer asked for one in our records).
+    pub(crate) fn take_outbound(&mut self, crypto: &mut Crypto) -> Vec<Vec<u8>> {
         let Conn::Ssl(c) = &mut self.conn else {
             return Vec::new();
         };
         let pipe = c.stream.get_mut();
-        let out = pipe.take_outbound();
+        let mut out = pipe.take_outbound();
         pipe.free_empty_queues();
         if !c.established || c.just_established {
+            if c.cid.is_none() {
+                c.cid = CidHandshake::settled(c.stream.ssl());
+            }
             for d in &out {
                 c.trace.sent(d);
+            }
+            if c.cid.as_ref().is_some_and(|cid| !cid.theirs.is_empty()) {
+                out = out
+                    .into_iter()
+                    .map(|d| c.cid_from_plain(d, crypto))
+                    .collect();
             }
         }
         if std::mem::take(&mut c.just_established) && !c.stream.ssl().session_reused() {
@@ -288,7 +546,12 @@ impl Peer {
     /// ([`Lean`]), once what OpenSSL wrote was taken ([`take_outbound`](Self::take_outbound)).
     /// Whether it did: a suite the endpoint does not protect (CBC), or anything OpenSSL
     /// cannot give, keeps the `Ssl`.
-    pub(crate) fn go_lean(&mut self, crypto: &mut Crypto) -> bool {
+    pub(crate) fn go_lean(
+        &mut self,
+        crypto: &mut Crypto,
+        reported: super::continuity::Reported,
+        max_ttl: Duration,
+    ) -> bool {
         let Conn::Ssl(c) = &mut self.conn else {
             return true;
         };
@@ -296,7 +559,16 @@ impl Peer {
             return false;
         }
         let final_flight = c.final_flight.take();
-        match Lean::take_over(c.stream.ssl(), &c.trace, final_flight, crypto) {
+        let cids = c.cid.as_ref().map(|cid| (&*cid.ours, &*cid.theirs));
+        match Lean::take_over(
+            c.stream.ssl(),
+            &c.trace,
+            final_flight,
+            cids,
+            reported,
+            max_ttl,
+            crypto,
+        ) {
             Ok(lean) => {
                 // Dropping the SslConn frees the Ssl (its session kept resumable).
                 self.conn = Conn::Lean(Box::new(lean));
@@ -504,14 +776,20 @@ mod tests {
 
     fn feed(peer: &mut Peer, datagrams: Vec<Vec<u8>>, progress: &mut Vec<Progress>) {
         for d in datagrams {
-            peer.push(d);
+            peer.push(d, 0);
             peer.drive(Instant::now(), progress);
         }
     }
 
     #[test]
     fn an_established_peer_holds_no_record_buffers_and_still_resends_sends_and_closes() {
-        let mut peer = Peer::new(server_ssl(), 1, Instant::now()).unwrap();
+        let mut peer = Peer::new(
+            server_ssl(),
+            1,
+            Instant::now(),
+            "127.0.0.1:1".parse().unwrap(),
+        )
+        .unwrap();
         let mut c = client();
         let mut got = Vec::new();
         let mut progress = Vec::new();
@@ -519,7 +797,7 @@ mod tests {
         let hello = drive_client(&mut c, &mut got);
         feed(&mut peer, hello, &mut progress);
         assert!(!peer.buffers_released(), "kept during the handshake");
-        for d in peer.take_outbound() {
+        for d in peer.take_outbound(&mut Crypto::default()) {
             c.get_mut().push(d);
         }
         let last = drive_client(&mut c, &mut got);
@@ -531,7 +809,7 @@ mod tests {
         );
         assert_eq!(peer.inbound_len(), 0);
         // The server's last flight (ChangeCipherSpec, Finished) is lost.
-        let lost = peer.take_outbound();
+        let lost = peer.take_outbound(&mut Crypto::default());
         assert!(!lost.is_empty());
         assert!(c.do_handshake().is_err(), "the client waits for it");
         // The client's timer (1 s, OpenSSL's real clock) resends its flight; the server, its
@@ -541,7 +819,7 @@ mod tests {
         assert!(!again.is_empty(), "the client resent its flight");
         feed(&mut peer, again, &mut progress);
         assert!(peer.buffers_released());
-        let resent = peer.take_outbound();
+        let resent = peer.take_outbound(&mut Crypto::default());
         assert!(!resent.is_empty(), "the server resent its last flight");
         for d in resent {
             c.get_mut().push(d);
@@ -553,7 +831,7 @@ mod tests {
         // the client, then a close.
         peer.write(b"from the server").unwrap();
         assert!(peer.buffers_released());
-        for d in peer.take_outbound() {
+        for d in peer.take_outbound(&mut Crypto::default()) {
             c.get_mut().push(d);
         }
         drive_client(&mut c, &mut got);
@@ -565,7 +843,7 @@ mod tests {
         assert_eq!(progress, vec![Progress::Data(b"from the client".to_vec())]);
         assert!(peer.buffers_released());
         peer.close(&mut Crypto::default());
-        for d in peer.take_outbound() {
+        for d in peer.take_outbound(&mut Crypto::default()) {
             c.get_mut().push(d);
         }
         drive_client(&mut c, &mut got);

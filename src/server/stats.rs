@@ -271,6 +271,23 @@ endpoint_stats! {
         /// the others); logged, the peer is kept.
         counter integrity_limits_passed:
             "Lean peers whose failed openings reached the AEAD's integrity limit",
+        /// `tls12_cid` datagrams whose connection ID is no peer's
+        /// ([`DropReason::UnknownConnectionId`]).
+        drop(UnknownConnectionId) dropped_unknown_cid:
+            "Datagrams with a connection ID that is no peer's",
+        /// Peers with a connection ID that moved to a new address ([`Event::Migrated`](crate::Event::Migrated)).
+        counter migrations: "Peers with a connection ID that moved to a new address",
+        /// Records from a new address that opened under a peer's connection ID but were not newer
+        /// than every record before (RFC 9146 §6): taken, the peer left where it was.
+        counter migrations_refused_old:
+            "Records from a new address that authenticated but were not the newest",
+        /// Lean peers taken out to be carried across a restart
+        /// ([`Endpoint::suspend_all`](crate::Endpoint::suspend_all)).
+        counter suspended: "Peers taken out to be carried across a restart",
+        /// Saved peers restored ([`Endpoint::restore`](crate::Endpoint::restore)).
+        counter restored: "Saved peers restored",
+        /// Saved peers refused (expired, of another server identity, address taken, no slot).
+        counter restores_refused: "Saved peers refused",
         /// Renegotiations refused (a ClientHello on an established lean association, answered
         /// with a no_renegotiation warning as OpenSSL does).
         counter renegotiations_refused: "Renegotiations refused",
@@ -295,9 +312,10 @@ mod tests {
             dropped_invalid: 64,
             dropped_parked: 128,
             dropped_over_budget: 256,
+            dropped_unknown_cid: 512,
             ..EndpointStats::default()
         };
-        assert_eq!(s.dropped(), 511);
+        assert_eq!(s.dropped(), 1023);
     }
 
     #[test]
@@ -312,6 +330,7 @@ mod tests {
             DropReason::Invalid,
             DropReason::Parked,
             DropReason::OverBudget,
+            DropReason::UnknownConnectionId,
         ];
         let mut seen = HashSet::new();
         for reason in reasons {

@@ -138,7 +138,11 @@ impl TokioServer {
         A: Application + Send + 'static,
         F: FnMut() -> A,
     {
-        let (sockets, local_addr) = bind_workers(options.listen, options.workers)?;
+        let (sockets, local_addr) = bind_workers(
+            options.listen,
+            options.workers,
+            config.connection_id.as_ref(),
+        )?;
         let stop = Arc::new(AtomicBool::new(false));
         let mut handle = TokioHandle {
             stop: Arc::clone(&stop),
@@ -152,7 +156,8 @@ impl TokioServer {
             let socket = UdpSocket::from_std(socket)?;
             let wake = Arc::new(TaskWake::default());
             let waker = Waker::from(Arc::clone(&wake));
-            let mut endpoint = Endpoint::new(Arc::clone(&config))?;
+            // The worker index fits: bind_workers allows at most 256 with connection ids.
+            let mut endpoint = Endpoint::for_worker(Arc::clone(&config), id as u8)?;
             endpoint.set_waker(waker.clone());
             let shared = handle.stats.add();
             handle.wakes.push(Arc::clone(&wake));

@@ -28,7 +28,7 @@ use mio::{Events, Interest, Poll, Token};
 
 use super::app::Application;
 use super::config::ServerConfig;
-use super::driver::{worker_outcome, Core, WorkerStats, FINAL_FLUSH};
+use super::driver::{worker_outcome, Carry, Core, WorkerStats, FINAL_FLUSH};
 use super::endpoint::Endpoint;
 use super::io::{bind_workers, IoMode, IoStats, UdpIo};
 use super::stats::EndpointStats;
@@ -123,6 +123,7 @@ pub struct StopHandle {
     stop: Arc<AtomicBool>,
     wakers: Vec<Waker>,
     stats: WorkerStats,
+    carry: Arc<Carry>,
 }
 
 impl StopHandle {
@@ -132,6 +133,15 @@ impl StopHandle {
         for w in &self.wakers {
             w.wake_by_ref();
         }
+    }
+
+    /// Asks the workers to exit keeping their established lean peers' associations: no
+    /// close_notify; [`UdpServer::suspend`] returns the peers' states, to be saved and restored
+    /// after a restart. Peers that cannot be carried get close_notify as with
+    /// [`shutdown`](Self::shutdown).
+    pub fn suspend(&self) {
+        self.carry.suspend.store(true, Ordering::SeqCst);
+        self.shutdown();
     }
 
     /// Each worker's waker, the one its endpoint has ([`Endpoint::set_waker`]): waking it makes
@@ -162,19 +172,41 @@ impl UdpServer {
     pub fn spawn<A, F>(
         config: Arc<ServerConfig>,
         options: UdpOptions,
+        new_app: F,
+    ) -> Result<Self, Error>
+    where
+        A: Application + Send + 'static,
+        F: FnMut() -> A,
+    {
+        Self::spawn_restoring(config, options, Vec::new(), new_app)
+    }
+
+    /// [`spawn`](Self::spawn), with saved associations (from [`take_peers`](crate::take_peers)
+    /// after a restart) waiting before the first datagram is read: each is restored by the
+    /// worker its client's next datagram reaches (see [`restore`](Self::restore)).
+    pub fn spawn_restoring<A, F>(
+        config: Arc<ServerConfig>,
+        options: UdpOptions,
+        peers: Vec<crate::SuspendedPeer>,
         mut new_app: F,
     ) -> Result<Self, Error>
     where
         A: Application + Send + 'static,
         F: FnMut() -> A,
     {
-        let (sockets, local_addr) = bind_workers(options.listen, options.workers)?;
+        let (sockets, local_addr) = bind_workers(
+            options.listen,
+            options.workers,
+            config.connection_id.as_ref(),
+        )?;
         let stop = Arc::new(AtomicBool::new(false));
+        let carry = Arc::new(Carry::default());
+        carry.restorable.add(peers);
         let mut workers = Vec::new();
         let mut stats = WorkerStats::default();
         let mut wakers = Vec::new();
         let mut prepared = Vec::new();
-        for socket in sockets {
+        for (index, socket) in sockets.into_iter().enumerate() {
             let mut socket = mio::net::UdpSocket::from_std(socket);
             let poll = Poll::new()?;
             // Writability is asked for only while a send waits (see `Worker::run`): every datagram
@@ -186,8 +218,10 @@ impl UdpServer {
                 woken: AtomicBool::new(false),
             });
             let waker = Waker::from(Arc::clone(&wake));
-            let mut endpoint = Endpoint::new(Arc::clone(&config))?;
+            // The worker index fits: bind_workers allows at most 256 with connection ids.
+            let mut endpoint = Endpoint::for_worker(Arc::clone(&config), index as u8)?;
             endpoint.set_waker(waker.clone());
+            endpoint.set_restorable(Arc::clone(&carry.restorable));
             wakers.push(waker);
             let io = UdpIo::new(&socket, options.io, config.mtu as usize)?;
             prepared.push((socket, poll, wake, endpoint, io));
@@ -201,6 +235,7 @@ impl UdpServer {
                 wake,
                 core,
                 stop: Arc::clone(&stop),
+                carry: Arc::clone(&carry),
             };
             let handle = std::thread::Builder::new()
                 .name(format!("dtls-worker-{id}"))
@@ -215,6 +250,7 @@ impl UdpServer {
                             stop,
                             wakers,
                             stats,
+                            carry,
                         },
                         workers,
                     };
@@ -228,9 +264,41 @@ impl UdpServer {
                 stop,
                 wakers,
                 stats,
+                carry,
             },
             workers,
         })
+    }
+
+    /// Hands the server saved associations (from [`take_peers`](crate::take_peers) after a
+    /// restart): each is restored by the worker its client's next datagram reaches (by its
+    /// address, or by its connection ID from any address), which reports
+    /// [`Event::Connected`](crate::Event::Connected) for it with
+    /// [`ConnectionInfo::restored`](crate::ConnectionInfo::restored); see
+    /// [`Endpoint::restore`] for what is refused.
+    pub fn restore(&self, peers: Vec<crate::SuspendedPeer>) {
+        self.handle.carry.restorable.add(peers);
+    }
+
+    /// Saved associations handed to [`restore`](Self::restore) that no datagram claimed yet.
+    pub fn restorable(&self) -> usize {
+        self.handle.carry.restorable.len()
+    }
+
+    /// Graceful restart: the workers exit keeping their established lean peers'
+    /// associations (no close_notify; peers that cannot be carried get one), and their states
+    /// come back, to be saved ([`save_peers`](crate::save_peers)) and handed to the next
+    /// server ([`restore`](Self::restore)).
+    pub fn suspend(self) -> Result<Vec<crate::SuspendedPeer>, Error> {
+        self.handle.suspend();
+        self.wait_peers()
+    }
+
+    /// Waits like [`wait`](Self::wait), and returns the peers the workers suspended (none unless
+    /// the server was stopped by [`StopHandle::suspend`]).
+    pub fn wait_peers(mut self) -> Result<Vec<crate::SuspendedPeer>, Error> {
+        self.join()?;
+        Ok(std::mem::take(&mut *self.handle.carry.suspended.lock()))
     }
 
     /// The bound address.
@@ -303,6 +371,7 @@ struct Worker<A> {
     wake: Arc<WorkerWake>,
     core: Core<A>,
     stop: Arc<AtomicBool>,
+    carry: Arc<Carry>,
 }
 
 impl<A: Application> Worker<A> {
@@ -356,7 +425,7 @@ impl<A: Application> Worker<A> {
                 }
             }
         }
-        self.core.close_all();
+        self.core.finish(&self.carry);
         self.final_flush(&mut events);
         self.core.publish_all();
         tracing::debug!(worker = self.core.id, "worker stopped");
@@ -382,5 +451,124 @@ impl<A: Application> Worker<A> {
             }
             let _ = self.poll.poll(events, Some(left));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::UdpSocket;
+    use std::time::{Duration, Instant};
+
+    use super::*;
+    use crate::server::testing::CidClient;
+    use crate::{AppContext, DsmConfig, Event, SessionCache};
+
+    /// A client with a connection ID over real UDP: each `hop` sends from a new socket (a new
+    /// source port), as a device behind a NAT that rebinds.
+    struct Hopping {
+        client: CidClient,
+        socket: UdpSocket,
+        server: SocketAddr,
+    }
+
+    impl Hopping {
+        fn socket(server: SocketAddr) -> UdpSocket {
+            let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+            s.connect(server).unwrap();
+            s.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
+            s
+        }
+
+        fn send(&mut self, datagrams: Vec<Vec<u8>>) {
+            for d in datagrams {
+                self.socket.send(&d).unwrap();
+            }
+        }
+
+        /// Moves datagrams until the handshake finished (bounded: 5 s).
+        fn handshake(&mut self) {
+            let end = Instant::now() + Duration::from_secs(5);
+            let mut buf = [0u8; 2048];
+            while !self.client.client.established {
+                assert!(Instant::now() < end, "no handshake within 5 s");
+                let out = self.client.drive();
+                self.send(out);
+                if let Ok(n) = self.socket.recv(&mut buf) {
+                    self.client.inbound(buf[..n].to_vec());
+                }
+            }
+            let out = self.client.drive();
+            self.send(out);
+        }
+
+        /// Sends `line` from a new source port and waits (bounded: 5 s) for its echo there.
+        fn hop_and_echo(&mut self, line: &[u8]) -> bool {
+            self.socket = Self::socket(self.server);
+            let out = self.client.send(line);
+            self.send(out);
+            let end = Instant::now() + Duration::from_secs(5);
+            let mut buf = [0u8; 2048];
+            while Instant::now() < end {
+                if let Ok(n) = self.socket.recv(&mut buf) {
+                    self.client.inbound(buf[..n].to_vec());
+                    self.client.drive();
+                    if self.client.client.received.last().map(Vec::as_slice) == Some(line) {
+                        return true;
+                    }
+                }
+            }
+            false
+        }
+    }
+
+    #[test]
+    fn four_workers_steer_every_cid_datagram_to_the_worker_that_holds_the_peer() {
+        let config = ServerConfig::builder(SessionCache::builder().build().unwrap())
+            .dsm(DsmConfig::new(64))
+            .build()
+            .unwrap();
+        let mut options = UdpOptions::new("127.0.0.1:0".parse().unwrap());
+        options.workers = 4;
+        options.stats_interval = None;
+        let server = UdpServer::spawn(config, options, || {
+            |ctx: &mut AppContext<'_>, event: Event| {
+                if let Event::Data { peer, data } = event {
+                    let _ = ctx.send(peer, &data);
+                }
+            }
+        })
+        .unwrap();
+        let addr = server.local_addr();
+        let mut clients = Vec::new();
+        for i in 0..4u8 {
+            let mut c = Hopping {
+                client: CidClient::new(40_000 + u16::from(i), &[i; 4], None),
+                socket: Hopping::socket(addr),
+                server: addr,
+            };
+            c.handshake();
+            clients.push(c);
+        }
+        // Each client moves eight times; a datagram the kernel's hash sent to another worker
+        // would be dropped there (an unknown connection id) and its echo would not come.
+        for hop in 0..8 {
+            for (i, c) in clients.iter_mut().enumerate() {
+                let line = format!("client {i} hop {hop}");
+                assert!(
+                    c.hop_and_echo(line.as_bytes()),
+                    "{line}: no echo at the new port"
+                );
+            }
+        }
+        // The workers publish their counters now and then: wait (bounded) for the last ones.
+        let end = Instant::now() + Duration::from_secs(5);
+        while server.stats().migrations < 4 * 8 && Instant::now() < end {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let stats = server.stats();
+        assert_eq!(stats.migrations, 4 * 8, "{stats:?}");
+        assert_eq!(stats.dropped_unknown_cid, 0);
+        assert_eq!(stats.handshakes, 4);
+        server.shutdown().unwrap();
     }
 }

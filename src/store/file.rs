@@ -167,6 +167,17 @@ pub(crate) fn write_atomically_with(
     sync_dir(dir)
 }
 
+/// Deletes the file at `path` and makes the deletion durable (the directory synced), so that it
+/// cannot come back after a crash.
+pub(crate) fn remove_durably(path: &Path) -> io::Result<()> {
+    fs::remove_file(path)?;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    sync_dir(dir)
+}
+
 /// Makes a rename in `dir` durable. A file system that cannot sync directories says so with
 /// `EINVAL`; the rename stands then, as durable as that file system makes it.
 fn sync_dir(dir: &Path) -> io::Result<()> {

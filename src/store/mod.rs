@@ -16,7 +16,7 @@ use crate::error::{Error, StoreError};
 use crate::stats::EvictionStats;
 
 pub mod envelope;
-mod file;
+pub(crate) mod file;
 mod from_url;
 mod lookup;
 pub(crate) mod memory;

@@ -6,10 +6,12 @@ use std::time::Instant;
 
 use super::Endpoint;
 use crate::server::event::{CloseReason, DropReason, Event};
+use crate::server::peer::DsmKey;
 use crate::server::record::protect::{
     Rejected, SealError, CONTENT_ALERT, CONTENT_APPLICATION_DATA, CONTENT_HANDSHAKE,
 };
 use crate::server::record::records;
+use crate::PeerState;
 use crate::{Authenticated, SendError};
 
 /// Handshake message types a lean peer looks at.
@@ -40,26 +42,51 @@ enum Opened {
 impl Endpoint {
     /// Takes the association of the peer at `addr`, whose handshake just finished, over from
     /// OpenSSL if its suite is one the endpoint protects.
-    pub(super) fn go_lean(&mut self, addr: SocketAddr) {
+    pub(super) fn go_lean(
+        &mut self,
+        now: Instant,
+        addr: SocketAddr,
+        reported: crate::server::continuity::Reported,
+    ) {
+        let max_ttl = self.config.session_cache().max_ttl();
         let Some(peer) = self.peers.get_mut(&addr) else {
             return;
         };
-        if peer.go_lean(&mut self.crypto) {
-            self.stats.lean += 1;
-            peer.timer = None;
-        } else {
+        if !peer.go_lean(&mut self.crypto, reported, max_ttl) {
             self.schedule(addr);
+            return;
+        }
+        self.stats.lean += 1;
+        peer.timer = None;
+        if let Some(cid) = peer.our_cid() {
+            // Found by its connection ID from now on, whatever its address; the DSM knows it by
+            // that ID too (counted against the source its handshake came from).
+            let cid: Box<[u8]> = cid.into();
+            let key = DsmKey::Cid(cid.clone(), crate::dsm::PeerKey::source(&addr));
+            let old = std::mem::replace(&mut peer.dsm_key, key.clone());
+            self.dsm.remove(&old);
+            self.dsm.store(&key, PeerState::Established, (), false, now);
+            self.cids.insert(cid, addr);
         }
     }
 
-    /// A datagram from a lean peer: each record is opened by the record layer; only a record
-    /// that opened may touch, refresh or close the peer. A datagram of which nothing opened is
-    /// dropped ([`DropReason::Invalid`]) and changes nothing.
-    pub(super) fn handle_lean(&mut self, now: Instant, from: SocketAddr, datagram: &[u8]) {
+    /// A datagram from `from` for the lean peer at `addr` (the same address, or, for a peer
+    /// with a connection ID, any): each record is opened by the record layer; only a record
+    /// that opened may touch, refresh, move or close the peer, and only one newer than every
+    /// record before moves it to `from`. A datagram of which nothing opened is dropped
+    /// ([`DropReason::Invalid`]) and changes nothing.
+    pub(super) fn handle_lean(
+        &mut self,
+        now: Instant,
+        mut addr: SocketAddr,
+        from: SocketAddr,
+        datagram: &[u8],
+    ) {
+        let cid_len = self.config.cid_len();
         let mut opened_any = false;
         let mut end = None;
-        for record in records(datagram) {
-            let Some(lean) = self.peers.get_mut(&from).and_then(|p| p.lean_mut()) else {
+        for record in records(datagram, cid_len) {
+            let Some(lean) = self.peers.get_mut(&addr).and_then(|p| p.lean_mut()) else {
                 return;
             };
             let opened = match lean.open(&mut self.crypto, record, &mut self.plain) {
@@ -72,7 +99,7 @@ impl Endpoint {
                         // would hand whoever spoofs its address a way to end it.
                         self.stats.integrity_limits_passed += 1;
                         tracing::warn!(
-                            peer = %from,
+                            peer = %addr,
                             aead = ?lean.record().aead(),
                             "failed openings under one key reached the aead's integrity limit"
                         );
@@ -85,10 +112,25 @@ impl Endpoint {
                 }
                 Err(Rejected::Malformed | Rejected::OtherEpoch | Rejected::Overflow) => continue,
             };
+            if from != addr {
+                if opened.newest && !self.peers.contains_key(&from) {
+                    addr = self.migrate(addr, from);
+                } else {
+                    // An older record, or one from an address another peer holds: taken, the
+                    // peer stays where it is.
+                    self.stats.migrations_refused_old += 1;
+                }
+            }
+            let Some(peer) = self.peers.get_mut(&addr) else {
+                return;
+            };
             if !opened_any {
                 opened_any = true;
-                self.dsm.touch(&from, Authenticated::opened(), now);
+                self.dsm.touch(&peer.dsm_key, Authenticated::opened(), now);
             }
+            let Some(lean) = peer.lean_mut() else {
+                return;
+            };
             let plain = &self.plain;
             let what = match opened.content_type {
                 CONTENT_APPLICATION_DATA => Opened::Data,
@@ -137,11 +179,11 @@ impl Endpoint {
                 let data = self.plain.clone();
                 self.stats.records_received += 1;
                 self.stats.bytes_received += data.len() as u64;
-                self.event(Event::Data { peer: from, data });
+                self.event(Event::Data { peer: addr, data });
             }
-            let id = self.peers.get(&from).map_or(0, |p| p.id);
+            let id = self.peers.get(&addr).map_or(0, |p| p.id);
             for d in send {
-                self.transmit(from, d, id);
+                self.transmit(addr, d, id);
             }
             if end.is_some() {
                 break;
@@ -150,11 +192,32 @@ impl Endpoint {
         zeroize::Zeroize::zeroize(&mut self.plain);
         match end {
             // close_notify answered with ours, which keeps the session resumable.
-            Some(CloseReason::CloseNotify) => self.close_peer(from, CloseReason::CloseNotify, true),
-            Some(reason) => self.close_peer(from, reason, false),
+            Some(CloseReason::CloseNotify) => self.close_peer(addr, CloseReason::CloseNotify, true),
+            Some(reason) => self.close_peer(addr, reason, false),
             None if !opened_any => self.drop_datagram(from, DropReason::Invalid),
             None => {}
         }
+    }
+
+    /// Moves the peer with a connection ID at `addr` to `to` (a record from there opened and
+    /// was its newest); returns the address it is at now.
+    fn migrate(&mut self, addr: SocketAddr, to: SocketAddr) -> SocketAddr {
+        let Some(peer) = self.peers.remove(&addr) else {
+            return addr;
+        };
+        if let Some(cid) = peer.our_cid() {
+            if let Some(entry) = self.cids.get_mut(cid) {
+                *entry = to;
+            }
+        }
+        self.peers.insert(to, peer);
+        self.stats.migrations += 1;
+        tracing::debug!(from = %addr, %to, "peer moved to a new address");
+        self.event(Event::Migrated {
+            peer: to,
+            previous: addr,
+        });
+        to
     }
 
     /// [`Endpoint::send`] for a lean peer (the checks done): seals one record.

@@ -11,7 +11,7 @@ use openssl::ssl::Ssl;
 
 use super::config::{PeerInfo, ServerConfig, MAX_RECORD_PLAINTEXT};
 use super::event::{CloseReason, ConnectionInfo, DropReason, Event, Transmit};
-use super::peer::{Peer, Progress};
+use super::peer::{DsmKey, Peer, Progress};
 use super::record::protect::Crypto;
 use super::record::{screen, ClientHello, NotHello, Screened};
 use super::stats::EndpointStats;
@@ -19,6 +19,7 @@ use super::timers::{Timer, TimerHeap};
 use crate::{ffi, Authenticated, Dsm, DsmStats, Error, FreeReason, PeerState, SendError};
 use park::ParkedLookups;
 
+pub(crate) mod continuity;
 mod lean;
 pub(super) mod park;
 #[cfg(test)]
@@ -80,8 +81,12 @@ struct Queued {
 /// ```
 pub struct Endpoint {
     config: Arc<ServerConfig>,
-    dsm: Dsm<SocketAddr>,
+    dsm: Dsm<DsmKey>,
     peers: HashMap<SocketAddr, Peer>,
+    /// The address of each established peer with a connection ID, by that ID (ours).
+    cids: HashMap<Box<[u8]>, SocketAddr>,
+    /// This endpoint's worker index (the first byte of its connection IDs).
+    worker: u8,
     next_peer_id: u64,
     /// DTLS retransmission deadlines, at most one live entry per peer (its `timer`); entries
     /// whose peer moved on are skipped lazily.
@@ -102,6 +107,8 @@ pub struct Endpoint {
     crypto: Crypto,
     /// The plaintext of the lean record being opened.
     plain: Vec<u8>,
+    /// Saved peers waiting to be claimed (shared by a server's workers).
+    restorable: Option<Arc<continuity::Restorable>>,
 }
 
 impl std::fmt::Debug for Endpoint {
@@ -114,13 +121,22 @@ impl std::fmt::Debug for Endpoint {
 }
 
 impl Endpoint {
-    /// An endpoint with its own DSM built from `config`'s limits.
+    /// An endpoint with its own DSM built from `config`'s limits (worker 0).
     pub fn new(config: Arc<ServerConfig>) -> Result<Self, Error> {
+        Self::for_worker(config, 0)
+    }
+
+    /// An endpoint for worker `worker` of a driver with several (`SO_REUSEPORT` sockets): the
+    /// index goes into the first byte of its connection IDs, by which the sockets' steering
+    /// program sends a peer's `tls12_cid` datagrams to this worker whatever their source.
+    pub fn for_worker(config: Arc<ServerConfig>, worker: u8) -> Result<Self, Error> {
         let dsm = Dsm::new(config.dsm.clone())?;
         Ok(Self {
             config,
             dsm,
             peers: HashMap::new(),
+            cids: HashMap::new(),
+            worker,
             next_peer_id: 1,
             timers: TimerHeap::new(),
             transmits: VecDeque::new(),
@@ -133,6 +149,7 @@ impl Endpoint {
             last_now: None,
             crypto: Crypto::default(),
             plain: Vec::new(),
+            restorable: None,
         })
     }
 
@@ -163,43 +180,72 @@ impl Endpoint {
             self.drop_datagram(from, DropReason::Oversize);
             return;
         }
-        if let Some(peer) = self.peers.get_mut(&from) {
+        // A record with one of our connection IDs finds its peer by it, from any address.
+        let cid = self
+            .config
+            .connection_id
+            .as_ref()
+            .and_then(|layout| layout.cid_of(datagram));
+        if let Some(cid) = cid {
+            let known = self.cids.get(cid).copied();
+            let handshaking = self
+                .peers
+                .get(&from)
+                .is_some_and(|p| !p.is_lean() && p.our_cid() == Some(cid));
+            let known = match known {
+                None if !handshaking => self.claim(now, from, Some(cid), datagram),
+                k => k,
+            };
+            return match known {
+                Some(addr) => self.handle_lean(now, addr, from, datagram),
+                // The client's Finished of a handshake that settled a connection ID.
+                None if handshaking => self.handle_peer(now, from, datagram),
+                None => self.drop_datagram(from, DropReason::UnknownConnectionId),
+            };
+        }
+        if let Some(peer) = self.peers.get(&from) {
             let restart = peer.is_established() && Self::is_client_hello(datagram);
-            if !restart && peer.is_lean() {
-                return self.handle_lean(now, from, datagram);
-            }
             if !restart {
-                let mut payload = match screen(datagram, peer.min_protected_body()) {
-                    Screened::Whole(d) => d.to_vec(),
-                    Screened::Kept(d) => d,
-                    Screened::Nothing => return self.drop_datagram(from, DropReason::Invalid),
-                };
-                if let Some(handshake) = peer.handshake.as_mut() {
-                    payload = match handshake.budget.admit(&payload) {
-                        Screened::Whole(_) => payload,
-                        Screened::Kept(d) => d,
-                        Screened::Nothing => {
-                            return self.drop_datagram(from, DropReason::OverBudget)
-                        }
-                    };
+                if peer.is_lean() {
+                    return self.handle_lean(now, from, from, datagram);
                 }
-                if peer.parked().is_some() {
-                    // Its handshake waits for a lookup: keep the datagram for when it goes on.
-                    if peer.inbound_len() >= self.config.parked_datagrams {
-                        return self.drop_datagram(from, DropReason::Parked);
-                    }
-                    peer.push(payload);
-                    return;
-                }
-                peer.push(payload);
-                peer.drive(now, &mut self.scratch);
-                self.after_drive(now, from);
-                return;
+                return self.handle_peer(now, from, datagram);
             }
             // A new epoch-0 ClientHello on an established association: answer it like one from
             // an unknown peer; the old association goes only once the new cookie verifies.
         }
         self.handle_unknown(now, from, datagram);
+    }
+
+    /// A datagram for the peer at `from` that keeps its `Ssl` (in its handshake, or of a suite
+    /// the endpoint does not protect itself).
+    fn handle_peer(&mut self, now: Instant, from: SocketAddr, datagram: &[u8]) {
+        let cid_len = self.config.cid_len();
+        let Some(peer) = self.peers.get_mut(&from) else {
+            return;
+        };
+        let mut payload = match screen(datagram, peer.min_protected_body(), cid_len) {
+            Screened::Whole(d) => d.to_vec(),
+            Screened::Kept(d) => d,
+            Screened::Nothing => return self.drop_datagram(from, DropReason::Invalid),
+        };
+        if let Some(handshake) = peer.handshake.as_mut() {
+            payload = match handshake.budget.admit(&payload, cid_len) {
+                Screened::Whole(_) => payload,
+                Screened::Kept(d) => d,
+                Screened::Nothing => return self.drop_datagram(from, DropReason::OverBudget),
+            };
+        }
+        if peer.parked().is_some() {
+            // Its handshake waits for a lookup: keep the datagram for when it goes on.
+            if peer.inbound_len() >= self.config.parked_datagrams {
+                return self.drop_datagram(from, DropReason::Parked);
+            }
+            peer.push(payload, cid_len);
+            return;
+        }
+        peer.feed(now, payload, cid_len, &mut self.crypto, &mut self.scratch);
+        self.after_drive(now, from);
     }
 
     fn is_client_hello(datagram: &[u8]) -> bool {
@@ -211,7 +257,11 @@ impl Endpoint {
             Ok(h) => h,
             Err(NotHello::Garbage) => return self.drop_datagram(from, DropReason::Garbage),
             Err(NotHello::NotClientHello) => {
-                return self.drop_datagram(from, DropReason::NotClientHello)
+                // A record of a saved peer waiting to be restored (after a restart)?
+                if let Some(addr) = self.claim(now, from, None, datagram) {
+                    return self.handle_lean(now, addr, from, datagram);
+                }
+                return self.drop_datagram(from, DropReason::NotClientHello);
             }
             Err(NotHello::Fragmented) => return self.drop_datagram(from, DropReason::Fragmented),
         };
@@ -245,19 +295,19 @@ impl Endpoint {
             Ok(p) => p,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot create an ssl for a peer");
-                self.dsm.remove(&from);
+                self.dsm.remove(&DsmKey::Addr(from));
                 self.stats.failed += 1;
                 return;
             }
         };
-        peer.push(datagram.to_vec());
+        peer.push(datagram.to_vec(), 0);
         // DTLSv1_listen takes the hello as the answer to a HelloVerifyRequest (sequence numbers
         // set, cookie checked against the one verified above) without OpenSSL processing a
         // first hello only for its answer to be thrown away.
         if after_hvr && !peer.ssl().is_some_and(ffi::dtls_listen) {
             peer.discard_outbound();
             drop(peer);
-            self.dsm.remove(&from);
+            self.dsm.remove(&DsmKey::Addr(from));
             return self.drop_datagram(from, DropReason::BadSequence);
         }
         peer.drive(now, &mut self.scratch);
@@ -270,8 +320,13 @@ impl Endpoint {
 
     /// Asks the DSM for a handshake slot for `from`.
     fn admit(&mut self, now: Instant, from: SocketAddr) -> bool {
-        let outcome = self.dsm.store(&from, PeerState::Handshake, (), false, now);
+        let outcome = self
+            .dsm
+            .store(&DsmKey::Addr(from), PeerState::Handshake, (), false, now);
         if let Some((evicted, ())) = outcome.evicted {
+            let Some(evicted) = self.address_of(&evicted) else {
+                return outcome.previous != PeerState::NoSpace;
+            };
             // The DSM reclaims an expired handshake or (with `evict_idle_after`) evicts the least
             // recently used idle peer; the latter is shut down so its session stays resumable.
             let handshaking = self
@@ -300,12 +355,19 @@ impl Endpoint {
             PeerInfo {
                 addr: from,
                 verified_cookie: verified_cookie.to_vec(),
+                cid: super::cid::CidNegotiation {
+                    ours: match &self.config.connection_id {
+                        Some(layout) => Some(layout.generate(self.worker)?),
+                        None => None,
+                    },
+                    ..Default::default()
+                },
             },
         );
         ssl.set_mtu(self.config.mtu)?;
         let id = self.next_peer_id;
         self.next_peer_id += 1;
-        Ok(Peer::new(ssl, id, now)?)
+        Ok(Peer::new(ssl, id, now, from)?)
     }
 
     /// Handles what driving the peer at `addr` produced: events, DSM updates, transmits, timer.
@@ -314,12 +376,14 @@ impl Endpoint {
         let mut end = None;
         let mut touched = false;
         let mut suspended = false;
-        let mut established = false;
+        let mut reported = None;
         for p in progress.drain(..) {
             match p {
                 Progress::Established => {
-                    self.dsm
-                        .store(&addr, PeerState::Established, (), false, now);
+                    if let Some(peer) = self.peers.get(&addr) {
+                        self.dsm
+                            .store(&peer.dsm_key, PeerState::Established, (), false, now);
+                    }
                     self.stats.handshakes += 1;
                     self.stats.handshaking = self.stats.handshaking.saturating_sub(1);
                     let Some(peer) = self.peers.get_mut(&addr) else {
@@ -337,7 +401,16 @@ impl Endpoint {
                     };
                     let info =
                         ConnectionInfo::from_ssl(ssl, now.saturating_duration_since(started));
-                    established = true;
+                    reported = Some(super::continuity::Reported {
+                        resumed: info.resumed,
+                        cipher: info.cipher.to_owned(),
+                        psk_identity: info.psk_identity.clone(),
+                        peer_certificate: info
+                            .peer_certificate
+                            .as_ref()
+                            .filter(|_| self.config.keep_peer_certificates)
+                            .and_then(|c| c.to_der().ok()),
+                    });
                     self.stats.resumed += u64::from(info.resumed);
                     tracing::debug!(%addr, resumed = info.resumed, cipher = info.cipher, "dtls handshake done");
                     self.event(Event::Connected { peer: addr, info });
@@ -345,13 +418,10 @@ impl Endpoint {
                 Progress::Data(data) => {
                     if !touched {
                         touched = true;
-                        if let Some(proof) = self
-                            .peers
-                            .get(&addr)
-                            .and_then(Peer::ssl)
-                            .and_then(Authenticated::from_ssl)
-                        {
-                            self.dsm.touch(&addr, proof, now);
+                        if let Some(peer) = self.peers.get(&addr) {
+                            if let Some(proof) = peer.ssl().and_then(Authenticated::from_ssl) {
+                                self.dsm.touch(&peer.dsm_key, proof, now);
+                            }
                         }
                     }
                     self.stats.records_received += 1;
@@ -367,8 +437,8 @@ impl Endpoint {
         self.flush_peer(addr);
         if let Some(reason) = end {
             self.close_peer(addr, reason, false);
-        } else if established && self.config.lean_peers {
-            self.go_lean(addr);
+        } else if let Some(reported) = reported.filter(|_| self.config.lean_peers) {
+            self.go_lean(now, addr, reported);
         } else if suspended {
             self.park(now, addr);
         } else {
@@ -408,7 +478,7 @@ impl Endpoint {
 
     fn flush_peer(&mut self, addr: SocketAddr) {
         if let Some(peer) = self.peers.get_mut(&addr) {
-            let out = peer.take_outbound();
+            let out = peer.take_outbound(&mut self.crypto);
             peer.queued += out.len();
             let id = peer.id;
             for payload in out {
@@ -486,22 +556,37 @@ impl Endpoint {
         }
         if shutdown {
             let sealed = peer.close(&mut self.crypto);
-            for payload in peer.take_outbound().into_iter().chain(sealed) {
+            for payload in peer
+                .take_outbound(&mut self.crypto)
+                .into_iter()
+                .chain(sealed)
+            {
                 self.transmit(addr, payload, 0);
             }
         }
-        self.dsm.remove(&addr);
+        self.forget_peer(addr, &peer);
         match reason {
             CloseReason::CloseNotify => self.stats.closed += 1,
             CloseReason::Local => self.stats.closed_locally += 1,
             CloseReason::Failed => self.stats.failed += 1,
             CloseReason::HandshakeTimeout => self.stats.handshake_timeouts += 1,
             CloseReason::Idle | CloseReason::Evicted => self.stats.idle_closed += 1,
-            CloseReason::Replaced | CloseReason::Shutdown => {}
+            CloseReason::Replaced | CloseReason::Shutdown | CloseReason::Suspended => {}
         }
         self.stats.peers = self.peers.len() as u64;
         tracing::debug!(%addr, ?reason, "peer closed");
         self.event(Event::Closed { peer: addr, reason });
+    }
+
+    /// Removes what the endpoint knows of `peer` (at `addr`) besides its entry: its connection ID
+    /// and its DSM slot.
+    fn forget_peer(&mut self, addr: SocketAddr, peer: &Peer) {
+        if let Some(cid) = peer.our_cid() {
+            if self.cids.get(cid) == Some(&addr) {
+                self.cids.remove(cid);
+            }
+        }
+        self.dsm.remove(&peer.dsm_key);
     }
 
     fn transmit(&mut self, to: SocketAddr, payload: Vec<u8>, peer_id: u64) {
@@ -543,7 +628,10 @@ impl Endpoint {
         self.last_now = Some(now);
         self.rotate_cookies(now);
         self.resume_parked(now);
-        for (addr, (), reason) in self.dsm.sweep(now) {
+        for (key, (), reason) in self.dsm.sweep(now) {
+            let Some(addr) = self.address_of(&key) else {
+                continue;
+            };
             let reason = match reason {
                 FreeReason::HandshakeTimeout => CloseReason::HandshakeTimeout,
                 FreeReason::Idle => CloseReason::Idle,
@@ -642,7 +730,18 @@ impl Endpoint {
 
     /// The DSM state of `peer`.
     pub fn peer_state(&self, peer: SocketAddr) -> PeerState {
-        self.dsm.state(&peer)
+        match self.peers.get(&peer) {
+            Some(p) => self.dsm.state(&p.dsm_key),
+            None => self.dsm.state(&DsmKey::Addr(peer)),
+        }
+    }
+
+    /// The address of the peer the DSM knows by `key`.
+    fn address_of(&self, key: &DsmKey) -> Option<SocketAddr> {
+        match key {
+            DsmKey::Addr(addr) => Some(*addr),
+            DsmKey::Cid(cid, _) => self.cids.get(cid).copied(),
+        }
     }
 
     /// Whether `peer` finished its handshake and is not closed (so [`send`](Self::send) takes

@@ -11,7 +11,8 @@ use openssl::ssl::{
 
 use super::keys::{Aead, RecordKeys};
 use super::protect::{
-    Crypto, RecordState, Rejected, SealError, CONTENT_ALERT, CONTENT_APPLICATION_DATA, MAX_SEQ,
+    Crypto, Framing, RecordState, Rejected, SealError, CONTENT_ALERT, CONTENT_APPLICATION_DATA,
+    MAX_SEQ,
 };
 use super::replay::ReplayWindow;
 use super::{records, u16_at, u48_at};
@@ -58,7 +59,7 @@ struct Pair {
 fn epoch1_seqs(datagrams: &[Vec<u8>]) -> Vec<u64> {
     datagrams
         .iter()
-        .flat_map(|d| records(d))
+        .flat_map(|d| records(d, 0))
         .filter(|r| u16_at(r, 3) == 1)
         .map(|r| u48_at(r, 5))
         .collect()
@@ -167,7 +168,7 @@ fn openssl_reads(server: &mut SslStream<DatagramPipe>, datagram: &[u8]) -> Vec<V
 fn ours_reads(pair: &mut Pair, datagram: &[u8]) -> Vec<Vec<u8>> {
     let mut got = Vec::new();
     let mut out = Vec::new();
-    for record in records(datagram) {
+    for record in records(datagram, 0) {
         let before = pair.state.window();
         match pair.state.open(&mut pair.crypto, record, &mut out) {
             Ok(o) if o.content_type == CONTENT_APPLICATION_DATA => {
@@ -271,6 +272,7 @@ fn our_sealed_records_are_openssls_byte_for_byte_and_its_client_reads_them() {
                 .seal(
                     aead,
                     pair.state.keys().server_key(),
+                    Framing::Plain,
                     CONTENT_APPLICATION_DATA,
                     1,
                     seq,
@@ -331,6 +333,7 @@ fn our_sealed_records_are_openssls_byte_for_byte_and_its_client_reads_them() {
             .seal(
                 aead,
                 pair.state.keys().server_key(),
+                Framing::Plain,
                 CONTENT_ALERT,
                 1,
                 u48_at(&theirs[0], 5),

@@ -200,19 +200,38 @@ impl<'a> ClientHello<'a> {
     }
 }
 
+/// The length of the record at the start of `rest`, header included, if it is whole: a
+/// `tls12_cid` record (RFC 9146) carries a connection ID of `cid_len` bytes between its sequence
+/// number and its length.
+pub(crate) fn record_len(rest: &[u8], cid_len: usize) -> Option<usize> {
+    let header = header_len(rest.first().copied()?, cid_len);
+    if rest.len() < header {
+        return None;
+    }
+    let end = header + u16_at(rest, header - 2);
+    (end <= rest.len()).then_some(end)
+}
+
+/// The header length of a record of type `content_type`: 13 bytes, plus the connection ID of a
+/// `tls12_cid` record.
+pub(crate) fn header_len(content_type: u8, cid_len: usize) -> usize {
+    if content_type == protect::CONTENT_TLS12_CID {
+        RECORD_HEADER + cid_len
+    } else {
+        RECORD_HEADER
+    }
+}
+
 /// The whole records of `datagram`, in order; a truncated record and anything after it are
 /// left out (OpenSSL reads a datagram the same way: by each record's length field).
-pub(crate) fn records(datagram: &[u8]) -> impl Iterator<Item = &[u8]> {
+/// `tls12_cid` records are taken to carry connection IDs of `cid_len` bytes.
+pub(crate) fn records(datagram: &[u8], cid_len: usize) -> impl Iterator<Item = &[u8]> {
     let mut rest = datagram;
     std::iter::from_fn(move || {
-        if rest.len() < RECORD_HEADER {
-            return None;
-        }
-        let end = RECORD_HEADER + u16_at(rest, 11);
-        if end > rest.len() {
+        let Some(end) = record_len(rest, cid_len) else {
             rest = &[];
             return None;
-        }
+        };
         let (record, tail) = rest.split_at(end);
         rest = tail;
         Some(record)
@@ -236,24 +255,28 @@ pub(crate) enum Screened<'a> {
 /// one, and records of a protected epoch (1 and later) too short to hold the cipher's explicit
 /// nonce and tag (`min_protected_body`, 0 when unknown: OpenSSL 3.0 fails the connection on those
 /// instead of dropping them).
-pub(crate) fn screen(datagram: &[u8], min_protected_body: usize) -> Screened<'_> {
-    keep_records(datagram, |record| {
-        u16_at(record, 3) == 0 || record.len() - RECORD_HEADER >= min_protected_body
+pub(crate) fn screen(datagram: &[u8], min_protected_body: usize, cid_len: usize) -> Screened<'_> {
+    keep_records(datagram, cid_len, |record| {
+        u16_at(record, 3) == 0
+            || record.len() - header_len(record[0], cid_len) >= min_protected_body
     })
 }
 
 /// Keeps the whole records of `datagram` that `keep` accepts, in order; a truncated record and
 /// anything after it are dropped. [`Screened::Nothing`] when no record is kept.
-fn keep_records(datagram: &[u8], mut keep: impl FnMut(&[u8]) -> bool) -> Screened<'_> {
+fn keep_records(
+    datagram: &[u8],
+    cid_len: usize,
+    mut keep: impl FnMut(&[u8]) -> bool,
+) -> Screened<'_> {
     let mut at = 0;
     let mut kept: Option<Vec<u8>> = None;
     let mut any = false;
-    while datagram.len() - at >= RECORD_HEADER {
+    while at < datagram.len() {
         let rest = &datagram[at..];
-        let end = RECORD_HEADER + u16_at(rest, 11);
-        if end > rest.len() {
+        let Some(end) = record_len(rest, cid_len) else {
             break;
-        }
+        };
         let ok = keep(&rest[..end]);
         match (&mut kept, ok) {
             (Some(out), true) => out.extend_from_slice(&rest[..end]),
@@ -300,8 +323,8 @@ pub(crate) struct HandshakeBudget {
 
 impl HandshakeBudget {
     /// Keeps the records of `datagram` (already [`screen`]ed) that fit the budget.
-    pub(crate) fn admit<'a>(&mut self, datagram: &'a [u8]) -> Screened<'a> {
-        keep_records(datagram, |record| self.fits(record))
+    pub(crate) fn admit<'a>(&mut self, datagram: &'a [u8], cid_len: usize) -> Screened<'a> {
+        keep_records(datagram, cid_len, |record| self.fits(record))
     }
 
     /// Whether one record fits, counting it if it does.
@@ -482,28 +505,31 @@ mod tests {
 
     #[test]
     fn screening_keeps_well_formed_records_and_drops_the_rest() {
-        assert_eq!(screen(b"", 24), Screened::Nothing);
+        assert_eq!(screen(b"", 24, 0), Screened::Nothing);
         let good = [record(1, 40), record(0, 3), record(1, 24)].concat();
-        assert_eq!(screen(&good, 24), Screened::Whole(&good));
+        assert_eq!(screen(&good, 24, 0), Screened::Whole(&good));
         // A short protected record between two good ones.
         let mixed = [record(1, 40), record(1, 23), record(1, 30)].concat();
         assert_eq!(
-            screen(&mixed, 24),
+            screen(&mixed, 24, 0),
             Screened::Kept([record(1, 40), record(1, 30)].concat())
         );
         // Epoch 0 records are never too short (they carry no protection).
         assert_eq!(
-            screen(&record(0, 1), 24),
+            screen(&record(0, 1), 24, 0),
             Screened::Whole(&record(0, 1)[..])
         );
         // With no known cipher, nothing is dropped for its length.
-        assert_eq!(screen(&record(1, 1), 0), Screened::Whole(&record(1, 1)[..]));
-        assert_eq!(screen(&record(1, 1), 16), Screened::Nothing);
+        assert_eq!(
+            screen(&record(1, 1), 0, 0),
+            Screened::Whole(&record(1, 1)[..])
+        );
+        assert_eq!(screen(&record(1, 1), 16, 0), Screened::Nothing);
         // A truncated second record goes; the first stays.
         let mut cut = [record(1, 40), record(1, 40)].concat();
         cut.truncate(cut.len() - 5);
-        assert_eq!(screen(&cut, 24), Screened::Kept(record(1, 40)));
-        assert_eq!(screen(&cut[..10], 24), Screened::Nothing);
+        assert_eq!(screen(&cut, 24, 0), Screened::Kept(record(1, 40)));
+        assert_eq!(screen(&cut[..10], 24, 0), Screened::Nothing);
     }
 
     /// An epoch-0 handshake record holding one fragment of message `seq` claiming `length`.
@@ -527,32 +553,32 @@ mod tests {
         for _ in 0..3 {
             for seq in 1..4 {
                 let f = fragment(seq, 300, 300);
-                assert_eq!(b.admit(&f), Screened::Whole(&f[..]));
+                assert_eq!(b.admit(&f, 0), Screened::Whole(&f[..]));
             }
         }
         // Fragments of messages claiming 100 KB each: the first that would cross 64 KiB goes.
         let big = fragment(4, 40_000, 100);
-        assert_eq!(b.admit(&big), Screened::Whole(&big[..]));
-        assert_eq!(b.admit(&fragment(5, 40_000, 100)), Screened::Nothing);
-        assert_eq!(b.admit(&fragment(6, 100_000, 100)), Screened::Nothing);
+        assert_eq!(b.admit(&big, 0), Screened::Whole(&big[..]));
+        assert_eq!(b.admit(&fragment(5, 40_000, 100), 0), Screened::Nothing);
+        assert_eq!(b.admit(&fragment(6, 100_000, 100), 0), Screened::Nothing);
         // More fragments of a message already counted cost nothing more.
         let more = fragment(4, 40_000, 100);
-        assert_eq!(b.admit(&more), Screened::Whole(&more[..]));
+        assert_eq!(b.admit(&more, 0), Screened::Whole(&more[..]));
         // A fragment claiming another length for a known message is dropped.
-        assert_eq!(b.admit(&fragment(4, 41_000, 100)), Screened::Nothing);
+        assert_eq!(b.admit(&fragment(4, 41_000, 100), 0), Screened::Nothing);
         // 40 900 bytes claimed: one early protected record (18 KiB) still fits, a second not.
         let p = record(1, 40);
-        assert_eq!(b.admit(&p), Screened::Whole(&p[..]));
-        assert_eq!(b.admit(&p), Screened::Nothing);
+        assert_eq!(b.admit(&p, 0), Screened::Whole(&p[..]));
+        assert_eq!(b.admit(&p, 0), Screened::Nothing);
         // Mixed in one datagram: what fits stays.
         let mixed = [fragment(2, 300, 10), record(1, 40)].concat();
-        assert_eq!(b.admit(&mixed), Screened::Kept(fragment(2, 300, 10)));
+        assert_eq!(b.admit(&mixed, 0), Screened::Kept(fragment(2, 300, 10)));
         // Without big claims, MAX_EARLY_PROTECTED protected records pass.
         let mut fresh = HandshakeBudget::default();
         for _ in 0..MAX_EARLY_PROTECTED {
-            assert_eq!(fresh.admit(&p), Screened::Whole(&p[..]));
+            assert_eq!(fresh.admit(&p, 0), Screened::Whole(&p[..]));
         }
-        assert_eq!(fresh.admit(&p), Screened::Nothing);
+        assert_eq!(fresh.admit(&p, 0), Screened::Nothing);
     }
 
     #[test]
@@ -567,12 +593,12 @@ mod tests {
                 d[i] = rng.random();
             }
             d.truncate(rng.random_range(0..=d.len()));
-            match screen(&d, 24) {
+            match screen(&d, 24, 0) {
                 Screened::Whole(w) => assert_eq!(w, &d[..]),
                 Screened::Kept(k) => assert!(!k.is_empty() && k.len() < d.len()),
                 Screened::Nothing => {}
             }
-            match HandshakeBudget::default().admit(&d) {
+            match HandshakeBudget::default().admit(&d, 0) {
                 Screened::Whole(w) => assert_eq!(w, &d[..]),
                 Screened::Kept(k) => assert!(!k.is_empty() && k.len() < d.len()),
                 Screened::Nothing => {}

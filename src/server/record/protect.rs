@@ -35,6 +35,8 @@ pub(crate) const CONTENT_ALERT: u8 = 21;
 pub(crate) const CONTENT_HANDSHAKE: u8 = 22;
 /// `application_data`.
 pub(crate) const CONTENT_APPLICATION_DATA: u8 = 23;
+/// `tls12_cid` (RFC 9146): a protected record carrying a connection ID.
+pub(crate) const CONTENT_TLS12_CID: u8 = 25;
 
 /// An EVP cipher fetched once and a context for each direction, reused for every record of
 /// every peer of one endpoint (re-keyed per record, which costs a key schedule, not an
@@ -84,14 +86,15 @@ impl Crypto {
     }
 
     /// Seals one record of `content_type` holding `payload` under `key` with sequence number
-    /// `seq` of `epoch`, appending the whole record (header included) to `out`. The explicit
-    /// nonce of GCM and CCM records is the sequence number unless `explicit` gives one (tests:
-    /// OpenSSL's own choice for GCM).
+    /// `seq` of `epoch`, framed as `framing` says, appending the whole record (header included)
+    /// to `out`. The explicit nonce of GCM and CCM records is the sequence number unless
+    /// `explicit` gives one (tests: OpenSSL's own choice for GCM).
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn seal(
         &mut self,
         aead: Aead,
         key: &DirectionKey,
+        framing: Framing<'_>,
         content_type: u8,
         epoch: u16,
         seq: u64,
@@ -105,29 +108,44 @@ impl Crypto {
         let seq_num = seq_num(epoch, seq);
         let explicit_part = explicit_nonce.unwrap_or(seq_num);
         let nonce = nonce(aead, key, &seq_num, &explicit_part);
-        let aad = additional_data(&seq_num, content_type, payload.len());
+        // The plaintext that is encrypted: the content, and for tls12_cid the real type after it.
+        let inner_len = payload.len() + usize::from(matches!(framing, Framing::Cid(_)));
+        let (outer_type, aad) = match framing {
+            Framing::Plain => (
+                content_type,
+                Aad::Plain(additional_data(&seq_num, content_type, inner_len)),
+            ),
+            Framing::Cid(cid) => (
+                CONTENT_TLS12_CID,
+                Aad::Cid(cid_additional_data(&seq_num, cid, inner_len)),
+            ),
+        };
         let start = out.len();
-        out.push(content_type);
+        out.push(outer_type);
         out.extend_from_slice(&DTLS12);
         out.extend_from_slice(&seq_num);
-        out.extend_from_slice(&((explicit + payload.len() + tag_len) as u16).to_be_bytes());
+        if let Framing::Cid(cid) = framing {
+            out.extend_from_slice(cid);
+        }
+        out.extend_from_slice(&((explicit + inner_len + tag_len) as u16).to_be_bytes());
         if explicit > 0 {
             out.extend_from_slice(&explicit_part);
         }
         let body = out.len();
         out.extend_from_slice(payload);
+        if let Framing::Cid(_) = framing {
+            out.push(content_type);
+        }
         let c = self.contexts(aead)?;
         let sealed = (|| {
             c.seal
                 .encrypt_init(None, Some(key.key(aead.key_len())), Some(&nonce))?;
             if aead.is_ccm() {
-                c.seal.set_data_len(payload.len())?;
+                c.seal.set_data_len(inner_len)?;
             }
-            c.seal.cipher_update(&aad, None)?;
-            let n = c
-                .seal
-                .cipher_update_inplace(&mut out[body..], payload.len())?;
-            debug_assert_eq!(n, payload.len());
+            c.seal.cipher_update(aad.bytes(), None)?;
+            let n = c.seal.cipher_update_inplace(&mut out[body..], inner_len)?;
+            debug_assert_eq!(n, inner_len);
             c.seal.cipher_final(&mut [])?;
             let mut tag = [0u8; 16];
             c.seal.tag(&mut tag[..tag_len])?;
@@ -140,20 +158,23 @@ impl Crypto {
         sealed
     }
 
-    /// Opens the fragment `body` of a record of `content_type`, `epoch` and `seq` under `key`,
-    /// writing the plaintext to `out` (cleared first). `Err` if it does not authenticate (or is
-    /// too short to hold a nonce and a tag); `out` then holds nothing.
+    /// Opens the fragment `body` of a record of (outer) `content_type`, `epoch` and `seq` under
+    /// `key`, framed as `framing` says, writing the plaintext to `out` (cleared first); returns
+    /// the record's real content type (for tls12_cid, the one inside). `Err` if it does not
+    /// authenticate, is too short to hold a nonce and a tag, or is a tls12_cid record with no
+    /// real type inside; `out` then holds nothing.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn open(
         &mut self,
         aead: Aead,
         key: &DirectionKey,
+        framing: Framing<'_>,
         content_type: u8,
         epoch: u16,
         seq: u64,
         body: &[u8],
         out: &mut Vec<u8>,
-    ) -> Result<(), Unopened> {
+    ) -> Result<u8, Unopened> {
         out.clear();
         let explicit = aead.explicit_nonce_len();
         let tag_len = aead.tag_len();
@@ -165,7 +186,10 @@ impl Crypto {
         explicit_part[..explicit].copy_from_slice(&body[..explicit]);
         let nonce = nonce(aead, key, &seq_num, &explicit_part);
         let (ciphertext, tag) = body[explicit..].split_at(body.len() - explicit - tag_len);
-        let aad = additional_data(&seq_num, content_type, ciphertext.len());
+        let aad = match framing {
+            Framing::Plain => Aad::Plain(additional_data(&seq_num, content_type, ciphertext.len())),
+            Framing::Cid(cid) => Aad::Cid(cid_additional_data(&seq_num, cid, ciphertext.len())),
+        };
         let Ok(c) = self.contexts(aead) else {
             return Err(Unopened);
         };
@@ -179,7 +203,7 @@ impl Crypto {
             if aead.is_ccm() {
                 c.open.set_data_len(ciphertext.len())?;
             }
-            c.open.cipher_update(&aad, None)?;
+            c.open.cipher_update(aad.bytes(), None)?;
             // For CCM, this is where the tag is verified.
             c.open.cipher_update(ciphertext, Some(&mut out[..]))?;
             if !aead.is_ccm() {
@@ -188,13 +212,54 @@ impl Crypto {
             }
             Ok::<(), ErrorStack>(())
         })();
-        if opened.is_err() {
-            zeroize::Zeroize::zeroize(&mut out[..]);
-            out.clear();
-            return Err(Unopened);
+        let real_type = match (opened, framing) {
+            (Ok(()), Framing::Plain) => Some(content_type),
+            // DTLSInnerPlaintext: the content, the real type, zero padding.
+            (Ok(()), Framing::Cid(_)) => match out.iter().rposition(|&b| b != 0) {
+                Some(at) => {
+                    let real = out[at];
+                    out.truncate(at);
+                    Some(real)
+                }
+                None => None,
+            },
+            (Err(_), _) => None,
+        };
+        match real_type {
+            Some(t) => Ok(t),
+            None => {
+                zeroize::Zeroize::zeroize(&mut out[..]);
+                out.clear();
+                Err(Unopened)
+            }
         }
-        Ok(())
     }
+}
+
+/// The additional data of either framing.
+enum Aad {
+    Plain([u8; 13]),
+    Cid(Vec<u8>),
+}
+
+impl Aad {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Self::Plain(a) => a,
+            Self::Cid(a) => a,
+        }
+    }
+}
+
+/// How a record is framed on the wire: RFC 6347's `DTLSCiphertext`, or RFC 9146's `tls12_cid`
+/// record carrying a connection ID after the sequence number, whose plaintext is the content
+/// followed by the real content type (and no padding, when we write it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Framing<'a> {
+    /// No connection ID.
+    Plain,
+    /// With this connection ID.
+    Cid(&'a [u8]),
 }
 
 /// A record that did not authenticate.
@@ -223,6 +288,22 @@ fn nonce(aead: Aead, key: &DirectionKey, seq_num: &[u8; 8], explicit: &[u8; 8]) 
         }
     }
     n
+}
+
+/// RFC 9146 §5's additional data of a `tls12_cid` record: eight 0xff bytes, the tls12_cid type,
+/// the CID's length, the tls12_cid type again, version, epoch and sequence number, the CID, the
+/// length of the inner plaintext.
+fn cid_additional_data(seq_num: &[u8; 8], cid: &[u8], inner_len: usize) -> Vec<u8> {
+    let mut aad = Vec::with_capacity(23 + cid.len());
+    aad.extend_from_slice(&[0xff; 8]);
+    aad.push(CONTENT_TLS12_CID);
+    aad.push(cid.len() as u8);
+    aad.push(CONTENT_TLS12_CID);
+    aad.extend_from_slice(&DTLS12);
+    aad.extend_from_slice(seq_num);
+    aad.extend_from_slice(cid);
+    aad.extend_from_slice(&(inner_len as u16).to_be_bytes());
+    aad
 }
 
 /// The additional data: sequence number, type, version, plaintext length.
@@ -255,10 +336,13 @@ pub(crate) enum Rejected {
 /// A record that opened.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Opened {
-    /// Its content type.
+    /// Its content type (for a `tls12_cid` record, the real one inside).
     pub(crate) content_type: u8,
     /// Its sequence number.
     pub(crate) seq: u64,
+    /// It is newer than every record of the peer's taken before (RFC 9146 §6: only such a record
+    /// may move the peer to the address it came from).
+    pub(crate) newest: bool,
 }
 
 /// Why a record was not sealed.
@@ -279,6 +363,11 @@ pub(crate) struct RecordState {
     next_write: u64,
     window: ReplayWindow,
     unopened: u64,
+    /// The connection ID the peer's records carry (ours), if one was negotiated: its records are
+    /// then `tls12_cid` records (RFC 9146), and only those are taken.
+    cid_in: Option<Box<[u8]>>,
+    /// The connection ID our records carry (the peer's), if it asked for a non-empty one.
+    cid_out: Option<Box<[u8]>>,
 }
 
 impl RecordState {
@@ -292,11 +381,26 @@ impl RecordState {
             next_write,
             window,
             unopened: 0,
+            cid_in: None,
+            cid_out: None,
         }
     }
 
+    /// The same state with connection IDs (RFC 9146): `cid_in` the one the peer's records carry
+    /// (ours; `None` if none was negotiated), `cid_out` the one ours carry (the peer's; `None` or
+    /// empty: our records go without one).
+    pub(crate) fn with_cids(mut self, cid_in: Option<&[u8]>, cid_out: Option<&[u8]>) -> Self {
+        self.cid_in = cid_in.map(Box::from);
+        self.cid_out = cid_out.filter(|c| !c.is_empty()).map(Box::from);
+        self
+    }
+
+    /// The connection ID the peer's records carry, if one was negotiated.
+    pub(crate) fn cid_in(&self) -> Option<&[u8]> {
+        self.cid_in.as_deref()
+    }
+
     /// The keys.
-    #[cfg(test)]
     pub(crate) fn keys(&self) -> &RecordKeys {
         &self.keys
     }
@@ -311,8 +415,17 @@ impl RecordState {
         self.next_write
     }
 
+    /// The epoch.
+    pub(crate) fn epoch(&self) -> u16 {
+        self.epoch
+    }
+
+    /// The connection ID our records carry, if any.
+    pub(crate) fn cid_out(&self) -> Option<&[u8]> {
+        self.cid_out.as_deref()
+    }
+
     /// The replay window.
-    #[cfg(any(test, feature = "__fuzzing"))]
     pub(crate) fn window(&self) -> ReplayWindow {
         self.window
     }
@@ -329,8 +442,10 @@ impl RecordState {
     }
 
     /// Opens one whole record (`record`: header and fragment) from the peer, writing its
-    /// plaintext to `out`. Checks, in order: a DTLS 1.2 header whose length matches, the current
-    /// epoch, the replay window, the AEAD; only a record that opened moves the window.
+    /// plaintext to `out`. Checks, in order: a DTLS 1.2 header whose length matches (a
+    /// `tls12_cid` header with our connection ID if one was negotiated, a plain one otherwise),
+    /// the current epoch, the replay window, the AEAD; only a record that opened moves the
+    /// window.
     pub(crate) fn open(
         &mut self,
         crypto: &mut Crypto,
@@ -338,14 +453,24 @@ impl RecordState {
         out: &mut Vec<u8>,
     ) -> Result<Opened, Rejected> {
         out.clear();
-        if record.len() < RECORD_HEADER
+        let cid_len = self.cid_in.as_ref().map_or(0, |c| c.len());
+        let header = RECORD_HEADER + cid_len;
+        if record.len() < header
             || record[1..3] != DTLS12
-            || u16_at(record, 11) != record.len() - RECORD_HEADER
-            || record.len() - RECORD_HEADER > MAX_PLAINTEXT + 2048
+            || u16_at(record, 11 + cid_len) != record.len() - header
+            || record.len() - header > MAX_PLAINTEXT + 2048
         {
             return Err(Rejected::Malformed);
         }
-        let content_type = record[0];
+        let framing = match &self.cid_in {
+            Some(cid) if record[0] == CONTENT_TLS12_CID && record[11..11 + cid_len] == **cid => {
+                Framing::Cid(cid)
+            }
+            Some(_) => return Err(Rejected::Malformed),
+            None if record[0] == CONTENT_TLS12_CID => return Err(Rejected::Malformed),
+            None => Framing::Plain,
+        };
+        let outer_type = record[0];
         let epoch = u16_at(record, 3) as u16;
         let seq = u48_at(record, 5);
         if epoch != self.epoch {
@@ -354,30 +479,36 @@ impl RecordState {
         if !self.window.is_fresh(seq) {
             return Err(Rejected::Replayed);
         }
-        let body = &record[RECORD_HEADER..];
-        if crypto
-            .open(
-                self.keys.aead,
-                &self.keys.client,
-                content_type,
-                epoch,
-                seq,
-                body,
-                out,
-            )
-            .is_err()
-        {
-            self.unopened = self.unopened.saturating_add(1);
-            return Err(Rejected::Unopened);
-        }
+        let body = &record[header..];
+        let content_type = match crypto.open(
+            self.keys.aead,
+            &self.keys.client,
+            framing,
+            outer_type,
+            epoch,
+            seq,
+            body,
+            out,
+        ) {
+            Ok(t) => t,
+            Err(Unopened) => {
+                self.unopened = self.unopened.saturating_add(1);
+                return Err(Rejected::Unopened);
+            }
+        };
         // Authentic from here on: it counts as seen whatever follows.
+        let newest = seq > self.window.highest() || self.window == ReplayWindow::default();
         self.window.accept(seq);
         if out.len() > MAX_PLAINTEXT {
             zeroize::Zeroize::zeroize(&mut out[..]);
             out.clear();
             return Err(Rejected::Overflow);
         }
-        Ok(Opened { content_type, seq })
+        Ok(Opened {
+            content_type,
+            seq,
+            newest,
+        })
     }
 
     /// Seals one record of `content_type` (application data, an alert) holding `payload`,
@@ -401,10 +532,15 @@ impl RecordState {
         let seq = self.next_write;
         // Taken before sealing: a failed seal never gives the number out again either.
         self.next_write += 1;
+        let framing = match &self.cid_out {
+            Some(cid) => Framing::Cid(cid),
+            None => Framing::Plain,
+        };
         crypto
             .seal(
                 self.keys.aead,
                 &self.keys.server,
+                framing,
                 content_type,
                 self.epoch,
                 seq,

@@ -49,9 +49,18 @@ impl ReplayWindow {
     }
 
     /// The highest sequence number accepted so far (0 before any).
-    #[cfg(test)]
     pub(crate) fn highest(&self) -> u64 {
         self.max
+    }
+
+    /// The window as two numbers (highest accepted, bitmap), to save it.
+    pub(crate) fn to_parts(self) -> (u64, u64) {
+        (self.max, self.bits)
+    }
+
+    /// A window from [`to_parts`](Self::to_parts).
+    pub(crate) fn from_parts(max: u64, bits: u64) -> Self {
+        Self { max, bits }
     }
 }
 

@@ -1,0 +1,478 @@
+//! Associations that outlive the process: a lean peer's record state taken out of an endpoint
+//! at a graceful shutdown ([`Endpoint::suspend_all`](crate::Endpoint::suspend_all)), sealed to a
+//! file with the key ring ([`save_peers`]), and put back into the next process's endpoint
+//! ([`take_peers`], [`Endpoint::restore`](crate::Endpoint::restore)), so that a client that kept
+//! its association goes on exchanging records with no handshake.
+//!
+//! What is saved per peer: the record keys and IVs, the epoch, the next write sequence number,
+//! the replay window, the connection IDs, what `Event::Connected` reported, the session id, when
+//! the session expires, and what binds the state to this server (the SHA-256 of its certificate,
+//! or for a PSK peer a keyed fingerprint of its identity's key).
+//!
+//! # Why no (key, nonce) pair is used twice
+//! The write sequence number saved is the next one the endpoint would have used; the restored
+//! peer goes on from there. A file of saved peers is read once: [`take_peers`] deletes it (and
+//! makes the deletion durable) before it hands anything back, so a crash after the restart can
+//! never restore the same state, and sequence numbers, a second time. A state is refused when its
+//! session has expired, when the server's certificate or the identity's PSK key is not the one it
+//! was made with, and when the file is sealed with another key ring.
+//!
+//! # File format (version 1)
+//! ```text
+//! "OSSLPEER" (8 bytes) | version u8 = 1 | envelope
+//! ```
+//! The envelope ([`KeyRing`] AES-256-GCM, its own associated-data domain) holds a count (u32 BE)
+//! and the entries, each a length (u32 BE) and its bytes. The file is written like a snapshot:
+//! an exclusively created random temporary file, synced, renamed over the target, the directory
+//! synced; it is read without following links, only if regular, bounded in size.
+
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use zeroize::{Zeroize, Zeroizing};
+
+use super::record::keys::{Aead, DirectionKey, RecordKeys};
+use super::record::protect::RecordState;
+use super::record::replay::ReplayWindow;
+use crate::error::{Error, StoreError};
+use crate::store::envelope::{KeyRing, DOMAIN_PEERS};
+use crate::store::file::{self, Links, ReadError};
+use crate::store::SessionId;
+
+/// The first bytes of a file of saved peers.
+const MAGIC: &[u8; 8] = b"OSSLPEER";
+/// The format version this code writes and reads.
+const VERSION: u8 = 1;
+/// The envelope's context.
+const CONTEXT: &[u8] = b"saved peers v1";
+/// Files larger than this are refused unread.
+const MAX_FILE: u64 = 1 << 30;
+
+/// What binds a saved association to the server that made it.
+#[derive(Clone, PartialEq, Eq)]
+pub(crate) enum Binding {
+    /// The SHA-256 of the server's certificate.
+    Certificate([u8; 32]),
+    /// The keyed fingerprint of the PSK the peer's identity had.
+    Psk([u8; 8]),
+}
+
+/// What `Event::Connected` reported, kept with a lean peer.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub(crate) struct Reported {
+    pub(crate) resumed: bool,
+    pub(crate) cipher: String,
+    pub(crate) psk_identity: Option<Vec<u8>>,
+    /// The client's certificate (DER), kept only with
+    /// [`keep_peer_certificates`](crate::ServerConfigBuilder::keep_peer_certificates).
+    pub(crate) peer_certificate: Option<Vec<u8>>,
+}
+
+/// An established association taken out of an endpoint, to be restored by another (after a
+/// restart). Opaque; it holds secrets (record keys, zeroized when dropped) and its `Debug`
+/// shows none.
+pub struct SuspendedPeer {
+    pub(crate) addr: SocketAddr,
+    pub(crate) keys: RecordKeys,
+    pub(crate) epoch: u16,
+    pub(crate) next_write: u64,
+    pub(crate) window: ReplayWindow,
+    pub(crate) cid_in: Option<Vec<u8>>,
+    pub(crate) cid_out: Option<Vec<u8>>,
+    pub(crate) session: Option<SessionId>,
+    pub(crate) reported: Reported,
+    /// When the session expires (seconds since the epoch).
+    pub(crate) expires_at: u64,
+    pub(crate) binding: Binding,
+}
+
+impl fmt::Debug for SuspendedPeer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SuspendedPeer")
+            .field("addr", &self.addr)
+            .field("aead", &self.keys.aead)
+            .field("next_write", &self.next_write)
+            .field("connection_id", &self.cid_in.as_ref().map(hex::encode))
+            .field("expires_at", &self.expires_at)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SuspendedPeer {
+    /// The peer's address when it was suspended.
+    pub fn peer(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The connection ID its records carry, if it has one.
+    pub fn connection_id(&self) -> Option<&[u8]> {
+        self.cid_in.as_deref()
+    }
+
+    /// Whether its session's lifetime ended by `now`.
+    pub fn is_expired(&self, now: SystemTime) -> bool {
+        unix_secs(now) >= self.expires_at
+    }
+
+    /// The record state to go on with.
+    pub(crate) fn record_state(&self) -> RecordState {
+        RecordState::new(self.keys.clone(), self.epoch, self.next_write, self.window)
+            .with_cids(self.cid_in.as_deref(), self.cid_out.as_deref())
+    }
+
+    fn encode(&self, out: &mut Vec<u8>) {
+        match self.addr.ip() {
+            IpAddr::V4(ip) => {
+                out.push(4);
+                out.extend_from_slice(&ip.octets());
+            }
+            IpAddr::V6(ip) => {
+                out.push(6);
+                out.extend_from_slice(&ip.octets());
+            }
+        }
+        out.extend_from_slice(&self.addr.port().to_be_bytes());
+        let aead = self.keys.aead;
+        out.push(Aead::ALL.iter().position(|a| *a == aead).unwrap_or(0) as u8);
+        for k in [&self.keys.client, &self.keys.server] {
+            out.extend_from_slice(k.key(32));
+            out.extend_from_slice(k.iv(12));
+        }
+        out.extend_from_slice(&self.epoch.to_be_bytes());
+        out.extend_from_slice(&self.next_write.to_be_bytes());
+        let (max, bits) = self.window.to_parts();
+        out.extend_from_slice(&max.to_be_bytes());
+        out.extend_from_slice(&bits.to_be_bytes());
+        put_opt(out, self.cid_in.as_deref());
+        put_opt(out, self.cid_out.as_deref());
+        put_opt(out, self.session.as_ref().map(SessionId::as_bytes));
+        out.push(u8::from(self.reported.resumed));
+        put_opt(out, Some(self.reported.cipher.as_bytes()));
+        put_opt(out, self.reported.psk_identity.as_deref());
+        put_opt(out, self.reported.peer_certificate.as_deref());
+        out.extend_from_slice(&self.expires_at.to_be_bytes());
+        match &self.binding {
+            Binding::Certificate(fp) => {
+                out.push(1);
+                out.extend_from_slice(fp);
+            }
+            Binding::Psk(fp) => {
+                out.push(2);
+                out.extend_from_slice(fp);
+            }
+        }
+    }
+
+    fn decode(bytes: &[u8]) -> Option<Self> {
+        let mut r = Reader(bytes);
+        let ip = match r.u8()? {
+            4 => IpAddr::from(<[u8; 4]>::try_from(r.take(4)?).ok()?),
+            6 => IpAddr::from(<[u8; 16]>::try_from(r.take(16)?).ok()?),
+            _ => return None,
+        };
+        let addr = SocketAddr::new(ip, r.u16()?);
+        let aead = *Aead::ALL.get(usize::from(r.u8()?))?;
+        let mut dir = || -> Option<DirectionKey> {
+            let key = r.take(32)?;
+            let iv = r.take(12)?;
+            Some(DirectionKey::new(
+                &key[..aead.key_len()],
+                &iv[..aead.fixed_iv_len()],
+            ))
+        };
+        let client = dir()?;
+        let server = dir()?;
+        let epoch = r.u16()?;
+        let next_write = r.u64()?;
+        let window = ReplayWindow::from_parts(r.u64()?, r.u64()?);
+        let cid_in = r.opt()?.map(<[u8]>::to_vec);
+        let cid_out = r.opt()?.map(<[u8]>::to_vec);
+        let session = match r.opt()? {
+            Some(id) => Some(SessionId::new(id).ok()?),
+            None => None,
+        };
+        let resumed = r.u8()? != 0;
+        let cipher = String::from_utf8(r.opt()?.unwrap_or_default().to_vec()).ok()?;
+        let psk_identity = r.opt()?.map(<[u8]>::to_vec);
+        let peer_certificate = r.opt()?.map(<[u8]>::to_vec);
+        let expires_at = r.u64()?;
+        let binding = match r.u8()? {
+            1 => Binding::Certificate(r.take(32)?.try_into().ok()?),
+            2 => Binding::Psk(r.take(8)?.try_into().ok()?),
+            _ => return None,
+        };
+        if !r.0.is_empty() || epoch == 0 {
+            return None;
+        }
+        Some(Self {
+            addr,
+            keys: RecordKeys {
+                aead,
+                client,
+                server,
+            },
+            epoch,
+            next_write,
+            window,
+            cid_in,
+            cid_out,
+            session,
+            reported: Reported {
+                resumed,
+                cipher,
+                psk_identity,
+                peer_certificate,
+            },
+            expires_at,
+            binding,
+        })
+    }
+}
+
+fn put_opt(out: &mut Vec<u8>, v: Option<&[u8]>) {
+    match v {
+        None => out.extend_from_slice(&u32::MAX.to_be_bytes()),
+        Some(b) => {
+            out.extend_from_slice(&(b.len() as u32).to_be_bytes());
+            out.extend_from_slice(b);
+        }
+    }
+}
+
+/// Reads what [`SuspendedPeer::encode`] wrote; `None` past the end.
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        if self.0.len() < n {
+            return None;
+        }
+        let (head, tail) = self.0.split_at(n);
+        self.0 = tail;
+        Some(head)
+    }
+    fn u8(&mut self) -> Option<u8> {
+        self.take(1).map(|b| b[0])
+    }
+    fn u16(&mut self) -> Option<u16> {
+        self.take(2).map(|b| u16::from_be_bytes([b[0], b[1]]))
+    }
+    fn u32(&mut self) -> Option<u32> {
+        self.take(4)
+            .and_then(|b| b.try_into().ok())
+            .map(u32::from_be_bytes)
+    }
+    fn u64(&mut self) -> Option<u64> {
+        self.take(8)
+            .and_then(|b| b.try_into().ok())
+            .map(u64::from_be_bytes)
+    }
+    fn opt(&mut self) -> Option<Option<&'a [u8]>> {
+        match self.u32()? {
+            u32::MAX => Some(None),
+            n => self.take(usize::try_from(n).ok()?).map(Some),
+        }
+    }
+}
+
+pub(crate) fn unix_secs(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// The bytes of a file of `peers`, sealed with `ring`.
+pub(crate) fn encode(peers: &[SuspendedPeer], ring: &KeyRing) -> Result<Vec<u8>, Error> {
+    let mut body = Zeroizing::new(Vec::new());
+    body.extend_from_slice(&(peers.len() as u32).to_be_bytes());
+    let mut entry = Zeroizing::new(Vec::new());
+    for p in peers {
+        entry.clear();
+        p.encode(&mut entry);
+        body.extend_from_slice(&(entry.len() as u32).to_be_bytes());
+        body.extend_from_slice(&entry);
+    }
+    let envelope = ring.seal_raw(DOMAIN_PEERS, CONTEXT, &body)?;
+    let mut out = Vec::with_capacity(MAGIC.len() + 1 + envelope.len());
+    out.extend_from_slice(MAGIC);
+    out.push(VERSION);
+    out.extend_from_slice(&envelope);
+    Ok(out)
+}
+
+/// The peers in a file's bytes; refused whole if anything is wrong.
+pub(crate) fn parse(bytes: &[u8], ring: &KeyRing) -> Result<Vec<SuspendedPeer>, Error> {
+    let corrupt = |why: &str| Error::Store(StoreError::Corrupt(format!("saved peers: {why}")));
+    if bytes.len() < MAGIC.len() + 1 || &bytes[..MAGIC.len()] != MAGIC {
+        return Err(corrupt("not a file of saved peers"));
+    }
+    if bytes[MAGIC.len()] != VERSION {
+        return Err(corrupt("unknown version"));
+    }
+    let mut body = ring.open_raw(DOMAIN_PEERS, CONTEXT, &bytes[MAGIC.len() + 1..])?;
+    let mut r = Reader(&body);
+    let count = r.u32().ok_or_else(|| corrupt("truncated"))?;
+    let mut peers = Vec::new();
+    for _ in 0..count {
+        let len = r.u32().ok_or_else(|| corrupt("truncated"))?;
+        let entry = r
+            .take(len as usize)
+            .ok_or_else(|| corrupt("truncated entry"))?;
+        peers.push(SuspendedPeer::decode(entry).ok_or_else(|| corrupt("malformed entry"))?);
+    }
+    let rest = r.0.len();
+    body.zeroize();
+    if rest != 0 {
+        return Err(corrupt("trailing bytes"));
+    }
+    Ok(peers)
+}
+
+/// Writes `peers` to `path`, sealed with `ring`, atomically (see the module docs); returns how
+/// many.
+///
+/// # Errors
+/// [`Error::Store`] if sealing fails, [`Error::Io`] if the file cannot be written.
+pub fn save_peers(
+    path: impl AsRef<Path>,
+    peers: &[SuspendedPeer],
+    ring: &KeyRing,
+) -> Result<usize, Error> {
+    let bytes = Zeroizing::new(encode(peers, ring)?);
+    file::write_atomically(path.as_ref(), &bytes)?;
+    Ok(peers.len())
+}
+
+/// Reads the peers saved at `path` and deletes the file, durably, before returning them, so
+/// that they can be restored once only; peers whose session expired by `now` are left out. No
+/// file: no peers.
+///
+/// # Errors
+/// [`Error::Io`] if the file cannot be read or deleted (then nothing is returned: restoring
+/// state that could be restored again later would risk reusing sequence numbers);
+/// [`Error::Store`] for a file that is corrupt, truncated, or sealed under another key ring.
+pub fn take_peers(
+    path: impl AsRef<Path>,
+    ring: &KeyRing,
+    now: SystemTime,
+) -> Result<Vec<SuspendedPeer>, Error> {
+    let path = path.as_ref();
+    let bytes = match file::read_regular(path, MAX_FILE, Links::Refuse) {
+        Ok((b, _)) => b,
+        Err(ReadError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(ReadError::Io(e)) => return Err(Error::Io(e)),
+        Err(ReadError::Refused(why)) => {
+            return Err(Error::Store(StoreError::Corrupt(format!(
+                "saved peers at {}: {why}",
+                path.display()
+            ))))
+        }
+    };
+    file::remove_durably(path)?;
+    let mut peers = parse(&bytes, ring)?;
+    peers.retain(|p| !p.is_expired(now));
+    Ok(peers)
+}
+
+/// How long after `now` a session of `timeout_secs` made at `created_secs` lives, capped by
+/// `max_ttl` (seconds since the epoch).
+pub(crate) fn expiry_secs(created_secs: i64, timeout_secs: i64, max_ttl: Duration) -> u64 {
+    let created = u64::try_from(created_secs).unwrap_or(0);
+    let timeout = u64::try_from(timeout_secs)
+        .unwrap_or(0)
+        .min(max_ttl.as_secs());
+    created.saturating_add(timeout)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(next_write: u64) -> SuspendedPeer {
+        let keys = RecordKeys::from_master_secret(
+            Aead::Aes128Ccm8,
+            openssl::hash::MessageDigest::sha256(),
+            &[3; 48],
+            &[1; 32],
+            &[2; 32],
+        )
+        .unwrap();
+        let mut window = ReplayWindow::default();
+        window.accept(41);
+        window.accept(40);
+        SuspendedPeer {
+            addr: "[2001:db8::7]:5684".parse().unwrap(),
+            keys,
+            epoch: 1,
+            next_write,
+            window,
+            cid_in: Some(vec![0, 1, 2, 3, 4, 5, 6]),
+            cid_out: Some(Vec::new()),
+            session: Some(SessionId::new(&[9; 32]).unwrap()),
+            reported: Reported {
+                resumed: true,
+                cipher: "PSK-AES128-CCM8".into(),
+                psk_identity: Some(b"sensor-17".to_vec()),
+                peer_certificate: None,
+            },
+            expires_at: 2_000_000_000,
+            binding: Binding::Psk([7; 8]),
+        }
+    }
+
+    #[test]
+    fn saved_peers_round_trip_and_the_file_is_read_once() {
+        let ring = KeyRing::new(1, [4; 32]);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("peers");
+        assert_eq!(
+            save_peers(&path, &[sample(7), sample(9)], &ring).unwrap(),
+            2
+        );
+        let now = UNIX_EPOCH + Duration::from_secs(1_900_000_000);
+        let back = take_peers(&path, &ring, now).unwrap();
+        assert_eq!(back.len(), 2);
+        let (a, b) = (&back[0], &sample(7));
+        assert_eq!(a.addr, b.addr);
+        assert_eq!(a.next_write, 7);
+        assert_eq!(back[1].next_write, 9);
+        assert_eq!(a.window, b.window);
+        assert_eq!(a.cid_in, b.cid_in);
+        assert_eq!(a.cid_out, b.cid_out);
+        assert_eq!(a.session, b.session);
+        assert!(a.reported == b.reported && a.binding == b.binding);
+        assert_eq!(a.keys.client.key(16), b.keys.client.key(16));
+        assert_eq!(a.keys.server.iv(4), b.keys.server.iv(4));
+        assert!(!path.exists(), "read once: the file is gone");
+        assert!(take_peers(&path, &ring, now).unwrap().is_empty());
+        // Expired sessions are left out.
+        save_peers(&path, &[sample(7)], &ring).unwrap();
+        let later = UNIX_EPOCH + Duration::from_secs(2_000_000_000);
+        assert!(take_peers(&path, &ring, later).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_foreign_or_tampered_file_restores_nothing() {
+        let ring = KeyRing::new(1, [4; 32]);
+        let other = KeyRing::new(2, [5; 32]);
+        let bytes = encode(&[sample(7)], &ring).unwrap();
+        assert!(matches!(parse(&bytes, &other), Err(Error::Store(_))));
+        for i in 0..bytes.len() {
+            let mut t = bytes.clone();
+            t[i] ^= 1;
+            assert!(parse(&t, &ring).is_err(), "byte {i}");
+        }
+        for n in 0..bytes.len() {
+            assert!(parse(&bytes[..n], &ring).is_err(), "prefix {n}");
+        }
+        assert_eq!(parse(&bytes, &ring).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn debug_shows_no_key() {
+        let p = sample(7);
+        let shown = format!("{p:?}");
+        assert!(!shown.contains(&hex::encode(p.keys.client.key(16))));
+        assert!(shown.contains("SuspendedPeer"));
+    }
+}
