@@ -266,6 +266,7 @@ mod tests {
                 ep.handle(now, ([198, 51, 100, 9], 1).into(), &[22, 0xfe, 0xfd, 0, 0]);
                 while ep.poll_event().is_some() {}
             }
+            tracing::trace!("capture at trace");
             debug.push(format!("{:?} {:#?}", config.cookies, config.cookies));
             debug.push(format!("{config:?} {config:#?}"));
             debug.push(format!("{ep:?} {ep:#?}"));
@@ -274,8 +275,9 @@ mod tests {
         assert_eq!(made.len(), 3, "the first secret and two rotations");
         let logged = log.0.lock().clone();
         assert!(
-            String::from_utf8_lossy(&logged).contains("TRACE"),
-            "nothing was captured"
+            String::from_utf8_lossy(&logged).contains("capture at trace"),
+            "the capture saw no TRACE line: {}",
+            String::from_utf8_lossy(&logged)
         );
         for (i, secret) in made.iter().enumerate() {
             assert!(
