@@ -13,7 +13,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Wake, Waker};
 use std::thread;
-use std::time::Duration;
 
 use openssl::ssl::{ErrorCode, Ssl, SslSession, SslStream};
 use openssl_session_cache::{
@@ -106,17 +105,24 @@ impl Wake for CountingWaker {
     }
 }
 
-/// Waits until `fd` is readable (at most 5 s).
+/// Waits until `fd` is readable; fails the test if nothing arrives within the harness's
+/// patience (a poll that timed out is not progress: the client hung or died).
 fn wait_readable(fd: i32) {
     let mut p = libc::pollfd {
         fd,
         events: libc::POLLIN,
         revents: 0,
     };
+    let limit = i32::try_from(support::IO_PATIENCE.as_millis()).unwrap();
     // SAFETY: one valid pollfd for the duration of the call.
     #[allow(unsafe_code)]
-    let r = unsafe { libc::poll(&mut p, 1, 5000) };
-    assert!(r >= 0, "poll failed");
+    let r = unsafe { libc::poll(&mut p, 1, limit) };
+    assert!(r >= 0, "poll failed: {}", io::Error::last_os_error());
+    assert!(
+        r > 0,
+        "the server side waited {:?} for the client's next bytes: the client hung or died",
+        support::IO_PATIENCE
+    );
 }
 
 /// One datagram per read/write on a non-blocking Unix datagram socket.
@@ -251,7 +257,8 @@ fn connect(
         let (a, b) = UnixDatagram::pair().unwrap();
         a.set_nonblocking(true).unwrap();
         let fd = a.as_raw_fd();
-        let client = thread::spawn(move || client_side(Box::new(Dgram(b))));
+        let client =
+            thread::spawn(move || client_side(Box::new(support::Bounded::datagram(b, "client"))));
         let mut stream = SslStream::new(ssl, Dgram(a)).unwrap();
         let seen = serve(&mut stream, fd, store, on_suspend);
         (seen, client.join().unwrap())
@@ -259,7 +266,8 @@ fn connect(
         let (a, b) = UnixStream::pair().unwrap();
         a.set_nonblocking(true).unwrap();
         let fd = a.as_raw_fd();
-        let client = thread::spawn(move || client_side(Box::new(b)));
+        let client =
+            thread::spawn(move || client_side(Box::new(support::Bounded::stream(b, "client"))));
         let mut stream = SslStream::new(ssl, a).unwrap();
         let seen = serve(&mut stream, fd, store, on_suspend);
         (seen, client.join().unwrap())
@@ -446,6 +454,7 @@ fn lookups_complete_from_any_thread_while_the_handshake_thread_serves_others() {
     for _ in 0..2 {
         let (a, b) = UnixStream::pair().unwrap();
         a.set_nonblocking(true).unwrap();
+        let b = support::Bounded::stream(b, "client");
         let client_ctx = client.ctx.clone();
         let offer = session.clone();
         clients.push(thread::spawn(move || {
@@ -494,5 +503,4 @@ fn lookups_complete_from_any_thread_while_the_handshake_thread_serves_others() {
         assert!(c.join().unwrap());
     }
     assert_eq!(lookup_counts(&cache.stats()), (2, 2, 2, 0));
-    let _ = Duration::ZERO;
 }

@@ -5,7 +5,6 @@
 mod support;
 
 use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
@@ -19,7 +18,7 @@ use support::{client_ctx, connect, server_builder, server_ctx, Ctx, Proto, Serve
 
 /// A TLS 1.2 handshake that returns the client's and the server's session objects.
 fn sessions(server: &Ctx, client: &Ctx) -> (SslSession, SslSession) {
-    let (a, b) = UnixStream::pair().unwrap();
+    let (a, b) = support::stream_pair();
     let ctx = server.ctx.clone();
     let srv = thread::spawn(move || {
         let mut s = Ssl::new(&ctx).unwrap().accept(a).unwrap();
@@ -305,26 +304,9 @@ fn purge_threads() -> usize {
         .count()
 }
 
-#[test]
+isolated_test! {
+/// Alone in a child process, so that no other test's cache has a purge thread.
 fn the_purge_thread_is_joined_when_the_last_user_goes() {
-    if std::env::var_os("OSC_PURGE_THREAD_SCENARIO").is_none() {
-        // Alone in a child process, so that no other test's cache has a purge thread.
-        let exe = std::env::current_exe().unwrap();
-        let out = std::process::Command::new(exe)
-            .args([
-                "the_purge_thread_is_joined_when_the_last_user_goes",
-                "--exact",
-            ])
-            .env("OSC_PURGE_THREAD_SCENARIO", "1")
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stdout)
-        );
-        return;
-    }
     assert_eq!(purge_threads(), 0);
     let none = SessionCache::builder().build().unwrap();
     assert_eq!(purge_threads(), 0, "a thread without a purge interval");
@@ -345,6 +327,7 @@ fn the_purge_thread_is_joined_when_the_last_user_goes() {
     // Joined, not left to notice an hour later.
     assert_eq!(purge_threads(), 0);
     drop(none);
+}
 }
 
 #[test]

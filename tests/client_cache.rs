@@ -3,7 +3,6 @@
 mod support;
 
 use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
 use std::thread;
 
 use openssl::ssl::{Ssl, SslContext, SslMethod, SslVerifyMode, SslVersion};
@@ -31,7 +30,7 @@ fn connect(
     sessions: &ClientSessionCache,
     key: &str,
 ) -> (bool, bool) {
-    let (a, b) = UnixStream::pair().unwrap();
+    let (a, b) = support::stream_pair();
     thread::scope(|scope| {
         let srv = scope.spawn(move || {
             let mut s = Ssl::new(&server.ctx).unwrap().accept(a).unwrap();

@@ -149,18 +149,24 @@ impl EchoServer {
     /// Starts `dtls_echo_server --listen 127.0.0.1:0 --stats-interval 0 <args>` and waits for
     /// its `listening on ADDR` line.
     fn start(args: &[&str]) -> Self {
-        Self::start_on("127.0.0.1:0", args)
+        Self::start_on("127.0.0.1:0", args, None)
     }
 
-    /// [`start`](Self::start) on `listen`.
-    fn start_on(listen: &str, args: &[&str]) -> Self {
+    /// [`start`](Self::start) with `RUST_LOG` at `level`.
+    fn start_logging(args: &[&str], level: &str) -> Self {
+        Self::start_on("127.0.0.1:0", args, Some(level))
+    }
+
+    /// [`start`](Self::start) on `listen`, with `RUST_LOG` at `level` (default: `$ECHO_LOG`,
+    /// or `info`).
+    fn start_on(listen: &str, args: &[&str], level: Option<&str>) -> Self {
+        let level = level
+            .map(str::to_owned)
+            .unwrap_or_else(|| std::env::var("ECHO_LOG").unwrap_or("info".into()));
         let mut child = Command::new(echo_server_bin())
             .args(["--listen", listen, "--stats-interval", "0"])
             .args(args)
-            .env(
-                "RUST_LOG",
-                std::env::var("ECHO_LOG").unwrap_or("info".into()),
-            )
+            .env("RUST_LOG", level)
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -444,7 +450,7 @@ fn an_open_association_goes_on_across_a_graceful_restart_with_no_handshake() {
     let peers_file = dir.path().join("sessions.snap.peers");
     assert!(peers_file.is_file());
 
-    let mut server = EchoServer::start_on(&listen, &flags);
+    let mut server = EchoServer::start_on(&listen, &flags, None);
     assert!(
         server.wait_line(Duration::from_secs(5), |l| l
             .starts_with("restoring 1 peers from")),
@@ -616,7 +622,40 @@ mod redis_farm {
             path_str(&pkey),
         ];
         let ring = KeyRing::from_file(&key).unwrap();
-        (EchoServer::start(&flags), EchoServer::start(&flags), ring)
+        // Everything they log, at every level: the tests look for secrets in it.
+        (
+            EchoServer::start_logging(&flags, "trace"),
+            EchoServer::start_logging(&flags, "trace"),
+            ring,
+        )
+    }
+
+    /// Fails if the ring's keys or the session's master key show in `printed`.
+    fn assert_no_secret_printed(printed: &[String], ring: &KeyRing, session: &Path) {
+        use support::secrets::{assert_none_shown, Secret};
+        let mut secrets: Vec<Secret> = ring
+            .to_file_string()
+            .lines()
+            .map(|l| {
+                let (id, key) = l.split_once(':').unwrap();
+                Secret::new(format!("key {id}"), &hex::decode(key).unwrap())
+            })
+            .collect();
+        let pem = std::fs::read_to_string(session).unwrap();
+        let body: String = pem
+            .lines()
+            .skip_while(|l| !l.starts_with("-----BEGIN SSL SESSION PARAMETERS"))
+            .skip(1)
+            .take_while(|l| !l.starts_with("-----END"))
+            .collect();
+        let der = openssl::base64::decode_block(&body).unwrap();
+        let session = openssl::ssl::SslSession::from_der(&der).unwrap();
+        let mut master = [0u8; 48];
+        let n = session.master_key(&mut master);
+        secrets.push(Secret::new("the session's master key", &master[..n]));
+        let text = printed.join("\n");
+        assert!(text.contains("TRACE") || text.contains("DEBUG"), "{text}");
+        assert_none_shown("the echo server's output", text.as_bytes(), &secrets);
     }
 
     #[test]
@@ -697,7 +736,8 @@ mod redis_farm {
 
         let printed = a.stop("-TERM");
         assert!(has(&printed, "stopped"), "{printed:?}");
-        b.stop("-TERM");
+        assert_no_secret_printed(&printed, &ring, &sess);
+        assert_no_secret_printed(&b.stop("-TERM"), &ring, &sess);
     }
 
     #[test]
@@ -712,21 +752,21 @@ mod redis_farm {
         redis.kill();
         assert!(!redis.ping());
 
-        // B never saw the session and cannot reach Redis: a full handshake, not a stall.
-        let started = Instant::now();
+        // B never saw the session and cannot reach Redis: its lookup fails (a counted miss)
+        // and the handshake goes on in full (s_client_echo's wait is bounded).
         let out = s_client_echo(b.addr, &["-sess_in", path_str(&sess)], "redis down");
-        let took = started.elapsed();
         assert_eq!(count(&out, "New,"), 1, "{out:?}");
         assert_eq!(count(&out, "Reused,"), 0, "{out:?}");
         // A fresh client on A: its new session cannot be written to Redis; still served.
         let out = s_client_echo(a.addr, &[], "fresh on a");
         assert_eq!(count(&out, "New,"), 1, "{out:?}");
-        // s_client's own close_notify exchange takes about 0.5 s; the store's timeouts are
-        // 50 ms.
-        assert!(took < Duration::from_secs(3), "took {took:?}");
 
-        // Both servers still shut down cleanly.
+        // Both servers still shut down cleanly; B counted the one lookup a miss.
         a.stop("-TERM");
-        b.stop("-TERM");
+        let printed = b.stop("-TERM");
+        assert!(
+            has(&printed, "session cache: hits 0 misses 1 "),
+            "{printed:?}"
+        );
     }
 }

@@ -2,12 +2,14 @@
 //! kept across a reload; and hostile files at the snapshot and key file paths (FIFOs, devices,
 //! symbolic links, huge files, planted temporary files, a crash mid-write).
 
+mod support;
+
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::mpsc;
 use std::thread;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use openssl_session_cache::{
     load_snapshot, save_snapshot, Error, KeyRing, MemoryStore, SessionId, SessionStore,
@@ -196,6 +198,26 @@ fn within<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
         .expect("the call blocked for 30 s")
 }
 
+/// Bytes the calling thread has read through `read`-like system calls (`rchar`), from
+/// `/proc/thread-self/io`.
+fn thread_read_bytes() -> u64 {
+    let io = fs::read_to_string("/proc/thread-self/io").expect("/proc/thread-self/io");
+    io.lines()
+        .find_map(|l| l.strip_prefix("rchar: "))
+        .and_then(|n| n.trim().parse().ok())
+        .expect("an rchar line")
+}
+
+/// [`within`], and how many bytes `f` read (its thread's `rchar`; reading the counter itself
+/// costs a few hundred).
+fn within_reading<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> (T, u64) {
+    within(move || {
+        let before = thread_read_bytes();
+        let out = f();
+        (out, thread_read_bytes() - before)
+    })
+}
+
 fn mkfifo(path: &Path) {
     let status = Command::new("mkfifo").arg(path).status().unwrap();
     assert!(status.success(), "mkfifo {}", path.display());
@@ -255,8 +277,12 @@ fn a_directory_or_a_huge_sparse_file_is_refused() {
         .unwrap()
         .set_len(openssl_session_cache::snapshot::MAX_SNAPSHOT_BYTES + 1)
         .unwrap();
-    let msg = refused_quickly(huge);
+    let (msg, read) = within_reading(move || refused(&huge, &ring()));
     assert!(msg.contains("over the"), "{msg}");
+    assert!(
+        read < 64 << 10,
+        "read {read} bytes of a file it refused for its size"
+    );
 }
 
 /// Before, the temporary file was `.NAME.tmp-PID`, opened with `O_CREAT|O_TRUNC` through
@@ -288,6 +314,188 @@ fn a_planted_symlink_is_never_written_through() {
     assert!(fs::symlink_metadata(&path).unwrap().file_type().is_file());
     let store = MemoryStore::builder().build().unwrap();
     assert_eq!(load_snapshot(&store, &path, &ring(), t0()).unwrap(), 10);
+}
+
+/// One system call of a save, from strace's record of the saving thread.
+#[derive(Debug)]
+enum Call {
+    Open {
+        path: String,
+        flags: String,
+        mode: Option<String>,
+    },
+    Sync {
+        path: String,
+    },
+    Rename {
+        from: String,
+        to: String,
+    },
+}
+
+/// The quoted strings of an strace line, in order.
+fn quoted(line: &str) -> Vec<String> {
+    line.split('"')
+        .skip(1)
+        .step_by(2)
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The calls of one thread's strace record (`strace -ff`: one file per thread, so no line is
+/// split by another thread's), with each descriptor resolved to the path it was opened at.
+fn calls(trace: &str) -> Vec<Call> {
+    let mut fds: std::collections::HashMap<String, String> = Default::default();
+    let mut out = Vec::new();
+    for line in trace.lines() {
+        let result = line.rsplit_once(" = ").map(|(_, r)| r.trim().to_owned());
+        let ok = result.as_deref().is_some_and(|r| !r.starts_with('-'));
+        let args = line
+            .split_once('(')
+            .and_then(|(_, a)| a.rsplit_once(')'))
+            .map(|(a, _)| a)
+            .unwrap_or("");
+        if line.starts_with("openat(") && ok {
+            let path = quoted(line).remove(0);
+            let parts: Vec<&str> = args.rsplitn(3, ", ").collect();
+            let (flags, mode) = if parts[0].starts_with('0') {
+                (parts[1].to_owned(), Some(parts[0].to_owned()))
+            } else {
+                (parts[0].to_owned(), None)
+            };
+            fds.insert(result.unwrap(), path.clone());
+            out.push(Call::Open { path, flags, mode });
+        } else if (line.starts_with("fsync(") || line.starts_with("fdatasync(")) && ok {
+            if let Some(path) = fds.get(args.trim()) {
+                out.push(Call::Sync { path: path.clone() });
+            }
+        } else if line.starts_with("close(") {
+            fds.remove(args.trim());
+        } else if line.starts_with("rename") && ok {
+            let q = quoted(line);
+            out.push(Call::Rename {
+                from: q[0].clone(),
+                to: q[1].clone(),
+            });
+        }
+    }
+    out
+}
+
+/// Runs the child under strace and checks each of its two saves: the temporary file is
+/// created exclusively (`O_CREAT|O_EXCL`), mode 0600, beside the target under a random name
+/// (`.NAME.XXXXXX.tmp`, another one each time, no PID in it), synced before it is renamed over
+/// the target, and the directory is synced after the rename.
+fn saves_under_strace(name: &str) {
+    let traces = tempfile::tempdir().unwrap();
+    let prefix = traces.path().join("trace");
+    let prefix = prefix.to_str().unwrap();
+    let run = support::child::run_child(
+        name,
+        &[
+            "strace",
+            "-ff",
+            "-qq",
+            "-s",
+            "4096",
+            "-e",
+            "trace=openat,fsync,fdatasync,close,rename,renameat,renameat2",
+            "-o",
+            prefix,
+        ],
+        support::child::CHILD_LIMIT,
+    );
+    assert!(
+        !run.stderr.contains("strace: ") || run.status.success(),
+        "strace could not run the child (strace is needed: `apt-get install strace`):\n{}",
+        run.stderr
+    );
+    support::child::assert_ran_one(name, &run);
+    let dir = run
+        .stdout
+        .lines()
+        .find_map(|l| l.split_once("snapshot dir: ").map(|(_, d)| d))
+        .expect("the child names its directory")
+        .to_owned();
+    let pid = run
+        .stdout
+        .lines()
+        .find_map(|l| l.split_once("snapshot pid: ").map(|(_, p)| p))
+        .expect("the child prints its pid")
+        .to_owned();
+    let target = format!("{dir}/sessions.snap");
+    let saving: Vec<Call> = fs::read_dir(traces.path())
+        .unwrap()
+        .map(|e| fs::read_to_string(e.unwrap().path()).unwrap())
+        .filter(|t| t.contains(&target))
+        .flat_map(|t| calls(&t))
+        .collect();
+    let temporaries: Vec<usize> = saving
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| matches!(c, Call::Open { path, .. } if path.starts_with(&format!("{dir}/.sessions.snap."))))
+        .map(|(i, _)| i)
+        .collect();
+    assert_eq!(
+        temporaries.len(),
+        2,
+        "two saves, two temporaries: {saving:#?}"
+    );
+    let mut names = Vec::new();
+    for &at in &temporaries {
+        let Call::Open { path, flags, mode } = &saving[at] else {
+            unreachable!()
+        };
+        assert!(
+            flags.contains("O_CREAT") && flags.contains("O_EXCL"),
+            "{path} opened with {flags}"
+        );
+        assert_eq!(mode.as_deref(), Some("0600"), "{path}");
+        let random = path
+            .strip_prefix(&format!("{dir}/.sessions.snap."))
+            .and_then(|r| r.strip_suffix(".tmp"))
+            .unwrap_or_else(|| panic!("{path} is not .sessions.snap.XXXXXX.tmp"));
+        assert!(
+            random.len() >= 6 && random.chars().all(|c| c.is_ascii_alphanumeric()),
+            "{path}: no random part"
+        );
+        assert!(!random.contains(&pid), "{path} holds the process id {pid}");
+        let rest = &saving[at + 1..];
+        let renamed = rest
+            .iter()
+            .position(|c| matches!(c, Call::Rename { from, to } if from == path && *to == target))
+            .unwrap_or_else(|| panic!("{path} was never renamed over {target}: {rest:#?}"));
+        assert!(
+            rest[..renamed]
+                .iter()
+                .any(|c| matches!(c, Call::Sync { path: p } if p == path)),
+            "{path} was not synced before its rename: {rest:#?}"
+        );
+        assert!(
+            rest[renamed..]
+                .iter()
+                .any(|c| matches!(c, Call::Sync { path: p } if *p == dir)),
+            "the directory was not synced after the rename of {path}: {rest:#?}"
+        );
+        names.push(path.clone());
+    }
+    assert_ne!(names[0], names[1], "two saves used the same temporary name");
+}
+
+isolated_test! {
+    parent: saves_under_strace;
+    /// What `saves_under_strace` checks, from outside: the child saves twice.
+    fn the_temporary_file_is_random_exclusive_private_and_synced_with_its_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        println!("snapshot dir: {}", dir.path().display());
+        println!("snapshot pid: {}", std::process::id());
+        let path = dir.path().join("sessions.snap");
+        for _ in 0..2 {
+            assert_eq!(save_snapshot(&filled(), &path, &ring(), t0()).unwrap(), 10);
+        }
+        let store = MemoryStore::builder().build().unwrap();
+        assert_eq!(load_snapshot(&store, &path, &ring(), t0()).unwrap(), 10);
+    }
 }
 
 /// A crash mid-write leaves a partial temporary file beside the snapshot (a process killed
@@ -441,16 +649,14 @@ fn a_huge_key_file_is_refused_without_reading_it() {
     let huge = dir.path().join("session.keys");
     let f = fs::File::create(&huge).unwrap();
     f.set_len(1 << 30).unwrap();
-    let start = Instant::now();
-    let err = within(move || KeyRing::from_file(huge).unwrap_err().to_string());
+    let (err, read) = within_reading(move || KeyRing::from_file(huge).unwrap_err().to_string());
     assert!(
         err.contains("session.keys") && err.contains("over the"),
         "{err}"
     );
     assert!(
-        start.elapsed() < Duration::from_secs(5),
-        "{:?}",
-        start.elapsed()
+        read < 64 << 10,
+        "read {read} bytes of a key file it refused for its size"
     );
 }
 

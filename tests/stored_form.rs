@@ -7,7 +7,6 @@
 mod support;
 
 use std::io::{Read, Write};
-use std::os::unix::net::{UnixDatagram, UnixStream};
 use std::sync::Arc;
 use std::thread;
 
@@ -125,28 +124,12 @@ fn seen(ssl: &SslRef) -> Seen {
 trait Io: Read + Write + Send + std::fmt::Debug + 'static {}
 impl<T: Read + Write + Send + std::fmt::Debug + 'static> Io for T {}
 
-#[derive(Debug)]
-struct Dgram(UnixDatagram);
-impl Read for Dgram {
-    fn read(&mut self, b: &mut [u8]) -> std::io::Result<usize> {
-        self.0.recv(b)
-    }
-}
-impl Write for Dgram {
-    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        self.0.send(b)
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 fn pair(kind: Kind) -> (Box<dyn Io>, Box<dyn Io>) {
     if kind == Kind::Dtls12 {
-        let (a, b) = UnixDatagram::pair().unwrap();
-        (Box::new(Dgram(a)), Box::new(Dgram(b)))
+        let (a, b) = support::datagram_pair();
+        (Box::new(a), Box::new(b))
     } else {
-        let (a, b) = UnixStream::pair().unwrap();
+        let (a, b) = support::stream_pair();
         (Box::new(a), Box::new(b))
     }
 }

@@ -37,6 +37,8 @@ impl Secret {
     fn random() -> Result<Self, ErrorStack> {
         let mut key = Zeroizing::new([0u8; 32]);
         rand_bytes(&mut key[..])?;
+        #[cfg(test)]
+        tests::MADE.with(|made| made.borrow_mut().push(key.clone()));
         Ok(Self::from_key(&key[..]))
     }
 
@@ -162,8 +164,139 @@ impl CookieKeys {
 mod tests {
     use super::*;
 
+    thread_local! {
+        /// Every secret [`Secret::random`] made on this thread (for the tests to look for).
+        pub(super) static MADE: std::cell::RefCell<Vec<Zeroizing<[u8; 32]>>> =
+            const { std::cell::RefCell::new(Vec::new()) };
+    }
+
     fn addr(s: &str) -> SocketAddr {
         s.parse().unwrap()
+    }
+
+    /// Every form in which 8 bytes of `secret` in a row could be written out: raw, hex (lower,
+    /// upper), `Debug` lists of bytes.
+    fn forms(secret: &[u8]) -> Vec<Vec<u8>> {
+        let inner = |l: String| l.as_bytes()[1..l.len() - 1].to_vec();
+        secret
+            .windows(8)
+            .flat_map(|w| {
+                [
+                    w.to_vec(),
+                    hex::encode(w).into_bytes(),
+                    hex::encode_upper(w).into_bytes(),
+                    inner(format!("{w:?}")),
+                    inner(format!("{w:x?}")),
+                    inner(format!("{w:X?}")),
+                    inner(format!("{w:02x?}")),
+                ]
+            })
+            .collect()
+    }
+
+    fn shows(text: &[u8], secret: &[u8]) -> bool {
+        forms(secret)
+            .iter()
+            .any(|f| text.windows(f.len()).any(|w| w == &f[..]))
+    }
+
+    /// Captures what is logged on this thread, every level.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// A server's cookie secrets (the first, and those of two rotations) show in no log line at
+    /// any level, and in no `Debug` output of the keys, the configuration or the endpoint:
+    /// handshakes through the cookie exchange, stale and forged cookies, garbage.
+    #[test]
+    fn cookie_secrets_show_in_no_log_line_and_no_debug_output() {
+        use crate::{DatagramPipe, Endpoint, ServerConfig, SessionCache};
+        use openssl::ssl::{Ssl, SslContext, SslMethod, SslOptions, SslStream, SslVerifyMode};
+
+        MADE.with(|m| m.borrow_mut().clear());
+        let log = Captured::default();
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::TRACE)
+            .with_ansi(false)
+            .with_writer({
+                let log = log.clone();
+                move || log.clone()
+            })
+            .finish();
+        let mut debug = Vec::new();
+        tracing::subscriber::with_default(subscriber, || {
+            let config = ServerConfig::builder(SessionCache::builder().build().unwrap())
+                .cookie_rotation(Duration::from_secs(10))
+                .build()
+                .unwrap();
+            let mut ep = Endpoint::new(config.clone()).unwrap();
+            let mut client = SslContext::builder(SslMethod::dtls_client()).unwrap();
+            client.set_verify(SslVerifyMode::NONE);
+            client.set_options(SslOptions::NO_QUERY_MTU);
+            let client = client.build();
+            let t0 = Instant::now();
+            for (n, at) in [0u64, 11, 22].into_iter().enumerate() {
+                let now = t0 + Duration::from_secs(at);
+                ep.handle_timeout(now); // rotates the secret when due
+                let from: SocketAddr = ([192, 0, 2, n as u8 + 1], 5684).into();
+                let mut ssl = Ssl::new(&client).unwrap();
+                ssl.set_mtu(1400).unwrap();
+                ssl.set_connect_state();
+                let mut c = SslStream::new(ssl, DatagramPipe::new()).unwrap();
+                for _ in 0..10 {
+                    let _ = c.do_handshake();
+                    for d in c.get_mut().take_outbound() {
+                        ep.handle(now, from, &d);
+                    }
+                    while let Some(t) = ep.poll_transmit() {
+                        c.get_mut().push(t.payload);
+                    }
+                }
+                assert!(ep.is_connected(from), "handshake {n}");
+                // Garbage and a ClientHello with a forged cookie from another address.
+                ep.handle(now, ([198, 51, 100, 9], 1).into(), &[22, 0xfe, 0xfd, 0, 0]);
+                while ep.poll_event().is_some() {}
+            }
+            tracing::trace!("capture at trace");
+            debug.push(format!("{:?} {:#?}", config.cookies, config.cookies));
+            debug.push(format!("{config:?} {config:#?}"));
+            debug.push(format!("{ep:?} {ep:#?}"));
+        });
+        let made: Vec<Zeroizing<[u8; 32]>> = MADE.with(|m| m.borrow().clone());
+        assert_eq!(made.len(), 3, "the first secret and two rotations");
+        let logged = log.0.lock().clone();
+        assert!(
+            String::from_utf8_lossy(&logged).contains("capture at trace"),
+            "the capture saw no TRACE line: {}",
+            String::from_utf8_lossy(&logged)
+        );
+        for (i, secret) in made.iter().enumerate() {
+            assert!(
+                !shows(&logged, &secret[..]),
+                "cookie secret {i} in the log:\n{}",
+                String::from_utf8_lossy(&logged)
+            );
+            for d in &debug {
+                assert!(
+                    !shows(d.as_bytes(), &secret[..]),
+                    "cookie secret {i} in {d}"
+                );
+            }
+        }
+        // The search finds a secret written out.
+        assert!(shows(
+            format!("x {} y", hex::encode(&made[1][5..15])).as_bytes(),
+            &made[1][..]
+        ));
     }
 
     #[test]

@@ -1,15 +1,22 @@
 //! Shared test helpers: a throwaway PKI and in-process TLS/DTLS handshakes over socket pairs
-//! (here), the DTLS server and its clients ([`server`]), and the `openssl s_client` CLI
-//! ([`s_client`]). `redis_server.rs` beside it starts a throwaway `redis-server`.
+//! (here), the DTLS server and its clients ([`server`]), the `openssl s_client` CLI
+//! ([`s_client`]), and tests run alone in a child process ([`child`]). `redis_server.rs` beside
+//! it starts a throwaway `redis-server`.
+//!
+//! Every socket pair here is bounded: a side that waits [`IO_PATIENCE`] for its peer's next
+//! bytes fails the test, saying so, instead of hanging it.
 #![allow(dead_code, unsafe_code, unreachable_pub)]
 
+pub mod child;
 pub mod s_client;
+pub mod secrets;
 pub mod server;
 
 use std::io::{self, Read, Write};
 use std::os::unix::net::{UnixDatagram, UnixStream};
 use std::sync::OnceLock;
 use std::thread;
+use std::time::Duration;
 
 use openssl::asn1::Asn1Time;
 use openssl::bn::{BigNum, MsbOption};
@@ -168,9 +175,97 @@ pub struct Outcome {
     pub session: Option<SslSession>,
 }
 
-/// One datagram per read and write over a Unix datagram socket pair.
+/// How long one side of an in-process connection waits for the other's next bytes (or for room
+/// to write) before the test fails. Far beyond any handshake on a loaded machine; only a hung or
+/// dead peer reaches it.
+pub const IO_PATIENCE: Duration = Duration::from_secs(30);
+
+/// A blocking socket whose reads and writes give up after [`IO_PATIENCE`]: the test fails with
+/// a message naming the side, instead of hanging. (OpenSSL sees the panic as a failed read; the
+/// openssl crate carries it out of the `Ssl` call that made the read.)
 #[derive(Debug)]
-struct Dgram(UnixDatagram);
+pub struct Bounded<S> {
+    io: S,
+    side: &'static str,
+}
+
+impl<S: Read> Read for Bounded<S> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self.io.read(buf) {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                panic!(
+                    "{}: nothing arrived from the other side in time (it hung or died)",
+                    self.side
+                )
+            }
+            r => r,
+        }
+    }
+}
+
+impl<S: Write> Write for Bounded<S> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self.io.write(buf) {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                panic!(
+                    "{}: the other side took nothing in time (it hung or died)",
+                    self.side
+                )
+            }
+            r => r,
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.io.flush()
+    }
+}
+
+impl Bounded<UnixStream> {
+    /// `s`, its reads and writes bounded by [`IO_PATIENCE`]; `side` names it in the failure.
+    pub fn stream(s: UnixStream, side: &'static str) -> Self {
+        Self::stream_within(s, side, IO_PATIENCE)
+    }
+
+    /// [`stream`](Self::stream), bounded by `patience` (the harness's own test).
+    pub fn stream_within(s: UnixStream, side: &'static str, patience: Duration) -> Self {
+        s.set_read_timeout(Some(patience)).unwrap();
+        s.set_write_timeout(Some(patience)).unwrap();
+        Self { io: s, side }
+    }
+}
+
+impl Bounded<Dgram> {
+    /// `s`, its reads and writes bounded by [`IO_PATIENCE`]; `side` names it in the failure.
+    pub fn datagram(s: UnixDatagram, side: &'static str) -> Self {
+        s.set_read_timeout(Some(IO_PATIENCE)).unwrap();
+        s.set_write_timeout(Some(IO_PATIENCE)).unwrap();
+        Self { io: Dgram(s), side }
+    }
+}
+
+/// A Unix stream socket pair, `(server side, client side)`, each bounded by [`IO_PATIENCE`].
+pub fn stream_pair() -> (Bounded<UnixStream>, Bounded<UnixStream>) {
+    let (a, b) = UnixStream::pair().unwrap();
+    (
+        Bounded::stream(a, "server side"),
+        Bounded::stream(b, "client side"),
+    )
+}
+
+/// One datagram per read and write over a Unix datagram socket.
+#[derive(Debug)]
+pub struct Dgram(pub UnixDatagram);
 
 impl Read for Dgram {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
@@ -188,10 +283,19 @@ impl Write for Dgram {
     }
 }
 
+/// A Unix datagram socket pair, `(server side, client side)`, each bounded by [`IO_PATIENCE`].
+pub fn datagram_pair() -> (Bounded<Dgram>, Bounded<Dgram>) {
+    let (a, b) = UnixDatagram::pair().unwrap();
+    (
+        Bounded::datagram(a, "server side"),
+        Bounded::datagram(b, "client side"),
+    )
+}
+
 #[derive(Debug)]
 enum Pipe {
-    Stream(UnixStream),
-    Dgram(Dgram),
+    Stream(Bounded<UnixStream>),
+    Dgram(Bounded<Dgram>),
 }
 
 impl Read for Pipe {
@@ -218,10 +322,10 @@ impl Write for Pipe {
 
 fn pipes(dtls: bool) -> (Pipe, Pipe) {
     if dtls {
-        let (a, b) = UnixDatagram::pair().unwrap();
-        (Pipe::Dgram(Dgram(a)), Pipe::Dgram(Dgram(b)))
+        let (a, b) = datagram_pair();
+        (Pipe::Dgram(a), Pipe::Dgram(b))
     } else {
-        let (a, b) = UnixStream::pair().unwrap();
+        let (a, b) = stream_pair();
         (Pipe::Stream(a), Pipe::Stream(b))
     }
 }

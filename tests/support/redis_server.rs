@@ -38,6 +38,82 @@ pub(crate) fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
     }
 }
 
+/// What a lookup completes with.
+#[cfg(feature = "redis")]
+pub(crate) type LookupResult =
+    Result<Option<openssl_session_cache::StoredSession>, openssl_session_cache::StoreError>;
+
+/// How one lookup of [`lookups`] went.
+#[cfg(feature = "redis")]
+#[derive(Debug)]
+pub(crate) struct Looked {
+    /// Completed on the calling thread, before the call returned (a local answer: an open
+    /// breaker, the tier, a queued write).
+    pub(crate) inline: bool,
+    /// From the call to the completion (measured, for lower bounds and messages only).
+    pub(crate) took: Duration,
+    pub(crate) result: LookupResult,
+}
+
+/// Starts the lookups of `ids` one after the other without waiting, then waits (bounded) for
+/// them all, in order.
+///
+/// A completion that comes from another thread waits for its call to have returned first, so a
+/// call that waited for its own answer (on the network) never returns: that lookup fails the
+/// test, naming it, after [`PATIENCE`]. So "the call never waits" is shown without timing it.
+#[cfg(feature = "redis")]
+pub(crate) fn lookups(
+    s: &openssl_session_cache::RedisStore,
+    ids: &[openssl_session_cache::SessionId],
+) -> Vec<Looked> {
+    lookups_in(s, ids, openssl_session_cache::LookupMode::Get)
+}
+
+/// [`lookups`] in `mode`.
+#[cfg(feature = "redis")]
+pub(crate) fn lookups_in(
+    s: &openssl_session_cache::RedisStore,
+    ids: &[openssl_session_cache::SessionId],
+    mode: openssl_session_cache::LookupMode,
+) -> Vec<Looked> {
+    use openssl_session_cache::{LookupDone, SessionStore};
+    use std::sync::mpsc;
+    let (tx, rx) = mpsc::channel();
+    let caller = std::thread::current().id();
+    for (n, id) in ids.iter().enumerate() {
+        let tx = tx.clone();
+        let (returned_tx, returned_rx) = mpsc::channel::<()>();
+        let started = Instant::now();
+        s.lookup(
+            *id,
+            mode,
+            LookupDone::new(move |r| {
+                let took = started.elapsed();
+                let inline = std::thread::current().id() == caller;
+                let call_returned = inline || returned_rx.recv_timeout(PATIENCE).is_ok();
+                let _ = tx.send((n, inline, call_returned, took, r));
+            }),
+        );
+        let _ = returned_tx.send(());
+    }
+    let mut out: Vec<Option<Looked>> = (0..ids.len()).map(|_| None).collect();
+    for _ in 0..ids.len() {
+        let (n, inline, call_returned, took, result) = rx
+            .recv_timeout(PATIENCE + PATIENCE)
+            .expect("every lookup completes");
+        assert!(
+            call_returned,
+            "lookup {n}: the call waited for its own answer ({result:?})"
+        );
+        out[n] = Some(Looked {
+            inline,
+            took,
+            result,
+        });
+    }
+    out.into_iter().map(Option::unwrap).collect()
+}
+
 /// A `redis-server` child process on 127.0.0.1.
 #[derive(Debug)]
 pub(crate) struct RedisServer {

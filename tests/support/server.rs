@@ -141,7 +141,7 @@ pub fn dtls_connect(server: SocketAddr) -> SslStream<UdpIo> {
 }
 
 /// Reads one record (bounded); `None` on close_notify.
-pub fn read_record(stream: &mut SslStream<UdpIo>) -> Option<Vec<u8>> {
+pub fn read_record<S: Read + Write>(stream: &mut SslStream<S>) -> Option<Vec<u8>> {
     let mut buf = [0u8; 2048];
     let end = Instant::now() + Duration::from_secs(5);
     loop {
@@ -155,7 +155,7 @@ pub fn read_record(stream: &mut SslStream<UdpIo>) -> Option<Vec<u8>> {
 }
 
 /// Sends `data` and waits (bounded) for the answer.
-pub fn echo(stream: &mut SslStream<UdpIo>, data: &[u8]) -> Vec<u8> {
+pub fn echo<S: Read + Write>(stream: &mut SslStream<S>, data: &[u8]) -> Vec<u8> {
     stream.ssl_write(data).unwrap();
     read_record(stream).expect("an answer, not close_notify")
 }
