@@ -39,7 +39,7 @@ measure() { # name port server-command...
   wait $lpid
   local t1; t1=$(ticks $pid)
   local s1; s1=$(date +%s.%N)
-  kill -INT $pid 2>/dev/null; wait $pid 2>/dev/null
+  kill -TERM $pid 2>/dev/null; wait $pid 2>/dev/null
   local out; out=$(cat /tmp/record_bench.$$)
   local rate; rate=$(echo "$out" | grep -oE "rate=[0-9]+" | cut -d= -f2)
   local lcpu; lcpu=$(echo "$out" | grep -oE "load_cpu_us_per_echo=[0-9.]+" | cut -d= -f2)

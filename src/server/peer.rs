@@ -559,6 +559,10 @@ impl Peer {
             return false;
         }
         let final_flight = c.final_flight.take();
+        if let Some(keys) = c.cid.as_ref().and_then(|cid| cid.keys.as_ref()) {
+            // The keys that translated the Finished messages go with the Ssl.
+            crypto.forget(keys);
+        }
         let cids = c.cid.as_ref().map(|cid| (&*cid.ours, &*cid.theirs));
         match Lean::take_over(
             c.stream.ssl(),

@@ -581,6 +581,10 @@ impl Endpoint {
     /// Removes what the endpoint knows of `peer` (at `addr`) besides its entry: its connection ID
     /// and its DSM slot.
     fn forget_peer(&mut self, addr: SocketAddr, peer: &Peer) {
+        if let Some(lean) = peer.lean() {
+            // Its keys' schedules in the shared contexts go with it.
+            self.crypto.forget(lean.record().keys());
+        }
         if let Some(cid) = peer.our_cid() {
             if self.cids.get(cid) == Some(&addr) {
                 self.cids.remove(cid);

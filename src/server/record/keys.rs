@@ -136,18 +136,28 @@ impl Aead {
 pub(crate) struct DirectionKey {
     key: [u8; 32],
     iv: [u8; 12],
+    /// Names this key (and its copies) for the contexts that hold its key schedule.
+    id: u64,
 }
 
 impl DirectionKey {
     /// A key from its bytes (`key` of the AEAD's key length, `iv` its fixed IV).
     pub(crate) fn new(key: &[u8], iv: &[u8]) -> Self {
+        static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
         let mut k = Self {
             key: [0; 32],
             iv: [0; 12],
+            id: NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         };
         k.key[..key.len()].copy_from_slice(key);
         k.iv[..iv.len()].copy_from_slice(iv);
         k
+    }
+
+    /// This key's id (the same for its copies), under which [`Crypto`](super::protect::Crypto)
+    /// keeps a context holding its key schedule.
+    pub(crate) fn id(&self) -> u64 {
+        self.id
     }
 
     /// The key, `len` bytes.

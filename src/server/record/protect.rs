@@ -38,15 +38,19 @@ pub(crate) const CONTENT_APPLICATION_DATA: u8 = 23;
 /// `tls12_cid` (RFC 9146): a protected record carrying a connection ID.
 pub(crate) const CONTENT_TLS12_CID: u8 = 25;
 
-/// An EVP cipher fetched once and a context for each direction, reused for every record of
-/// every peer of one endpoint (re-keyed per record, which costs a key schedule, not an
-/// allocation).
+/// How many keyed contexts the endpoint keeps per AEAD and direction: the keys of the peers
+/// that talked last keep their key schedule (AES round keys, GHASH table), so a record costs
+/// setting a nonce, not a key setup; past that, the least recently used context is keyed anew.
+const KEYED_CONTEXTS: usize = 64;
+
+/// An EVP cipher fetched once and, for each direction, contexts keyed for recent peers' keys.
 struct AeadContexts {
-    seal: CipherCtx,
-    open: CipherCtx,
+    cipher: Cipher,
+    seal: lru::LruCache<u64, CipherCtx>,
+    open: lru::LruCache<u64, CipherCtx>,
 }
 
-/// The endpoint's EVP contexts, one set per AEAD, made on first use.
+/// The endpoint's EVP contexts, per AEAD, made on first use.
 #[derive(Default)]
 pub(crate) struct Crypto {
     contexts: [Option<AeadContexts>; 7],
@@ -65,24 +69,77 @@ fn slot(aead: Aead) -> usize {
         .expect("BUG: every AEAD is in Aead::ALL")
 }
 
+/// The context keyed with `key` in `cache` (keyed now if it was not), its nonce set to `nonce`
+/// for one record.
+fn keyed<'a>(
+    cache: &'a mut lru::LruCache<u64, CipherCtx>,
+    cipher: &Cipher,
+    aead: Aead,
+    key: &DirectionKey,
+    nonce: &[u8; 12],
+    seal: bool,
+) -> Result<&'a mut CipherCtx, ErrorStack> {
+    let init = |ctx: &mut CipherCtx, key: Option<&[u8]>| {
+        if seal {
+            ctx.encrypt_init(None, key, Some(nonce))
+        } else {
+            ctx.decrypt_init(None, key, Some(nonce))
+        }
+    };
+    if cache.contains(&key.id()) {
+        let ctx = cache.get_mut(&key.id()).expect("BUG: just looked up");
+        init(ctx, None)?;
+        return Ok(cache.get_mut(&key.id()).expect("BUG: just looked up"));
+    }
+    // A context to key: a new one, or the least recently used one (its old key schedule is
+    // overwritten by the new key's).
+    let mut ctx = match cache.len() >= KEYED_CONTEXTS {
+        true => cache.pop_lru().map(|(_, c)| c),
+        false => None,
+    };
+    if ctx.is_none() {
+        let mut c = CipherCtx::new()?;
+        if seal {
+            c.encrypt_init(Some(cipher), None, None)?;
+        } else {
+            c.decrypt_init(Some(cipher), None, None)?;
+        }
+        if aead.is_ccm() {
+            // Both before the key: CCM's tag length goes into its key setup.
+            c.set_iv_length(12)?;
+            c.set_tag_length(aead.tag_len())?;
+        }
+        ctx = Some(c);
+    }
+    let mut ctx = ctx.expect("BUG: just made");
+    init(&mut ctx, Some(key.key(aead.key_len())))?;
+    cache.push(key.id(), ctx);
+    Ok(cache.get_mut(&key.id()).expect("BUG: just pushed"))
+}
+
 impl Crypto {
     fn contexts(&mut self, aead: Aead) -> Result<&mut AeadContexts, ErrorStack> {
         let entry = &mut self.contexts[slot(aead)];
         if entry.is_none() {
-            let cipher = Cipher::fetch(None, aead.evp_name(), None)?;
-            let mut seal = CipherCtx::new()?;
-            seal.encrypt_init(Some(&cipher), None, None)?;
-            let mut open = CipherCtx::new()?;
-            open.decrypt_init(Some(&cipher), None, None)?;
-            if aead.is_ccm() {
-                seal.set_iv_length(12)?;
-                seal.set_tag_length(aead.tag_len())?;
-                open.set_iv_length(12)?;
-            }
-            // Each context holds its own reference to the fetched cipher.
-            *entry = Some(AeadContexts { seal, open });
+            let cap = std::num::NonZeroUsize::new(KEYED_CONTEXTS).expect("BUG: not zero");
+            *entry = Some(AeadContexts {
+                cipher: Cipher::fetch(None, aead.evp_name(), None)?,
+                seal: lru::LruCache::new(cap),
+                open: lru::LruCache::new(cap),
+            });
         }
         Ok(entry.as_mut().expect("BUG: just set"))
+    }
+
+    /// Drops the contexts keyed with `keys` (a peer that went): `EVP_CIPHER_CTX_free` wipes the
+    /// key schedules.
+    pub(crate) fn forget(&mut self, keys: &RecordKeys) {
+        if let Some(c) = self.contexts[slot(keys.aead)].as_mut() {
+            for id in [keys.client.id(), keys.server.id()] {
+                c.seal.pop(&id);
+                c.open.pop(&id);
+            }
+        }
     }
 
     /// Seals one record of `content_type` holding `payload` under `key` with sequence number
@@ -136,19 +193,18 @@ impl Crypto {
         if let Framing::Cid(_) = framing {
             out.push(content_type);
         }
-        let c = self.contexts(aead)?;
         let sealed = (|| {
-            c.seal
-                .encrypt_init(None, Some(key.key(aead.key_len())), Some(&nonce))?;
+            let c = self.contexts(aead)?;
+            let ctx = keyed(&mut c.seal, &c.cipher, aead, key, &nonce, true)?;
             if aead.is_ccm() {
-                c.seal.set_data_len(inner_len)?;
+                ctx.set_data_len(inner_len)?;
             }
-            c.seal.cipher_update(aad.bytes(), None)?;
-            let n = c.seal.cipher_update_inplace(&mut out[body..], inner_len)?;
+            ctx.cipher_update(aad.bytes(), None)?;
+            let n = ctx.cipher_update_inplace(&mut out[body..], inner_len)?;
             debug_assert_eq!(n, inner_len);
-            c.seal.cipher_final(&mut [])?;
+            ctx.cipher_final(&mut [])?;
             let mut tag = [0u8; 16];
-            c.seal.tag(&mut tag[..tag_len])?;
+            ctx.tag(&mut tag[..tag_len])?;
             out.extend_from_slice(&tag[..tag_len]);
             Ok(())
         })();
@@ -190,25 +246,21 @@ impl Crypto {
             Framing::Plain => Aad::Plain(additional_data(&seq_num, content_type, ciphertext.len())),
             Framing::Cid(cid) => Aad::Cid(cid_additional_data(&seq_num, cid, ciphertext.len())),
         };
-        let Ok(c) = self.contexts(aead) else {
-            return Err(Unopened);
-        };
         out.resize(ciphertext.len(), 0);
         let opened = (|| {
+            let c = self.contexts(aead)?;
+            let ctx = keyed(&mut c.open, &c.cipher, aead, key, &nonce, false)?;
             if aead.is_ccm() {
-                c.open.set_tag(tag)?;
+                // The expected tag (and its length) before the data, as CCM needs.
+                ctx.set_tag(tag)?;
+                ctx.set_data_len(ciphertext.len())?;
             }
-            c.open
-                .decrypt_init(None, Some(key.key(aead.key_len())), Some(&nonce))?;
-            if aead.is_ccm() {
-                c.open.set_data_len(ciphertext.len())?;
-            }
-            c.open.cipher_update(aad.bytes(), None)?;
+            ctx.cipher_update(aad.bytes(), None)?;
             // For CCM, this is where the tag is verified.
-            c.open.cipher_update(ciphertext, Some(&mut out[..]))?;
+            ctx.cipher_update(ciphertext, Some(&mut out[..]))?;
             if !aead.is_ccm() {
-                c.open.set_tag(tag)?;
-                c.open.cipher_final(&mut [])?;
+                ctx.set_tag(tag)?;
+                ctx.cipher_final(&mut [])?;
             }
             Ok::<(), ErrorStack>(())
         })();
@@ -555,5 +607,56 @@ impl RecordState {
     #[cfg(any(test, feature = "__fuzzing"))]
     pub(crate) fn set_next_write(&mut self, seq: u64) {
         self.next_write = seq;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn keys(seed: u8) -> RecordKeys {
+        RecordKeys::from_master_secret(
+            Aead::Aes128Gcm,
+            openssl::hash::MessageDigest::sha256(),
+            &[seed; 48],
+            &[1; 32],
+            &[2; 32],
+        )
+        .unwrap()
+    }
+
+    fn keyed_count(c: &mut Crypto) -> (usize, usize) {
+        let a = c.contexts(Aead::Aes128Gcm).unwrap();
+        (a.seal.len(), a.open.len())
+    }
+
+    #[test]
+    fn keyed_contexts_are_bounded_reused_and_forgotten_with_their_peer() {
+        let mut crypto = Crypto::default();
+        let (a, b) = (keys(1), keys(2));
+        let mut out = Vec::new();
+        let seal = |crypto: &mut Crypto, k: &RecordKeys, out: &mut Vec<u8>| {
+            out.clear();
+            crypto
+                .seal(k.aead, &k.server, Framing::Plain, 23, 1, 5, None, b"x", out)
+                .unwrap();
+        };
+        seal(&mut crypto, &a, &mut out);
+        let first = out.clone();
+        seal(&mut crypto, &b, &mut out);
+        // Keyed again for `a` from the cache: the same bytes as the first time.
+        seal(&mut crypto, &a, &mut out);
+        assert_eq!(out, first);
+        assert_eq!(keyed_count(&mut crypto), (2, 0));
+        crypto.forget(&a);
+        assert_eq!(keyed_count(&mut crypto), (1, 0));
+        // Past the bound the least recently used context is keyed anew; records stay right.
+        let many: Vec<RecordKeys> = (0..KEYED_CONTEXTS as u8 + 8).map(|i| keys(i + 10)).collect();
+        for k in &many {
+            seal(&mut crypto, k, &mut out);
+        }
+        assert_eq!(keyed_count(&mut crypto).0, KEYED_CONTEXTS);
+        seal(&mut crypto, &a, &mut out);
+        assert_eq!(out, first, "a key whose context was evicted is keyed again");
     }
 }
