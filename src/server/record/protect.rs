@@ -651,7 +651,9 @@ mod tests {
         crypto.forget(&a);
         assert_eq!(keyed_count(&mut crypto), (1, 0));
         // Past the bound the least recently used context is keyed anew; records stay right.
-        let many: Vec<RecordKeys> = (0..KEYED_CONTEXTS as u8 + 8).map(|i| keys(i + 10)).collect();
+        let many: Vec<RecordKeys> = (0..KEYED_CONTEXTS as u8 + 8)
+            .map(|i| keys(i + 10))
+            .collect();
         for k in &many {
             seal(&mut crypto, k, &mut out);
         }
