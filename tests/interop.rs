@@ -1739,3 +1739,30 @@ fn wolfssl_example_client_negotiates_a_cid_over_dtls_1_2() {
     // Finished, the line, close_notify each way.
     assert_eq!((up, down), (3, 3));
 }
+
+/// The server's final flight (ChangeCipherSpec, and Finished as a `tls12_cid` record) lost on
+/// the way: wolfSSL retransmits its own final flight, Finished in a `tls12_cid` record, to a
+/// peer already lean, which answers with the flight it kept, framed for the client's CID.
+#[test]
+fn wolfssl_cid_client_gets_the_final_flight_again_from_a_lean_peer_after_losing_it() {
+    for own in ["f1", ""] {
+        let server = Server::certificate().losing_the_final_flight();
+        let mut args = vec!["-n", "2"];
+        if own.is_empty() {
+            args.push("-i");
+        } else {
+            args.extend(["-c", own]);
+        }
+        let run = cid_client(server.addr(), &args);
+        assert_eq!(
+            (run.summary("echoed"), run.summary("lost")),
+            (2, 0),
+            "{}",
+            joined(&run.out)
+        );
+        assert_cid_negotiated(&run, 0, own, false);
+        server.assert_final_flight_resent();
+        server.assert_lean_echo(0, "ECDHE-ECDSA-AES256-GCM-SHA384", false, "cid a0 r0 l2");
+        server.assert_all_closed_by_close_notify(1);
+    }
+}

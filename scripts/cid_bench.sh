@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# Connection IDs (issue 18), the figures of BENCHMARKS.md:
+#  (a) the echo server's CPU per echoed record with a connection ID against without, same load:
+#      16 associations of tests/interop/wolfssl_cid_client.c (wolfSSL, one process), each
+#      echoing LINES lines one at a time, no moves; the server's CPU (all its threads' on-CPU
+#      time from /proc/PID/task/*/schedstat, ns) from the moment every handshake is done to the
+#      last echo, divided by the echoes. Modes: no CID, a CID both ways (client's 4 bytes),
+#      the server's CID only (the client asks for an empty one). RUNS rounds, each mode once per
+#      round in turn; the median is reported by the caller from the printed lines.
+#  (b) address changes survived under load: the same 16 associations, each closing its socket
+#      and going on over a new one every EVERY lines, MOVE_LINES lines each, against one and two
+#      workers (with two, the new source port lands on either worker's socket and the server's
+#      BPF program steers it by its connection ID).
+# Needs the release echo server and the wolfSSL CID build (scripts/interop_peers.sh
+# wolfssl_cid). Binds 127.0.0.1:4621-4622 only; stops what it started, by PID.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+RUNS=${RUNS:-3}
+LINES=${LINES:-4000}
+MOVE_LINES=${MOVE_LINES:-2000}
+EVERY=${EVERY:-4}
+CLIENTS=${CLIENTS:-16}
+cargo build --release --example dtls_echo_server --quiet
+bash scripts/interop_peers.sh wolfssl_cid >/dev/null
+C=${INTEROP_DIR:-target/interop}/wolfssl-cid/cid_client
+S=target/release/examples/dtls_echo_server
+
+server_ns() { # the on-CPU time of all of process $1's threads, ns
+    cat /proc/"$1"/task/*/schedstat | awk '{s += $1} END {printf "%d\n", s}'
+}
+
+# run PID PORT ARGS...: one gated load run; prints the server's ns and the client's summary.
+run() {
+    local pid=$1 port=$2
+    shift 2
+    local line s0 s1
+    coproc LOAD { exec "$C" -p "$port" -m "$CLIENTS" -q -g "$@"; }
+    while read -r line <&"${LOAD[0]}"; do
+        [ "$line" = ready ] && break
+    done
+    s0=$(server_ns "$pid")
+    echo go >&"${LOAD[1]}"
+    while read -r line <&"${LOAD[0]}"; do
+        case $line in summary*) break ;; esac
+    done
+    s1=$(server_ns "$pid")
+    wait "$LOAD_PID" || true
+    echo "server_ns=$((s1 - s0)) $line"
+}
+
+field() { # field NAME LINE
+    echo "$2" | tr ' ' '\n' | sed -n "s/^$1=//p"
+}
+
+$S --listen 127.0.0.1:4621 --stats-interval 0 --max-peers 4096 --per-ip 4096 >/dev/null 2>&1 &
+P1=$!
+$S --listen 127.0.0.1:4622 --workers 2 --stats-interval 0 --max-peers 4096 --per-ip 4096 \
+    >/dev/null 2>&1 &
+P2=$!
+trap 'kill -INT $P1 $P2 2>/dev/null; wait $P1 $P2 2>/dev/null || true' EXIT
+sleep 1
+
+echo "# (a) CPU per echoed record, $CLIENTS associations x $LINES lines, one worker"
+for round in $(seq "$RUNS"); do
+    for mode in none both server-only; do
+        case $mode in
+        none) args=() ;;
+        both) args=(-c 0a0b0c0d) ;;
+        server-only) args=(-i) ;;
+        esac
+        out=$(run $P1 4621 -n "$LINES" "${args[@]}")
+        echoed=$(field echoed "$out")
+        ns=$(field server_ns "$out")
+        ccpu=$(field echo_cpu_us "$out")
+        wall=$(field echo_wall_ms "$out")
+        printf 'round=%s mode=%s echoed=%s lost=%s server_ns_per_echo=%s client_ns_per_echo=%s echoes_per_s=%s\n' \
+            "$round" "$mode" "$echoed" "$(field lost "$out")" "$((ns / echoed))" \
+            "$((ccpu * 1000 / echoed))" "$(echo "$echoed * 1000 / $wall" | bc)"
+    done
+done
+
+echo "# (b) moves under load: $CLIENTS associations x $MOVE_LINES lines, a new socket every $EVERY"
+for w in 1 2; do
+    port=$((4620 + w))
+    pid=$([ "$w" = 1 ] && echo $P1 || echo $P2)
+    for round in $(seq "$RUNS"); do
+        out=$(run "$pid" "$port" -n "$MOVE_LINES" -k "$EVERY" -c 0a0b0c0d)
+        echo "workers=$w round=$round $(echo "$out" | cut -d' ' -f2-) server_ns_per_echo=$(($(field server_ns "$out") / $(field echoed "$out")))"
+    done
+done
