@@ -5,8 +5,8 @@
 #      echoing LINES lines one at a time, no moves; the server's CPU (all its threads' on-CPU
 #      time from /proc/PID/task/*/schedstat, ns) from the moment every handshake is done to the
 #      last echo, divided by the echoes. Modes: no CID, a CID both ways (client's 4 bytes),
-#      the server's CID only (the client asks for an empty one). RUNS rounds, each mode once per
-#      round in turn; the median is reported by the caller from the printed lines.
+#      the server's CID only (the client asks for an empty one); lines of ~13 bytes and of 1000.
+#      RUNS rounds, each mode once per round in turn (the baseline in the same run); medians.
 #  (b) address changes survived under load: the same 16 associations, each closing its socket
 #      and going on over a new one every EVERY lines, MOVE_LINES lines each, against one and two
 #      workers (with two, the new source port lands on either worker's socket and the server's
@@ -20,31 +20,38 @@ LINES=${LINES:-4000}
 MOVE_LINES=${MOVE_LINES:-2000}
 EVERY=${EVERY:-4}
 CLIENTS=${CLIENTS:-16}
+# Line sizes for (a): 0 = as written ("cid a0 r0 l1", ~13 bytes), else padded to that many bytes.
+SIZES=${SIZES:-0 1000}
 cargo build --release --example dtls_echo_server --quiet
 bash scripts/interop_peers.sh wolfssl_cid >/dev/null
 C=${INTEROP_DIR:-target/interop}/wolfssl-cid/cid_client
 S=target/release/examples/dtls_echo_server
 
 server_ns() { # the on-CPU time of all of process $1's threads, ns
-    cat /proc/"$1"/task/*/schedstat | awk '{s += $1} END {printf "%d\n", s}'
+    cat /proc/"$1"/task/*/schedstat | awk '{s += $1} END {printf "%.0f\n", s}'
 }
 
 # run PID PORT ARGS...: one gated load run; prints the server's ns and the client's summary.
 run() {
     local pid=$1 port=$2
     shift 2
-    local line s0 s1
-    coproc LOAD { exec "$C" -p "$port" -m "$CLIENTS" -q -g "$@"; }
-    while read -r line <&"${LOAD[0]}"; do
+    local line s0 s1 load
+    rm -f "$FIFO.in" "$FIFO.out"
+    mkfifo "$FIFO.in" "$FIFO.out"
+    "$C" -p "$port" -m "$CLIENTS" -q -g "$@" <"$FIFO.in" >"$FIFO.out" &
+    load=$!
+    exec 8>"$FIFO.in" 9<"$FIFO.out"
+    while read -r line <&9; do
         [ "$line" = ready ] && break
     done
     s0=$(server_ns "$pid")
-    echo go >&"${LOAD[1]}"
-    while read -r line <&"${LOAD[0]}"; do
+    echo go >&8
+    while read -r line <&9; do
         case $line in summary*) break ;; esac
     done
     s1=$(server_ns "$pid")
-    wait "$LOAD_PID" || true
+    exec 8>&- 9<&-
+    wait "$load" || true
     echo "server_ns=$((s1 - s0)) $line"
 }
 
@@ -57,25 +64,39 @@ P1=$!
 $S --listen 127.0.0.1:4622 --workers 2 --stats-interval 0 --max-peers 4096 --per-ip 4096 \
     >/dev/null 2>&1 &
 P2=$!
-trap 'kill -INT $P1 $P2 2>/dev/null; wait $P1 $P2 2>/dev/null || true' EXIT
+FIFO=$(mktemp -u /tmp/cid_bench.XXXXXX)
+trap 'kill -INT $P1 $P2 2>/dev/null; wait $P1 $P2 2>/dev/null || true; rm -f "$FIFO.in" "$FIFO.out" "$FIFO.a"' EXIT
 sleep 1
 
 echo "# (a) CPU per echoed record, $CLIENTS associations x $LINES lines, one worker"
 for round in $(seq "$RUNS"); do
+    for size in $SIZES; do
+        for mode in none both server-only; do
+            case $mode in
+            none) args=() ;;
+            both) args=(-c 0a0b0c0d) ;;
+            server-only) args=(-i) ;;
+            esac
+            out=$(run $P1 4621 -n "$LINES" -z "$size" "${args[@]}")
+            echoed=$(field echoed "$out")
+            ns=$(field server_ns "$out")
+            ccpu=$(field echo_cpu_us "$out")
+            wall=$(field echo_wall_ms "$out")
+            printf 'round=%s size=%s mode=%s echoed=%s lost=%s server_ns_per_echo=%s client_ns_per_echo=%s echoes_per_s=%s\n' \
+                "$round" "$size" "$mode" "$echoed" "$(field lost "$out")" "$((ns / echoed))" \
+                "$((ccpu * 1000 / echoed))" "$(echo "$echoed * 1000 / $wall" | bc)" | tee -a "$FIFO.a"
+        done
+    done
+done
+echo "# (a) medians over $RUNS rounds: size mode server_ns_per_echo client_ns_per_echo echoes_per_s"
+for size in $SIZES; do
     for mode in none both server-only; do
-        case $mode in
-        none) args=() ;;
-        both) args=(-c 0a0b0c0d) ;;
-        server-only) args=(-i) ;;
-        esac
-        out=$(run $P1 4621 -n "$LINES" "${args[@]}")
-        echoed=$(field echoed "$out")
-        ns=$(field server_ns "$out")
-        ccpu=$(field echo_cpu_us "$out")
-        wall=$(field echo_wall_ms "$out")
-        printf 'round=%s mode=%s echoed=%s lost=%s server_ns_per_echo=%s client_ns_per_echo=%s echoes_per_s=%s\n' \
-            "$round" "$mode" "$echoed" "$(field lost "$out")" "$((ns / echoed))" \
-            "$((ccpu * 1000 / echoed))" "$(echo "$echoed * 1000 / $wall" | bc)"
+        m=()
+        for f in server_ns_per_echo client_ns_per_echo echoes_per_s; do
+            m+=("$(grep " size=$size mode=$mode " "$FIFO.a" | tr ' ' '\n' | sed -n "s/^$f=//p" |
+                sort -n | awk '{v[NR] = $1} END {print v[int((NR + 1) / 2)]}')")
+        done
+        echo "median size=$size mode=$mode ${m[*]}"
     done
 done
 
