@@ -59,13 +59,13 @@ field() { # field NAME LINE
     echo "$2" | tr ' ' '\n' | sed -n "s/^$1=//p"
 }
 
-$S --listen 127.0.0.1:4621 --stats-interval 0 --max-peers 4096 --per-ip 4096 >/dev/null 2>&1 &
+FIFO=$(mktemp -u /tmp/cid_bench.XXXXXX)
+$S --listen 127.0.0.1:4621 --stats-interval 0 --max-peers 4096 --per-ip 4096 >"$FIFO.s1" 2>&1 &
 P1=$!
 $S --listen 127.0.0.1:4622 --workers 2 --stats-interval 0 --max-peers 4096 --per-ip 4096 \
-    >/dev/null 2>&1 &
+    >"$FIFO.s2" 2>&1 &
 P2=$!
-FIFO=$(mktemp -u /tmp/cid_bench.XXXXXX)
-trap 'kill -INT $P1 $P2 2>/dev/null; wait $P1 $P2 2>/dev/null || true; rm -f "$FIFO.in" "$FIFO.out" "$FIFO.a"' EXIT
+trap 'kill -INT $P1 $P2 2>/dev/null; wait $P1 $P2 2>/dev/null || true; rm -f "$FIFO".*' EXIT
 sleep 1
 
 echo "# (a) CPU per echoed record, $CLIENTS associations x $LINES lines, one worker"
@@ -108,4 +108,10 @@ for w in 1 2; do
         out=$(run "$pid" "$port" -n "$MOVE_LINES" -k "$EVERY" -c 0a0b0c0d)
         echo "workers=$w round=$round $(echo "$out" | cut -d' ' -f2-) server_ns_per_echo=$(($(field server_ns "$out") / $(field echoed "$out")))"
     done
+done
+# The servers' own counts: (a) makes no move, so each server's migrations are (b)'s moves.
+kill -INT $P1 $P2
+wait $P1 $P2 || true
+for w in 1 2; do
+    echo "server workers=$w (after $RUNS rounds of (b)): $(grep 'endpoint: migrations' "$FIFO.s$w")"
 done

@@ -1,16 +1,16 @@
 /*
  * A small DTLS 1.2 client on wolfSSL (built with --enable-dtlscid) for the connection ID
- * interop tests and figures (tests/interop_cid.rs, BENCHMARKS.md): an independent RFC 9146
+ * interop tests and figures (tests/interop.rs, scripts/cid_bench.sh, BENCHMARKS.md): an independent RFC 9146
  * implementation that changes its UDP socket, so its source port, under an established
  * association.
  *
  * It runs -m associations at once, non-blocking, in one thread. Each does a DTLS 1.2 handshake
  * (no certificate verification, or PSK), asking for a connection ID if -i or -c says so, then
  * sends -n lines one at a time, each echoed by the server before the next goes. Every -k lines
- * it closes its UDP socket and carries on with the same association (wolfSSL_set_fd) on a new
- * one, bound to a new port: the server sees the association's records come from a new address
- * and must send the echo there, which is the only place it can arrive, the old socket being
- * closed. A line whose echo does not come within -t ms is sent again (a new record), at most
+ * it opens a new UDP socket (a new port), closes the old one and carries on with the same
+ * association over the new one (wolfSSL_set_fd): the server sees the association's records
+ * come from a new address and must send the echo there, which is the only place it can arrive,
+ * the old socket being closed. A line whose echo does not come within -t ms is sent again (a new record), at most
  * -R times. Then close_notify, and with -r a second handshake resuming the session, the same
  * lines and moves again.
  *
@@ -238,9 +238,11 @@ static void next_line(struct assoc *a)
     a->tries = 0;
     a->moved = 0;
     if (every > 0 && a->line > 1 && (a->line - 1) % every == 0) {
-        int from = a->port;
-        close(a->fd);
+        /* The new socket is bound before the old one is closed, so its port is another: a
+         * port just freed may be handed out again, and the server would see no move. */
+        int from = a->port, old = a->fd;
         a->fd = new_socket(&a->port);
+        close(old);
         if (wolfSSL_set_fd(a->ssl, a->fd) != WOLFSSL_SUCCESS)
             die("wolfSSL_set_fd");
         moves++;
