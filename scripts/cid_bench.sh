@@ -22,6 +22,8 @@ EVERY=${EVERY:-4}
 CLIENTS=${CLIENTS:-16}
 # Line sizes for (a): 0 = as written ("cid a0 r0 l1", ~13 bytes), else padded to that many bytes.
 SIZES=${SIZES:-0 1000}
+# Which figures: a, b or both.
+PARTS=${PARTS:-a b}
 cargo build --release --example dtls_echo_server --quiet
 bash scripts/interop_peers.sh wolfssl_cid >/dev/null
 C=${INTEROP_DIR:-target/interop}/wolfssl-cid/cid_client
@@ -68,6 +70,7 @@ P2=$!
 trap 'kill -INT $P1 $P2 2>/dev/null; wait $P1 $P2 2>/dev/null || true; rm -f "$FIFO".*' EXIT
 sleep 1
 
+if [[ " $PARTS " == *" a "* ]]; then
 echo "# (a) CPU per echoed record, $CLIENTS associations x $LINES lines, one worker"
 for round in $(seq "$RUNS"); do
     for size in $SIZES; do
@@ -99,19 +102,36 @@ for size in $SIZES; do
         echo "median size=$size mode=$mode ${m[*]}"
     done
 done
+fi
 
-echo "# (b) moves under load: $CLIENTS associations x $MOVE_LINES lines, a new socket every $EVERY"
-for w in 1 2; do
-    port=$((4620 + w))
-    pid=$([ "$w" = 1 ] && echo $P1 || echo $P2)
-    for round in $(seq "$RUNS"); do
-        out=$(run "$pid" "$port" -n "$MOVE_LINES" -k "$EVERY" -c 0a0b0c0d)
-        echo "workers=$w round=$round $(echo "$out" | cut -d' ' -f2-) server_ns_per_echo=$(($(field server_ns "$out") / $(field echoed "$out")))"
+if [[ " $PARTS " == *" b "* ]]; then
+    echo "# (b) moves under load: $CLIENTS associations x $MOVE_LINES lines, a new socket every $EVERY"
+    echo "#     (and the same load without moves, in turn: what a move costs)"
+    for w in 1 2; do
+        port=$((4620 + w))
+        pid=$([ "$w" = 1 ] && echo $P1 || echo $P2)
+        for round in $(seq "$RUNS"); do
+            out=$(run "$pid" "$port" -n "$MOVE_LINES" -k "$EVERY" -c 0a0b0c0d)
+            still=$(run "$pid" "$port" -n "$MOVE_LINES" -c 0a0b0c0d)
+            moving_ns=$(field server_ns "$out")
+            still_ns=$(field server_ns "$still")
+            moves=$(field moves "$out")
+            echo "workers=$w round=$round $(echo "$out" | cut -d' ' -f2-)" \
+                "server_ns_per_echo=$((moving_ns / $(field echoed "$out")))" \
+                "without_moves_server_ns_per_echo=$((still_ns / $(field echoed "$still")))" \
+                "server_ns_per_move=$(((moving_ns - still_ns) / moves))" \
+                "client_ns_per_move=$((($(field echo_cpu_us "$out") - $(field echo_cpu_us "$still")) * 1000 / moves))" |
+                tee -a "$FIFO.b$w"
+        done
+        for f in server_ns_per_echo without_moves_server_ns_per_echo server_ns_per_move client_ns_per_move; do
+            echo "median workers=$w $f=$(tr ' ' '\n' <"$FIFO.b$w" | sed -n "s/^$f=//p" | sort -n |
+                awk '{v[NR] = $1} END {print v[int((NR + 1) / 2)]}')"
+        done
     done
-done
-# The servers' own counts: (a) makes no move, so each server's migrations are (b)'s moves.
+fi
+# The servers' own counts: only (b)'s moving runs move, so each server's migrations are their moves.
 kill -INT $P1 $P2
 wait $P1 $P2 || true
 for w in 1 2; do
-    echo "server workers=$w (after $RUNS rounds of (b)): $(grep 'endpoint: migrations' "$FIFO.s$w")"
+    echo "server workers=$w: $(grep 'endpoint: migrations' "$FIFO.s$w")"
 done
