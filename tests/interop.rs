@@ -1766,3 +1766,23 @@ fn wolfssl_cid_client_gets_the_final_flight_again_from_a_lean_peer_after_losing_
         server.assert_all_closed_by_close_notify(1);
     }
 }
+
+/// A server with connection IDs off does not answer the extension; wolfSSL then goes on without
+/// one (RFC 9146 §3: a CID is in use only if the server's ServerHello carries the extension),
+/// its records in the plain format, and the echo works.
+#[test]
+fn wolfssl_cid_client_against_a_server_with_connection_ids_off_goes_on_without() {
+    let server = Server::start(|b| b.connection_id(false));
+    let cipher = "ECDHE-ECDSA-AES128-GCM-SHA256";
+    let relay = NatRelay::start(server.addr());
+    let run = cid_client(relay.addr, &["-c", "0a0b", "-n", "3", "-l", cipher]);
+    assert_eq!(run.connected()[0]["cid"], "0", "{}", joined(&run.out));
+    assert_eq!((run.summary("echoed"), run.summary("lost")), (3, 0));
+    server.assert_lean_echo(0, cipher, false, "cid a0 r0 l3");
+    server.assert_all_closed_by_close_notify(1);
+    for c in relay.captured() {
+        for r in wire_records(&c.datagram, 0) {
+            assert_ne!(r.content_type, 25, "a tls12_cid record: {r:?}");
+        }
+    }
+}
