@@ -335,6 +335,11 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
                 "endpoint: handshakes {} resumed {} restored {} restores refused {} suspended {}",
                 s.handshakes, s.resumed, s.restored, s.restores_refused, s.suspended
             );
+            println!(
+                "endpoint: migrations {} refused (not newest) {} unknown connection id {} \
+                 unopened {}",
+                s.migrations, s.migrations_refused_old, s.dropped_unknown_cid, s.records_unopened
+            );
             if let Some((path, ring)) = carry {
                 let ring = ring.lock().unwrap_or_else(|e| e.into_inner()).clone();
                 let n = save_peers(&path, &peers, &ring)

@@ -6,6 +6,9 @@
 #   openssl s_client   Debian's openssl (.ci/run installs it)
 #   gnutls-cli         Debian's gnutls-bin
 #   wolfSSL            examples/client/client, built from the source the wolfssl-sys crate ships
+#   wolfSSL with CIDs  the same source built again with --enable-dtlscid (RFC 9146), under
+#                      wolfssl-cid/: its example client (--cid) and tests/interop/wolfssl_cid_client.c,
+#                      a small DTLS 1.2 client that changes its UDP socket under an association
 #   Mbed TLS           programs/ssl/dtls_client and ssl_client2, built from the source the
 #                      mbedtls-sys-auto crate ships
 #   tinydtls           tests/dtls-client, built from the source the tinydtls-sys crate ships
@@ -16,7 +19,7 @@
 # built there; the registry's copy is never touched. C builds use at most 2 jobs, one at a time.
 #
 # Each step prints how long it took. Usage: scripts/interop_peers.sh [peer ...] (default: all
-# of gnutls wolfssl mbedtls tinydtls).
+# of gnutls wolfssl wolfssl_cid mbedtls tinydtls).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -151,6 +154,49 @@ wolfssl() {
     recipe wolfssl >"$dir/recipe"
 }
 
+# wolfSSL with DTLS 1.2 Connection IDs: the library (static, headers kept) and the example client
+# of the build above plus --enable-dtlscid, then our own client compiled against it, again when
+# its source changes.
+wolfssl_cid() {
+    local dir=$OUT/wolfssl-cid
+    if ! { built wolfssl_cid "$dir" client && [ -f "$dir/lib/libwolfssl.a" ]; }; then
+        apt_install autoconf automake libtool make gcc
+        local src
+        src=$(crate_src wolfssl-sys)/wolfssl-src
+        copy_tree "$src" "$dir/src"
+        (
+            cd "$dir/src"
+            logged "$dir/autogen.log" ./autogen.sh
+            logged "$dir/configure.log" ./configure --enable-dtls --enable-dtlscid --enable-psk \
+                --enable-aesccm --enable-static --disable-shared --disable-crypttests \
+                --disable-benchmark CPPFLAGS=-DWOLFSSL_STATIC_PSK
+            grep -q '^#define WOLFSSL_DTLS_CID' wolfssl/options.h ||
+                { echo "interop_peers: configure left WOLFSSL_DTLS_CID out" >&2; exit 1; }
+            logged "$dir/make.log" make -j$JOBS examples/client/client
+        )
+        rm -rf "$dir/include" "$dir/lib"
+        mkdir -p "$dir/include" "$dir/lib" "$dir/root/certs"
+        # The headers (options.h is configure's) and the static library our client links.
+        (cd "$dir/src" && find wolfssl -name '*.h' -exec cp --parents {} "$dir/include/" \;)
+        cp "$dir/src/src/.libs/libwolfssl.a" "$dir/lib/"
+        : >"$dir/root/certs/dh2048.pem"
+        cp "$dir/src/examples/client/client" "$dir/client"
+        rm -rf "$dir/src" "$dir/cid_client"
+        recipe wolfssl_cid >"$dir/recipe"
+    fi
+    local c=$ROOT/tests/interop/wolfssl_cid_client.c
+    local sum
+    sum=$(cat "$c" "$dir/recipe" | sha256sum | cut -d' ' -f1)
+    if [ -x "$dir/cid_client" ] && [ "$(cat "$dir/cid_client.sum" 2>/dev/null)" = "$sum" ]; then
+        echo "interop_peers: wolfssl_cid: cid_client up to date"
+        return
+    fi
+    logged "$dir/cid_client.log" gcc -O2 -Wall -Wextra -Werror -I"$dir/include" -o "$dir/cid_client.tmp" \
+        "$c" "$dir/lib/libwolfssl.a" -lm -lpthread
+    mv "$dir/cid_client.tmp" "$dir/cid_client"
+    echo "$sum" >"$dir/cid_client.sum"
+}
+
 mbedtls() {
     local dir=$OUT/mbedtls
     built mbedtls "$dir" dtls_client ssl_client2 && return
@@ -195,7 +241,7 @@ tinydtls() {
 }
 
 peers=("$@")
-[ ${#peers[@]} -gt 0 ] || peers=(gnutls wolfssl mbedtls tinydtls)
+[ ${#peers[@]} -gt 0 ] || peers=(gnutls wolfssl wolfssl_cid mbedtls tinydtls)
 total=$SECONDS
 for peer in "${peers[@]}"; do
     step "$peer" "$peer"

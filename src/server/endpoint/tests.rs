@@ -1776,3 +1776,164 @@ fn a_saved_cid_peer_is_claimed_by_its_first_datagram_from_anywhere() {
     c.pump(&mut restarted, addr(2000), now);
     assert_eq!(c.client.received, vec![b"moved and restarted".to_vec()]);
 }
+
+// ------------------------------------------------------------------- a measurement (issue 18)
+
+/// A client of [`cid_echo_cost`]: the openssl crate's, or the one that asks for a connection ID.
+enum EchoClient {
+    Plain(Client),
+    Cid(Box<CidClient>),
+}
+
+impl EchoClient {
+    fn handshake(&mut self, ep: &mut Endpoint, at: SocketAddr, now: Instant) {
+        match self {
+            Self::Plain(c) => pump(ep, c, now),
+            Self::Cid(c) => c.pump(ep, at, now),
+        }
+    }
+
+    fn send(&mut self, data: &[u8]) -> Vec<Vec<u8>> {
+        match self {
+            Self::Plain(c) => c.send(data),
+            Self::Cid(c) => c.send(data),
+        }
+    }
+
+    fn receive(&mut self, datagram: Vec<u8>) {
+        match self {
+            Self::Plain(c) => {
+                c.stream.get_mut().push(datagram);
+                assert!(c.drive().is_empty());
+            }
+            Self::Cid(c) => {
+                c.inbound(datagram);
+                assert!(c.drive().is_empty());
+            }
+        }
+    }
+
+    fn received(&self) -> usize {
+        match self {
+            Self::Plain(c) => c.received.len(),
+            Self::Cid(c) => c.client.received.len(),
+        }
+    }
+}
+
+/// Not a test but a measurement (BENCHMARKS.md, "Connection IDs"): the endpoint's time per
+/// echoed record of a lean peer with a connection ID (both ways, and the server's only) against
+/// without, and with a move to a new address every 4 echoes (the echoes that moved the peer
+/// reported apart), in-process over in-memory datagrams, no sockets: one record opened, the `Data` event,
+/// the echo sealed. 16 peers, each echo timed alone (only the endpoint's calls: handle,
+/// poll_event, send, poll_transmit; the clients' records are made before and their echoes read
+/// after, none of their work runs between the timed calls) and the median taken, so a shared
+/// machine's preemption only lengthens samples that the median ignores; ten rounds, the modes in
+/// turn in each, their samples pooled. Run: `cargo test --release --lib -- --ignored --nocapture
+/// cid_echo_cost`.
+#[test]
+#[ignore = "a measurement; run it in release with --ignored --nocapture"]
+fn cid_echo_cost() {
+    const PEERS: u16 = 16;
+    const ECHOES: usize = 500;
+    const ROUNDS: usize = 10;
+    // (name, the client's CID if it asks for one, whether it moves to a new port every 4 echoes)
+    let modes: [(&str, Option<&[u8]>, bool); 4] = [
+        ("none", None, false),
+        ("both", Some(b"\x0a\x0b\x0c\x0d"), false),
+        ("server-only", Some(b""), false),
+        ("both-moving-every-4", Some(b"\x0a\x0b\x0c\x0d"), true),
+    ];
+    for size in [13usize, 1000] {
+        // Every round's samples of each mode together (the modes take turns in each round, so
+        // a shared machine's slow and fast spells fall on all alike); the last: the moving
+        // mode's echoes of a record from a new address alone.
+        let mut pooled = vec![Vec::new(); modes.len() + 1];
+        for _ in 0..ROUNDS {
+            for (m, (_, cid, moving)) in modes.iter().enumerate() {
+                let mut ep = Endpoint::new(config_with(DsmConfig::new(256))).unwrap();
+                let now = Instant::now();
+                let mut clients: Vec<(SocketAddr, EchoClient)> = (0..PEERS)
+                    .map(|i| {
+                        let port = 1000 + i;
+                        let c = match cid {
+                            None => EchoClient::Plain(Client::new(port, None)),
+                            Some(own) => EchoClient::Cid(Box::new(CidClient::new(port, own, None))),
+                        };
+                        (addr(port), c)
+                    })
+                    .collect();
+                for (at, c) in &mut clients {
+                    c.handshake(&mut ep, *at, now);
+                }
+                assert_eq!(ep.stats().lean, u64::from(PEERS));
+                while ep.poll_event().is_some() {}
+                let line = vec![b'.'; size];
+                // Every client's records first, so that no client work runs between the timed
+                // calls (its crypto would only cool the endpoint's caches).
+                let sent: Vec<Vec<Vec<Vec<u8>>>> = clients
+                    .iter_mut()
+                    .map(|(_, c)| (0..ECHOES).map(|_| c.send(&line)).collect())
+                    .collect();
+                let mut samples = Vec::with_capacity(ECHOES * usize::from(PEERS));
+                let mut move_samples = Vec::new();
+                let mut echoes: Vec<Vec<Vec<u8>>> = vec![Vec::new(); clients.len()];
+                let mut next: Vec<_> = sent.iter().map(|s| s.iter()).collect();
+                for i in 0..ECHOES {
+                    for (p, (at, _)) in clients.iter_mut().enumerate() {
+                        let datagrams = next[p].next().expect("one record per echo");
+                        let moves_now = *moving && i > 0 && i % 4 == 0;
+                        if moves_now {
+                            *at = addr(1000 + PEERS * (i / 4) as u16 + p as u16);
+                        }
+                        let start = Instant::now();
+                        for d in datagrams {
+                            ep.handle(now, *at, d);
+                        }
+                        while let Some(ev) = ep.poll_event() {
+                            if let Event::Data { peer, data } = ev {
+                                ep.send(peer, &data).unwrap();
+                            }
+                        }
+                        while let Some(t) = ep.poll_transmit() {
+                            echoes[p].push(t.payload);
+                        }
+                        if moves_now {
+                            move_samples.push(start.elapsed());
+                        } else {
+                            samples.push(start.elapsed());
+                        }
+                    }
+                }
+                for ((_, c), echoes) in clients.iter_mut().zip(echoes) {
+                    for d in echoes {
+                        c.receive(d);
+                    }
+                }
+                for (_, c) in &clients {
+                    assert_eq!(c.received(), ECHOES);
+                }
+                assert_eq!(ep.stats().records_unopened, 0);
+                let moves = if *moving { (ECHOES - 1) / 4 } else { 0 };
+                assert_eq!(ep.stats().migrations, (moves * usize::from(PEERS)) as u64);
+                pooled[m].extend(samples);
+                pooled[modes.len()].extend(move_samples);
+            }
+        }
+        let names = modes
+            .iter()
+            .map(|m| m.0)
+            .chain(["both-moving-every-4, the echoes that moved"]);
+        for (name, mut samples) in names.zip(pooled) {
+            samples.sort_unstable();
+            let at = |q: usize| samples[samples.len() * q / 100].as_nanos();
+            println!(
+                "cid_echo_cost size={size} mode={name} median_ns={} p25_ns={} p75_ns={} samples={}",
+                at(50),
+                at(25),
+                at(75),
+                samples.len()
+            );
+        }
+    }
+}
