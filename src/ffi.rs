@@ -15,6 +15,7 @@ use openssl::ssl::{
     ShutdownState, SslCipherRef, SslContextBuilder, SslRef, SslSession, SslSessionRef, SslStream,
 };
 use openssl::x509::X509Ref;
+use zeroize::{Zeroize, Zeroizing};
 
 extern "C" {
     fn SSL_SESSION_is_resumable(s: *const openssl_sys::SSL_SESSION) -> c_int;
@@ -377,12 +378,18 @@ impl<S: Read + Write> LeanStream<S> {
         self.released
     }
 
-    /// Marks the connection's close_notify as sent, which keeps its session resumable when it is
-    /// freed (see `SessionCache::keep_resumable`); writes nothing.
+    /// [`keep_resumable`] on the stream, which needs none of its buffers.
     pub(crate) fn keep_resumable(&mut self) {
-        let state = self.stream.get_shutdown();
-        self.stream.set_shutdown(state | ShutdownState::SENT);
+        keep_resumable(&mut self.stream);
     }
+}
+
+/// Marks the connection's close_notify as sent (`SSL_set_shutdown(SSL_SENT_SHUTDOWN)`), which
+/// keeps its session resumable when it is freed (see `SessionCache::keep_resumable`); writes
+/// nothing.
+pub(crate) fn keep_resumable<S: Read + Write>(stream: &mut SslStream<S>) {
+    let state = stream.get_shutdown();
+    stream.set_shutdown(state | ShutdownState::SENT);
 }
 
 /// The body of extension `ext_type` in the ClientHello being processed on `ssl`
@@ -584,24 +591,62 @@ pub(crate) fn cipher_id(cipher: &SslCipherRef) -> u32 {
     unsafe { SSL_CIPHER_get_id(cipher.as_ptr()) }
 }
 
-/// The ticket keys a context holds (its ex_data), read by [`ticket_key_callback`].
-struct TicketSlot(std::sync::Arc<dyn crate::tickets::TicketKeySource>);
+// The ticket key callback's side of the ticket keys: what it asks (`TicketKeySource`) and
+// what it is handed (`EpochKey`). `tickets.rs` implements the trait; this file knows nothing of it.
 
-fn ticket_slot_index(
-) -> Result<openssl::ex_data::Index<openssl::ssl::SslContext, TicketSlot>, ErrorStack> {
-    static INDEX: std::sync::OnceLock<
-        Result<openssl::ex_data::Index<openssl::ssl::SslContext, TicketSlot>, ErrorStack>,
-    > = std::sync::OnceLock::new();
-    INDEX
-        .get_or_init(openssl::ssl::SslContext::new_ex_index)
-        .clone()
+/// Length of a ticket key name (`TLSEXT_KEYNAME_LENGTH`).
+pub(crate) const KEY_NAME_LEN: usize = 16;
+/// AES-256 key length.
+pub(crate) const AES_KEY_LEN: usize = 32;
+/// HMAC-SHA256 key length.
+pub(crate) const HMAC_KEY_LEN: usize = 32;
+
+/// The keys for one (secret, epoch): what OpenSSL's ticket callback needs.
+#[derive(Clone)]
+pub(crate) struct EpochKey {
+    pub(crate) name: [u8; KEY_NAME_LEN],
+    // Boxed: the map holding these moves entries around; key bytes stay put and are wiped.
+    pub(crate) aes: Box<Zeroizing<[u8; AES_KEY_LEN]>>,
+    pub(crate) hmac: Box<Zeroizing<[u8; HMAC_KEY_LEN]>>,
+}
+
+/// What the ticket callback does with a ticket it was shown.
+pub(crate) enum Opened {
+    /// Unknown key name, or a key past its window: a full handshake.
+    Refused,
+    /// Sealed under the current key: resume.
+    Current(EpochKey),
+    /// Sealed under an earlier key still in its window: resume and issue a new ticket.
+    Renew(EpochKey),
+}
+
+impl Drop for EpochKey {
+    fn drop(&mut self) {
+        self.name.zeroize();
+    }
+}
+
+/// What OpenSSL's ticket callback asks of the keys ([`ticket_key_callback`] calls it; `TicketKeys`
+/// implements it).
+pub(crate) trait TicketKeySource: Send + Sync {
+    /// The key to seal a new ticket with.
+    fn sealing_key(&self) -> Option<EpochKey>;
+    /// The key a ticket named `name` was sealed with, and whether to renew it.
+    fn opening_key(&self, name: &[u8; KEY_NAME_LEN]) -> Opened;
+}
+
+/// The ticket keys a context holds (its ex_data), read by [`ticket_key_callback`].
+struct TicketSlot(std::sync::Arc<dyn TicketKeySource>);
+
+crate::ex_data::ex_data_index! {
+    fn ticket_slot_index() -> Index<openssl::ssl::SslContext, TicketSlot>
 }
 
 /// Installs `keys` as the ticket key callback of `ctx`
 /// (`SSL_CTX_set_tlsext_ticket_key_evp_cb`), keeping them in the context's ex_data.
 pub(crate) fn set_ticket_key_callback(
     ctx: &mut SslContextBuilder,
-    keys: std::sync::Arc<dyn crate::tickets::TicketKeySource>,
+    keys: std::sync::Arc<dyn TicketKeySource>,
 ) -> Result<(), ErrorStack> {
     let index = ticket_slot_index()?;
     ctx.set_ex_data(index, TicketSlot(keys));
@@ -641,7 +686,7 @@ unsafe extern "C" fn ticket_key_callback(
         // buffers, writable when sealing and filled from the ticket when opening.
         let (name, iv) = unsafe {
             (
-                &mut *key_name.cast::<[u8; crate::tickets::KEY_NAME_LEN]>(),
+                &mut *key_name.cast::<[u8; KEY_NAME_LEN]>(),
                 std::slice::from_raw_parts_mut(iv, 16),
             )
         };
@@ -656,9 +701,9 @@ unsafe extern "C" fn ticket_key_callback(
             (key, 1)
         } else {
             match keys.opening_key(name) {
-                crate::tickets::Opened::Refused => return 0,
-                crate::tickets::Opened::Current(key) => (key, 1),
-                crate::tickets::Opened::Renew(key) => (key, 2),
+                Opened::Refused => return 0,
+                Opened::Current(key) => (key, 1),
+                Opened::Renew(key) => (key, 2),
             }
         };
         let mut digest = *b"SHA256\0";

@@ -84,6 +84,7 @@ mod cache;
 mod clock;
 mod dsm;
 mod error;
+mod ex_data;
 mod ffi;
 #[cfg(feature = "__fuzzing")]
 #[doc(hidden)]

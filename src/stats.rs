@@ -98,15 +98,17 @@ pub(crate) struct Counters {
     pub(crate) store_errors: AtomicU64,
 }
 
+/// Counts one more of `counter` (a relaxed add: counters order nothing).
+pub(crate) fn bump(counter: &AtomicU64) {
+    counter.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Counts `n` more of `counter`.
+pub(crate) fn add(counter: &AtomicU64, n: u64) {
+    counter.fetch_add(n, Ordering::Relaxed);
+}
+
 impl Counters {
-    pub(crate) fn bump(counter: &AtomicU64) {
-        counter.fetch_add(1, Ordering::Relaxed);
-    }
-
-    pub(crate) fn add(counter: &AtomicU64, n: u64) {
-        counter.fetch_add(n, Ordering::Relaxed);
-    }
-
     pub(crate) fn snapshot(
         &self,
         evictions: EvictionStats,

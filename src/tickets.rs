@@ -15,40 +15,18 @@ use hkdf::Hkdf;
 use openssl::ssl::{SslContextBuilder, SslOptions};
 use parking_lot::{Mutex, RwLock};
 use sha2::Sha256;
-use zeroize::{Zeroize, Zeroizing};
+use zeroize::Zeroizing;
 
 use crate::clock::{Clock, SystemClock};
 use crate::error::Error;
-use crate::ffi;
+use crate::ffi::{
+    self, EpochKey, Opened, TicketKeySource, AES_KEY_LEN, HMAC_KEY_LEN, KEY_NAME_LEN,
+};
+use crate::stats::{add, bump};
 use crate::store::KeyRing;
 
-/// Length of a ticket key name (`TLSEXT_KEYNAME_LENGTH`).
-pub(crate) const KEY_NAME_LEN: usize = 16;
-/// AES-256 key length.
-pub(crate) const AES_KEY_LEN: usize = 32;
-/// HMAC-SHA256 key length.
-pub(crate) const HMAC_KEY_LEN: usize = 32;
 /// The HKDF label: ticket keys never equal store keys derived from the same secret.
 const LABEL: &[u8] = b"openssl-session-cache ticket key v1";
-
-/// The keys for one (secret, epoch): what OpenSSL's ticket callback needs.
-#[derive(Clone)]
-pub(crate) struct EpochKey {
-    pub(crate) name: [u8; KEY_NAME_LEN],
-    // Boxed: the map holding these moves entries around; key bytes stay put and are wiped.
-    pub(crate) aes: Box<Zeroizing<[u8; AES_KEY_LEN]>>,
-    pub(crate) hmac: Box<Zeroizing<[u8; HMAC_KEY_LEN]>>,
-}
-
-/// What the ticket callback does with a ticket it was shown.
-pub(crate) enum Opened {
-    /// Unknown key name, or a key past its window: a full handshake.
-    Refused,
-    /// Sealed under the current key: resume.
-    Current(EpochKey),
-    /// Sealed under an earlier key still in its window: resume and issue a new ticket.
-    Renew(EpochKey),
-}
 
 /// Builds [`TicketKeys`].
 #[must_use]
@@ -293,7 +271,7 @@ impl TicketKeys {
                 .collect();
             drop_keys.iter().filter_map(|k| derived.remove(k)).collect()
         };
-        Counters::add(&self.inner.counters.erased, gone.len());
+        add(&self.inner.counters.erased, gone.len() as u64);
     }
 
     /// The counters.
@@ -308,24 +286,6 @@ impl TicketKeys {
             erased: r(&c.erased),
         }
     }
-}
-
-impl Counters {
-    fn bump(c: &AtomicU64) {
-        c.fetch_add(1, Ordering::Relaxed);
-    }
-
-    fn add(c: &AtomicU64, n: usize) {
-        c.fetch_add(n as u64, Ordering::Relaxed);
-    }
-}
-
-/// What OpenSSL's ticket callback asks of the keys (the `ffi` trampoline calls it).
-pub(crate) trait TicketKeySource: Send + Sync {
-    /// The key to seal a new ticket with.
-    fn sealing_key(&self) -> Option<EpochKey>;
-    /// The key a ticket named `name` was sealed with, and whether to renew it.
-    fn opening_key(&self, name: &[u8; KEY_NAME_LEN]) -> Opened;
 }
 
 impl Inner {
@@ -371,7 +331,7 @@ impl Inner {
         for k in &expired {
             derived.remove(k);
         }
-        Counters::add(&self.counters.erased, expired.len());
+        add(&self.counters.erased, expired.len() as u64);
     }
 
     /// The derived key for `(id, epoch)`, derived once and kept until its window passes.
@@ -392,7 +352,7 @@ impl TicketKeySource for Inner {
         self.erase_expired(now);
         let id = self.secrets.read().active()?.0;
         let key = self.key_for(id, self.epoch_of(now))?;
-        Counters::bump(&self.counters.issued);
+        bump(&self.counters.issued);
         Some(key)
     }
 
@@ -406,32 +366,26 @@ impl TicketKeySource for Inner {
         self.erase_expired(now);
         // Past its window, or more than one epoch ahead of this host's clock.
         if self.closes_at(epoch) <= now || epoch > current.saturating_add(1) {
-            Counters::bump(&self.counters.refused);
+            bump(&self.counters.refused);
             return Opened::Refused;
         }
         let Some(key) = self.key_for(id, epoch) else {
-            Counters::bump(&self.counters.refused);
+            bump(&self.counters.refused);
             return Opened::Refused;
         };
         // The name's last 4 bytes come from the key itself: a forged name is refused here.
         if !openssl::memcmp::eq(&key.name, name) {
-            Counters::bump(&self.counters.refused);
+            bump(&self.counters.refused);
             return Opened::Refused;
         }
         let active = self.secrets.read().active().map(|(a, _)| *a);
         if active == Some(id) && epoch >= current {
-            Counters::bump(&self.counters.resumed);
+            bump(&self.counters.resumed);
             Opened::Current(key)
         } else {
-            Counters::bump(&self.counters.renewed);
+            bump(&self.counters.renewed);
             Opened::Renew(key)
         }
-    }
-}
-
-impl Drop for EpochKey {
-    fn drop(&mut self) {
-        self.name.zeroize();
     }
 }
 

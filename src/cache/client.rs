@@ -3,17 +3,17 @@
 use std::collections::VecDeque;
 use std::fmt;
 use std::num::NonZeroUsize;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use lru::LruCache;
-use openssl::ex_data::Index;
 use openssl::ssl::{Ssl, SslContextBuilder, SslRef, SslSession, SslSessionCacheMode, SslVersion};
 use parking_lot::Mutex;
 
 use crate::cache::session_expiry;
 use crate::clock::{unix_millis, Clock, SystemClock};
 use crate::error::Error;
+use crate::ex_data::ex_data_index;
 use crate::ffi;
 
 /// The per-connection key, kept in the `Ssl`'s ex_data so the new-session callback knows where a
@@ -21,14 +21,9 @@ use crate::ffi;
 #[derive(Debug, Clone)]
 struct PeerKeyTag(Arc<str>);
 
-fn key_index() -> Result<Index<Ssl, PeerKeyTag>, Error> {
-    static INDEX: OnceLock<Index<Ssl, PeerKeyTag>> = OnceLock::new();
-    if let Some(index) = INDEX.get() {
-        return Ok(*index);
-    }
-    let index = Ssl::new_ex_index::<PeerKeyTag>()?;
-    // A racing thread may have set one first; use whichever won (the loser's index is unused).
-    Ok(*INDEX.get_or_init(|| index))
+ex_data_index! {
+    /// The `Ssl` ex_data slot holding the key a client connection's session belongs to.
+    fn key_index() -> Index<Ssl, PeerKeyTag>
 }
 
 /// Sessions a client keeps per server, keyed by the caller's key (`host:port`, a server name).

@@ -20,14 +20,14 @@
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 
-use openssl::ex_data::Index;
 use openssl::ssl::{Ssl, SslRef, SslVersion};
 use parking_lot::Mutex;
 
-use crate::error::{Error, StoreError};
+use crate::error::StoreError;
+use crate::ex_data::ex_data_index;
 use crate::ffi;
 use crate::store::{LookupMode, SessionId, StoredSession};
 
@@ -143,12 +143,9 @@ pub(crate) struct ConnectionSlot {
     pub(crate) handed_out: bool,
 }
 
-/// The `Ssl` ex_data index of the cache's [`ConnectionSlot`] (one for the process).
-pub(crate) fn slot_index() -> Result<Index<Ssl, ConnectionSlot>, Error> {
-    static INDEX: OnceLock<Option<Index<Ssl, ConnectionSlot>>> = OnceLock::new();
-    INDEX
-        .get_or_init(|| Ssl::new_ex_index().ok())
-        .ok_or_else(|| Error::Config("no ssl ex_data index for the session cache".into()))
+ex_data_index! {
+    /// The `Ssl` ex_data index of the cache's [`ConnectionSlot`] (one for the process).
+    pub(crate) fn slot_index() -> Index<Ssl, ConnectionSlot>
 }
 
 /// A session lookup a suspended handshake waits for, from [`SessionCache::pending_lookup`].

@@ -20,7 +20,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use lru::LruCache;
 use openssl::ex_data::Index;
 use openssl::ssl::{
-    ClientHelloResponse, ShutdownState, Ssl, SslContextBuilder, SslOptions, SslRef, SslSession,
+    ClientHelloResponse, Ssl, SslContextBuilder, SslOptions, SslRef, SslSession,
     SslSessionCacheMode, SslSessionRef, SslStream,
 };
 use parking_lot::{Condvar, Mutex};
@@ -29,7 +29,7 @@ use zeroize::Zeroize;
 use crate::clock::{Clock, SystemClock};
 use crate::error::Error;
 use crate::ffi;
-use crate::stats::{CacheStats, Counters};
+use crate::stats::{add, bump, CacheStats, Counters};
 use crate::store::{LookupDone, MemoryStore, SessionId, SessionStore, StoredSession};
 
 mod callbacks;
@@ -535,8 +535,7 @@ impl SessionCache {
     /// vanished peers call this first; it marks the connection as having sent close_notify
     /// (`SSL_set_shutdown(SSL_SENT_SHUTDOWN)`) without sending anything.
     pub fn keep_resumable<S: std::io::Read + std::io::Write>(stream: &mut SslStream<S>) {
-        let state = stream.get_shutdown();
-        stream.set_shutdown(state | ShutdownState::SENT);
+        ffi::keep_resumable(stream);
     }
 }
 
@@ -585,8 +584,8 @@ impl Inner {
                     self.counters
                         .hits
                         .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-                    Counters::bump(&self.counters.misses);
-                    Counters::bump(&self.counters.refused);
+                    bump(&self.counters.misses);
+                    bump(&self.counters.refused);
                 }
             }
         }
@@ -624,7 +623,7 @@ impl Inner {
                 },
             ),
         }
-        Counters::bump(&self.counters.lookups);
+        bump(&self.counters.lookups);
         let completion = Arc::clone(&state);
         self.store.lookup(
             id,
@@ -634,7 +633,7 @@ impl Inner {
         if state.is_settled() {
             ClientHelloResponse::SUCCESS
         } else {
-            Counters::bump(&self.counters.suspended);
+            bump(&self.counters.suspended);
             ClientHelloResponse::RETRY
         }
     }
@@ -657,14 +656,14 @@ impl Inner {
             Ok(der) => der,
             Err(e) => {
                 tracing::warn!(error = %e, "i2d_SSL_SESSION failed; session not cached");
-                Counters::bump(&self.counters.store_errors);
+                bump(&self.counters.store_errors);
                 return;
             }
         };
         if der.len() > self.max_session_size {
             tracing::debug!(len = der.len(), "session too large to cache");
             der.zeroize();
-            Counters::bump(&self.counters.rejected_oversize);
+            bump(&self.counters.rejected_oversize);
             return;
         }
         let psk_fp = der::psk_identity(&der).and_then(|identity| {
@@ -690,14 +689,14 @@ impl Inner {
             stored = der::with_psk_fingerprint(&fp, stored);
         }
         match self.store.put(id, StoredSession::new(stored, expires_at)) {
-            Ok(()) => Counters::bump(&self.counters.inserts),
+            Ok(()) => bump(&self.counters.inserts),
             Err(crate::StoreError::TooLarge { len, max }) => {
                 tracing::debug!(len, max, "session larger than the store holds");
-                Counters::bump(&self.counters.rejected_oversize);
+                bump(&self.counters.rejected_oversize);
             }
             Err(e) => {
                 tracing::debug!(error = %e, "session store put failed");
-                Counters::bump(&self.counters.store_errors);
+                bump(&self.counters.store_errors);
             }
         }
     }
@@ -707,7 +706,7 @@ impl Inner {
         let found = self.lookup(ssl, id);
         match found {
             Some(_) => {
-                Counters::bump(&self.counters.hits);
+                bump(&self.counters.hits);
                 match ssl.ex_data_mut(self.slot_index) {
                     Some(slot) => slot.handed_out = true,
                     None => ssl.set_ex_data(
@@ -719,15 +718,15 @@ impl Inner {
                     ),
                 }
             }
-            None => Counters::bump(&self.counters.misses),
+            None => bump(&self.counters.misses),
         }
         found
     }
 
     /// A lookup that panicked (a bug in a store or a veto): a miss and a store error.
     pub(crate) fn count_failed_lookup(&self) {
-        Counters::bump(&self.counters.misses);
-        Counters::bump(&self.counters.store_errors);
+        bump(&self.counters.misses);
+        bump(&self.counters.store_errors);
     }
 
     /// The answer parked on `ssl` by the ClientHello callback's lookup of `id`, if any.
@@ -742,7 +741,7 @@ impl Inner {
         }
         let answer = state.take();
         if answer.is_none() {
-            Counters::bump(&self.counters.abandoned);
+            bump(&self.counters.abandoned);
         }
         answer
     }
@@ -765,12 +764,12 @@ impl Inner {
             }
             Err(e) => {
                 tracing::debug!(error = %e, "session store lookup failed; full handshake");
-                Counters::bump(&self.counters.store_errors);
+                bump(&self.counters.store_errors);
                 return None;
             }
         };
         if stored.is_expired(now) {
-            Counters::bump(&self.counters.expired);
+            bump(&self.counters.expired);
             self.discard(&id);
             return None;
         }
@@ -789,7 +788,7 @@ impl Inner {
                 }
                 Decode::Failed => {
                     tracing::debug!(id = %id.to_hex(), "stored session does not decode; removed");
-                    Counters::bump(&self.counters.decode_errors);
+                    bump(&self.counters.decode_errors);
                     self.discard(&id);
                     return None;
                 }
@@ -820,7 +819,7 @@ impl Inner {
                 Refusal::Stale => &self.counters.stale,
                 Refusal::Vetoed => &self.counters.vetoed,
             };
-            Counters::bump(counter);
+            bump(counter);
             if refusal != Refusal::Vetoed {
                 self.discard(&id);
             } else {
@@ -829,7 +828,7 @@ impl Inner {
             return None;
         }
         if !decoded_now {
-            Counters::bump(&self.counters.decoded_hits);
+            bump(&self.counters.decoded_hits);
             return Some(session);
         }
         if self.single_use || self.decoded.is_none() {
@@ -878,7 +877,7 @@ impl Inner {
         if !self.single_use {
             if let Err(e) = self.store.remove(id) {
                 tracing::debug!(error = %e, "removing a session failed");
-                Counters::bump(&self.counters.store_errors);
+                bump(&self.counters.store_errors);
             }
         }
     }
@@ -940,11 +939,11 @@ impl Inner {
         let id = *id;
         self.forget_decoded(&id);
         match self.store.remove(&id) {
-            Ok(true) => Counters::bump(&self.counters.removed),
+            Ok(true) => bump(&self.counters.removed),
             Ok(false) => {}
             Err(e) => {
                 tracing::debug!(error = %e, "session store remove failed");
-                Counters::bump(&self.counters.store_errors);
+                bump(&self.counters.store_errors);
             }
         }
     }
@@ -956,12 +955,12 @@ impl Inner {
         };
         match admin.purge_expired(now, self.purge_batch) {
             Ok(n) => {
-                Counters::add(&self.counters.expired, n as u64);
+                add(&self.counters.expired, n as u64);
                 n
             }
             Err(e) => {
                 tracing::debug!(error = %e, "session store purge failed");
-                Counters::bump(&self.counters.store_errors);
+                bump(&self.counters.store_errors);
                 0
             }
         }

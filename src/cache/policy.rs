@@ -22,27 +22,27 @@
 //! [`SessionCacheBuilder::resume_unchecked_psk_sessions`]: crate::SessionCacheBuilder::resume_unchecked_psk_sessions
 
 use std::fmt;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use hmac::{Hmac, Mac};
-use openssl::ex_data::Index;
 use openssl::ssl::{SslContext, SslContextBuilder, SslRef, SslSessionRef, SslVersion};
 use openssl::x509::X509Ref;
 use sha2::Sha256;
 use zeroize::Zeroizing;
 
 use crate::cache::der::PSK_FINGERPRINT_LEN;
+use crate::ex_data::ex_data_index;
 use crate::ffi;
 use crate::store::SessionId;
 
 /// Looks up the current key of a PSK identity (`None`: unknown or revoked).
 pub(crate) type PskKeys = Arc<dyn Fn(&[u8]) -> Option<Zeroizing<Vec<u8>>> + Send + Sync>;
-/// The `SslContext` ex_data slot holding the PSK keys of the context's own PSK callback, which
-/// the policy reads when the cache has no [`psk_keys`](crate::SessionCacheBuilder::psk_keys).
-fn context_keys_index() -> Option<Index<SslContext, PskKeys>> {
-    static INDEX: OnceLock<Option<Index<SslContext, PskKeys>>> = OnceLock::new();
-    *INDEX.get_or_init(|| SslContext::new_ex_index().ok())
+ex_data_index! {
+    /// The `SslContext` ex_data slot holding the PSK keys of the context's own PSK callback,
+    /// which the policy reads when the cache has no
+    /// [`psk_keys`](crate::SessionCacheBuilder::psk_keys).
+    fn context_keys_index() -> Index<SslContext, PskKeys>
 }
 
 /// Registers `keys`, the lookup behind `ctx`'s PSK server callback, as the key source the
@@ -51,9 +51,7 @@ pub(crate) fn set_context_psk_keys(
     ctx: &mut SslContextBuilder,
     keys: PskKeys,
 ) -> Result<(), crate::Error> {
-    let index = context_keys_index().ok_or_else(|| {
-        crate::Error::Config("no ssl context ex_data index for the psk keys".into())
-    })?;
+    let index = context_keys_index()?;
     ctx.set_ex_data(index, keys);
     Ok(())
 }
@@ -65,7 +63,7 @@ fn context_psk_keys(ssl: &SslRef) -> Option<&PskKeys> {
 
 /// The PSK keys registered on `ctx`, if any.
 pub(crate) fn context_keys(ctx: &openssl::ssl::SslContextRef) -> Option<&PskKeys> {
-    ctx.ex_data(context_keys_index()?)
+    ctx.ex_data(context_keys_index().ok()?)
 }
 
 /// The application's veto.

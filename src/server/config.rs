@@ -5,7 +5,7 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use openssl::asn1::Asn1Time;
@@ -27,6 +27,7 @@ use zeroize::Zeroizing;
 
 use super::cid::{CidLayout, CidNegotiation};
 use super::cookie::CookieKeys;
+use crate::ex_data::ex_data_index;
 use crate::{DsmConfig, Error, RefusedSetting, SessionCache};
 
 /// The path MTU the server assumes (`SSL_set_mtu`, with `SSL_OP_NO_QUERY_MTU`).
@@ -74,12 +75,9 @@ pub(crate) struct PeerInfo {
     pub(crate) cid: CidNegotiation,
 }
 
-/// The `Ssl` ex_data slot holding the [`PeerInfo`], read by the cookie callbacks.
-pub(crate) fn peer_addr_index() -> Result<Index<Ssl, PeerInfo>, Error> {
-    static INDEX: OnceLock<Option<Index<Ssl, PeerInfo>>> = OnceLock::new();
-    INDEX
-        .get_or_init(|| Ssl::new_ex_index().ok())
-        .ok_or_else(|| Error::Config("no ssl ex_data index for the peer address".into()))
+ex_data_index! {
+    /// The `Ssl` ex_data slot holding the [`PeerInfo`], read by the cookie callbacks.
+    pub(crate) fn peer_addr_index() -> Index<Ssl, PeerInfo>
 }
 
 /// Looks a PSK identity up: the key, or `None` for an unknown identity.

@@ -10,8 +10,9 @@ use std::time::SystemTime;
 use ::redis::{Client, Connection, ErrorKind, FromRedisValue, RedisError, RedisResult, Value};
 
 use super::cluster::parse_cluster_slots;
-use super::{bump, id_from_hex, invalidation, map_error, RedisStore};
+use super::{id_from_hex, invalidation, map_error, RedisStore};
 use crate::error::{Error, StoreError};
+use crate::stats::bump;
 use crate::store::{KeyRing, SessionId, SessionStoreAdmin, StoredSession};
 
 /// How many keys one `SCAN` call asks for.

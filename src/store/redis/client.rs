@@ -11,10 +11,10 @@ use ::redis::{ErrorKind, RedisError, RedisResult, Value};
 use super::breaker::Permit;
 use super::cluster::parse_cluster_slots;
 use super::runtime::Link;
-use super::write_behind::Enqueued;
 use super::TOPOLOGY_MIN_TIMEOUT;
-use super::{bump, id_from_hex, invalidation, is_connection_failure, map_error, Shared};
+use super::{id_from_hex, invalidation, is_connection_failure, map_error, Shared};
 use crate::error::StoreError;
+use crate::stats::bump;
 use crate::store::{LookupDone, LookupMode, MemoryStore, SessionId, StoredSession};
 
 /// Why an operation on the connection did not succeed.
@@ -293,19 +293,6 @@ impl Shared {
         if let Some(tier) = &self.tier {
             self.coherence.invalidate(tier, id);
         }
-    }
-
-    pub(crate) fn queue_remove(&self, id: SessionId) -> Enqueued {
-        let r = self.queue.remove(id);
-        match r {
-            Enqueued::Dropped => bump(&self.counters.removes_dropped),
-            Enqueued::Coalesced => {
-                bump(&self.counters.removes_queued);
-                bump(&self.counters.writes_coalesced);
-            }
-            Enqueued::Queued => bump(&self.counters.removes_queued),
-        }
-        r
     }
 
     /// A lookup that travels: the command and the decode within `deadline`, then the tier (for

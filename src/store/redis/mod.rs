@@ -33,7 +33,7 @@ use self::runtime::{Background, Link};
 use self::write_behind::{Enqueued, Pending, WriteQueue};
 use crate::clock::unix_millis;
 use crate::error::{Error, StoreError};
-use crate::stats::EvictionStats;
+use crate::stats::{bump, EvictionStats};
 use crate::store::envelope::{hex_val, KeyRing};
 use crate::store::{
     LookupDone, LookupMode, MemoryStore, SessionId, SessionStore, SessionStoreAdmin, StoreUsage,
@@ -536,10 +536,6 @@ pub(crate) struct Counters {
     pub(crate) subscription_losses: AtomicU64,
     pub(crate) heartbeats: AtomicU64,
     pub(crate) admin_errors: AtomicU64,
-}
-
-fn bump(c: &AtomicU64) {
-    c.fetch_add(1, Ordering::Relaxed);
 }
 
 impl Shared {

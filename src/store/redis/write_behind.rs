@@ -32,8 +32,9 @@ use tokio::sync::Notify;
 
 use super::breaker::SharedBreaker;
 use super::client::{Route, RunError};
-use super::{bump, Shared};
+use super::Shared;
 use crate::clock::unix_millis;
+use crate::stats::bump;
 use crate::store::{SessionId, StoredSession};
 
 /// The most writes one pipelined batch carries.
@@ -91,6 +92,22 @@ impl QueueState {
                 Enqueued::Queued
             }
         }
+    }
+}
+
+impl Shared {
+    /// Queues the removal of `id` (a `DEL` and an invalidation), counted.
+    pub(crate) fn queue_remove(&self, id: SessionId) -> Enqueued {
+        let r = self.queue.remove(id);
+        match r {
+            Enqueued::Dropped => bump(&self.counters.removes_dropped),
+            Enqueued::Coalesced => {
+                bump(&self.counters.removes_queued);
+                bump(&self.counters.writes_coalesced);
+            }
+            Enqueued::Queued => bump(&self.counters.removes_queued),
+        }
+        r
     }
 }
 
