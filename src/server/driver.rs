@@ -211,6 +211,7 @@ impl Exits {
 
     /// [`wait_failure`](Self::wait_failure) for async code: ready when a worker failed or every
     /// worker ended.
+    #[cfg(feature = "tokio")]
     pub(crate) fn poll_settled(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
         // Registered before the check, so an end between the two still wakes this waiter.
         self.wakers.lock().push(cx.waker().clone());
