@@ -115,9 +115,10 @@ use crate::SendError;
 /// # A worker that panics
 ///
 /// A panic in `on_event` or `on_wake` ends that worker (its peers are gone; sends to them are
-/// refused with [`SendError::Stopped`]) and is reported at once: the server's handle's
-/// `wait_failure` returns it, and the server's `wait` returns it after shutting the other
-/// workers down ([`UdpServer::wait`](crate::UdpServer::wait)).
+/// refused with [`SendError::Stopped`]) and is reported at once:
+/// [`StopHandle::wait_failure`](crate::StopHandle::wait_failure) returns it, and
+/// [`UdpServer::wait`](crate::UdpServer::wait) returns it after shutting the other workers
+/// down (the same on tokio).
 ///
 /// # Renegotiation is refused
 ///
@@ -128,7 +129,10 @@ use crate::SendError;
 /// [`EndpointStats::renegotiations_refused`](crate::EndpointStats::renegotiations_refused) for
 /// lean peers). OpenSSL's own client then gives up with a fatal alert, which closes the peer
 /// ([`CloseReason::Failed`](crate::CloseReason::Failed)) and its session. To get new keys, a
-/// client closes and resumes.
+/// client closes and resumes. Lean peers always refuse; for the peers that keep their `Ssl`
+/// (CBC suites, [`lean_peers(false)`](crate::ServerConfigBuilder::lean_peers)) the refusal is
+/// OpenSSL's default, so a [`configure`](crate::ServerConfigBuilder::configure) closure must not
+/// set `SSL_OP_ALLOW_CLIENT_RENEGOTIATION`.
 pub trait Application {
     /// Handles one event.
     fn on_event(&mut self, ctx: &mut AppContext<'_>, event: Event);
