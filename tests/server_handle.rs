@@ -157,6 +157,46 @@ fn a_send_to_an_unknown_or_closed_peer_or_through_a_stopped_server_is_refused() 
     );
 }
 
+#[test]
+fn records_the_worker_cannot_send_when_it_gets_to_them_are_counted_as_refused() {
+    // The application holds its worker inside one event until the test has queued three
+    // records, so the worker takes all three at once; the peer's send queue holds one.
+    let (held, is_held) = mpsc::channel();
+    let (release, released) = mpsc::channel::<()>();
+    let mut parts = Some((held, released));
+    let config = ServerConfig::builder(SessionCache::builder().build().unwrap())
+        .dsm(DsmConfig::new(16))
+        .send_queue(1)
+        .build()
+        .unwrap();
+    let mut options = UdpOptions::new("127.0.0.1:0".parse().unwrap());
+    options.stats_interval = None;
+    let server = UdpServer::spawn(config, options, move || {
+        let (held, released) = parts.take().expect("one worker");
+        move |_: &mut AppContext<'_>, event: Event| {
+            if let Event::Data { .. } = event {
+                held.send(()).unwrap();
+                let _ = released.recv_timeout(Duration::from_secs(10));
+            }
+        }
+    })
+    .unwrap();
+    let handle = server.handle();
+    let mut c = dtls_connect(server.local_addr());
+    let peer = local(&c);
+    c.ssl_write(b"hold").unwrap();
+    is_held
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the worker did not get the record");
+    for line in [&b"one"[..], b"two", b"three"] {
+        handle.send(peer, line).unwrap();
+    }
+    release.send(()).unwrap();
+    assert_eq!(read_record(&mut c), Some(b"one".to_vec()));
+    assert_eq!(handle.sends_refused(), 2, "two over the peer's send queue");
+    server.shutdown().unwrap();
+}
+
 /// Runs `f` on a thread of its own and waits at most `limit` for its result.
 fn within<T: Send + 'static>(limit: Duration, f: impl FnOnce() -> T + Send + 'static) -> T {
     let (tx, rx) = mpsc::channel();
