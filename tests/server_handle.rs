@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 
 use openssl::ssl::SslStream;
 use openssl_session_cache::{
-    AppContext, CloseReason, DsmConfig, Error, Event, SendError, ServerConfig, SessionCache,
-    UdpOptions, UdpServer,
+    AppContext, CloseReason, Error, Event, SendError, ServerConfig, SessionCache, UdpOptions,
+    UdpServer,
 };
 use parking_lot::Mutex;
 
@@ -51,7 +51,6 @@ fn app(seen: &Shared) -> impl FnMut(&mut AppContext<'_>, Event) + Send + 'static
 
 fn server(workers: usize, seen: &Shared) -> UdpServer {
     let config = ServerConfig::builder(SessionCache::builder().build().unwrap())
-        .dsm(DsmConfig::new(256))
         .build()
         .unwrap();
     let mut options = UdpOptions::new("127.0.0.1:0".parse().unwrap());
@@ -165,7 +164,6 @@ fn records_the_worker_cannot_send_when_it_gets_to_them_are_counted_as_refused() 
     let (release, released) = mpsc::channel::<()>();
     let mut parts = Some((held, released));
     let config = ServerConfig::builder(SessionCache::builder().build().unwrap())
-        .dsm(DsmConfig::new(16))
         .send_queue(1)
         .build()
         .unwrap();
@@ -264,7 +262,6 @@ fn the_tokio_driver_routes_sends_and_reports_a_panicking_task_at_once() {
 
     let seen = Shared::default();
     let config = ServerConfig::builder(SessionCache::builder().build().unwrap())
-        .dsm(DsmConfig::new(256))
         .build()
         .unwrap();
     let mut options = UdpOptions::new("127.0.0.1:0".parse().unwrap());

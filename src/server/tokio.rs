@@ -33,7 +33,7 @@ use super::io::{bind_workers, IoStats, UdpIo};
 use super::router::Router;
 use super::stats::EndpointStats;
 use super::udp::UdpOptions;
-use crate::{DsmStats, Error, SendError};
+use crate::{DsmStats, Error};
 
 /// Wakes one task: marks it woken and notifies it.
 #[derive(Debug, Default)]
@@ -98,7 +98,7 @@ pub struct TokioHandle {
 impl TokioHandle {
     /// Sends `data` to `peer` as one record, from any task or thread, through the task that
     /// holds the peer: as [`StopHandle::send`](crate::StopHandle::send) does on the std driver.
-    pub fn send(&self, peer: SocketAddr, data: &[u8]) -> Result<(), SendError> {
+    pub fn send(&self, peer: SocketAddr, data: &[u8]) -> Result<(), crate::SendError> {
         self.router.send(peer, data)
     }
 

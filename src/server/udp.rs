@@ -33,7 +33,7 @@ use super::endpoint::Endpoint;
 use super::io::{bind_workers, IoMode, IoStats, UdpIo};
 use super::router::Router;
 use super::stats::EndpointStats;
-use crate::{DsmStats, Error, SendError};
+use crate::{DsmStats, Error};
 
 const SOCKET: Token = Token(0);
 const WAKER: Token = Token(1);
@@ -51,7 +51,7 @@ pub struct UdpOptions {
     /// Batched UDP I/O (the default) or one datagram per system call.
     pub io: IoMode,
     /// Records the server's handle ([`StopHandle::send`]) may have waiting for one worker
-    /// before it refuses with [`SendError::QueueFull`] (default 16 384).
+    /// before it refuses with [`QueueFull`](crate::SendError::QueueFull) (default 16 384).
     pub handle_queue: usize,
 }
 
@@ -167,12 +167,14 @@ impl StopHandle {
     /// [`Event::Migrated`](crate::Event::Migrated), the new one): each worker updates the
     /// server's table of peers before its application sees the event, so what the application
     /// was told can be sent to at once. Refused, nothing is queued:
-    /// [`SendError::UnknownPeer`] (not connected, closed), [`SendError::TooLarge`],
-    /// [`SendError::QueueFull`] ([`UdpOptions::handle_queue`] records wait for the worker
-    /// already), [`SendError::Stopped`] (the server is stopping, or the peer's worker ended).
+    /// [`UnknownPeer`](crate::SendError::UnknownPeer) (not connected, closed),
+    /// [`TooLarge`](crate::SendError::TooLarge), [`QueueFull`](crate::SendError::QueueFull)
+    /// ([`UdpOptions::handle_queue`] records wait for the worker already),
+    /// [`Stopped`](crate::SendError::Stopped) (the server is stopping, or the peer's worker
+    /// ended).
     /// A record the worker cannot send when it gets to it (the peer closed meanwhile, its send
     /// queue is full) is dropped and counted in [`sends_refused`](Self::sends_refused).
-    pub fn send(&self, peer: SocketAddr, data: &[u8]) -> Result<(), SendError> {
+    pub fn send(&self, peer: SocketAddr, data: &[u8]) -> Result<(), crate::SendError> {
         self.router.send(peer, data)
     }
 
@@ -666,7 +668,10 @@ mod tests {
             // The echo at the new port comes after the worker saw the migration.
             assert!(c.hop_and_echo(format!("hop {hop}").as_bytes()));
             let now = c.socket.local_addr().unwrap();
-            assert_eq!(handle.send(before, b"old"), Err(SendError::UnknownPeer));
+            assert_eq!(
+                handle.send(before, b"old"),
+                Err(crate::SendError::UnknownPeer)
+            );
             let line = format!("pushed after hop {hop}");
             handle.send(now, line.as_bytes()).unwrap();
             assert!(c.receives(line.as_bytes()), "{line} did not arrive");
