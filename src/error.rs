@@ -104,6 +104,10 @@ pub enum SendError {
     /// ([`CloseReason::Failed`](crate::CloseReason::Failed)).
     #[error("the connection failed")]
     Failed,
+    /// The server is stopped, or the worker holding the peer has ended (a send through a
+    /// server's handle, [`StopHandle::send`](crate::StopHandle::send)).
+    #[error("server stopped")]
+    Stopped,
 }
 
 /// Errors from a [`SessionStore`](crate::SessionStore).

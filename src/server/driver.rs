@@ -8,11 +8,12 @@ use std::io;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use parking_lot::Mutex;
+use parking_lot::{Condvar, Mutex};
 
 use super::app::{AppContext, Application};
 use super::endpoint::Endpoint;
 use super::io::{DatagramSocket, IoMode, IoStats, UdpIo};
+use super::router::Router;
 use super::stats::EndpointStats;
 use crate::{DsmStats, Error};
 
@@ -100,12 +101,135 @@ pub(crate) fn worker_outcome(
     }
 }
 
+/// What a worker's thread or task does as it ends, however it ends (`ended` as for
+/// [`worker_outcome`]): sends to its peers fail from now on, and a failure is reported at once to
+/// whoever waits ([`Exits`]). Returns the worker's result.
+pub(crate) fn worker_ended(
+    worker: usize,
+    ended: Result<Result<(), Error>, Option<Box<dyn Any + Send>>>,
+    router: &Router,
+    exits: &Exits,
+) -> Result<(), Error> {
+    let result = worker_outcome(worker, ended);
+    router.ended(worker);
+    exits.ended(worker, &result);
+    result
+}
+
+/// A worker that ended with an error or a panic, as [`Exits`] keeps it for every handle.
+#[derive(Debug, Clone)]
+struct Failure {
+    worker: usize,
+    /// `None` for a panic; else the kind of the I/O error (`Other` for any other error).
+    kind: Option<io::ErrorKind>,
+    message: String,
+}
+
+impl Failure {
+    fn error(&self) -> Error {
+        match self.kind {
+            None => Error::WorkerPanic {
+                worker: self.worker,
+                message: self.message.clone(),
+            },
+            Some(kind) => Error::Io(io::Error::new(
+                kind,
+                format!("worker {}: {}", self.worker, self.message),
+            )),
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct ExitState {
+    running: usize,
+    failure: Option<Failure>,
+}
+
+/// How a server's workers ended, told as it happens: the first one that failed (panicked, or
+/// its socket failed), and whether they all ended.
+#[derive(Debug, Default)]
+pub(crate) struct Exits {
+    state: Mutex<ExitState>,
+    changed: Condvar,
+    /// Async waiters (the tokio driver's `wait`).
+    wakers: Mutex<Vec<std::task::Waker>>,
+}
+
+impl Exits {
+    /// One more worker is about to start.
+    pub(crate) fn start(&self) {
+        self.state.lock().running += 1;
+    }
+
+    /// Worker `worker` ended with `result` (for a worker that never started, `Ok`).
+    pub(crate) fn ended(&self, worker: usize, result: &Result<(), Error>) {
+        let mut state = self.state.lock();
+        state.running = state.running.saturating_sub(1);
+        if let (Err(e), None) = (result, &state.failure) {
+            let (kind, message) = match e {
+                Error::WorkerPanic { message, .. } => (None, message.clone()),
+                Error::Io(io) => (Some(io.kind()), io.to_string()),
+                other => (Some(io::ErrorKind::Other), other.to_string()),
+            };
+            state.failure = Some(Failure {
+                worker,
+                kind,
+                message,
+            });
+        }
+        drop(state);
+        self.changed.notify_all();
+        for w in self.wakers.lock().drain(..) {
+            w.wake();
+        }
+    }
+
+    /// The first failure so far, as an error.
+    pub(crate) fn failure(&self) -> Option<Error> {
+        self.state.lock().failure.as_ref().map(Failure::error)
+    }
+
+    /// The worker that failed first, if one did.
+    pub(crate) fn first_failed(&self) -> Option<usize> {
+        self.state.lock().failure.as_ref().map(|f| f.worker)
+    }
+
+    /// Whether a worker failed or none is running.
+    fn settled(state: &ExitState) -> bool {
+        state.failure.is_some() || state.running == 0
+    }
+
+    /// Blocks until a worker failed (its error) or every worker ended without failing (`None`).
+    pub(crate) fn wait_failure(&self) -> Option<Error> {
+        let mut state = self.state.lock();
+        while !Self::settled(&state) {
+            self.changed.wait(&mut state);
+        }
+        state.failure.as_ref().map(Failure::error)
+    }
+
+    /// [`wait_failure`](Self::wait_failure) for async code: ready when a worker failed or every
+    /// worker ended.
+    #[cfg(feature = "tokio")]
+    pub(crate) fn poll_settled(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+        // Registered before the check, so an end between the two still wakes this waiter.
+        self.wakers.lock().push(cx.waker().clone());
+        if Self::settled(&self.state.lock()) {
+            std::task::Poll::Ready(())
+        } else {
+            std::task::Poll::Pending
+        }
+    }
+}
+
 /// One worker's endpoint, application, socket state and counters.
 pub(crate) struct Core<A> {
     pub(crate) id: usize,
     pub(crate) endpoint: Endpoint,
     pub(crate) app: A,
     io: UdpIo,
+    router: Arc<Router>,
     shared: Arc<Mutex<Published>>,
     stats_interval: Option<Duration>,
     dirty: bool,
@@ -121,6 +245,7 @@ impl<A: Application> Core<A> {
         endpoint: Endpoint,
         app: A,
         io: UdpIo,
+        router: Arc<Router>,
         shared: Arc<Mutex<Published>>,
         stats_interval: Option<Duration>,
     ) -> Self {
@@ -132,6 +257,7 @@ impl<A: Application> Core<A> {
             endpoint,
             app,
             io,
+            router,
             shared,
             stats_interval,
             dirty: true,
@@ -145,8 +271,11 @@ impl<A: Application> Core<A> {
         while let Some(event) = self.endpoint.poll_event() {
             #[cfg(feature = "metrics")]
             self.metrics.on_event(&event);
-            self.app
-                .on_event(&mut AppContext::new(&mut self.endpoint, now), event);
+            self.router.update(self.id, &event);
+            self.app.on_event(
+                &mut AppContext::new(&mut self.endpoint, now).with_worker(self.id),
+                event,
+            );
         }
     }
 
@@ -181,6 +310,7 @@ impl<A: Application> Core<A> {
                 let now = Instant::now();
                 let endpoint = &mut self.endpoint;
                 let app = &mut self.app;
+                let (router, id) = (&self.router, self.id);
                 #[cfg(feature = "metrics")]
                 let metrics = &mut self.metrics;
                 let got = self.io.recv(socket, |from, d| {
@@ -189,7 +319,8 @@ impl<A: Application> Core<A> {
                     while let Some(event) = endpoint.poll_event() {
                         #[cfg(feature = "metrics")]
                         metrics.on_event(&event);
-                        app.on_event(&mut AppContext::new(endpoint, now), event);
+                        router.update(id, &event);
+                        app.on_event(&mut AppContext::new(endpoint, now).with_worker(id), event);
                     }
                 });
                 let more = match got {
@@ -207,15 +338,21 @@ impl<A: Application> Core<A> {
         }
     }
 
-    /// Runs what is due at `now` (the endpoint's timers; after a wake, completed work and
-    /// [`Application::on_wake`]).
+    /// Runs what is due at `now` (the endpoint's timers; after a wake, completed work, the
+    /// records sent through the server's handle and [`Application::on_wake`]).
     pub(crate) fn timers(&mut self, now: Instant, woken: bool) {
         if woken || self.endpoint.poll_timeout().is_some_and(|t| t <= now) {
             self.endpoint.handle_timeout(now);
             self.deliver(now);
             if woken {
+                for (peer, data) in self.router.take(self.id) {
+                    if self.endpoint.send(peer, &data).is_err() {
+                        self.router.refused();
+                    }
+                }
+                self.deliver(now);
                 self.app
-                    .on_wake(&mut AppContext::new(&mut self.endpoint, now));
+                    .on_wake(&mut AppContext::new(&mut self.endpoint, now).with_worker(self.id));
                 self.deliver(now);
             }
             self.dirty = true;

@@ -39,6 +39,7 @@ mod metrics;
 mod peer;
 mod pipe;
 pub(crate) mod record;
+mod router;
 mod stats;
 #[cfg(test)]
 mod testing;

@@ -10,12 +10,15 @@
 //! The application is the same [`Application`] as on the std driver, called inside the task:
 //! it must not block. Async work (a database, another service) runs in a task of its own and
 //! hands its results back through a channel; waking one of [`TokioHandle::wakers`] makes the
-//! worker call [`Application::on_wake`], where the application sends them.
+//! worker call [`Application::on_wake`], where the application sends them (or it sends to the
+//! peer through [`TokioHandle::send`], which does both).
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::task::{Wake, Waker};
+use std::task::{Context, Poll, Wake, Waker};
 use std::time::{Duration, Instant};
 
 use ::tokio::net::UdpSocket;
@@ -24,9 +27,10 @@ use ::tokio::task::JoinHandle;
 
 use super::app::Application;
 use super::config::ServerConfig;
-use super::driver::{worker_outcome, Core, WorkerStats, FINAL_FLUSH};
+use super::driver::{worker_ended, worker_outcome, Core, Exits, WorkerStats, FINAL_FLUSH};
 use super::endpoint::Endpoint;
 use super::io::{bind_workers, IoStats, UdpIo};
+use super::router::Router;
 use super::stats::EndpointStats;
 use super::udp::UdpOptions;
 use crate::{DsmStats, Error};
@@ -79,17 +83,44 @@ pub struct TokioServer {
     tasks: Vec<JoinHandle<Result<(), Error>>>,
 }
 
-/// Stops a [`TokioServer`] and reads its counters, from anywhere (another task, a signal
-/// handler, another thread).
+/// A [`TokioServer`] from anywhere (another task, a signal handler, another thread): sends to
+/// its peers, stops it, tells when a task failed, reads its counters. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct TokioHandle {
     stop: Arc<AtomicBool>,
     wakes: Vec<Arc<TaskWake>>,
     wakers: Vec<Waker>,
     stats: WorkerStats,
+    router: Arc<Router>,
+    exits: Arc<Exits>,
 }
 
 impl TokioHandle {
+    /// Sends `data` to `peer` as one record, from any task or thread, through the task that
+    /// holds the peer: as [`StopHandle::send`](crate::StopHandle::send) does on the std driver.
+    pub fn send(&self, peer: SocketAddr, data: &[u8]) -> Result<(), crate::SendError> {
+        self.router.send(peer, data)
+    }
+
+    /// Records queued by [`send`](Self::send) that the task could not send (the peer closed
+    /// meanwhile, or its send queue was full).
+    pub fn sends_refused(&self) -> u64 {
+        self.router.refused_count()
+    }
+
+    /// Waits until a task fails, and returns its failure ([`Error::WorkerPanic`] for a panic, an
+    /// [`Error::Io`] for a failed socket); `None` once every task ended without a failure. As
+    /// [`StopHandle::wait_failure`](crate::StopHandle::wait_failure), without blocking a thread.
+    pub async fn wait_failure(&self) -> Option<Error> {
+        std::future::poll_fn(|cx| self.exits.poll_settled(cx)).await;
+        self.exits.failure()
+    }
+
+    /// The first task failure so far, without waiting.
+    pub fn failure(&self) -> Option<Error> {
+        self.exits.failure()
+    }
+
     /// Asks every task to send close_notify to its peers and exit, and wakes them.
     pub fn shutdown(&self) {
         self.stop.store(true, Ordering::SeqCst);
@@ -144,12 +175,8 @@ impl TokioServer {
             config.connection_id.as_ref(),
         )?;
         let stop = Arc::new(AtomicBool::new(false));
-        let mut handle = TokioHandle {
-            stop: Arc::clone(&stop),
-            wakes: Vec::new(),
-            wakers: Vec::new(),
-            stats: WorkerStats::default(),
-        };
+        let mut wakes = Vec::new();
+        let mut wakers = Vec::new();
         let mut prepared = Vec::new();
         for (id, socket) in sockets.into_iter().enumerate() {
             let io = UdpIo::new(&socket, options.io, config.mtu as usize)?;
@@ -159,16 +186,44 @@ impl TokioServer {
             // The worker index fits: bind_workers allows at most 256 with connection ids.
             let mut endpoint = Endpoint::for_worker(Arc::clone(&config), id as u8)?;
             endpoint.set_waker(waker.clone());
-            let shared = handle.stats.add();
-            handle.wakes.push(Arc::clone(&wake));
-            handle.wakers.push(waker);
-            let core = Core::new(id, endpoint, new_app(), io, shared, options.stats_interval);
-            prepared.push((core, socket, wake));
+            wakes.push(Arc::clone(&wake));
+            wakers.push(waker);
+            prepared.push((endpoint, io, socket, wake));
         }
-        let tasks = prepared
-            .into_iter()
-            .map(|(core, socket, wake)| ::tokio::spawn(run(core, socket, wake, Arc::clone(&stop))))
-            .collect();
+        let router = Arc::new(Router::new(
+            &wakers,
+            options.handle_queue,
+            Arc::clone(&stop),
+        ));
+        let mut handle = TokioHandle {
+            stop: Arc::clone(&stop),
+            wakes,
+            wakers,
+            stats: WorkerStats::default(),
+            router: Arc::clone(&router),
+            exits: Arc::new(Exits::default()),
+        };
+        let mut tasks = Vec::new();
+        for (id, (endpoint, io, socket, wake)) in prepared.into_iter().enumerate() {
+            let shared = handle.stats.add();
+            let core = Core::new(
+                id,
+                endpoint,
+                new_app(),
+                io,
+                Arc::clone(&router),
+                shared,
+                options.stats_interval,
+            );
+            handle.exits.start();
+            tasks.push(::tokio::spawn(Reporting {
+                task: Box::pin(run(core, socket, wake, Arc::clone(&stop))),
+                id,
+                router: Arc::clone(&router),
+                exits: Arc::clone(&handle.exits),
+                ended: false,
+            }));
+        }
         Ok(Self {
             local_addr,
             handle,
@@ -207,15 +262,24 @@ impl TokioServer {
     }
 
     /// Waits until the server is stopped (by a [`TokioHandle`]) and its tasks have sent their
-    /// close_notify datagrams and exited. A task that panicked (in the endpoint or in the
-    /// application) is reported as [`Error::WorkerPanic`].
+    /// close_notify datagrams and exited, or until a task fails: then the others are shut down
+    /// as by [`shutdown`](Self::shutdown) and the failure is returned
+    /// ([`TokioHandle::wait_failure`]): [`Error::WorkerPanic`] for a task that panicked (in the
+    /// endpoint or in the application), the error of one whose socket failed.
     pub async fn wait(mut self) -> Result<(), Error> {
+        if self.handle.wait_failure().await.is_some() {
+            self.handle.shutdown();
+        }
+        let first = self.handle.exits.first_failed();
         let mut result = Ok(());
         for (worker, task) in std::mem::take(&mut self.tasks).into_iter().enumerate() {
             // A task that was cancelled rather than panicked has no message.
             let ended = task.await.map_err(|e| e.try_into_panic().ok());
             if let Err(e) = worker_outcome(worker, ended) {
-                result = Err(e);
+                // The failure that came first is the one to report.
+                if result.is_ok() || first == Some(worker) {
+                    result = Err(e);
+                }
             }
         }
         result
@@ -233,6 +297,42 @@ impl Drop for TokioServer {
     fn drop(&mut self) {
         if !self.tasks.is_empty() {
             self.handle.shutdown();
+        }
+    }
+}
+
+/// A worker task as spawned: catches a panic of the task and reports its end, however it ends
+/// (finished, panicked, or dropped by a runtime shutting down), as the std driver's threads do.
+struct Reporting<F> {
+    task: Pin<Box<F>>,
+    id: usize,
+    router: Arc<Router>,
+    exits: Arc<Exits>,
+    ended: bool,
+}
+
+impl<F: Future<Output = Result<(), Error>>> Future for Reporting<F> {
+    type Output = Result<(), Error>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = &mut *self;
+        let polled =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| this.task.as_mut().poll(cx)));
+        let ended = match polled {
+            Ok(Poll::Pending) => return Poll::Pending,
+            Ok(Poll::Ready(result)) => Ok(result),
+            Err(panic) => Err(Some(panic)),
+        };
+        this.ended = true;
+        Poll::Ready(worker_ended(this.id, ended, &this.router, &this.exits))
+    }
+}
+
+impl<F> Drop for Reporting<F> {
+    fn drop(&mut self) {
+        if !self.ended {
+            self.router.ended(self.id);
+            self.exits.ended(self.id, &Ok(()));
         }
     }
 }

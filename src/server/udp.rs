@@ -28,9 +28,10 @@ use mio::{Events, Interest, Poll, Token};
 
 use super::app::Application;
 use super::config::ServerConfig;
-use super::driver::{worker_outcome, Carry, Core, WorkerStats, FINAL_FLUSH};
+use super::driver::{worker_ended, worker_outcome, Carry, Core, Exits, WorkerStats, FINAL_FLUSH};
 use super::endpoint::Endpoint;
 use super::io::{bind_workers, IoMode, IoStats, UdpIo};
+use super::router::Router;
 use super::stats::EndpointStats;
 use crate::{DsmStats, Error};
 
@@ -49,7 +50,13 @@ pub struct UdpOptions {
     pub stats_interval: Option<Duration>,
     /// Batched UDP I/O (the default) or one datagram per system call.
     pub io: IoMode,
+    /// Records the server's handle ([`StopHandle::send`]) may have waiting for one worker
+    /// before it refuses with [`QueueFull`](crate::SendError::QueueFull) (default 16 384).
+    pub handle_queue: usize,
 }
+
+/// [`UdpOptions::handle_queue`] by default.
+const DEFAULT_HANDLE_QUEUE: usize = 16 * 1024;
 
 impl UdpOptions {
     /// One worker on `listen`, stats every 10 s.
@@ -59,6 +66,7 @@ impl UdpOptions {
             workers: 1,
             stats_interval: Some(Duration::from_secs(10)),
             io: IoMode::Batched,
+            handle_queue: DEFAULT_HANDLE_QUEUE,
         }
     }
 }
@@ -116,17 +124,80 @@ pub struct UdpServer {
     workers: Vec<JoinHandle<Result<(), Error>>>,
 }
 
-/// Stops a [`UdpServer`] and reads its counters, from anywhere (a Ctrl-C handler, another
-/// thread, a test).
+/// A [`UdpServer`] from anywhere (a Ctrl-C handler, another thread, a test): sends to its
+/// peers, stops it, tells when a worker failed, reads its counters. Cheap to clone.
+///
+/// ```no_run
+/// # use std::sync::Arc;
+/// # use openssl_session_cache::{AppContext, Event, ServerConfig, SessionCache, UdpOptions, UdpServer};
+/// # let config = ServerConfig::builder(SessionCache::builder().build()?).build()?;
+/// # let options = UdpOptions::new("127.0.0.1:4433".parse()?);
+/// # let server = UdpServer::spawn(config, options, || |_: &mut AppContext<'_>, _: Event| {})?;
+/// let handle = server.handle();
+/// // A thread that sends a peer something whenever it likes:
+/// # let peer = "127.0.0.1:50000".parse()?;
+/// let pusher = handle.clone();
+/// std::thread::spawn(move || pusher.send(peer, b"news"));
+/// // A thread that reports a worker failure (a panic in the application) as it happens:
+/// std::thread::spawn(move || {
+///     if let Some(e) = handle.wait_failure() {
+///         eprintln!("{e}");
+///         handle.shutdown();
+///     }
+/// });
+/// server.wait()?;
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 #[derive(Debug, Clone)]
 pub struct StopHandle {
     stop: Arc<AtomicBool>,
     wakers: Vec<Waker>,
     stats: WorkerStats,
     carry: Arc<Carry>,
+    router: Arc<Router>,
+    exits: Arc<Exits>,
 }
 
 impl StopHandle {
+    /// Sends `data` to `peer` as one record, from any thread: queued for the worker that holds
+    /// the peer, which is woken and sends it before its [`Application::on_wake`].
+    ///
+    /// A peer is known from its [`Event::Connected`](crate::Event::Connected) to its
+    /// [`Event::Closed`](crate::Event::Closed), under its current address (after an
+    /// [`Event::Migrated`](crate::Event::Migrated), the new one): each worker updates the
+    /// server's table of peers before its application sees the event, so what the application
+    /// was told can be sent to at once. Refused, nothing is queued:
+    /// [`UnknownPeer`](crate::SendError::UnknownPeer) (not connected, closed),
+    /// [`TooLarge`](crate::SendError::TooLarge), [`QueueFull`](crate::SendError::QueueFull)
+    /// ([`UdpOptions::handle_queue`] records wait for the worker already),
+    /// [`Stopped`](crate::SendError::Stopped) (the server is stopping, or the peer's worker
+    /// ended).
+    /// A record the worker cannot send when it gets to it (the peer closed meanwhile, its send
+    /// queue is full) is dropped and counted in [`sends_refused`](Self::sends_refused).
+    pub fn send(&self, peer: SocketAddr, data: &[u8]) -> Result<(), crate::SendError> {
+        self.router.send(peer, data)
+    }
+
+    /// Records queued by [`send`](Self::send) that the worker could not send (the peer closed
+    /// meanwhile, or its send queue was full).
+    pub fn sends_refused(&self) -> u64 {
+        self.router.refused_count()
+    }
+
+    /// Blocks until a worker fails, and returns its failure: [`Error::WorkerPanic`] for a worker
+    /// whose endpoint or application panicked (with the panic's message), an [`Error::Io`] for
+    /// one whose socket failed. The other workers go on; the server's
+    /// [`wait`](UdpServer::wait) returns the same failure. Returns `None` once every worker
+    /// ended without a failure (the server was stopped).
+    pub fn wait_failure(&self) -> Option<Error> {
+        self.exits.wait_failure()
+    }
+
+    /// The first worker failure so far ([`wait_failure`](Self::wait_failure)), without waiting.
+    pub fn failure(&self) -> Option<Error> {
+        self.exits.failure()
+    }
+
     /// Asks the workers to send close_notify to their peers and exit, and wakes them.
     pub fn shutdown(&self) {
         self.stop.store(true, Ordering::SeqCst);
@@ -202,10 +273,10 @@ impl UdpServer {
         let stop = Arc::new(AtomicBool::new(false));
         let carry = Arc::new(Carry::default());
         carry.restorable.add(peers);
-        let mut workers = Vec::new();
-        let mut stats = WorkerStats::default();
+        let stats = WorkerStats::default();
         let mut wakers = Vec::new();
         let mut prepared = Vec::new();
+        let exits = Arc::new(Exits::default());
         for (index, socket) in sockets.into_iter().enumerate() {
             let mut socket = mio::net::UdpSocket::from_std(socket);
             let poll = Poll::new()?;
@@ -226,9 +297,35 @@ impl UdpServer {
             let io = UdpIo::new(&socket, options.io, config.mtu as usize)?;
             prepared.push((socket, poll, wake, endpoint, io));
         }
+        let router = Arc::new(Router::new(
+            &wakers,
+            options.handle_queue,
+            Arc::clone(&stop),
+        ));
+        let handle = StopHandle {
+            stop: Arc::clone(&stop),
+            wakers,
+            stats,
+            carry: Arc::clone(&carry),
+            router: Arc::clone(&router),
+            exits: Arc::clone(&exits),
+        };
+        let mut server = Self {
+            local_addr,
+            handle,
+            workers: Vec::new(),
+        };
         for (id, (socket, poll, wake, endpoint, io)) in prepared.into_iter().enumerate() {
-            let shared = stats.add();
-            let core = Core::new(id, endpoint, new_app(), io, shared, options.stats_interval);
+            let shared = server.handle.stats.add();
+            let core = Core::new(
+                id,
+                endpoint,
+                new_app(),
+                io,
+                Arc::clone(&router),
+                shared,
+                options.stats_interval,
+            );
             let worker = Worker {
                 socket,
                 poll,
@@ -237,37 +334,27 @@ impl UdpServer {
                 stop: Arc::clone(&stop),
                 carry: Arc::clone(&carry),
             };
-            let handle = std::thread::Builder::new()
+            let (router, exits) = (Arc::clone(&router), Arc::clone(&exits));
+            exits.start();
+            let spawned = std::thread::Builder::new()
                 .name(format!("dtls-worker-{id}"))
-                .spawn(move || worker.run());
-            match handle {
-                Ok(h) => workers.push(h),
+                .spawn(move || {
+                    // Caught here, a panic is reported as it happens, not only at `wait`.
+                    let ended =
+                        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| worker.run()))
+                            .map_err(Some);
+                    worker_ended(id, ended, &router, &exits)
+                });
+            match spawned {
+                Ok(h) => server.workers.push(h),
                 Err(e) => {
-                    // Stop the workers already running before reporting.
-                    let _ = Self {
-                        local_addr,
-                        handle: StopHandle {
-                            stop,
-                            wakers,
-                            stats,
-                            carry,
-                        },
-                        workers,
-                    };
+                    server.handle.exits.ended(id, &Ok(()));
+                    // Dropped, the server stops the workers already running.
                     return Err(e.into());
                 }
             }
         }
-        Ok(Self {
-            local_addr,
-            handle: StopHandle {
-                stop,
-                wakers,
-                stats,
-                carry,
-            },
-            workers,
-        })
+        Ok(server)
     }
 
     /// Hands the server saved associations (from [`take_peers`](crate::take_peers) after a
@@ -332,8 +419,10 @@ impl UdpServer {
     }
 
     /// Waits until the server is stopped (by a [`StopHandle`]) and the workers have sent their
-    /// close_notify datagrams and exited. A worker that panicked (in the endpoint or in the
-    /// application) is reported as [`Error::WorkerPanic`].
+    /// close_notify datagrams and exited, or until a worker fails: then the others are shut
+    /// down as by [`shutdown`](Self::shutdown) and the failure is returned
+    /// ([`StopHandle::wait_failure`]): [`Error::WorkerPanic`] for a worker that panicked (in the
+    /// endpoint or in the application), the error of one whose socket failed.
     pub fn wait(mut self) -> Result<(), Error> {
         self.join()
     }
@@ -346,11 +435,21 @@ impl UdpServer {
     }
 
     fn join(&mut self) -> Result<(), Error> {
+        if self.workers.is_empty() {
+            return Ok(());
+        }
+        if self.handle.exits.wait_failure().is_some() {
+            self.handle.shutdown();
+        }
+        let first = self.handle.exits.first_failed();
         let mut result = Ok(());
         for (worker, w) in self.workers.drain(..).enumerate() {
             let ended = w.join().map_err(Some);
             if let Err(e) = worker_outcome(worker, ended) {
-                result = Err(e);
+                // The failure that came first is the one to report.
+                if result.is_ok() || first == Some(worker) {
+                    result = Err(e);
+                }
             }
         }
         result
@@ -519,6 +618,66 @@ mod tests {
             }
             false
         }
+    }
+
+    impl Hopping {
+        /// Waits (bounded: 5 s) for a record equal to `line` at the current socket.
+        fn receives(&mut self, line: &[u8]) -> bool {
+            let end = Instant::now() + Duration::from_secs(5);
+            let mut buf = [0u8; 2048];
+            while Instant::now() < end {
+                if let Ok(n) = self.socket.recv(&mut buf) {
+                    self.client.inbound(buf[..n].to_vec());
+                    self.client.drive();
+                    if self.client.client.received.last().map(Vec::as_slice) == Some(line) {
+                        return true;
+                    }
+                }
+            }
+            false
+        }
+    }
+
+    #[test]
+    fn the_handle_sends_to_a_migrated_peer_at_its_new_address_only() {
+        let config = ServerConfig::builder(SessionCache::builder().build().unwrap())
+            .dsm(DsmConfig::new(64))
+            .build()
+            .unwrap();
+        let mut options = UdpOptions::new("127.0.0.1:0".parse().unwrap());
+        options.workers = 2;
+        options.stats_interval = None;
+        let server = UdpServer::spawn(config, options, || {
+            |ctx: &mut AppContext<'_>, event: Event| {
+                if let Event::Data { peer, data } = event {
+                    let _ = ctx.send(peer, &data);
+                }
+            }
+        })
+        .unwrap();
+        let addr = server.local_addr();
+        let handle = server.handle();
+        let mut c = Hopping {
+            client: CidClient::new(40_100, &[7; 4], None),
+            socket: Hopping::socket(addr),
+            server: addr,
+        };
+        c.handshake();
+        for hop in 0..4 {
+            let before = c.socket.local_addr().unwrap();
+            // The echo at the new port comes after the worker saw the migration.
+            assert!(c.hop_and_echo(format!("hop {hop}").as_bytes()));
+            let now = c.socket.local_addr().unwrap();
+            assert_eq!(
+                handle.send(before, b"old"),
+                Err(crate::SendError::UnknownPeer)
+            );
+            let line = format!("pushed after hop {hop}");
+            handle.send(now, line.as_bytes()).unwrap();
+            assert!(c.receives(line.as_bytes()), "{line} did not arrive");
+        }
+        assert_eq!(handle.sends_refused(), 0);
+        server.shutdown().unwrap();
     }
 
     #[test]
