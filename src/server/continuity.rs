@@ -39,7 +39,15 @@ use super::record::replay::ReplayWindow;
 use crate::error::{Error, StoreError};
 use crate::store::envelope::{KeyRing, DOMAIN_PEERS};
 use crate::store::file::{self, Links, ReadError};
-use crate::store::SessionId;
+use crate::store::{SessionId, StoredSession};
+
+/// The first bytes of a peer's state shared in the store (`shared_peers`).
+const SHARED_MAGIC: &[u8; 8] = b"OSSLPSHR";
+/// The shared state's format version.
+const SHARED_VERSION: u8 = 1;
+/// Key kinds of [`SessionId::for_peer_state`].
+const KEY_CID: u8 = 1;
+const KEY_ADDR: u8 = 2;
 
 /// The first bytes of a file of saved peers.
 const MAGIC: &[u8; 8] = b"OSSLPEER";
@@ -120,6 +128,34 @@ impl SuspendedPeer {
     pub(crate) fn record_state(&self) -> RecordState {
         RecordState::new(self.keys.clone(), self.epoch, self.next_write, self.window)
             .with_cids(self.cid_in.as_deref(), self.cid_out.as_deref())
+    }
+
+    /// The id its state is shared under in the store: by its connection ID, or by its address
+    /// for a peer without one.
+    pub(crate) fn store_id(&self) -> SessionId {
+        store_id(self.cid_in.as_deref(), self.addr)
+    }
+
+    /// The state as the store keeps it (`shared_peers`): `next_write` is then the lease's end
+    /// (no write sequence number at or above it was used; a host taking the peer over starts
+    /// there) and the window the read mark. Expires with the session.
+    pub(crate) fn to_shared(&self) -> StoredSession {
+        let mut out = Vec::with_capacity(256);
+        out.extend_from_slice(SHARED_MAGIC);
+        out.push(SHARED_VERSION);
+        self.encode(&mut out);
+        StoredSession::from_millis(out, self.expires_at.saturating_mul(1000))
+    }
+
+    /// What [`to_shared`](Self::to_shared) stored; `None` for anything else.
+    pub(crate) fn from_shared(stored: &StoredSession) -> Option<Self> {
+        let data = stored.data();
+        let body = data.strip_prefix(SHARED_MAGIC.as_slice())?;
+        let (&version, body) = body.split_first()?;
+        if version != SHARED_VERSION {
+            return None;
+        }
+        Self::decode(body)
     }
 
     fn encode(&self, out: &mut Vec<u8>) {
@@ -274,6 +310,15 @@ impl<'a> Reader<'a> {
             u32::MAX => Some(None),
             n => self.take(usize::try_from(n).ok()?).map(Some),
         }
+    }
+}
+
+/// The id the state of the peer with connection ID `cid` (or, without one, at `addr`) is
+/// shared under.
+pub(crate) fn store_id(cid: Option<&[u8]>, addr: SocketAddr) -> SessionId {
+    match cid {
+        Some(cid) => SessionId::for_peer_state(KEY_CID, cid),
+        None => SessionId::for_peer_state(KEY_ADDR, addr.to_string().as_bytes()),
     }
 }
 
@@ -466,6 +511,35 @@ mod tests {
             assert!(parse(&bytes[..n], &ring).is_err(), "prefix {n}");
         }
         assert_eq!(parse(&bytes, &ring).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_shared_state_round_trips_and_nothing_else_parses_as_one() {
+        let p = sample(2048);
+        let stored = p.to_shared();
+        assert_eq!(stored.expires_at_millis(), 2_000_000_000_000);
+        let back = SuspendedPeer::from_shared(&stored).unwrap();
+        assert_eq!(back.next_write, 2048, "the lease's end");
+        assert_eq!(back.window, p.window);
+        assert_eq!(back.cid_in, p.cid_in);
+        assert_eq!(back.store_id(), p.store_id());
+        assert!(p.store_id().is_peer_state());
+        // Another address without a CID, or another CID: another id.
+        let mut q = sample(1);
+        q.cid_in = None;
+        assert_ne!(q.store_id(), p.store_id());
+        assert_eq!(q.store_id(), store_id(None, q.addr));
+        let data = stored.data().to_vec();
+        for n in 0..data.len() {
+            let cut = StoredSession::from_millis(data[..n].to_vec(), 0);
+            assert!(SuspendedPeer::from_shared(&cut).is_none(), "prefix {n}");
+        }
+        let mut other = data.clone();
+        other[8] = 2;
+        assert!(SuspendedPeer::from_shared(&StoredSession::from_millis(other, 0)).is_none());
+        let mut long = data;
+        long.push(0);
+        assert!(SuspendedPeer::from_shared(&StoredSession::from_millis(long, 0)).is_none());
     }
 
     #[test]

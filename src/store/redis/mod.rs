@@ -36,8 +36,8 @@ use crate::error::{Error, StoreError};
 use crate::stats::{bump, EvictionStats};
 use crate::store::envelope::{hex_val, KeyRing};
 use crate::store::{
-    LookupDone, LookupMode, MemoryStore, SessionId, SessionStore, SessionStoreAdmin, StoreUsage,
-    StoredSession, MAX_SESSION_ID_LEN,
+    LookupDone, LookupMode, MemoryStore, PutDone, SessionId, SessionStore, SessionStoreAdmin,
+    StoreUsage, StoredSession, MAX_SESSION_ID_LEN,
 };
 
 /// Session bytes a tier entry is budgeted for (the tier's byte bound is entries times this).
@@ -930,6 +930,11 @@ impl RedisStore {
         mode: LookupMode,
     ) -> Option<Result<Option<StoredSession>, StoreError>> {
         let s = &self.shared;
+        if id.is_peer_state() {
+            // A DTLS peer's shared state is read from Redis only: another host may have
+            // extended its lease since this host last held it.
+            return None;
+        }
         match mode {
             LookupMode::Get => {
                 if let Some(tier) = &s.tier {
@@ -1100,6 +1105,29 @@ impl SessionStore for RedisStore {
             Some(r) => done.complete(r),
             None => self.start_remote(id, mode, done),
         }
+    }
+
+    /// `SET key value PX ttl` sent at once on the background thread (past the write-behind
+    /// queue and the tier); `done` completes with `Ok` once Redis acknowledged it, or with the
+    /// error within the operation deadline (at once while the breaker is open).
+    fn put_confirmed(&self, id: SessionId, session: StoredSession, done: PutDone) {
+        let s = &self.shared;
+        let key = s.key_for(&id);
+        let Some(permit) = s.breaker_for(key.as_bytes()).admit(Instant::now()) else {
+            bump(&s.counters.breaker_open_skips);
+            return done.complete(Err(StoreError::Unavailable(
+                "redis circuit breaker open: redis skipped".into(),
+            )));
+        };
+        let deadline = Instant::now() + s.op_timeout;
+        self.background.spawn(Shared::remote_put(
+            Arc::clone(s),
+            id,
+            session,
+            permit,
+            deadline,
+            done,
+        ));
     }
 
     fn is_remote(&self) -> bool {
