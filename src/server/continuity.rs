@@ -17,6 +17,48 @@
 //! session has expired, when the server's certificate or the identity's PSK key is not the one it
 //! was made with, and when the file is sealed with another key ring.
 //!
+//! # Crash failover in a farm (`shared_peers`)
+//! With [`shared_peers`](crate::ServerConfigBuilder::shared_peers) each lean peer's state also
+//! lives in the session store (the farm's Redis), so that a host that dies without a word
+//! (SIGKILL, a power cut) loses no association: the host the peer's datagrams reach next takes
+//! it over.
+//!
+//! * **Where.** Under an id of its own namespace
+//!   ([`SessionId::for_peer_state`]: 8 prefix bytes and 24 of the SHA-256 of the connection ID,
+//!   or of the address for a peer without one), sealed by the store like a session (the Redis
+//!   store's key ring), expiring with the session. The session cache never looks such an id
+//!   up for a client, and the Redis store's memory tier never holds one.
+//! * **Format.** `"OSSLPSHR" | version u8 = 1 |` the saved-peer entry below, its
+//!   `next_write` being the **lease end**: no write sequence number at or above it was used.
+//!   A certificate-bound peer with an 8-byte connection ID takes 314 bytes once sealed (the
+//!   expiry and the envelope included; `a_foreign_state_is_refused_and_counted` prints it).
+//! * **Write leases** (`server/lease.rs`). A host seals records only below the lease end of a
+//!   write the store confirmed ([`SessionStore::put_confirmed`](crate::SessionStore::put_confirmed);
+//!   the Redis store sends `SET key value PX ttl` at once and completes on Redis's answer). The
+//!   first write of a fresh association need not be waited for: no earlier state of its keys
+//!   exists, so whatever of it reaches the store holds a lease above every number used. At half
+//!   a block (512) before the end the lease is extended by a block (1,024), so nothing waits
+//!   while the store answers within 512 records; past the end records are dropped and counted
+//!   (`lease_waits`). One write per peer is in flight at a time, so what the store holds only
+//!   moves forward.
+//! * **Read marks.** Each write also carries the replay window; records accepted ask for a
+//!   write after 64 records or 20 ms, whichever first (`MARK_RECORDS`, `MARK_DELAY`).
+//! * **Takeover** (`server/endpoint/farm.rs`). A protected application-data record with an
+//!   unknown connection ID (or, for a peer without one, from an unknown address) starts a
+//!   lookup of the state (at most 64 in flight per endpoint, each given up after the lookup
+//!   timeout; one per state). Found, it is refused if it does not decode, expired, or is bound
+//!   to another certificate or PSK key ([`Binding`]); its window is set to refuse every number
+//!   at or below the stored mark; it is restored only if a record of the datagram opens under
+//!   it. The new host writes nothing until its own lease, one block above the stored end, is
+//!   confirmed; the datagram that asked waits for that, then goes on as any record.
+//! * **What unauthenticated input can do:** start one bounded lookup; it never writes.
+//! * **What is not guaranteed.** Two hosts serving one peer *at the same time* (a load
+//!   balancer that splits its datagrams between two live hosts) can both extend the lease, which
+//!   is a blind write, not a compare-and-set; the design covers a host that is dead, not one
+//!   partitioned from its peers but alive. For the same reason a write of a dead host that its
+//!   client library still delivers after the takeover (a Redis command queued on a connection
+//!   the kernel has not yet delivered) could overwrite the new host's lease with a lower one.
+//!
 //! # File format (version 1)
 //! ```text
 //! "OSSLPEER" (8 bytes) | version u8 = 1 | envelope

@@ -776,6 +776,12 @@ mod tests {
         let mut c = CidClient::new(1000, b"cid-8b!!", None);
         c.pump(&mut a, addr(1000), now);
         drop(a);
+        // What one peer costs the store, sealed (BENCHMARKS.md): the value's bytes.
+        let server_cid = c.server_cid.lock().clone().unwrap();
+        let key = store_id(Some(&server_cid), addr(1000));
+        let sealed = mem.get(&key).unwrap().unwrap();
+        eprintln!("shared peer state: {} bytes sealed", sealed.len());
+        assert!(sealed.len() < 400, "{} bytes", sealed.len());
         let d = c.send(b"after").remove(0);
         let other_ring = crate::KeyRing::new(2, [2; 32]);
         let mut b = host(sealing(&other_ring), &cert);
