@@ -368,13 +368,16 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
             if args.share_peers {
                 println!(
                     "endpoint: takeovers {} refused {} lookups {} lease writes {} failed {} \
-                     records waiting for a lease {}",
+                     records waiting for a lease {} (records in {} out {}, datagrams in {})",
                     s.takeovers,
                     s.takeovers_refused,
                     s.takeover_lookups,
                     s.lease_writes,
                     s.lease_writes_failed,
-                    s.lease_waits
+                    s.lease_waits,
+                    s.records_received,
+                    s.records_sent,
+                    s.datagrams_in
                 );
             }
             if let Some((path, ring)) = carry {
