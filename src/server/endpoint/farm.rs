@@ -801,6 +801,40 @@ mod tests {
         assert_eq!(data_events(&mut b), vec![b"after".to_vec()]);
     }
 
+    /// Not a test but a count (BENCHMARKS.md, "Shared peers"): store writes per 1,000 echoed
+    /// records of one peer with a connection ID, at several record rates (time injected, so
+    /// the figures do not depend on the machine), and the bytes of its sealed state. Run:
+    /// `cargo test --lib -- --ignored --nocapture shared_peer_store_costs`.
+    #[test]
+    #[ignore = "a count; run it with --ignored --nocapture"]
+    fn shared_peer_store_costs() {
+        let cert = crate::self_signed_certificate().unwrap();
+        for per_second in [1u64, 10, 100, 1_000, 10_000] {
+            let store: Arc<dyn SessionStore> = Arc::new(MemoryStore::builder().build().unwrap());
+            let mut ep = host(store, &cert);
+            let mut now = Instant::now();
+            let mut c = CidClient::new(1000, b"cid-8b!!", None);
+            c.pump(&mut ep, addr(1000), now);
+            let before = ep.stats().lease_writes;
+            let step = std::time::Duration::from_micros(1_000_000 / per_second);
+            for i in 0..10_000u32 {
+                for d in c.send(&i.to_be_bytes()) {
+                    ep.handle(now, addr(1000), &d);
+                }
+                echo(&mut ep);
+                while ep.poll_transmit().is_some() {}
+                now += step;
+                ep.handle_timeout(now);
+            }
+            let s = ep.stats();
+            assert_eq!(s.records_sent, 10_000);
+            println!(
+                "{per_second} records/s: {:.1} store writes per 1,000 echoed records",
+                (s.lease_writes - before) as f64 / 10.0
+            );
+        }
+    }
+
     /// The crash-failover model: a client with a connection ID streams records; the host
     /// serving it dies at random points (dropped: no suspend, no close; its store writes in
     /// flight land or are lost at random), the next host takes the peer over from the store
