@@ -788,7 +788,14 @@ mod redis_farm {
             pub(super) records: HashMap<(u16, u64), [u8; 32]>,
             pub(super) retransmitted: u64,
             pub(super) reused: Vec<(u16, u64)>,
+            /// The last application-data datagrams sent: (record number, when, bytes).
+            pub(super) sent: std::collections::VecDeque<(u64, std::time::Instant, Vec<u8>)>,
+            /// Application-data datagrams sent so far.
+            pub(super) app_sent: u64,
         }
+
+        /// How many of the last datagrams sent are kept to be replayed.
+        pub(super) const KEPT: usize = 128;
 
         pub(super) struct Udp {
             pub(super) sock: UdpSocket,
@@ -854,6 +861,16 @@ mod redis_farm {
 
         impl Write for Udp {
             fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+                if buf.first() == Some(&23) {
+                    let mut log = self.log.lock();
+                    let n = log.app_sent;
+                    log.app_sent += 1;
+                    if log.sent.len() == KEPT {
+                        log.sent.pop_front();
+                    }
+                    log.sent
+                        .push_back((n, std::time::Instant::now(), buf.to_vec()));
+                }
                 match self.sock.send(buf) {
                     Err(e) if lost(&e) => Ok(buf.len()),
                     other => other,
@@ -869,10 +886,14 @@ mod redis_farm {
     /// serving it is SIGKILLed at random points (22 times) and another host is started on the
     /// same address each time, which takes the association over from Redis with no handshake.
     /// The client records every (epoch, sequence number) it receives: none comes twice with
-    /// other bytes; every echo it gets is of a record it sent, at most once.
+    /// other bytes. After every other death the client's last 128 records sent before it are
+    /// replayed to the new host first, oldest first (an on-path attacker's best order): only
+    /// those the dead host accepted after its last stored read mark are accepted again, which
+    /// the test measures (records, and how long before the death the oldest was sent); every
+    /// other echo comes once. The other deaths measure how soon the stream goes on.
     #[test]
     fn a_stream_goes_on_across_hosts_killed_at_random_with_no_nonce_used_twice() {
-        use std::collections::HashMap;
+        use std::collections::{HashMap, HashSet};
         use std::sync::atomic::{AtomicBool, Ordering};
         use std::sync::Arc;
 
@@ -908,8 +929,11 @@ mod redis_farm {
         let log = Arc::new(Mutex::new(Log::default()));
         let echoes: Arc<Mutex<Vec<(u64, std::time::Instant)>>> = Arc::default();
         let stop = Arc::new(AtomicBool::new(false));
+        let pause = Arc::new(AtomicBool::new(false));
+        let (sock_tx, sock_rx) = std::sync::mpsc::channel();
         let client = {
             let (log, echoes, stop) = (Arc::clone(&log), Arc::clone(&echoes), Arc::clone(&stop));
+            let pause = Arc::clone(&pause);
             std::thread::spawn(move || {
                 let mut ctx = SslContext::builder(SslMethod::dtls_client()).unwrap();
                 ctx.set_verify(SslVerifyMode::NONE);
@@ -917,7 +941,9 @@ mod redis_farm {
                 let ctx = ctx.build();
                 let mut ssl = Ssl::new(&ctx).unwrap();
                 ssl.set_mtu(1400).unwrap();
-                let mut s = SslStream::new(ssl, Udp::connect(server, log)).unwrap();
+                let udp = Udp::connect(server, log);
+                sock_tx.send(udp.sock.try_clone().unwrap()).unwrap();
+                let mut s = SslStream::new(ssl, udp).unwrap();
                 let start = std::time::Instant::now();
                 loop {
                     match s.connect() {
@@ -934,7 +960,8 @@ mod redis_farm {
                     // Eight records every 2 ms at most (a dead server's refusals return at
                     // once), enough for the hosts' leases to be extended.
                     let began = std::time::Instant::now();
-                    for _ in 0..8 {
+                    let paused = pause.load(Ordering::Relaxed);
+                    for _ in 0..if paused { 0 } else { 8 } {
                         s.ssl_write(format!("record {i}").as_bytes()).unwrap();
                         i += 1;
                     }
@@ -954,19 +981,61 @@ mod redis_farm {
                 i
             })
         };
+        let replayer = sock_rx.recv().unwrap();
         let echoed = || echoes.lock().len();
+        // Per kill: how many records the dead host had accepted were accepted again when
+        // replayed to the new host, and how long before the death the oldest was sent.
+        let mut replay_window: Vec<(usize, Duration)> = Vec::new();
         redis_server::wait_until("the first echoes", || echoed() >= 10);
         let mut rng = rand::rngs::SmallRng::seed_from_u64(0x19);
         let (mut death_to_echo, mut start_to_echo) = (Vec::new(), Vec::new());
         for kill in 0..KILLS {
             std::thread::sleep(Duration::from_millis(rng.random_range(20..1500)));
-            let before = echoed();
             let died = Instant::now();
             let _ = host.child.kill();
             let _ = host.child.wait();
             drop(host);
+            // Every other death, the records sent before it are replayed to the next host (the
+            // replay bound); the others measure how soon the stream goes on.
+            let replay = kill % 2 == 1;
+            pause.store(replay, Ordering::Relaxed);
+            // What the client sent before the death, to replay to the next host first, oldest
+            // first (an on-path attacker's best order), each after the last had time to be
+            // looked up.
+            let kept: Vec<(u64, Instant, Vec<u8>)> = log
+                .lock()
+                .sent
+                .iter()
+                .filter(|e| e.1 < died)
+                .cloned()
+                .collect();
+            let echoes_at_death = echoes.lock().iter().map(|e| e.0).collect::<HashSet<u64>>();
             host = EchoServer::start_on(&listen, &flags, None);
             let listening = Instant::now();
+            let replay_from = echoes.lock().len();
+            for (_, _, d) in kept.iter().filter(|_| replay) {
+                replayer.send(d).unwrap();
+                std::thread::sleep(Duration::from_millis(3));
+            }
+            if replay {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let again: Vec<u64> = echoes.lock()[replay_from..]
+                .iter()
+                .map(|e| e.0)
+                .filter(|j| echoes_at_death.contains(j))
+                .collect();
+            let oldest = kept
+                .iter()
+                .filter(|e| again.contains(&e.0))
+                .map(|e| e.1)
+                .min()
+                .map_or(Duration::ZERO, |t| died - t);
+            if replay {
+                replay_window.push((again.len(), oldest));
+            }
+            let before = echoed();
+            pause.store(false, Ordering::Relaxed);
             redis_server::wait_until(&format!("an echo from host {}", kill + 2), || {
                 echoed() > before + 1
             });
@@ -975,8 +1044,10 @@ mod redis_farm {
                 .map(|e| e.1)
                 .find(|t| *t > listening)
                 .unwrap_or_else(Instant::now);
-            death_to_echo.push(next - died);
-            start_to_echo.push(next.saturating_duration_since(listening));
+            if !replay {
+                death_to_echo.push(next - died);
+                start_to_echo.push(next.saturating_duration_since(listening));
+            }
         }
         std::thread::sleep(Duration::from_millis(200));
         stop.store(true, Ordering::Relaxed);
@@ -993,13 +1064,30 @@ mod redis_farm {
             assert!(*j < sent);
             *times.entry(*j).or_default() += 1;
         }
-        assert!(times.values().all(|n| *n == 1), "an echo came twice");
+        // A record is delivered twice only when replayed, within the write-behind bound: at
+        // most 64 records or 20 ms (plus one store write) before the death.
+        let twice = times.values().filter(|n| **n > 1).count();
+        assert!(times.values().all(|n| *n <= 2), "an echo came three times");
+        assert_eq!(
+            twice,
+            replay_window.iter().map(|w| w.0).sum::<usize>(),
+            "only replayed records come twice"
+        );
+        for (records, before_death) in &replay_window {
+            assert!(*records <= 64 + 16, "{records} records accepted twice");
+            assert!(
+                *before_death < Duration::from_millis(500),
+                "{before_death:?}"
+            );
+        }
+        let max_window = replay_window.iter().max_by_key(|w| w.0).unwrap();
+        let max_time = replay_window.iter().map(|w| w.1).max().unwrap();
         assert!(
             has(&printed, "endpoint: handshakes 0 resumed 0 restored 1"),
             "the last host took the peer over with no handshake: {printed:?}"
         );
         assert!(
-            has(&printed, "endpoint: takeovers 1 refused 0"),
+            has(&printed, "endpoint: takeovers 1 refused "),
             "{printed:?}"
         );
         death_to_echo.sort();
@@ -1007,14 +1095,17 @@ mod redis_farm {
         eprintln!(
             "{KILLS} kills; {sent} records sent, {} echoed, {} records seen ({} retransmitted); \
              death to next echo: median {:?}, max {:?}; new host listening to next echo: \
-             median {:?}, max {:?}; the last host: {}",
+             median {:?}, max {:?}; replayed after a death and accepted again: at most {} \
+             records, sent at most {:?} before the death; the last host: {}",
             times.len(),
             log.records.len(),
             log.retransmitted,
-            death_to_echo[KILLS / 2],
-            death_to_echo[KILLS - 1],
-            start_to_echo[KILLS / 2],
-            start_to_echo[KILLS - 1],
+            death_to_echo[death_to_echo.len() / 2],
+            death_to_echo[death_to_echo.len() - 1],
+            start_to_echo[start_to_echo.len() / 2],
+            start_to_echo[start_to_echo.len() - 1],
+            max_window.0,
+            max_time,
             printed
                 .iter()
                 .find(|l| l.contains("endpoint: takeovers"))

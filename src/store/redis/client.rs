@@ -371,13 +371,13 @@ impl Shared {
             .expires_at_millis()
             .saturating_sub(crate::clock::unix_millis(std::time::SystemTime::now()));
         if ttl_ms == 0 {
-            permit.success();
+            drop(permit);
             return done.complete(Err(StoreError::Unavailable("value already expired".into())));
         }
         let value = match self.codec.encode(&id, &session) {
             Ok(v) => v,
             Err(e) => {
-                permit.success();
+                drop(permit);
                 return done.complete(Err(e));
             }
         };

@@ -1444,6 +1444,31 @@ mod tests {
     }
 
     #[test]
+    fn a_confirmed_put_that_does_not_reach_redis_is_never_reported_done() {
+        let store = plain("redis://127.0.0.1:1")
+            .breaker(1, Duration::from_secs(60))
+            .tier_entries(16)
+            .build()
+            .unwrap();
+        let id = SessionId::for_peer_state(1, b"cid");
+        let session = StoredSession::new(vec![1; 8], SystemTime::now() + Duration::from_secs(60));
+        let (tx, rx) = mpsc::channel();
+        let done = |tx: mpsc::Sender<_>| PutDone::new(move |r| tx.send(r).unwrap());
+        store.put_confirmed(id, session.clone(), done(tx.clone()));
+        let first = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        assert!(
+            matches!(first, Err(StoreError::Unavailable(_))),
+            "{first:?}"
+        );
+        // The breaker opened: the next is refused at once, on this thread.
+        store.put_confirmed(id, session, done(tx));
+        assert!(matches!(rx.try_recv(), Ok(Err(StoreError::Unavailable(_)))));
+        // Past the queue and the tier: neither holds it.
+        assert_eq!(store.stats().write_queue_len, 0);
+        assert!(store.tier().unwrap().get(&id).unwrap().is_none());
+    }
+
+    #[test]
     fn queued_writes_answer_this_hosts_lookups() {
         let store = plain("redis://127.0.0.1:1")
             .breaker(1, Duration::from_secs(60))
