@@ -153,6 +153,7 @@ impl EchoServer {
     }
 
     /// [`start`](Self::start) with `RUST_LOG` at `level`.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
     fn start_logging(args: &[&str], level: &str) -> Self {
         Self::start_on("127.0.0.1:0", args, Some(level))
     }
