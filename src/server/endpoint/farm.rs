@@ -660,6 +660,53 @@ mod tests {
         assert_eq!(b.stats().handshakes, 0);
     }
 
+    /// A state whose session expired (by the taking-over host's clock) is refused and counted;
+    /// so is one asked for by a record from another address when the peer has no connection
+    /// ID (its state is found by address only).
+    #[test]
+    fn an_expired_state_is_refused() {
+        let cert = crate::self_signed_certificate().unwrap();
+        let store: Arc<dyn SessionStore> = Arc::new(MemoryStore::builder().build().unwrap());
+        let now = Instant::now();
+        let mut a = host(Arc::clone(&store), &cert);
+        let mut c = Client::new(1000, None);
+        pump(&mut a, &mut c, now);
+        drop(a);
+        let d = c.send(b"late").remove(0);
+        let clock = Arc::new(crate::ManualClock::starting_now());
+        clock.advance(std::time::Duration::from_secs(7 * 24 * 3600));
+        let cache = SessionCache::builder()
+            .store(Arc::clone(&store))
+            .clock(clock)
+            .build()
+            .unwrap();
+        let config = ServerConfig::builder(cache)
+            .certificate(cert.0.clone(), cert.1.clone())
+            .shared_peers(true)
+            .build()
+            .unwrap();
+        let mut b = Endpoint::new(config).unwrap();
+        b.handle(now, c.addr, &d);
+        let s = b.stats();
+        assert_eq!(
+            (s.takeovers, s.takeovers_refused, s.restores_refused),
+            (0, 1, 1)
+        );
+        // Another address: no state there (a miss, not a refusal).
+        let mut b = host(Arc::clone(&store), &cert);
+        b.handle(now, addr(1001), &d);
+        let s = b.stats();
+        assert_eq!(
+            (s.takeover_lookups, s.takeovers, s.takeovers_refused),
+            (1, 0, 0)
+        );
+        assert_eq!(s.dropped_not_client_hello, 1);
+        // Its own address, in time: taken over.
+        b.handle(now, c.addr, &d);
+        assert_eq!(b.stats().takeovers, 1);
+        assert_eq!(data_events(&mut b), vec![b"late".to_vec()]);
+    }
+
     /// Spoofed input changes nothing in the store: random records with unknown connection IDs
     /// start at most [`MAX_TAKEOVERS`] lookups and no write; a forged record for a peer whose
     /// state is stored restores nothing and writes nothing.
