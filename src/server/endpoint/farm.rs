@@ -707,6 +707,51 @@ mod tests {
         assert_eq!(data_events(&mut b), vec![b"late".to_vec()]);
     }
 
+    /// A ClientHello offering a peer state's id as its session id (an attacker who saw the
+    /// connection ID, or knows the address) neither reads nor takes the state, even from a
+    /// cache that takes sessions (single use).
+    #[test]
+    fn a_client_hello_cannot_take_a_peer_state_as_a_session() {
+        use crate::server::record::test_hello;
+        let cert = crate::self_signed_certificate().unwrap();
+        let store: Arc<dyn SessionStore> = Arc::new(MemoryStore::builder().build().unwrap());
+        let now = Instant::now();
+        let mut a = host(Arc::clone(&store), &cert);
+        let mut c = Client::new(1000, None);
+        pump(&mut a, &mut c, now);
+        let key = store_id(None, c.addr);
+        assert!(
+            store.get(&key).unwrap().is_some(),
+            "the peer's state is stored"
+        );
+        let cache = SessionCache::builder()
+            .store(Arc::clone(&store))
+            .single_use(true)
+            .build()
+            .unwrap();
+        let config = ServerConfig::builder(cache)
+            .certificate(cert.0.clone(), cert.1.clone())
+            .build()
+            .unwrap();
+        let mut b = Endpoint::new(config).unwrap();
+        let from = addr(2000);
+        b.handle(now, from, &test_hello(0, 0, key.as_bytes(), b""));
+        let hvr = b.poll_transmit().unwrap().payload;
+        let cookie = hvr[13 + 12 + 3..].to_vec();
+        b.handle(now, from, &test_hello(1, 1, key.as_bytes(), &cookie));
+        assert_eq!(
+            b.stats().failed,
+            1,
+            "OpenSSL took the hello (and refused it)"
+        );
+        while b.poll_transmit().is_some() {}
+        assert!(
+            store.get(&key).unwrap().is_some(),
+            "the state is still there"
+        );
+        assert_eq!(b.config().session_cache().stats().hits, 0);
+    }
+
     /// Spoofed input changes nothing in the store: random records with unknown connection IDs
     /// start at most [`MAX_TAKEOVERS`] lookups and no write; a forged record for a peer whose
     /// state is stored restores nothing and writes nothing.
