@@ -57,6 +57,19 @@
 //! cargo run --example dtls_echo_server -- --snapshot /tmp/sessions.snap --store-key /tmp/farm.key
 //! ```
 //!
+//! # Crash failover: associations shared through Redis
+//!
+//! With `--share-peers` every established association's record state goes to the store too
+//! (sealed like the sessions), under sequence-number leases. When a host dies (even SIGKILL),
+//! the host its client's datagrams reach next (same address through `SO_REUSEPORT` or a load
+//! balancer) looks the state up on the first record and goes on with no handshake:
+//!
+//! ```text
+//! F="--store redis://127.0.0.1:6379 --store-key /tmp/farm.key --cert c.pem --key k.pem --share-peers"
+//! $B --listen 127.0.0.1:4433 $F &   # serves; kill -9 it, then:
+//! $B --listen 127.0.0.1:4433 $F &   # takes the open associations over
+//! ```
+//!
 //! # Metrics, drivers, I/O
 //!
 //! Built with the `metrics` feature, `--metrics 127.0.0.1:9100` serves the endpoint, DSM, cache
@@ -145,6 +158,11 @@ struct Args {
     /// required with either.
     #[arg(long, value_name = "FILE")]
     store_key: Option<PathBuf>,
+    /// Keep each established association's record state in the session store too, under
+    /// sequence-number leases, so that another host sharing the store (a redis store) takes it
+    /// over with no handshake when this one dies. Give every host the same --cert/--key.
+    #[arg(long)]
+    share_peers: bool,
     /// Sessions kept in memory in front of a redis store (0 = none).
     #[arg(long, default_value_t = 1024)]
     tier_entries: usize,
@@ -262,7 +280,14 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
 
     let mut builder = ServerConfig::builder(cache)
         .dsm(dsm)
-        .lean_peers(args.lean_peers);
+        .lean_peers(args.lean_peers)
+        .shared_peers(args.share_peers);
+    if args.share_peers {
+        println!(
+            "established associations shared in the session store ({})",
+            args.store
+        );
+    }
     if let (Some(cert), Some(key)) = (&args.cert, &args.key) {
         let cert = X509::from_pem(&fs::read(cert)?)?;
         let key = PKey::private_key_from_pem(&fs::read(key)?)?;
@@ -340,6 +365,21 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
                  unopened {}",
                 s.migrations, s.migrations_refused_old, s.dropped_unknown_cid, s.records_unopened
             );
+            if args.share_peers {
+                println!(
+                    "endpoint: takeovers {} refused {} lookups {} lease writes {} failed {} \
+                     records waiting for a lease {} (records in {} out {}, datagrams in {})",
+                    s.takeovers,
+                    s.takeovers_refused,
+                    s.takeover_lookups,
+                    s.lease_writes,
+                    s.lease_writes_failed,
+                    s.lease_waits,
+                    s.records_received,
+                    s.records_sent,
+                    s.datagrams_in
+                );
+            }
             if let Some((path, ring)) = carry {
                 let ring = ring.lock().unwrap_or_else(|e| e.into_inner()).clone();
                 let n = save_peers(&path, &peers, &ring)

@@ -31,6 +31,11 @@
 //!   (feature `tokio`) from tokio tasks, both with batched UDP I/O ([`IoMode`]), and runs an
 //!   [`Application`] on its events; `examples/dtls_echo_server.rs` is a few lines of such an
 //!   application. [`DatagramPipe`] runs DTLS over in-memory datagrams, for tests.
+//! - Associations outlive the process: [`Endpoint::suspend_all`] and [`save_peers`] carry
+//!   established peers across a graceful restart; with [`ServerConfigBuilder::shared_peers`]
+//!   their record state lives in the shared store under sequence-number leases (writes the store
+//!   confirmed: [`SessionStore::put_confirmed`]), and the host a peer's records reach after a
+//!   crash takes it over with no handshake.
 //!
 //! ```
 //! use openssl::ssl::{SslContext, SslMethod};
@@ -126,7 +131,7 @@ pub use store::envelope;
 pub use store::snapshot;
 pub use store::{
     load_snapshot, save_snapshot, store_from_url, KeyRing, LookupDone, LookupMode, MemoryStore,
-    MemoryStoreBuilder, NullStore, SessionId, SessionStore, SessionStoreAdmin, StoreUsage,
+    MemoryStoreBuilder, NullStore, PutDone, SessionId, SessionStore, SessionStoreAdmin, StoreUsage,
     StoredSession, MAX_SESSION_ID_LEN,
 };
 #[cfg(feature = "redis")]

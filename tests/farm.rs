@@ -153,7 +153,7 @@ impl EchoServer {
     }
 
     /// [`start`](Self::start) with `RUST_LOG` at `level`.
-    #[cfg(feature = "redis")]
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
     fn start_logging(args: &[&str], level: &str) -> Self {
         Self::start_on("127.0.0.1:0", args, Some(level))
     }
@@ -768,6 +768,361 @@ mod redis_farm {
         assert!(
             has(&printed, "session cache: hits 0 misses 1 "),
             "{printed:?}"
+        );
+    }
+
+    /// A DTLS client over a real UDP socket that notes every protected record it receives:
+    /// `(epoch, sequence number)` and the SHA-256 of the record's bytes. A number seen again
+    /// with other bytes is a (key, nonce) pair used twice; with the same bytes a retransmission.
+    mod recording_client {
+        use std::collections::HashMap;
+        use std::io::{self, Read, Write};
+        use std::net::{SocketAddr, UdpSocket};
+        use std::sync::Arc;
+        use std::time::Duration;
+
+        use parking_lot::Mutex;
+
+        /// What the client saw.
+        #[derive(Debug, Default)]
+        pub(super) struct Log {
+            pub(super) records: HashMap<(u16, u64), [u8; 32]>,
+            pub(super) retransmitted: u64,
+            pub(super) reused: Vec<(u16, u64)>,
+            /// The last application-data datagrams sent: (record number, when, bytes).
+            pub(super) sent: std::collections::VecDeque<(u64, std::time::Instant, Vec<u8>)>,
+            /// Application-data datagrams sent so far.
+            pub(super) app_sent: u64,
+        }
+
+        /// How many of the last datagrams sent are kept to be replayed.
+        pub(super) const KEPT: usize = 128;
+
+        pub(super) struct Udp {
+            pub(super) sock: UdpSocket,
+            pub(super) log: Arc<Mutex<Log>>,
+        }
+
+        impl Udp {
+            pub(super) fn connect(server: SocketAddr, log: Arc<Mutex<Log>>) -> Self {
+                let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+                sock.connect(server).unwrap();
+                sock.set_read_timeout(Some(Duration::from_millis(2)))
+                    .unwrap();
+                Self { sock, log }
+            }
+
+            fn note(&self, mut rest: &[u8]) {
+                let mut log = self.log.lock();
+                while rest.len() >= 13 {
+                    let epoch = u16::from_be_bytes([rest[3], rest[4]]);
+                    let mut seq = [0u8; 8];
+                    seq[2..].copy_from_slice(&rest[5..11]);
+                    let len = 13 + usize::from(u16::from_be_bytes([rest[11], rest[12]]));
+                    let record = &rest[..len.min(rest.len())];
+                    rest = &rest[record.len()..];
+                    if epoch == 0 {
+                        continue;
+                    }
+                    let key = (epoch, u64::from_be_bytes(seq));
+                    let digest = openssl::sha::sha256(record);
+                    match log.records.get(&key) {
+                        None => {
+                            log.records.insert(key, digest);
+                        }
+                        Some(d) if *d == digest => log.retransmitted += 1,
+                        Some(_) => log.reused.push(key),
+                    }
+                }
+            }
+        }
+
+        /// Errors of a socket whose server is gone or silent: as lost datagrams.
+        fn lost(e: &io::Error) -> bool {
+            matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock
+                    | io::ErrorKind::TimedOut
+                    | io::ErrorKind::ConnectionRefused
+            )
+        }
+
+        impl Read for Udp {
+            fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+                match self.sock.recv(buf) {
+                    Ok(n) => {
+                        self.note(&buf[..n]);
+                        Ok(n)
+                    }
+                    Err(e) if lost(&e) => Err(io::ErrorKind::WouldBlock.into()),
+                    Err(e) => Err(e),
+                }
+            }
+        }
+
+        impl Write for Udp {
+            fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+                if buf.first() == Some(&23) {
+                    let mut log = self.log.lock();
+                    let n = log.app_sent;
+                    log.app_sent += 1;
+                    if log.sent.len() == KEPT {
+                        log.sent.pop_front();
+                    }
+                    log.sent
+                        .push_back((n, std::time::Instant::now(), buf.to_vec()));
+                }
+                match self.sock.send(buf) {
+                    Err(e) if lost(&e) => Ok(buf.len()),
+                    other => other,
+                }
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+    }
+
+    /// Issue 19's failover test: a client streams records to the farm's address while the host
+    /// serving it is SIGKILLed at random points (22 times) and another host is started on the
+    /// same address each time, which takes the association over from Redis with no handshake.
+    /// The client records every (epoch, sequence number) it receives: none comes twice with
+    /// other bytes. After every other death the client's last 128 records sent before it are
+    /// replayed to the new host first, oldest first (an on-path attacker's best order): only
+    /// those the dead host accepted after its last stored read mark are accepted again, which
+    /// the test measures (records, and how long before the death the oldest was sent); every
+    /// other echo comes once. The other deaths measure how soon the stream goes on.
+    #[test]
+    fn a_stream_goes_on_across_hosts_killed_at_random_with_no_nonce_used_twice() {
+        use std::collections::{HashMap, HashSet};
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::Arc;
+
+        use openssl::ssl::{
+            ErrorCode, Ssl, SslContext, SslMethod, SslOptions, SslStream, SslVerifyMode,
+        };
+        use parking_lot::Mutex;
+        use rand::{Rng, SeedableRng};
+
+        use recording_client::{Log, Udp};
+
+        const KILLS: usize = 22;
+        let redis = RedisServer::start();
+        let dir = tempfile::tempdir().unwrap();
+        let key = key_file(dir.path(), "farm.key");
+        let (cert, pkey) = farm_identity(dir.path());
+        let url = redis.url();
+        let flags = [
+            "--store",
+            url.as_str(),
+            "--store-key",
+            path_str(&key),
+            "--cert",
+            path_str(&cert),
+            "--key",
+            path_str(&pkey),
+            "--share-peers",
+        ];
+        let mut host = EchoServer::start(&flags);
+        let listen = host.addr.to_string();
+        let server = host.addr;
+
+        let log = Arc::new(Mutex::new(Log::default()));
+        let echoes: Arc<Mutex<Vec<(u64, std::time::Instant)>>> = Arc::default();
+        let stop = Arc::new(AtomicBool::new(false));
+        let pause = Arc::new(AtomicBool::new(false));
+        let (sock_tx, sock_rx) = std::sync::mpsc::channel();
+        let client = {
+            let (log, echoes, stop) = (Arc::clone(&log), Arc::clone(&echoes), Arc::clone(&stop));
+            let pause = Arc::clone(&pause);
+            std::thread::spawn(move || {
+                let mut ctx = SslContext::builder(SslMethod::dtls_client()).unwrap();
+                ctx.set_verify(SslVerifyMode::NONE);
+                ctx.set_options(SslOptions::NO_QUERY_MTU);
+                let ctx = ctx.build();
+                let mut ssl = Ssl::new(&ctx).unwrap();
+                ssl.set_mtu(1400).unwrap();
+                let udp = Udp::connect(server, log);
+                sock_tx.send(udp.sock.try_clone().unwrap()).unwrap();
+                let mut s = SslStream::new(ssl, udp).unwrap();
+                let start = std::time::Instant::now();
+                loop {
+                    match s.connect() {
+                        Ok(()) => break,
+                        Err(e) if e.code() == ErrorCode::WANT_READ => {
+                            assert!(start.elapsed() < redis_server::PATIENCE, "no handshake");
+                        }
+                        Err(e) => panic!("handshake: {e}"),
+                    }
+                }
+                let mut buf = [0u8; 2048];
+                let mut i = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    // Eight records every 2 ms at most (a dead server's refusals return at
+                    // once), enough for the hosts' leases to be extended.
+                    let began = std::time::Instant::now();
+                    let paused = pause.load(Ordering::Relaxed);
+                    for _ in 0..if paused { 0 } else { 8 } {
+                        s.ssl_write(format!("record {i}").as_bytes()).unwrap();
+                        i += 1;
+                    }
+                    loop {
+                        match s.ssl_read(&mut buf) {
+                            Ok(n) => {
+                                let text = std::str::from_utf8(&buf[..n]).unwrap();
+                                let j = text.strip_prefix("record ").unwrap().parse().unwrap();
+                                echoes.lock().push((j, std::time::Instant::now()));
+                            }
+                            Err(e) if e.code() == ErrorCode::WANT_READ => break,
+                            Err(e) => panic!("read: {e}"),
+                        }
+                    }
+                    std::thread::sleep(Duration::from_millis(2).saturating_sub(began.elapsed()));
+                }
+                i
+            })
+        };
+        let replayer = sock_rx.recv().unwrap();
+        let echoed = || echoes.lock().len();
+        // Per kill: how many records the dead host had accepted were accepted again when
+        // replayed to the new host, and how long before the death the oldest was sent.
+        let mut replay_window: Vec<(usize, Duration)> = Vec::new();
+        let mut replayed: HashSet<u64> = HashSet::new();
+        redis_server::wait_until("the first echoes", || echoed() >= 10);
+        let mut rng = rand::rngs::SmallRng::seed_from_u64(0x19);
+        let (mut death_to_echo, mut start_to_echo) = (Vec::new(), Vec::new());
+        for kill in 0..KILLS {
+            std::thread::sleep(Duration::from_millis(rng.random_range(20..1500)));
+            let died = Instant::now();
+            let _ = host.child.kill();
+            let _ = host.child.wait();
+            drop(host);
+            // Every other death, the records sent before it are replayed to the next host (the
+            // replay bound); the others measure how soon the stream goes on.
+            let replay = kill % 2 == 1;
+            pause.store(replay, Ordering::Relaxed);
+            // What the client sent before the death, to replay to the next host first, oldest
+            // first (an on-path attacker's best order), each after the last had time to be
+            // looked up.
+            let kept: Vec<(u64, Instant, Vec<u8>)> = log
+                .lock()
+                .sent
+                .iter()
+                .filter(|e| e.1 < died)
+                .cloned()
+                .collect();
+            host = EchoServer::start_on(&listen, &flags, None);
+            let listening = Instant::now();
+            let replay_from = echoes.lock().len();
+            for (_, _, d) in kept.iter().filter(|_| replay) {
+                replayer.send(d).unwrap();
+                std::thread::sleep(Duration::from_millis(3));
+            }
+            if replay {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            // Echoed twice by now, the second time in this replay (an echo of the dead host
+            // still in the client's socket buffer at the death counts once, as it should).
+            let again: HashSet<u64> = {
+                let all = echoes.lock();
+                let mut n: HashMap<u64, usize> = HashMap::new();
+                for e in all.iter() {
+                    *n.entry(e.0).or_default() += 1;
+                }
+                all[replay_from..]
+                    .iter()
+                    .map(|e| e.0)
+                    .filter(|j| n[j] > 1)
+                    .collect()
+            };
+            if replay {
+                replayed.extend(kept.iter().map(|e| e.0));
+            }
+            let oldest = kept
+                .iter()
+                .filter(|e| again.contains(&e.0))
+                .map(|e| e.1)
+                .min()
+                .map_or(Duration::ZERO, |t| died - t);
+            if replay {
+                replay_window.push((again.len(), oldest));
+            }
+            let before = echoed();
+            pause.store(false, Ordering::Relaxed);
+            redis_server::wait_until(&format!("an echo from host {}", kill + 2), || {
+                echoed() > before + 1
+            });
+            let next = echoes.lock()[before..]
+                .iter()
+                .map(|e| e.1)
+                .find(|t| *t > listening)
+                .unwrap_or_else(Instant::now);
+            if !replay {
+                death_to_echo.push(next - died);
+                start_to_echo.push(next.saturating_duration_since(listening));
+            }
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        stop.store(true, Ordering::Relaxed);
+        let sent = client.join().unwrap();
+        let printed = host.stop("-TERM");
+        let log = log.lock();
+        assert!(
+            log.reused.is_empty(),
+            "sequence numbers used twice: {:?}",
+            log.reused
+        );
+        let mut times: HashMap<u64, usize> = HashMap::new();
+        for (j, _) in echoes.lock().iter() {
+            assert!(*j < sent);
+            *times.entry(*j).or_default() += 1;
+        }
+        // A record is delivered twice only when replayed, within the write-behind bound: at
+        // most 64 records or 20 ms (plus one store write) before the death.
+        assert!(times.values().all(|n| *n <= 2), "an echo came three times");
+        for (j, n) in &times {
+            assert!(
+                *n == 1 || replayed.contains(j),
+                "record {j} came twice unreplayed"
+            );
+        }
+        for (records, before_death) in &replay_window {
+            assert!(*records <= 64 + 16, "{records} records accepted twice");
+            assert!(
+                *before_death < Duration::from_millis(500),
+                "{before_death:?}"
+            );
+        }
+        let max_window = replay_window.iter().max_by_key(|w| w.0).unwrap();
+        let max_time = replay_window.iter().map(|w| w.1).max().unwrap();
+        assert!(
+            has(&printed, "endpoint: handshakes 0 resumed 0 restored 1"),
+            "the last host took the peer over with no handshake: {printed:?}"
+        );
+        assert!(
+            has(&printed, "endpoint: takeovers 1 refused "),
+            "{printed:?}"
+        );
+        death_to_echo.sort();
+        start_to_echo.sort();
+        eprintln!(
+            "{KILLS} kills; {sent} records sent, {} echoed, {} records seen ({} retransmitted); \
+             death to next echo: median {:?}, max {:?}; new host listening to next echo: \
+             median {:?}, max {:?}; replayed after a death and accepted again: at most {} \
+             records, sent at most {:?} before the death; the last host: {}",
+            times.len(),
+            log.records.len(),
+            log.retransmitted,
+            death_to_echo[death_to_echo.len() / 2],
+            death_to_echo[death_to_echo.len() - 1],
+            start_to_echo[start_to_echo.len() / 2],
+            start_to_echo[start_to_echo.len() - 1],
+            max_window.0,
+            max_time,
+            printed
+                .iter()
+                .find(|l| l.contains("endpoint: takeovers"))
+                .unwrap(),
         );
     }
 }

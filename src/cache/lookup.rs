@@ -226,10 +226,12 @@ pub(crate) fn offered_id(ssl: &SslRef) -> Option<SessionId> {
         let ext = ffi::client_hello_ext(ssl, EXT_PRE_SHARED_KEY)?;
         return first_psk_identity(ext)
             .filter(|id| id.len() == TLS13_STATEFUL_ID_LEN)
-            .and_then(|id| SessionId::new(id).ok());
+            .and_then(|id| SessionId::new(id).ok())
+            .filter(|id| !id.is_peer_state());
     }
     let id = ssl.client_hello_session_id()?;
-    SessionId::new(id).ok()
+    // A client never reads or takes a DTLS peer's shared record state.
+    SessionId::new(id).ok().filter(|id| !id.is_peer_state())
 }
 
 /// Whether the client offers TLS 1.3 and this server may negotiate it.

@@ -747,7 +747,8 @@ impl Inner {
     }
 
     fn lookup(&self, ssl: &SslRef, id: &[u8]) -> Option<ffi::FreshSession> {
-        let id = SessionId::new(id).ok()?;
+        // A client never reads or takes a DTLS peer's shared record state.
+        let id = SessionId::new(id).ok().filter(|id| !id.is_peer_state())?;
         let now = self.clock.now();
         let fetched = match self.parked_answer(ssl, &id) {
             Some(answer) => answer,

@@ -126,6 +126,8 @@ pub struct ServerConfig {
     pub(crate) connection_id: Option<CidLayout>,
     /// Lean peers keep the client's certificate (for a peer carried across a restart).
     pub(crate) keep_peer_certificates: bool,
+    /// Lean peers' record state lives in the session store too, under sequence-number leases.
+    pub(crate) shared_peers: bool,
     pub(crate) peer_addr: Index<Ssl, PeerInfo>,
     cache: SessionCache,
     fingerprint: Option<String>,
@@ -167,6 +169,7 @@ impl ServerConfig {
             connection_id: true,
             connection_id_host: Vec::new(),
             keep_peer_certificates: false,
+            shared_peers: false,
         }
     }
 
@@ -251,6 +254,7 @@ pub struct ServerConfigBuilder {
     connection_id: bool,
     connection_id_host: Vec<u8>,
     keep_peer_certificates: bool,
+    shared_peers: bool,
 }
 
 impl fmt::Debug for ServerConfigBuilder {
@@ -494,6 +498,21 @@ impl ServerConfigBuilder {
         self
     }
 
+    /// Whether each established lean peer's record state lives in the session store too
+    /// (default: off), so that another host of a farm sharing the store takes the association
+    /// over when this one dies: a record with an unknown connection ID (or, for a peer without
+    /// one, from an unknown address) makes the endpoint look the state up and go on with no
+    /// handshake. The state is sealed like sessions (by a store that seals: the Redis store),
+    /// bound to the server's identity, and expires with the session; the write sequence
+    /// numbers are leased in blocks through writes the store confirmed
+    /// ([`SessionStore::put_confirmed`](crate::SessionStore::put_confirmed)), so no (key,
+    /// nonce) pair is used twice whenever a host died. See the `continuity` section of
+    /// SECURITY.md for what it guarantees and what not.
+    pub fn shared_peers(mut self, on: bool) -> Self {
+        self.shared_peers = on;
+        self
+    }
+
     /// Builds the `SslContext`: the policy, then what the server owns (see the type's docs).
     pub fn build(self) -> Result<Arc<ServerConfig>, Error> {
         if self.mtu < 256 {
@@ -616,6 +635,7 @@ impl ServerConfigBuilder {
             lean_peers: self.lean_peers,
             connection_id,
             keep_peer_certificates: self.keep_peer_certificates,
+            shared_peers: self.shared_peers && self.lean_peers,
             peer_addr,
             cache: self.cache,
             fingerprint,

@@ -17,6 +17,48 @@
 //! session has expired, when the server's certificate or the identity's PSK key is not the one it
 //! was made with, and when the file is sealed with another key ring.
 //!
+//! # Crash failover in a farm (`shared_peers`)
+//! With [`shared_peers`](crate::ServerConfigBuilder::shared_peers) each lean peer's state also
+//! lives in the session store (the farm's Redis), so that a host that dies without a word
+//! (SIGKILL, a power cut) loses no association: the host the peer's datagrams reach next takes
+//! it over.
+//!
+//! * **Where.** Under an id of its own namespace
+//!   ([`SessionId::for_peer_state`]: 8 prefix bytes and 24 of the SHA-256 of the connection ID,
+//!   or of the address for a peer without one), sealed by the store like a session (the Redis
+//!   store's key ring), expiring with the session. The session cache never looks such an id
+//!   up for a client, and the Redis store's memory tier never holds one.
+//! * **Format.** `"OSSLPSHR" | version u8 = 1 |` the saved-peer entry below, its
+//!   `next_write` being the **lease end**: no write sequence number at or above it was used.
+//!   A certificate-bound peer with an 8-byte connection ID takes 314 bytes once sealed (the
+//!   expiry and the envelope included; `a_foreign_state_is_refused_and_counted` prints it).
+//! * **Write leases** (`server/lease.rs`). A host seals records only below the lease end of a
+//!   write the store confirmed ([`SessionStore::put_confirmed`](crate::SessionStore::put_confirmed);
+//!   the Redis store sends `SET key value PX ttl` at once and completes on Redis's answer). The
+//!   first write of a fresh association need not be waited for: no earlier state of its keys
+//!   exists, so whatever of it reaches the store holds a lease above every number used. At half
+//!   a block (512) before the end the lease is extended by a block (1,024), so nothing waits
+//!   while the store answers within 512 records; past the end records are dropped and counted
+//!   (`lease_waits`). One write per peer is in flight at a time, so what the store holds only
+//!   moves forward.
+//! * **Read marks.** Each write also carries the replay window; records accepted ask for a
+//!   write after 64 records or 20 ms, whichever first (`MARK_RECORDS`, `MARK_DELAY`).
+//! * **Takeover** (`server/endpoint/farm.rs`). A protected application-data record with an
+//!   unknown connection ID (or, for a peer without one, from an unknown address) starts a
+//!   lookup of the state (at most 64 in flight per endpoint, each given up after the lookup
+//!   timeout; one per state). Found, it is refused if it does not decode, expired, or is bound
+//!   to another certificate or PSK key ([`Binding`]); its window is set to refuse every number
+//!   at or below the stored mark; it is restored only if a record of the datagram opens under
+//!   it. The new host writes nothing until its own lease, one block above the stored end, is
+//!   confirmed; the datagram that asked waits for that, then goes on as any record.
+//! * **What unauthenticated input can do:** start one bounded lookup; it never writes.
+//! * **What is not guaranteed.** Two hosts serving one peer *at the same time* (a load
+//!   balancer that splits its datagrams between two live hosts) can both extend the lease, which
+//!   is a blind write, not a compare-and-set; the design covers a host that is dead, not one
+//!   partitioned from its peers but alive. For the same reason a write of a dead host that its
+//!   client library still delivers after the takeover (a Redis command queued on a connection
+//!   the kernel has not yet delivered) could overwrite the new host's lease with a lower one.
+//!
 //! # File format (version 1)
 //! ```text
 //! "OSSLPEER" (8 bytes) | version u8 = 1 | envelope
@@ -39,7 +81,15 @@ use super::record::replay::ReplayWindow;
 use crate::error::{Error, StoreError};
 use crate::store::envelope::{KeyRing, DOMAIN_PEERS};
 use crate::store::file::{self, Links, ReadError};
-use crate::store::SessionId;
+use crate::store::{SessionId, StoredSession};
+
+/// The first bytes of a peer's state shared in the store (`shared_peers`).
+const SHARED_MAGIC: &[u8; 8] = b"OSSLPSHR";
+/// The shared state's format version.
+const SHARED_VERSION: u8 = 1;
+/// Key kinds of [`SessionId::for_peer_state`].
+const KEY_CID: u8 = 1;
+const KEY_ADDR: u8 = 2;
 
 /// The first bytes of a file of saved peers.
 const MAGIC: &[u8; 8] = b"OSSLPEER";
@@ -120,6 +170,34 @@ impl SuspendedPeer {
     pub(crate) fn record_state(&self) -> RecordState {
         RecordState::new(self.keys.clone(), self.epoch, self.next_write, self.window)
             .with_cids(self.cid_in.as_deref(), self.cid_out.as_deref())
+    }
+
+    /// The id its state is shared under in the store: by its connection ID, or by its address
+    /// for a peer without one.
+    pub(crate) fn store_id(&self) -> SessionId {
+        store_id(self.cid_in.as_deref(), self.addr)
+    }
+
+    /// The state as the store keeps it (`shared_peers`): `next_write` is then the lease's end
+    /// (no write sequence number at or above it was used; a host taking the peer over starts
+    /// there) and the window the read mark. Expires with the session.
+    pub(crate) fn to_shared(&self) -> StoredSession {
+        let mut out = Vec::with_capacity(256);
+        out.extend_from_slice(SHARED_MAGIC);
+        out.push(SHARED_VERSION);
+        self.encode(&mut out);
+        StoredSession::from_millis(out, self.expires_at.saturating_mul(1000))
+    }
+
+    /// What [`to_shared`](Self::to_shared) stored; `None` for anything else.
+    pub(crate) fn from_shared(stored: &StoredSession) -> Option<Self> {
+        let data = stored.data();
+        let body = data.strip_prefix(SHARED_MAGIC.as_slice())?;
+        let (&version, body) = body.split_first()?;
+        if version != SHARED_VERSION {
+            return None;
+        }
+        Self::decode(body)
     }
 
     fn encode(&self, out: &mut Vec<u8>) {
@@ -274,6 +352,15 @@ impl<'a> Reader<'a> {
             u32::MAX => Some(None),
             n => self.take(usize::try_from(n).ok()?).map(Some),
         }
+    }
+}
+
+/// The id the state of the peer with connection ID `cid` (or, without one, at `addr`) is
+/// shared under.
+pub(crate) fn store_id(cid: Option<&[u8]>, addr: SocketAddr) -> SessionId {
+    match cid {
+        Some(cid) => SessionId::for_peer_state(KEY_CID, cid),
+        None => SessionId::for_peer_state(KEY_ADDR, addr.to_string().as_bytes()),
     }
 }
 
@@ -466,6 +553,35 @@ mod tests {
             assert!(parse(&bytes[..n], &ring).is_err(), "prefix {n}");
         }
         assert_eq!(parse(&bytes, &ring).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_shared_state_round_trips_and_nothing_else_parses_as_one() {
+        let p = sample(2048);
+        let stored = p.to_shared();
+        assert_eq!(stored.expires_at_millis(), 2_000_000_000_000);
+        let back = SuspendedPeer::from_shared(&stored).unwrap();
+        assert_eq!(back.next_write, 2048, "the lease's end");
+        assert_eq!(back.window, p.window);
+        assert_eq!(back.cid_in, p.cid_in);
+        assert_eq!(back.store_id(), p.store_id());
+        assert!(p.store_id().is_peer_state());
+        // Another address without a CID, or another CID: another id.
+        let mut q = sample(1);
+        q.cid_in = None;
+        assert_ne!(q.store_id(), p.store_id());
+        assert_eq!(q.store_id(), store_id(None, q.addr));
+        let data = stored.data().to_vec();
+        for n in 0..data.len() {
+            let cut = StoredSession::from_millis(data[..n].to_vec(), 0);
+            assert!(SuspendedPeer::from_shared(&cut).is_none(), "prefix {n}");
+        }
+        let mut other = data.clone();
+        other[8] = 2;
+        assert!(SuspendedPeer::from_shared(&StoredSession::from_millis(other, 0)).is_none());
+        let mut long = data;
+        long.push(0);
+        assert!(SuspendedPeer::from_shared(&StoredSession::from_millis(long, 0)).is_none());
     }
 
     #[test]

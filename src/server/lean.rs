@@ -11,6 +11,7 @@ use openssl::ssl::SslRef;
 use zeroize::Zeroize;
 
 use super::continuity::Reported;
+use super::lease::Lease;
 use super::record::keys::{NoKeys, RecordKeys};
 use super::record::protect::{Crypto, Opened, RecordState, Rejected, SealError, CONTENT_ALERT};
 use super::record::replay::ReplayWindow;
@@ -76,6 +77,8 @@ pub(crate) struct Lean {
     /// epoch): what a suspended peer carries.
     reported: Box<Reported>,
     expires_at: u64,
+    /// Its sequence-number lease, when its state is shared in the store (`shared_peers`).
+    lease: Option<Box<Lease>>,
 }
 
 impl std::fmt::Debug for Lean {
@@ -129,6 +132,7 @@ impl Lean {
             finished: false,
             reported: Box::new(reported),
             expires_at,
+            lease: None,
         })
     }
 
@@ -141,6 +145,7 @@ impl Lean {
             finished: false,
             reported: Box::new(peer.reported.clone()),
             expires_at: peer.expires_at,
+            lease: None,
         }
     }
 
@@ -182,6 +187,11 @@ impl Lean {
         if self.finished {
             return Err(SealError::Exhausted);
         }
+        if let Some(lease) = &self.lease {
+            if !lease.may_write(self.record.next_write()) {
+                return Err(SealError::NoLease);
+            }
+        }
         let mut out = Vec::with_capacity(RECORD_HEADER + 8 + payload.len() + 16);
         self.record.seal(crypto, content_type, payload, &mut out)?;
         Ok(out)
@@ -211,6 +221,21 @@ impl Lean {
     /// The client showed it has our final flight: forget it.
     pub(crate) fn flight_arrived(&mut self) {
         self.final_flight = None;
+    }
+
+    /// Its lease, if its state is shared.
+    pub(crate) fn lease(&self) -> Option<&Lease> {
+        self.lease.as_deref()
+    }
+
+    /// Its lease, to change.
+    pub(crate) fn lease_mut(&mut self) -> Option<&mut Lease> {
+        self.lease.as_deref_mut()
+    }
+
+    /// Shares its state from now on, under `lease`.
+    pub(crate) fn set_lease(&mut self, lease: Lease) {
+        self.lease = Some(Box::new(lease));
     }
 
     /// The session's id.

@@ -34,6 +34,7 @@ mod endpoint;
 mod event;
 mod io;
 mod lean;
+mod lease;
 #[cfg(feature = "metrics")]
 mod metrics;
 mod peer;

@@ -288,6 +288,22 @@ endpoint_stats! {
         counter restored: "Saved peers restored",
         /// Saved peers refused (expired, of another server identity, address taken, no slot).
         counter restores_refused: "Saved peers refused",
+        /// Writes of shared peers' state to the store (`shared_peers`: a lease extension, a
+        /// read mark, a peer's first state).
+        counter lease_writes: "Writes of shared peers' state to the store",
+        /// Such writes the store did not confirm (failed, timed out, breaker open).
+        counter lease_writes_failed: "Writes of shared peers' state the store did not confirm",
+        /// Records of shared peers not written (dropped, as UDP may drop them) because the
+        /// lease extension covering their sequence number had not reached the store yet.
+        counter lease_waits: "Records of shared peers dropped waiting for a lease",
+        /// Store lookups of a peer's shared state started by a record with an unknown
+        /// connection ID or from an unknown address (a takeover from a host that died).
+        counter takeover_lookups: "Lookups of shared peer state for a takeover",
+        /// Peers taken over from the store (a record opened under the state found).
+        counter takeovers: "Peers taken over from the shared store",
+        /// Shared states found but refused: sealed under another key ring or tampered,
+        /// expired, of another server identity, or the record that asked did not open.
+        counter takeovers_refused: "Shared peer states refused",
         /// Renegotiations refused (a ClientHello on an established lean association, answered
         /// with a no_renegotiation warning as OpenSSL does).
         counter renegotiations_refused: "Renegotiations refused",

@@ -58,6 +58,51 @@ impl fmt::Debug for LookupDone {
     }
 }
 
+type PutCallback = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
+
+/// The other end of a [`put_confirmed`](crate::SessionStore::put_confirmed): completed once,
+/// from any thread, with `Ok` only when the write reached the store (a later `get` on any host
+/// sees it). Dropped without completing, it completes with [`StoreError::Unavailable`]: a
+/// write whose fate is unknown is never reported as done.
+pub struct PutDone {
+    callback: Option<PutCallback>,
+}
+
+impl PutDone {
+    /// A completion that hands the result to `f`, which runs on the completing thread: it must
+    /// be quick and must not block.
+    pub fn new(f: impl FnOnce(Result<(), StoreError>) + Send + 'static) -> Self {
+        Self {
+            callback: Some(Box::new(f)),
+        }
+    }
+
+    /// Delivers the result.
+    pub fn complete(mut self, result: Result<(), StoreError>) {
+        if let Some(f) = self.callback.take() {
+            f(result);
+        }
+    }
+}
+
+impl Drop for PutDone {
+    fn drop(&mut self) {
+        if let Some(f) = self.callback.take() {
+            f(Err(StoreError::Unavailable(
+                "write dropped before it completed".into(),
+            )));
+        }
+    }
+}
+
+impl fmt::Debug for PutDone {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PutDone")
+            .field("completed", &self.callback.is_none())
+            .finish_non_exhaustive()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::mpsc;
@@ -70,6 +115,20 @@ mod tests {
         let done = LookupDone::new(move |r| tx.send(r.map(|s| s.is_some())).unwrap());
         done.complete(Ok(None));
         assert!(!rx.try_recv().unwrap().unwrap());
+        assert!(rx.try_recv().is_err(), "completed twice");
+    }
+
+    #[test]
+    fn a_put_dropped_uncompleted_is_never_reported_done() {
+        let (tx, rx) = mpsc::channel();
+        drop(PutDone::new(move |r| tx.send(r).unwrap()));
+        assert!(matches!(
+            rx.try_recv().unwrap(),
+            Err(StoreError::Unavailable(_))
+        ));
+        let (tx, rx) = mpsc::channel();
+        PutDone::new(move |r| tx.send(r).unwrap()).complete(Ok(()));
+        assert!(rx.try_recv().unwrap().is_ok());
         assert!(rx.try_recv().is_err(), "completed twice");
     }
 

@@ -26,7 +26,7 @@ pub mod snapshot;
 
 pub use envelope::KeyRing;
 pub use from_url::store_from_url;
-pub use lookup::{LookupDone, LookupMode};
+pub use lookup::{LookupDone, LookupMode, PutDone};
 pub use memory::{MemoryStore, MemoryStoreBuilder};
 #[cfg(feature = "redis")]
 pub use redis::{RedisStore, RedisStoreBuilder, RedisStoreStats};
@@ -34,6 +34,11 @@ pub use snapshot::{load_snapshot, save_snapshot};
 
 /// The longest session id OpenSSL accepts (`SSL_MAX_SSL_SESSION_ID_LENGTH`).
 pub const MAX_SESSION_ID_LEN: usize = 32;
+
+/// The first bytes of every id under which the DTLS endpoint keeps an established peer's
+/// record state ([`SessionId::for_peer_state`]). The session cache never looks up an id a
+/// client offers that starts with them, so a ClientHello cannot read or take a peer's state.
+pub(crate) const PEER_STATE_PREFIX: &[u8; 8] = b"\xffOSCpeer";
 
 /// A session id: 1 to 32 bytes, as OpenSSL hands it to the get-session callback.
 ///
@@ -65,6 +70,29 @@ impl SessionId {
     /// The id's bytes.
     pub fn as_bytes(&self) -> &[u8] {
         &self.bytes[..usize::from(self.len)]
+    }
+
+    /// The id under which a DTLS peer's record state is shared (a farm's crash failover): 32
+    /// bytes, [`PEER_STATE_PREFIX`] then the first 24 bytes of the SHA-256 of `kind` and
+    /// `key` (the peer's connection ID, or its address for a peer without one).
+    pub(crate) fn for_peer_state(kind: u8, key: &[u8]) -> Self {
+        let mut h = openssl::sha::Sha256::new();
+        h.update(b"openssl-session-cache peer state v1");
+        h.update(&[kind]);
+        h.update(key);
+        let digest = h.finish();
+        let mut bytes = [0u8; MAX_SESSION_ID_LEN];
+        bytes[..8].copy_from_slice(PEER_STATE_PREFIX);
+        bytes[8..].copy_from_slice(&digest[..24]);
+        Self {
+            len: MAX_SESSION_ID_LEN as u8,
+            bytes,
+        }
+    }
+
+    /// Whether the id is in the peer-state namespace ([`for_peer_state`](Self::for_peer_state)).
+    pub(crate) fn is_peer_state(&self) -> bool {
+        self.as_bytes().starts_with(PEER_STATE_PREFIX)
     }
 
     /// The id as lowercase hex (used for Redis keys and logs; an id is not a secret).
@@ -242,6 +270,23 @@ pub trait SessionStore: fmt::Debug + Send + Sync {
         done.complete(found);
     }
 
+    /// Stores `session` under `id` and completes `done` once the write **reached the store**
+    /// (`Ok`), or with the error; never blocks. The DTLS endpoint's sequence-number leases
+    /// rely on it: a lease is used only after the write that grants it completed with `Ok`.
+    /// The write goes past any write-behind queue and local tier.
+    ///
+    /// The default stores with [`put`](Self::put) and completes at once for a store in this
+    /// process; a remote store ([`is_remote`](Self::is_remote)) that does not override it
+    /// completes with [`StoreError::Unavailable`], since its `put` only queues.
+    fn put_confirmed(&self, id: SessionId, session: StoredSession, done: PutDone) {
+        if self.is_remote() {
+            return done.complete(Err(StoreError::Unavailable(
+                "this store cannot confirm writes".into(),
+            )));
+        }
+        done.complete(self.put(id, session));
+    }
+
     /// Whether `get` and `take` may wait on the network (default: no). The session cache then
     /// looks sessions up only through [`lookup`](Self::lookup), from OpenSSL's ClientHello
     /// callback.
@@ -390,6 +435,17 @@ mod tests {
         let id = SessionId::new(&[0xab; 32]).unwrap();
         assert_eq!(id.as_bytes(), &[0xab; 32]);
         assert_eq!(id.to_hex().len(), 64);
+    }
+
+    #[test]
+    fn peer_state_ids_are_their_own_namespace() {
+        let a = SessionId::for_peer_state(1, &[1, 2, 3]);
+        assert!(a.is_peer_state());
+        assert_eq!(a.as_bytes().len(), MAX_SESSION_ID_LEN);
+        assert_ne!(a, SessionId::for_peer_state(2, &[1, 2, 3]));
+        assert_ne!(a, SessionId::for_peer_state(1, &[1, 2, 4]));
+        assert_eq!(a, SessionId::for_peer_state(1, &[1, 2, 3]));
+        assert!(!SessionId::new(&[0xff; 32]).unwrap().is_peer_state());
     }
 
     #[test]

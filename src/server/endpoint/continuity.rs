@@ -153,7 +153,7 @@ impl Endpoint {
     }
 
     /// The saved state of the lean peer at `addr`, if it can be carried.
-    fn suspended(&self, addr: SocketAddr) -> Option<SuspendedPeer> {
+    pub(super) fn suspended(&self, addr: SocketAddr) -> Option<SuspendedPeer> {
         let peer = self.peers.get(&addr)?;
         let lean = peer.lean()?;
         if lean.is_finished() {
@@ -207,7 +207,10 @@ impl Endpoint {
     ) -> Result<SocketAddr, RestoreError> {
         let outcome = self.try_restore(now, peer);
         match &outcome {
-            Ok(_) => self.stats.restored += 1,
+            Ok(addr) => {
+                self.stats.restored += 1;
+                self.share_restored(now, *addr);
+            }
             Err(why) => {
                 tracing::debug!(?why, "saved peer not restored");
                 self.stats.restores_refused += 1;

@@ -68,6 +68,7 @@ impl Endpoint {
             self.dsm.store(&key, PeerState::Established, (), false, now);
             self.cids.insert(cid, addr);
         }
+        self.share_new(now, addr);
     }
 
     /// A datagram from `from` for the lean peer at `addr` (the same address, or, for a peer
@@ -82,8 +83,13 @@ impl Endpoint {
         from: SocketAddr,
         datagram: &[u8],
     ) {
+        if let Some((held_from, held)) = self.take_held(addr) {
+            // A record of a peer just taken over waited for its first lease: it goes first.
+            self.handle_lean(now, addr, held_from, &held);
+        }
         let cid_len = self.config.cid_len();
         let mut opened_any = false;
+        let mut opened_n = 0u32;
         let mut end = None;
         for record in records(datagram, cid_len) {
             let Some(lean) = self.peers.get_mut(&addr).and_then(|p| p.lean_mut()) else {
@@ -124,6 +130,7 @@ impl Endpoint {
             let Some(peer) = self.peers.get_mut(&addr) else {
                 return;
             };
+            opened_n += 1;
             if !opened_any {
                 opened_any = true;
                 self.dsm.touch(&peer.dsm_key, Authenticated::opened(), now);
@@ -190,6 +197,9 @@ impl Endpoint {
             }
         }
         zeroize::Zeroize::zeroize(&mut self.plain);
+        if opened_n > 0 && end.is_none() {
+            self.share_accepted(now, addr, opened_n);
+        }
         match end {
             // close_notify answered with ours, which keeps the session resumable.
             Some(CloseReason::CloseNotify) => self.close_peer(addr, CloseReason::CloseNotify, true),
@@ -231,10 +241,22 @@ impl Endpoint {
         };
         match lean.seal(&mut self.crypto, CONTENT_APPLICATION_DATA, data) {
             Ok(record) => {
+                let shared = lean.lease().is_some();
                 peer.queued += 1;
                 self.stats.records_sent += 1;
                 self.stats.bytes_sent += data.len() as u64;
                 self.transmit(addr, record, id);
+                if let (true, Some(now)) = (shared, self.last_now) {
+                    self.share_due(now, addr);
+                }
+                Ok(())
+            }
+            Err(SealError::NoLease) => {
+                // As if the network lost it: a lease not stored yet is never written past.
+                self.stats.lease_waits += 1;
+                if let Some(now) = self.last_now {
+                    self.share_due(now, addr);
+                }
                 Ok(())
             }
             Err(SealError::Exhausted) => {

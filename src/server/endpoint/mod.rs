@@ -20,6 +20,7 @@ use crate::{ffi, Authenticated, Dsm, DsmStats, Error, FreeReason, PeerState, Sen
 use park::ParkedLookups;
 
 pub(crate) mod continuity;
+mod farm;
 mod lean;
 pub(super) mod park;
 #[cfg(test)]
@@ -109,6 +110,8 @@ pub struct Endpoint {
     plain: Vec<u8>,
     /// Saved peers waiting to be claimed (shared by a server's workers).
     restorable: Option<Arc<continuity::Restorable>>,
+    /// Shared peers' leases and takeovers (`shared_peers`).
+    farm: Option<farm::Farm>,
 }
 
 impl std::fmt::Debug for Endpoint {
@@ -131,6 +134,7 @@ impl Endpoint {
     /// program sends a peer's `tls12_cid` datagrams to this worker whatever their source.
     pub fn for_worker(config: Arc<ServerConfig>, worker: u8) -> Result<Self, Error> {
         let dsm = Dsm::new(config.dsm.clone())?;
+        let farm = config.shared_peers.then(farm::Farm::default);
         Ok(Self {
             config,
             dsm,
@@ -150,6 +154,7 @@ impl Endpoint {
             crypto: Crypto::default(),
             plain: Vec::new(),
             restorable: None,
+            farm,
         })
     }
 
@@ -173,6 +178,13 @@ impl Endpoint {
 
     /// Processes one datagram received from `from` at `now`.
     pub fn handle(&mut self, now: Instant, from: SocketAddr, datagram: &[u8]) {
+        self.handle_datagram(now, from, datagram);
+        if self.farm.is_some() {
+            self.farm_progress(now);
+        }
+    }
+
+    fn handle_datagram(&mut self, now: Instant, from: SocketAddr, datagram: &[u8]) {
         self.stats.datagrams_in += 1;
         self.last_now = Some(now);
         self.rotate_cookies(now);
@@ -200,6 +212,14 @@ impl Endpoint {
                 Some(addr) => self.handle_lean(now, addr, from, datagram),
                 // The client's Finished of a handshake that settled a connection ID.
                 None if handshaking => self.handle_peer(now, from, datagram),
+                // A peer whose host died, its state in the shared store?
+                None if self.start_takeover(
+                    now,
+                    from,
+                    Some(cid),
+                    datagram,
+                    DropReason::UnknownConnectionId,
+                ) => {}
                 None => self.drop_datagram(from, DropReason::UnknownConnectionId),
             };
         }
@@ -260,6 +280,10 @@ impl Endpoint {
                 // A record of a saved peer waiting to be restored (after a restart)?
                 if let Some(addr) = self.claim(now, from, None, datagram) {
                     return self.handle_lean(now, addr, from, datagram);
+                }
+                // Or of a peer whose host died, its state in the shared store?
+                if self.start_takeover(now, from, None, datagram, DropReason::NotClientHello) {
+                    return;
                 }
                 return self.drop_datagram(from, DropReason::NotClientHello);
             }
@@ -565,6 +589,10 @@ impl Endpoint {
             }
         }
         self.forget_peer(addr, &peer);
+        if reason != CloseReason::Suspended && peer.lean().is_some_and(|l| l.lease().is_some()) {
+            let cid = peer.our_cid().map(<[u8]>::to_vec);
+            self.unshare(addr, cid.as_deref(), peer.id);
+        }
         match reason {
             CloseReason::CloseNotify => self.stats.closed += 1,
             CloseReason::Local => self.stats.closed_locally += 1,
@@ -632,6 +660,9 @@ impl Endpoint {
         self.last_now = Some(now);
         self.rotate_cookies(now);
         self.resume_parked(now);
+        if self.farm.is_some() {
+            self.farm_progress(now);
+        }
         for (key, (), reason) in self.dsm.sweep(now) {
             let Some(addr) = self.address_of(&key) else {
                 continue;
@@ -685,6 +716,7 @@ impl Endpoint {
             ready,
             self.dsm.next_deadline(),
             self.config.cookies.next_rotation(),
+            self.farm_deadline(),
         ]
         .into_iter()
         .flatten()

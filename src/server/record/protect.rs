@@ -404,6 +404,9 @@ pub(crate) enum SealError {
     Exhausted,
     /// OpenSSL's AEAD failed.
     Crypto,
+    /// A shared peer's lease does not cover the next sequence number yet (its extension has not
+    /// reached the store): the record is not written.
+    NoLease,
 }
 
 /// What protecting one established peer's records takes: the keys, the epoch, the next write

@@ -15,7 +15,7 @@ use super::TOPOLOGY_MIN_TIMEOUT;
 use super::{id_from_hex, invalidation, is_connection_failure, map_error, Shared};
 use crate::error::StoreError;
 use crate::stats::bump;
-use crate::store::{LookupDone, LookupMode, MemoryStore, SessionId, StoredSession};
+use crate::store::{LookupDone, LookupMode, MemoryStore, PutDone, SessionId, StoredSession};
 
 /// Why an operation on the connection did not succeed.
 pub(crate) enum RunError {
@@ -341,7 +341,9 @@ impl Shared {
                 }
                 match opened {
                     Ok(session) => {
-                        if let (LookupMode::Get, Some(tier)) = (mode, &self.tier) {
+                        if let (LookupMode::Get, Some(tier), false) =
+                            (mode, &self.tier, id.is_peer_state())
+                        {
                             self.coherence.fill(mark, tier, id, session.clone());
                         }
                         Ok(Some(session))
@@ -351,6 +353,48 @@ impl Shared {
             }
         };
         // No lock is held here: `done` may run the cache's code.
+        done.complete(result);
+    }
+
+    /// `SET key value PX ttl` of a sealed `session`, straight to Redis (no queue, no tier),
+    /// within `deadline`; `done` learns whether Redis acknowledged it.
+    pub(crate) async fn remote_put(
+        self: Arc<Self>,
+        id: SessionId,
+        session: StoredSession,
+        permit: Permit,
+        deadline: Instant,
+        done: PutDone,
+    ) {
+        let key = self.key_for(&id);
+        let ttl_ms = session
+            .expires_at_millis()
+            .saturating_sub(crate::clock::unix_millis(std::time::SystemTime::now()));
+        if ttl_ms == 0 {
+            drop(permit);
+            return done.complete(Err(StoreError::Unavailable("value already expired".into())));
+        }
+        let value = match self.codec.encode(&id, &session) {
+            Ok(v) => v,
+            Err(e) => {
+                drop(permit);
+                return done.complete(Err(e));
+            }
+        };
+        drop(session);
+        let set = ::redis::cmd("SET")
+            .arg(&key)
+            .arg(value)
+            .arg("PX")
+            .arg(ttl_ms)
+            .clone();
+        let outcome = self
+            .run(deadline, Route::Key(key.as_bytes()), |mut conn| {
+                let set = set.clone();
+                async move { set.exec_async(&mut conn).await }
+            })
+            .await;
+        let result = self.settle(permit, outcome);
         done.complete(result);
     }
 

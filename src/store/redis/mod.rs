@@ -36,8 +36,8 @@ use crate::error::{Error, StoreError};
 use crate::stats::{bump, EvictionStats};
 use crate::store::envelope::{hex_val, KeyRing};
 use crate::store::{
-    LookupDone, LookupMode, MemoryStore, SessionId, SessionStore, SessionStoreAdmin, StoreUsage,
-    StoredSession, MAX_SESSION_ID_LEN,
+    LookupDone, LookupMode, MemoryStore, PutDone, SessionId, SessionStore, SessionStoreAdmin,
+    StoreUsage, StoredSession, MAX_SESSION_ID_LEN,
 };
 
 /// Session bytes a tier entry is budgeted for (the tier's byte bound is entries times this).
@@ -930,6 +930,11 @@ impl RedisStore {
         mode: LookupMode,
     ) -> Option<Result<Option<StoredSession>, StoreError>> {
         let s = &self.shared;
+        if id.is_peer_state() {
+            // A DTLS peer's shared state is read from Redis only: another host may have
+            // extended its lease since this host last held it.
+            return None;
+        }
         match mode {
             LookupMode::Get => {
                 if let Some(tier) = &s.tier {
@@ -1100,6 +1105,29 @@ impl SessionStore for RedisStore {
             Some(r) => done.complete(r),
             None => self.start_remote(id, mode, done),
         }
+    }
+
+    /// `SET key value PX ttl` sent at once on the background thread (past the write-behind
+    /// queue and the tier); `done` completes with `Ok` once Redis acknowledged it, or with the
+    /// error within the operation deadline (at once while the breaker is open).
+    fn put_confirmed(&self, id: SessionId, session: StoredSession, done: PutDone) {
+        let s = &self.shared;
+        let key = s.key_for(&id);
+        let Some(permit) = s.breaker_for(key.as_bytes()).admit(Instant::now()) else {
+            bump(&s.counters.breaker_open_skips);
+            return done.complete(Err(StoreError::Unavailable(
+                "redis circuit breaker open: redis skipped".into(),
+            )));
+        };
+        let deadline = Instant::now() + s.op_timeout;
+        self.background.spawn(Shared::remote_put(
+            Arc::clone(s),
+            id,
+            session,
+            permit,
+            deadline,
+            done,
+        ));
     }
 
     fn is_remote(&self) -> bool {
@@ -1413,6 +1441,31 @@ mod tests {
         // Writes are only queued: they neither fail nor wait.
         assert!(store.remove(&id).unwrap());
         assert_eq!(store.stats().write_queue_len, 1);
+    }
+
+    #[test]
+    fn a_confirmed_put_that_does_not_reach_redis_is_never_reported_done() {
+        let store = plain("redis://127.0.0.1:1")
+            .breaker(1, Duration::from_secs(60))
+            .tier_entries(16)
+            .build()
+            .unwrap();
+        let id = SessionId::for_peer_state(1, b"cid");
+        let session = StoredSession::new(vec![1; 8], SystemTime::now() + Duration::from_secs(60));
+        let (tx, rx) = mpsc::channel();
+        let done = |tx: mpsc::Sender<_>| PutDone::new(move |r| tx.send(r).unwrap());
+        store.put_confirmed(id, session.clone(), done(tx.clone()));
+        let first = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        assert!(
+            matches!(first, Err(StoreError::Unavailable(_))),
+            "{first:?}"
+        );
+        // The breaker opened: the next is refused at once, on this thread.
+        store.put_confirmed(id, session, done(tx));
+        assert!(matches!(rx.try_recv(), Ok(Err(StoreError::Unavailable(_)))));
+        // Past the queue and the tier: neither holds it.
+        assert_eq!(store.stats().write_queue_len, 0);
+        assert!(store.tier().unwrap().get(&id).unwrap().is_none());
     }
 
     #[test]
