@@ -139,6 +139,10 @@ pub enum StoreError {
         /// The store's byte bound.
         max: usize,
     },
+    /// A conditional write or removal ([`SessionStore::put_if`](crate::SessionStore::put_if))
+    /// found another version stored (or none): nothing was changed.
+    #[error("stored version changed: nothing written")]
+    Conflict,
     /// Any other backend failure.
     #[error("store backend: {0}")]
     Backend(String),

@@ -129,6 +129,7 @@ pub use server::{HANDSHAKE_DURATION_BUCKETS, HANDSHAKE_DURATION_METRIC};
 pub use stats::{CacheStats, EvictionStats};
 pub use store::envelope;
 pub use store::snapshot;
+pub use store::version_of;
 pub use store::{
     load_snapshot, save_snapshot, store_from_url, KeyRing, LookupDone, LookupMode, MemoryStore,
     MemoryStoreBuilder, NullStore, PutDone, SessionId, SessionStore, SessionStoreAdmin, StoreUsage,

@@ -28,7 +28,7 @@
 //!   or of the address for a peer without one), sealed by the store like a session (the Redis
 //!   store's key ring), expiring with the session. The session cache never looks such an id
 //!   up for a client, and the Redis store's memory tier never holds one.
-//! * **Format.** `"OSSLPSHR" | version u8 = 1 |` the saved-peer entry below, its
+//! * **Format.** `version u64 BE | "OSSLPSHR" | format u8 = 2 |` the saved-peer entry below, its
 //!   `next_write` being the **lease end**: no write sequence number at or above it was used.
 //!   A certificate-bound peer with an 8-byte connection ID takes 314 bytes once sealed (the
 //!   expiry and the envelope included; `a_foreign_state_is_refused_and_counted` prints it).
@@ -86,7 +86,7 @@ use crate::store::{SessionId, StoredSession};
 /// The first bytes of a peer's state shared in the store (`shared_peers`).
 const SHARED_MAGIC: &[u8; 8] = b"OSSLPSHR";
 /// The shared state's format version.
-const SHARED_VERSION: u8 = 1;
+const SHARED_VERSION: u8 = 2;
 /// Key kinds of [`SessionId::for_peer_state`].
 const KEY_CID: u8 = 1;
 const KEY_ADDR: u8 = 2;
@@ -180,24 +180,27 @@ impl SuspendedPeer {
 
     /// The state as the store keeps it (`shared_peers`): `next_write` is then the lease's end
     /// (no write sequence number at or above it was used; a host taking the peer over starts
-    /// there) and the window the read mark. Expires with the session.
-    pub(crate) fn to_shared(&self) -> StoredSession {
+    /// there) and the window the read mark. Expires with the session. A versioned value
+    /// ([`SessionStore::put_if`](crate::SessionStore::put_if)): it starts with `version`.
+    pub(crate) fn to_shared(&self, version: u64) -> StoredSession {
         let mut out = Vec::with_capacity(256);
+        out.extend_from_slice(&version.to_be_bytes());
         out.extend_from_slice(SHARED_MAGIC);
         out.push(SHARED_VERSION);
         self.encode(&mut out);
         StoredSession::from_millis(out, self.expires_at.saturating_mul(1000))
     }
 
-    /// What [`to_shared`](Self::to_shared) stored; `None` for anything else.
-    pub(crate) fn from_shared(stored: &StoredSession) -> Option<Self> {
+    /// What [`to_shared`](Self::to_shared) stored, and its version; `None` for anything else.
+    pub(crate) fn from_shared(stored: &StoredSession) -> Option<(Self, u64)> {
         let data = stored.data();
-        let body = data.strip_prefix(SHARED_MAGIC.as_slice())?;
-        let (&version, body) = body.split_first()?;
-        if version != SHARED_VERSION {
+        let version = crate::store::version_of(data)?;
+        let body = data[8..].strip_prefix(SHARED_MAGIC.as_slice())?;
+        let (&format, body) = body.split_first()?;
+        if format != SHARED_VERSION {
             return None;
         }
-        Self::decode(body)
+        Some((Self::decode(body)?, version))
     }
 
     fn encode(&self, out: &mut Vec<u8>) {
@@ -558,9 +561,10 @@ mod tests {
     #[test]
     fn a_shared_state_round_trips_and_nothing_else_parses_as_one() {
         let p = sample(2048);
-        let stored = p.to_shared();
+        let stored = p.to_shared(0x0123_4567_89ab_cdef);
         assert_eq!(stored.expires_at_millis(), 2_000_000_000_000);
-        let back = SuspendedPeer::from_shared(&stored).unwrap();
+        let (back, version) = SuspendedPeer::from_shared(&stored).unwrap();
+        assert_eq!(version, 0x0123_4567_89ab_cdef);
         assert_eq!(back.next_write, 2048, "the lease's end");
         assert_eq!(back.window, p.window);
         assert_eq!(back.cid_in, p.cid_in);
@@ -577,7 +581,7 @@ mod tests {
             assert!(SuspendedPeer::from_shared(&cut).is_none(), "prefix {n}");
         }
         let mut other = data.clone();
-        other[8] = 2;
+        other[16] = 1;
         assert!(SuspendedPeer::from_shared(&StoredSession::from_millis(other, 0)).is_none());
         let mut long = data;
         long.push(0);

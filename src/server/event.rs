@@ -127,6 +127,10 @@ pub enum CloseReason {
     /// [`Endpoint::suspend_all`](crate::Endpoint::suspend_all): taken out to be carried across a
     /// restart, without a word to the peer (its client keeps the association).
     Suspended,
+    /// A shared peer (`shared_peers`) another host took over: this host's conditional write of
+    /// its state found another host's version in the store. Freed without a word to the peer
+    /// and without touching the store (the other host serves it now).
+    LeaseLost,
 }
 
 /// Why a datagram was dropped.

@@ -293,6 +293,10 @@ endpoint_stats! {
         counter lease_writes: "Writes of shared peers' state to the store",
         /// Such writes the store did not confirm (failed, timed out, breaker open).
         counter lease_writes_failed: "Writes of shared peers' state the store did not confirm",
+        /// Shared peers this host lost to another: a conditional write of the state found
+        /// another host's version (or none) in the store, so the peer was freed here with no
+        /// close_notify and its stored state left alone ([`CloseReason::LeaseLost`](crate::CloseReason::LeaseLost)).
+        counter leases_lost: "Shared peers lost to another host's write of their state",
         /// Records of shared peers not written (dropped, as UDP may drop them) because the
         /// lease extension covering their sequence number had not reached the store yet.
         counter lease_waits: "Records of shared peers dropped waiting for a lease",

@@ -23,8 +23,8 @@ use crate::clock::unix_millis;
 use crate::error::{Error, StoreError};
 use crate::stats::EvictionStats;
 use crate::store::{
-    SecretBytes, SessionId, SessionStore, SessionStoreAdmin, StoreUsage, StoredSession,
-    MAX_SESSION_ID_LEN,
+    version_of, PutDone, SecretBytes, SessionId, SessionStore, SessionStoreAdmin, StoreUsage,
+    StoredSession, MAX_SESSION_ID_LEN,
 };
 
 mod slab;
@@ -375,6 +375,33 @@ impl MemoryStore {
         Some(old.into_session())
     }
 
+    /// Inserts `slot` into the home shard whose lock is `shard`: a replaced entry leaves
+    /// first, so that the new one is checked against the bounds as a whole (and only the least
+    /// recently used others are evicted).
+    fn put_locked(&self, mut shard: MutexGuard<'_, Shard>, home: usize, key: PackedId, slot: Slot) {
+        let len = slot.len();
+        if let Some(old) = shard.lru.remove_if(&key, |_| true) {
+            self.unaccount(&old);
+        }
+        // Make room in this shard first (exact LRU when there is one shard)...
+        loop {
+            match self.try_reserve(len) {
+                Ok(()) => {
+                    self.insert_reserved(&mut shard, key, slot);
+                    return;
+                }
+                Err(cause) => {
+                    if !self.evict_from(&mut shard, cause) {
+                        break;
+                    }
+                }
+            }
+        }
+        // ...then in the others, never holding two locks at once.
+        drop(shard);
+        self.put_slow(home, key, slot);
+    }
+
     /// Makes room for `len` bytes by evicting from the other shards, one lock at a time (the
     /// home shard is empty), then inserts into the home shard.
     fn put_slow(&self, home: usize, key: PackedId, slot: Slot) {
@@ -439,30 +466,54 @@ impl SessionStore for MemoryStore {
             });
         }
         let slot = Slot::new(&id, session);
-        let mut shard = self.shards[home].lock();
-        // A replaced entry leaves first, so that the new one is checked against the bounds as a
-        // whole (and only the least recently used others are evicted).
-        if let Some(old) = shard.lru.remove_if(&key, |_| true) {
-            self.unaccount(&old);
-        }
-        // Make room in this shard first (exact LRU when there is one shard)...
-        loop {
-            match self.try_reserve(len) {
-                Ok(()) => {
-                    self.insert_reserved(&mut shard, key, slot);
-                    return Ok(());
-                }
-                Err(cause) => {
-                    if !self.evict_from(&mut shard, cause) {
-                        break;
-                    }
-                }
-            }
-        }
-        // ...then in the others, never holding two locks at once.
-        drop(shard);
-        self.put_slow(home, key, slot);
+        let shard = self.shards[home].lock();
+        self.put_locked(shard, home, key, slot);
         Ok(())
+    }
+
+    /// Stores only over a value of a version in `expect`, under the shard's lock.
+    fn put_if(&self, id: SessionId, session: StoredSession, expect: Option<&[u64]>, done: PutDone) {
+        let Some(expect) = expect else {
+            return done.complete(self.put(id, session));
+        };
+        let len = session.len();
+        if len > self.max_bytes {
+            return done.complete(Err(StoreError::TooLarge {
+                len,
+                max: self.max_bytes,
+            }));
+        }
+        let key = PackedId::of(&id);
+        let id_len = id.as_bytes().len();
+        let home = self.shard_index(&key);
+        let mut shard = self.shards[home].lock();
+        let held = shard
+            .lru
+            .get_if(&key, |slot| slot.id_len() == id_len)
+            .and_then(|slot| version_of(&slot.data.0));
+        if !held.is_some_and(|v| expect.contains(&v)) {
+            drop(shard);
+            return done.complete(Err(StoreError::Conflict));
+        }
+        self.put_locked(shard, home, key, Slot::new(&id, session));
+        done.complete(Ok(()));
+    }
+
+    fn remove_if(&self, id: &SessionId, expect: &[u64]) -> Result<bool, StoreError> {
+        let key = PackedId::of(id);
+        let id_len = id.as_bytes().len();
+        let mut shard = self.shards[self.shard_index(&key)].lock();
+        let old = shard.lru.remove_if(&key, |slot| {
+            slot.id_len() == id_len && version_of(&slot.data.0).is_some_and(|v| expect.contains(&v))
+        });
+        drop(shard);
+        match old {
+            Some(old) => {
+                self.unaccount(&old);
+                Ok(true)
+            }
+            None => Ok(false),
+        }
     }
 
     fn take(&self, id: &SessionId) -> Result<Option<StoredSession>, StoreError> {

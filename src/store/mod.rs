@@ -40,6 +40,13 @@ pub const MAX_SESSION_ID_LEN: usize = 32;
 /// client offers that starts with them, so a ClientHello cannot read or take a peer's state.
 pub(crate) const PEER_STATE_PREFIX: &[u8; 8] = b"\xffOSCpeer";
 
+/// The version of a versioned value ([`SessionStore::put_if`]): its data's first 8 bytes,
+/// big-endian; `None` if it is shorter.
+pub fn version_of(data: &[u8]) -> Option<u64> {
+    let bytes: [u8; 8] = data.get(..8)?.try_into().ok()?;
+    Some(u64::from_be_bytes(bytes))
+}
+
 /// A session id: 1 to 32 bytes, as OpenSSL hands it to the get-session callback.
 ///
 /// Ids arrive from the network (a ClientHello's session_id, a TLS 1.3 PSK identity), so they are
@@ -285,6 +292,38 @@ pub trait SessionStore: fmt::Debug + Send + Sync {
             )));
         }
         done.complete(self.put(id, session));
+    }
+
+    /// Stores `session` under `id` only if the value stored there is a version in `expect`
+    /// (with `None`, whatever is there, like [`put_confirmed`](Self::put_confirmed)); completes
+    /// `done` like `put_confirmed`, or with [`StoreError::Conflict`] when the stored value is of
+    /// another version or absent (nothing written). Never blocks.
+    ///
+    /// A **versioned value** is one whose data begins with its version: 8 bytes, big-endian
+    /// ([`version_of`]). The compare and the write are one atomic step for every caller of the
+    /// store (every host, for a shared store), which keeps the version readable for it: the
+    /// Redis store writes it in the clear ahead of the sealed value. The DTLS endpoint's shared
+    /// peers rely on it (a host whose write finds another's version has lost the peer).
+    ///
+    /// The default completes with [`StoreError::Unavailable`]: a store cannot compare and set
+    /// atomically unless it says how.
+    fn put_if(&self, id: SessionId, session: StoredSession, expect: Option<&[u64]>, done: PutDone) {
+        let _ = (id, session, expect);
+        done.complete(Err(StoreError::Unavailable(
+            "this store cannot compare and set".into(),
+        )));
+    }
+
+    /// Deletes `id` only if the value stored there is a version in `expect` (see
+    /// [`put_if`](Self::put_if)), in one atomic step; returns whether it deleted (a remote
+    /// store returns `true` once the removal is sent). Never blocks.
+    ///
+    /// The default refuses with [`StoreError::Unavailable`].
+    fn remove_if(&self, id: &SessionId, expect: &[u64]) -> Result<bool, StoreError> {
+        let _ = (id, expect);
+        Err(StoreError::Unavailable(
+            "this store cannot compare and delete".into(),
+        ))
     }
 
     /// Whether `get` and `take` may wait on the network (default: no). The session cache then

@@ -25,7 +25,7 @@ use parking_lot::Mutex;
 use super::Endpoint;
 use crate::error::StoreError;
 use crate::server::continuity::{store_id, SuspendedPeer};
-use crate::server::event::DropReason;
+use crate::server::event::{CloseReason, DropReason};
 use crate::server::lease::{Lease, MARK_DELAY};
 use crate::server::record::protect::{CONTENT_APPLICATION_DATA, CONTENT_TLS12_CID};
 use crate::server::record::replay::ReplayWindow;
@@ -51,7 +51,28 @@ enum PeerRef {
 struct WriteDone {
     peer: PeerRef,
     id: u64,
-    ok: bool,
+    outcome: Outcome,
+}
+
+/// How a conditional write of a peer's state ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    /// It reached the store.
+    Stored,
+    /// The store held another version: another host has the peer.
+    Lost,
+    /// Failed, timed out, or not sent: it may or may not have landed.
+    Failed,
+}
+
+/// A random version for a write of a peer's state (distinct across hosts and writes).
+fn fresh_version() -> u64 {
+    let mut b = [0u8; 8];
+    if openssl::rand::rand_bytes(&mut b).is_err() {
+        // No randomness: a version from the clock still differs from the last one.
+        return crate::clock::unix_millis(std::time::SystemTime::now()).rotate_left(17);
+    }
+    u64::from_be_bytes(b)
 }
 
 /// A takeover lookup in flight: the datagram that asked for it.
@@ -77,6 +98,8 @@ pub(super) struct Farm {
     flushes: VecDeque<(Instant, PeerRef, u64)>,
     /// The datagram of each peer taken over (by peer id), until its first lease is granted.
     held: HashMap<u64, (SocketAddr, Vec<u8>)>,
+    /// The version of the state a takeover read, while it restores the peer.
+    taking: Option<u64>,
 }
 
 impl Farm {
@@ -137,13 +160,14 @@ impl Endpoint {
     /// Shares the state of a peer restored at `addr` (taken over, or from a file of saved
     /// peers): it writes nothing until a lease above its next sequence number is stored.
     pub(super) fn share_restored(&mut self, now: Instant, addr: SocketAddr) {
-        if self.farm.is_none() {
+        let Some(farm) = self.farm.as_mut() else {
             return;
-        }
+        };
+        let version = farm.taking.take();
         let Some(lean) = self.peers.get_mut(&addr).and_then(|p| p.lean_mut()) else {
             return;
         };
-        lean.set_lease(Lease::taken_over(lean.record().next_write()));
+        lean.set_lease(Lease::taken_over(lean.record().next_write(), version));
         self.share_due(now, addr);
     }
 
@@ -197,8 +221,6 @@ impl Endpoint {
         };
         state.next_write = lease_end;
         let key = state.store_id();
-        let stored = state.to_shared();
-        drop(state);
         let Some(lease) = self
             .peers
             .get_mut(&addr)
@@ -207,32 +229,43 @@ impl Endpoint {
         else {
             return;
         };
-        lease.issued(lease_end);
+        let write = lease.issued(lease_end, fresh_version());
+        let stored = state.to_shared(write.version);
+        drop(state);
         self.stats.lease_writes += 1;
         let waker = self.waker.clone();
         let done = PutDone::new(move |r| {
+            let outcome = match r {
+                Ok(()) => Outcome::Stored,
+                Err(StoreError::Conflict) => Outcome::Lost,
+                Err(_) => Outcome::Failed,
+            };
             writes.lock().push(WriteDone {
                 peer: peer_ref,
                 id,
-                ok: r.is_ok(),
+                outcome,
             });
             wake(waker.as_ref());
         });
         self.config
             .session_cache()
             .store()
-            .put_confirmed(key, stored, done);
+            .put_if(key, stored, write.expect.as_deref(), done);
     }
 
     /// Forgets the shared state of a peer that ended here (closed, replaced, failed): removed
-    /// from the store, so that nobody takes it over.
-    pub(super) fn unshare(&mut self, addr: SocketAddr, cid: Option<&[u8]>, id: u64) {
+    /// from the store, so that nobody takes it over, if the store still holds one of `ours`
+    /// (the versions of this host's writes that may have landed; another host's state stays).
+    pub(super) fn unshare(&mut self, addr: SocketAddr, cid: Option<&[u8]>, id: u64, ours: &[u64]) {
         let Some(farm) = self.farm.as_mut() else {
             return;
         };
         farm.held.remove(&id);
+        if ours.is_empty() {
+            return;
+        }
         let key = store_id(cid, addr);
-        if let Err(e) = self.config.session_cache().store().remove(&key) {
+        if let Err(e) = self.config.session_cache().store().remove_if(&key, ours) {
             tracing::debug!(error = %e, "shared peer state not removed");
         }
     }
@@ -341,16 +374,26 @@ impl Endpoint {
             }
             return;
         };
+        if w.outcome == Outcome::Lost {
+            // Another host wrote the state since this one last did: it serves the peer now.
+            // Nothing more is written for it here, not even a close_notify or a removal.
+            if let Some(farm) = self.farm.as_mut() {
+                farm.held.remove(&w.id);
+            }
+            tracing::debug!(%addr, "shared peer lost to another host");
+            return self.close_peer(addr, CloseReason::LeaseLost, false);
+        }
+        let ok = w.outcome == Outcome::Stored;
         if let Some(lease) = self
             .peers
             .get_mut(&addr)
             .and_then(|p| p.lean_mut())
             .and_then(|l| l.lease_mut())
         {
-            lease.completed(w.ok, now);
+            lease.completed(ok, now);
         }
         let held = self.farm.as_mut().and_then(|f| f.held.remove(&w.id));
-        if !w.ok {
+        if !ok {
             self.stats.lease_writes_failed += 1;
             // Asked for again after a while, not at once (a store that refuses at once would
             // otherwise be asked in a loop).
@@ -400,7 +443,7 @@ impl Endpoint {
                 return self.drop_datagram(t.from, t.reason);
             }
         };
-        let peer = SuspendedPeer::from_shared(&stored).filter(|p| {
+        let peer = SuspendedPeer::from_shared(&stored).filter(|(p, _)| {
             p.store_id() == key
                 && match &t.cid {
                     Some(cid) => p.cid_in.as_deref() == Some(&**cid),
@@ -408,7 +451,7 @@ impl Endpoint {
                 }
         });
         drop(stored);
-        let Some(mut peer) = peer else {
+        let Some((mut peer, version)) = peer else {
             self.stats.takeovers_refused += 1;
             return self.drop_datagram(t.from, t.reason);
         };
@@ -427,7 +470,14 @@ impl Endpoint {
             self.stats.takeovers_refused += 1;
             return self.drop_datagram(t.from, DropReason::Invalid);
         }
-        match self.restore(now, peer) {
+        if let Some(farm) = self.farm.as_mut() {
+            farm.taking = Some(version);
+        }
+        let restored = self.restore(now, peer);
+        if let Some(farm) = self.farm.as_mut() {
+            farm.taking = None;
+        }
+        match restored {
             Ok(addr) => {
                 self.stats.takeovers += 1;
                 tracing::debug!(%addr, "peer taken over from the shared store");
@@ -481,8 +531,10 @@ mod tests {
     #[derive(Debug)]
     struct SlowStore {
         mem: MemoryStore,
-        pending: Mutex<Vec<(SessionId, StoredSession, PutDone)>>,
+        pending: Mutex<Vec<Pending>>,
     }
+
+    type Pending = (SessionId, StoredSession, Option<Vec<u64>>, PutDone);
 
     impl SlowStore {
         fn new() -> Self {
@@ -497,10 +549,10 @@ mod tests {
         fn settle(&self, n: usize, mut land: impl FnMut() -> bool) {
             let n = n.min(self.pending.lock().len());
             let writes: Vec<_> = self.pending.lock().drain(..n).collect();
-            for (id, s, done) in writes {
+            for (id, s, expect, done) in writes {
                 if land() {
-                    self.mem.put(id, s).unwrap();
-                    done.complete(Ok(()));
+                    // Compared when it reaches the store, as Redis's script does.
+                    self.mem.put_if(id, s, expect.as_deref(), done);
                 } else {
                     done.complete(Err(StoreError::Timeout));
                 }
@@ -525,8 +577,13 @@ mod tests {
         fn remove(&self, id: &SessionId) -> Result<bool, StoreError> {
             self.mem.remove(id)
         }
-        fn put_confirmed(&self, id: SessionId, s: StoredSession, done: PutDone) {
-            self.pending.lock().push((id, s, done));
+        fn put_if(&self, id: SessionId, s: StoredSession, expect: Option<&[u64]>, done: PutDone) {
+            self.pending
+                .lock()
+                .push((id, s, expect.map(<[u64]>::to_vec), done));
+        }
+        fn remove_if(&self, id: &SessionId, expect: &[u64]) -> Result<bool, StoreError> {
+            self.mem.remove_if(id, expect)
         }
     }
 
@@ -831,9 +888,19 @@ mod tests {
     impl SessionStore for SealingStore {
         fn get(&self, id: &SessionId) -> Result<Option<StoredSession>, StoreError> {
             match self.mem.get(id)? {
-                Some(s) => Ok(Some(self.ring.open_session(id, s.data())?)),
+                Some(s) => Ok(Some(self.ring.open_session(id, &s.data()[8..])?)),
                 None => Ok(None),
             }
+        }
+        /// Like Redis: the version in the clear ahead of the sealed value.
+        fn put_if(&self, id: SessionId, s: StoredSession, expect: Option<&[u64]>, done: PutDone) {
+            let mut v = s.data()[..8].to_vec();
+            v.extend_from_slice(&self.ring.seal_session(&id, &s).unwrap());
+            let sealed = StoredSession::from_millis(v, s.expires_at_millis());
+            self.mem.put_if(id, sealed, expect, done);
+        }
+        fn remove_if(&self, id: &SessionId, expect: &[u64]) -> Result<bool, StoreError> {
+            self.mem.remove_if(id, expect)
         }
         fn put(&self, id: SessionId, s: StoredSession) -> Result<(), StoreError> {
             let sealed = self.ring.seal_session(&id, &s)?;

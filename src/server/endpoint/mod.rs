@@ -589,9 +589,16 @@ impl Endpoint {
             }
         }
         self.forget_peer(addr, &peer);
-        if reason != CloseReason::Suspended && peer.lean().is_some_and(|l| l.lease().is_some()) {
+        if !matches!(reason, CloseReason::Suspended | CloseReason::LeaseLost)
+            && peer.lean().is_some_and(|l| l.lease().is_some())
+        {
             let cid = peer.our_cid().map(<[u8]>::to_vec);
-            self.unshare(addr, cid.as_deref(), peer.id);
+            let ours = peer
+                .lean()
+                .and_then(|l| l.lease())
+                .map(crate::server::lease::Lease::ours)
+                .unwrap_or_default();
+            self.unshare(addr, cid.as_deref(), peer.id, &ours);
         }
         match reason {
             CloseReason::CloseNotify => self.stats.closed += 1,
@@ -599,6 +606,7 @@ impl Endpoint {
             CloseReason::Failed => self.stats.failed += 1,
             CloseReason::HandshakeTimeout => self.stats.handshake_timeouts += 1,
             CloseReason::Idle | CloseReason::Evicted => self.stats.idle_closed += 1,
+            CloseReason::LeaseLost => self.stats.leases_lost += 1,
             CloseReason::Replaced | CloseReason::Shutdown | CloseReason::Suspended => {}
         }
         self.stats.peers = self.peers.len() as u64;

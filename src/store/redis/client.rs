@@ -280,7 +280,8 @@ impl Shared {
             Err(e) => {
                 bump(&self.counters.decrypt_failures);
                 tracing::warn!(id = %id.to_hex(), error = %e, "redis session store: undecryptable value");
-                if drop_bad && !self.codec.is_foreign(value) {
+                // A peer state is never deleted blindly (only `remove_if` removes one).
+                if drop_bad && !id.is_peer_state() && !self.codec.is_foreign(value) {
                     self.queue_remove(*id);
                 }
                 Err(e)
@@ -396,6 +397,100 @@ impl Shared {
             .await;
         let result = self.settle(permit, outcome);
         done.complete(result);
+    }
+
+    /// `put_if`'s script: `SET` only if the value's clear version (its first 8 bytes) is one
+    /// of `ARGV[3..]`; 1 if it wrote, 0 if not.
+    const PUT_IF: &'static str = "local v = redis.call('GET', KEYS[1]) \
+        if not v then return 0 end \
+        local held = string.sub(v, 1, 8) \
+        for i = 3, #ARGV do \
+          if held == ARGV[i] then redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) return 1 end \
+        end \
+        return 0";
+    /// `remove_if`'s script: `DEL` only if the clear version is one of `ARGV`.
+    const REMOVE_IF: &'static str = "local v = redis.call('GET', KEYS[1]) \
+        if not v then return 0 end \
+        local held = string.sub(v, 1, 8) \
+        for i = 1, #ARGV do \
+          if held == ARGV[i] then return redis.call('DEL', KEYS[1]) end \
+        end \
+        return 0";
+
+    /// `put_if`'s write: [`remote_put`](Self::remote_put) without `expect`, otherwise the
+    /// script (one atomic step in Redis); `done` completes with [`StoreError::Conflict`] if
+    /// the script wrote nothing.
+    pub(crate) async fn remote_put_if(
+        self: Arc<Self>,
+        id: SessionId,
+        session: StoredSession,
+        expect: Vec<u64>,
+        permit: Permit,
+        deadline: Instant,
+        done: PutDone,
+    ) {
+        let key = self.key_for(&id);
+        let ttl_ms = session
+            .expires_at_millis()
+            .saturating_sub(crate::clock::unix_millis(std::time::SystemTime::now()));
+        if ttl_ms == 0 {
+            drop(permit);
+            return done.complete(Err(StoreError::Unavailable("value already expired".into())));
+        }
+        let value = match self.codec.encode(&id, &session) {
+            Ok(v) => v,
+            Err(e) => {
+                drop(permit);
+                return done.complete(Err(e));
+            }
+        };
+        drop(session);
+        let mut eval = ::redis::cmd("EVAL");
+        eval.arg(Self::PUT_IF)
+            .arg(1)
+            .arg(&key)
+            .arg(value)
+            .arg(ttl_ms);
+        for v in &expect {
+            eval.arg(&v.to_be_bytes()[..]);
+        }
+        let outcome = self
+            .run(deadline, Route::Key(key.as_bytes()), |mut conn| {
+                let eval = eval.clone();
+                async move { eval.query_async::<i64>(&mut conn).await }
+            })
+            .await;
+        let result = match self.settle(permit, outcome) {
+            Ok(1) => Ok(()),
+            Ok(_) => Err(StoreError::Conflict),
+            Err(e) => Err(e),
+        };
+        done.complete(result);
+    }
+
+    /// `remove_if`'s removal, the script within `deadline`; the outcome is only logged.
+    pub(crate) async fn remote_remove_if(
+        self: Arc<Self>,
+        id: SessionId,
+        expect: Vec<u64>,
+        permit: Permit,
+        deadline: Instant,
+    ) {
+        let key = self.key_for(&id);
+        let mut eval = ::redis::cmd("EVAL");
+        eval.arg(Self::REMOVE_IF).arg(1).arg(&key);
+        for v in &expect {
+            eval.arg(&v.to_be_bytes()[..]);
+        }
+        let outcome = self
+            .run(deadline, Route::Key(key.as_bytes()), |mut conn| {
+                let eval = eval.clone();
+                async move { eval.query_async::<i64>(&mut conn).await }
+            })
+            .await;
+        if let Err(e) = self.settle(permit, outcome) {
+            tracing::debug!(error = %e, "redis session store: conditional removal failed");
+        }
     }
 
     /// Publishes the invalidation of `id` on `conn`, on a task of its own.

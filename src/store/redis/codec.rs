@@ -44,11 +44,27 @@ impl Codec {
         }
     }
 
+    /// The value of `session` under `id`. A peer state's (a versioned value,
+    /// [`SessionStore::put_if`](crate::SessionStore::put_if)) starts with its version in the
+    /// clear, 8 bytes, ahead of the sealed value (which holds it too), so that the scripts of
+    /// `put_if` and `remove_if` can compare it.
     pub(crate) fn encode(
         &self,
         id: &SessionId,
         session: &StoredSession,
     ) -> Result<Vec<u8>, StoreError> {
+        if id.is_peer_state() {
+            let Some(version) = crate::store::version_of(session.data()) else {
+                return Err(StoreError::Corrupt("a peer state without a version".into()));
+            };
+            let mut v = version.to_be_bytes().to_vec();
+            v.extend_from_slice(&self.encode_value(id, session)?);
+            return Ok(v);
+        }
+        self.encode_value(id, session)
+    }
+
+    fn encode_value(&self, id: &SessionId, session: &StoredSession) -> Result<Vec<u8>, StoreError> {
         match self {
             Self::Sealed(ring) => ring.load().seal_session(id, session),
             Self::Plaintext => {
@@ -62,6 +78,19 @@ impl Codec {
     }
 
     pub(crate) fn decode(&self, id: &SessionId, value: &[u8]) -> Result<StoredSession, StoreError> {
+        if id.is_peer_state() {
+            let clear = crate::store::version_of(value);
+            let session = self.decode_value(id, value.get(8..).unwrap_or_default())?;
+            // The clear copy is not authenticated: it must say what the sealed one says.
+            if clear.is_none() || clear != crate::store::version_of(session.data()) {
+                return Err(StoreError::Corrupt("a peer state's versions differ".into()));
+            }
+            return Ok(session);
+        }
+        self.decode_value(id, value)
+    }
+
+    fn decode_value(&self, id: &SessionId, value: &[u8]) -> Result<StoredSession, StoreError> {
         match self {
             Self::Sealed(ring) => ring.load().open_session(id, value),
             Self::Plaintext => match value {

@@ -1130,6 +1130,55 @@ impl SessionStore for RedisStore {
         ));
     }
 
+    /// Like [`put_confirmed`](Self::put_confirmed), with `expect` compared by a Lua script
+    /// (`EVAL`) against the value's version, which a peer state keeps in the clear ahead of its
+    /// sealed bytes: compare and `SET` are one atomic step in Redis, on the node of the key.
+    fn put_if(&self, id: SessionId, session: StoredSession, expect: Option<&[u64]>, done: PutDone) {
+        let Some(expect) = expect else {
+            return self.put_confirmed(id, session, done);
+        };
+        let s = &self.shared;
+        let key = s.key_for(&id);
+        let Some(permit) = s.breaker_for(key.as_bytes()).admit(Instant::now()) else {
+            bump(&s.counters.breaker_open_skips);
+            return done.complete(Err(StoreError::Unavailable(
+                "redis circuit breaker open: redis skipped".into(),
+            )));
+        };
+        let deadline = Instant::now() + s.op_timeout;
+        self.background.spawn(Shared::remote_put_if(
+            Arc::clone(s),
+            id,
+            session,
+            expect.to_vec(),
+            permit,
+            deadline,
+            done,
+        ));
+    }
+
+    /// Sends the comparing script on the background thread and returns `true` (the outcome
+    /// is logged only); [`StoreError::Unavailable`] while the breaker is open.
+    fn remove_if(&self, id: &SessionId, expect: &[u64]) -> Result<bool, StoreError> {
+        let s = &self.shared;
+        let key = s.key_for(id);
+        let Some(permit) = s.breaker_for(key.as_bytes()).admit(Instant::now()) else {
+            bump(&s.counters.breaker_open_skips);
+            return Err(StoreError::Unavailable(
+                "redis circuit breaker open: redis skipped".into(),
+            ));
+        };
+        let deadline = Instant::now() + s.op_timeout;
+        self.background.spawn(Shared::remote_remove_if(
+            Arc::clone(s),
+            *id,
+            expect.to_vec(),
+            permit,
+            deadline,
+        ));
+        Ok(true)
+    }
+
     fn is_remote(&self) -> bool {
         true
     }
