@@ -522,6 +522,7 @@ mod tests {
 
     use super::*;
     use crate::server::event::Event;
+    use crate::server::lease::LEASE_BLOCK;
     use crate::server::record::u48_at;
     use crate::server::testing::{addr, CidClient, Client};
     use crate::{MemoryStore, ServerConfig, SessionCache, SessionStore};
@@ -557,6 +558,21 @@ mod tests {
                     done.complete(Err(StoreError::Timeout));
                 }
             }
+        }
+
+        /// Completes every write waiting, the newest first, each landing.
+        fn settle_newest_first(&self) {
+            let writes: Vec<_> = self.pending.lock().drain(..).rev().collect();
+            for (id, s, expect, done) in writes {
+                self.mem.put_if(id, s, expect.as_deref(), done);
+            }
+        }
+
+        /// The lease end and version of the state stored under `key`.
+        fn stored(&self, key: &SessionId) -> (u64, u64) {
+            let s = self.mem.get(key).unwrap().expect("a state stored");
+            let (peer, version) = SuspendedPeer::from_shared(&s).unwrap();
+            (peer.next_write, version)
         }
 
         fn waiting(&self) -> usize {
@@ -992,6 +1008,137 @@ mod tests {
                 (s.lease_writes - before) as f64 / 10.0
             );
         }
+    }
+
+    /// A host that did not die (partitioned, or slow) writes its state late, after another
+    /// host took the peer over: the write finds the other's version, so the stored lease does
+    /// not go back; the late host frees the peer with no close_notify and leaves the store
+    /// alone. Fails with blind writes: the stored lease end goes back to the late host's.
+    #[test]
+    fn a_late_write_after_a_takeover_does_not_move_the_lease_back() {
+        let cert = crate::self_signed_certificate().unwrap();
+        let store = Arc::new(SlowStore::new());
+        let now = Instant::now();
+        let mut a = host(store.clone(), &cert);
+        let mut c = CidClient::new(1000, b"cid-8b!!", None);
+        c.pump(&mut a, addr(1000), now);
+        store.settle(usize::MAX, || true);
+        let key = store_id(Some(&c.server_cid.lock().clone().unwrap()), addr(1000));
+        // A read mark of A waits in the network...
+        a.handle(now, addr(1000), &c.send(b"to a").remove(0));
+        a.handle_timeout(now + MARK_DELAY);
+        assert_eq!(store.waiting(), 1);
+        // ...while B takes the peer over.
+        let mut b = host(store.clone(), &cert);
+        b.handle(now, addr(1000), &c.send(b"to b").remove(0));
+        assert_eq!(b.stats().takeovers, 1);
+        assert_eq!(store.waiting(), 2);
+        store.settle_newest_first();
+        b.handle_timeout(now);
+        let taken = store.stored(&key);
+        a.handle_timeout(now + MARK_DELAY);
+        assert_eq!(store.stored(&key), taken, "the late write changed nothing");
+        assert!(taken.0 > LEASE_BLOCK + 1, "B's lease, one block above A's");
+        let s = a.stats();
+        assert_eq!((s.leases_lost, a.peer_count()), (1, 0));
+        assert!(a.poll_transmit().is_none(), "no close_notify");
+        assert!(std::iter::from_fn(|| a.poll_event()).any(|e| matches!(
+            e,
+            Event::Closed {
+                reason: CloseReason::LeaseLost,
+                ..
+            }
+        )));
+        // B serves the peer on.
+        assert_eq!(echo(&mut b), vec![b"to b".to_vec()]);
+        b.handle(now, addr(1000), &c.send(b"on").remove(0));
+        assert_eq!(echo(&mut b), vec![b"on".to_vec()]);
+        assert_eq!(b.stats().leases_lost, 0);
+    }
+
+    /// Two hosts take one peer over at once (both got a record of it): both read the same
+    /// state, exactly one's first lease write wins; the other frees the peer, counted. Fails
+    /// with blind writes: both keep it.
+    #[test]
+    fn of_two_simultaneous_takeovers_exactly_one_wins() {
+        let cert = crate::self_signed_certificate().unwrap();
+        let store = Arc::new(SlowStore::new());
+        let now = Instant::now();
+        let mut a = host(store.clone(), &cert);
+        let mut c = CidClient::new(1000, b"cid-8b!!", None);
+        c.pump(&mut a, addr(1000), now);
+        store.settle(usize::MAX, || true);
+        drop(a);
+        let (mut b, mut d) = (host(store.clone(), &cert), host(store.clone(), &cert));
+        b.handle(now, addr(1000), &c.send(b"1").remove(0));
+        d.handle(now, addr(1000), &c.send(b"2").remove(0));
+        assert_eq!((b.stats().takeovers, d.stats().takeovers), (1, 1));
+        store.settle(usize::MAX, || true);
+        b.handle_timeout(now);
+        d.handle_timeout(now);
+        let lost = [b.stats().leases_lost, d.stats().leases_lost];
+        assert_eq!(lost, [0, 1], "the first write to land wins");
+        assert_eq!((b.peer_count(), d.peer_count()), (1, 0));
+        assert_eq!(echo(&mut b), vec![b"1".to_vec()]);
+        assert!(echo(&mut d).is_empty(), "the loser delivers nothing");
+    }
+
+    /// Two live hosts serve one peer at once (a balancer splits its datagrams between them):
+    /// whichever's write finds the other's version loses the peer (and takes it over again,
+    /// one block higher, when its next record comes); no (epoch, sequence number) is ever
+    /// written by both. Fails with blind writes: a lease extension of one host overlaps the
+    /// numbers the other took over.
+    #[test]
+    fn two_live_hosts_serving_one_peer_never_write_a_sequence_number_twice() {
+        let cert = crate::self_signed_certificate().unwrap();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(1918);
+        let store = Arc::new(SlowStore::new());
+        let now = Instant::now();
+        let at = addr(1000);
+        let mut hosts = [host(store.clone(), &cert), host(store.clone(), &cert)];
+        let mut c = CidClient::new(1000, b"cid-8b!!", None);
+        c.pump(&mut hosts[0], at, now);
+        store.settle(usize::MAX, || true);
+        let mut seen: HashSet<(usize, u64)> = HashSet::new();
+        let mut to = 0;
+        for i in 0..4000u32 {
+            // Runs of records go to one host, then to the other.
+            if rng.random_bool(1.0 / 300.0) {
+                to = 1 - to;
+            }
+            for d in c.send(&i.to_be_bytes()) {
+                hosts[to].handle(now, at, &d);
+            }
+            if rng.random_bool(0.5) {
+                store.settle(rng.random_range(0..3), || true);
+            }
+            for ep in &mut hosts {
+                ep.handle_timeout(now);
+                while let Some(e) = ep.poll_event() {
+                    if let Event::Data { peer, data } = e {
+                        // The peer may be lost by now: then nothing is sent.
+                        let _ = ep.send(peer, &data);
+                    }
+                }
+                while let Some(t) = ep.poll_transmit() {
+                    for s in written(&t.payload, 8) {
+                        if s.0 == 1 {
+                            assert!(seen.insert(s), "{s:?} written twice");
+                        }
+                    }
+                    c.inbound(t.payload);
+                    c.drive();
+                }
+            }
+        }
+        let lost = hosts[0].stats().leases_lost + hosts[1].stats().leases_lost;
+        eprintln!("{lost} leases lost, {} records written", seen.len());
+        assert!(lost > 0, "the hosts took the peer from each other");
+        assert!(seen.len() > 2000, "{} records written", seen.len());
+        assert!(
+            seen.iter().any(|s| s.1 > 2 * LEASE_BLOCK),
+            "leases extended"
+        );
     }
 
     /// The crash-failover model: a client with a connection ID streams records; the host
