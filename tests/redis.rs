@@ -1100,3 +1100,69 @@ fn handshake_latency() {
     println!("host b store stats: {:?}", b.store.stats());
     println!("host b cache stats: {:?}", b.cache.stats());
 }
+
+/// A conditional write or removal of a versioned value (a shared DTLS peer's state) on a real
+/// Redis: it lands only over one of the versions expected, atomically (the version in the
+/// clear ahead of the sealed value, compared by the script); two writers expecting the same
+/// version: exactly one lands. A clear version that disagrees with the sealed one is refused.
+#[test]
+fn conditional_writes_of_a_versioned_value_land_only_over_the_expected_version() {
+    let server = RedisServer::start();
+    let s = Arc::new(store(&server, ring(), 0));
+    let peer = SessionId::new(b"\xffOSCpeer-a-peer-state-id-of-32b!").unwrap();
+    let versioned = |v: u64, fill: u8| {
+        let mut data = v.to_be_bytes().to_vec();
+        data.extend_from_slice(&[fill; 100]);
+        StoredSession::new(data, SystemTime::now() + hour())
+    };
+    let put_if = |s: &RedisStore, v: u64, expect: Option<&[u64]>| {
+        let (tx, rx) = mpsc::channel();
+        s.put_if(
+            peer,
+            versioned(v, v as u8),
+            expect,
+            openssl_session_cache::PutDone::new(move |r| tx.send(r).unwrap()),
+        );
+        rx.recv_timeout(PATIENCE).expect("put_if completes")
+    };
+    assert!(
+        matches!(put_if(&s, 1, Some(&[1])), Err(StoreError::Conflict)),
+        "nothing stored: nothing to replace"
+    );
+    put_if(&s, 1, None).unwrap();
+    let key = s.key_for(&peer);
+    let value = raw_get(&server, &key).unwrap();
+    assert_eq!(value[..8], 1u64.to_be_bytes(), "the version in the clear");
+    assert!(!value.windows(16).any(|w| w == [1; 16]), "the rest sealed");
+    assert!(matches!(
+        put_if(&s, 2, Some(&[7, 8])),
+        Err(StoreError::Conflict)
+    ));
+    assert_eq!(raw_get(&server, &key).unwrap(), value, "unchanged");
+    put_if(&s, 2, Some(&[7, 1])).unwrap();
+    let got = s.get(&peer).unwrap().unwrap();
+    assert_eq!(openssl_session_cache::version_of(got.data()), Some(2));
+    // Two writers expecting version 2 at once: one lands.
+    let (a, b) = thread::scope(|sc| {
+        let a = sc.spawn(|| put_if(&s, 3, Some(&[2])));
+        let b = sc.spawn(|| put_if(&s, 4, Some(&[2])));
+        (a.join().unwrap(), b.join().unwrap())
+    });
+    assert!(a.is_ok() != b.is_ok(), "{a:?} {b:?}");
+    let won = if a.is_ok() { 3 } else { 4 };
+    let got = s.get(&peer).unwrap().unwrap();
+    assert_eq!(openssl_session_cache::version_of(got.data()), Some(won));
+    // A removal of another version leaves it; of its own, deletes it.
+    assert!(s.remove_if(&peer, &[2]).unwrap());
+    thread::sleep(Duration::from_millis(100));
+    assert!(raw_get(&server, &key).is_some(), "another version stays");
+    assert!(s.remove_if(&peer, &[won]).unwrap());
+    wait_until("removed", || raw_get(&server, &key).is_none());
+    // A clear version that disagrees with the sealed one: refused, and left in place.
+    put_if(&s, 5, None).unwrap();
+    let mut v = raw_get(&server, &key).unwrap();
+    v[7] ^= 1;
+    let _: () = server.raw().set(&key, &v).unwrap();
+    assert!(matches!(s.get(&peer), Err(StoreError::Corrupt(_))));
+    assert!(raw_get(&server, &key).is_some());
+}

@@ -504,9 +504,10 @@ impl ServerConfigBuilder {
     /// one, from an unknown address) makes the endpoint look the state up and go on with no
     /// handshake. The state is sealed like sessions (by a store that seals: the Redis store),
     /// bound to the server's identity, and expires with the session; the write sequence
-    /// numbers are leased in blocks through writes the store confirmed
-    /// ([`SessionStore::put_confirmed`](crate::SessionStore::put_confirmed)), so no (key,
-    /// nonce) pair is used twice whenever a host died. See the `continuity` section of
+    /// numbers are leased in blocks through conditional writes the store confirmed
+    /// ([`SessionStore::put_if`](crate::SessionStore::put_if), which a custom store must
+    /// implement atomically), so no (key, nonce) pair is used twice whenever a host died, nor
+    /// when two live hosts serve one peer. See the `continuity` section of
     /// SECURITY.md for what it guarantees and what not.
     pub fn shared_peers(mut self, on: bool) -> Self {
         self.shared_peers = on;

@@ -33,8 +33,8 @@
 //!   A certificate-bound peer with an 8-byte connection ID takes 314 bytes once sealed (the
 //!   expiry and the envelope included; `a_foreign_state_is_refused_and_counted` prints it).
 //! * **Write leases** (`server/lease.rs`). A host seals records only below the lease end of a
-//!   write the store confirmed ([`SessionStore::put_confirmed`](crate::SessionStore::put_confirmed);
-//!   the Redis store sends `SET key value PX ttl` at once and completes on Redis's answer). The
+//!   write the store confirmed ([`SessionStore::put_if`](crate::SessionStore::put_if); the
+//!   Redis store sends its comparing `EVAL` script at once and completes on Redis's answer). The
 //!   first write of a fresh association need not be waited for: no earlier state of its keys
 //!   exists, so whatever of it reaches the store holds a lease above every number used. At half
 //!   a block (512) before the end the lease is extended by a block (1,024), so nothing waits
@@ -52,12 +52,23 @@
 //!   it. The new host writes nothing until its own lease, one block above the stored end, is
 //!   confirmed; the datagram that asked waits for that, then goes on as any record.
 //! * **What unauthenticated input can do:** start one bounded lookup; it never writes.
-//! * **What is not guaranteed.** Two hosts serving one peer *at the same time* (a load
-//!   balancer that splits its datagrams between two live hosts) can both extend the lease, which
-//!   is a blind write, not a compare-and-set; the design covers a host that is dead, not one
-//!   partitioned from its peers but alive. For the same reason a write of a dead host that its
-//!   client library still delivers after the takeover (a Redis command queued on a connection
-//!   the kernel has not yet delivered) could overwrite the new host's lease with a lower one.
+//! * **Conditional writes.** Every write of a peer's state is a compare-and-set
+//!   ([`SessionStore::put_if`](crate::SessionStore::put_if)): it stores a new random version
+//!   and lands only if the store holds the version this host last read or wrote (or that of its
+//!   own unconfirmed write, which the retry reuses); only a fresh peer's first write is blind.
+//!   A takeover reads the version with the state and writes its first lease on it, so of two
+//!   takeovers at once exactly one wins. A host whose write finds another version has lost the
+//!   peer: it frees it with no close_notify and no removal
+//!   ([`CloseReason::LeaseLost`](crate::CloseReason::LeaseLost), `leases_lost`); the removal
+//!   at a close is conditional too ([`SessionStore::remove_if`](crate::SessionStore::remove_if)).
+//!   Hence two live hosts serving one peer, or a late write of a dead host, never reuse a
+//!   (key, nonce) pair nor move the stored lease end back.
+//! * **What is still not guaranteed** (SECURITY.md, "Associations shared by a farm"). Replays across hosts
+//!   that both hold the peer (each has its own window); efficiency when a balancer keeps
+//!   splitting a peer's datagrams (the hosts take it from each other, one lease block each
+//!   time); a store that loses acknowledged writes (a Redis failover to a replica behind it)
+//!   bringing back an older version; a fresh peer whose first write never landed (its retry
+//!   conflicts and the peer is freed).
 //!
 //! # File format (version 1)
 //! ```text
