@@ -62,7 +62,9 @@
 //!   ([`CloseReason::LeaseLost`](crate::CloseReason::LeaseLost), `leases_lost`); the removal
 //!   at a close is conditional too ([`SessionStore::remove_if`](crate::SessionStore::remove_if)).
 //!   Hence two live hosts serving one peer, or a late write of a dead host, never reuse a
-//!   (key, nonce) pair nor move the stored lease end back.
+//!   (key, nonce) pair nor move the stored lease end back. A peer saved at a graceful restart
+//!   carries those versions in the file ([`SuspendedPeer`]'s `versions`), and its first write
+//!   after the restore expects them: a host that took it over meanwhile keeps it.
 //! * **What is still not guaranteed** (SECURITY.md, "Associations shared by a farm"). Replays across hosts
 //!   that both hold the peer (each has its own window); efficiency when a balancer keeps
 //!   splitting a peer's datagrams (the hosts take it from each other, one lease block each
@@ -70,12 +72,16 @@
 //!   bringing back an older version; a fresh peer whose first write never landed (its retry
 //!   conflicts and the peer is freed).
 //!
-//! # File format (version 1)
+//! # File format (version 2)
 //! ```text
-//! "OSSLPEER" (8 bytes) | version u8 = 1 | envelope
+//! "OSSLPEER" (8 bytes) | version u8 = 2 | envelope
 //! ```
 //! The envelope ([`KeyRing`] AES-256-GCM, its own associated-data domain) holds a count (u32 BE)
-//! and the entries, each a length (u32 BE) and its bytes. The file is written like a snapshot:
+//! and the entries, each a length (u32 BE) and its bytes, then (new in version 2, which a
+//! version-1 file lacks) a count u8 (at most 2) and that many u64 BE: the versions of the
+//! peer's shared state this host may have left in the store, which the restored peer's first
+//! write expects (so a graceful restart cannot overwrite the state of a host that took the
+//! peer over meanwhile). The file is written like a snapshot:
 //! an exclusively created random temporary file, synced, renamed over the target, the directory
 //! synced; it is read without following links, only if regular, bounded in size.
 
@@ -104,8 +110,10 @@ const KEY_ADDR: u8 = 2;
 
 /// The first bytes of a file of saved peers.
 const MAGIC: &[u8; 8] = b"OSSLPEER";
-/// The format version this code writes and reads.
-const VERSION: u8 = 1;
+/// The format version this code writes (it reads 1 too: entries with no versions).
+const VERSION: u8 = 2;
+/// Versions of a shared state saved per peer at most.
+const MAX_VERSIONS: usize = 2;
 /// The envelope's context.
 const CONTEXT: &[u8] = b"saved peers v1";
 /// Files larger than this are refused unread.
@@ -147,6 +155,11 @@ pub struct SuspendedPeer {
     /// When the session expires (seconds since the epoch).
     pub(crate) expires_at: u64,
     pub(crate) binding: Binding,
+    /// The versions of its shared state (`shared_peers`) this host may have in the store (at
+    /// most two: the last it wrote, and one in flight or unconfirmed); empty when not shared.
+    /// Saved in the file, not in the shared state: the restored peer's first write expects
+    /// them, so it fails if another host took the peer over meanwhile.
+    pub(crate) versions: Vec<u64>,
 }
 
 impl fmt::Debug for SuspendedPeer {
@@ -319,6 +332,7 @@ impl SuspendedPeer {
             },
             expires_at,
             binding,
+            versions: Vec::new(),
         })
     }
 }
@@ -392,6 +406,11 @@ pub(crate) fn encode(peers: &[SuspendedPeer], ring: &KeyRing) -> Result<Vec<u8>,
         p.encode(&mut entry);
         body.extend_from_slice(&(entry.len() as u32).to_be_bytes());
         body.extend_from_slice(&entry);
+        let versions = &p.versions[..p.versions.len().min(MAX_VERSIONS)];
+        body.push(versions.len() as u8);
+        for v in versions {
+            body.extend_from_slice(&v.to_be_bytes());
+        }
     }
     let envelope = ring.seal_raw(DOMAIN_PEERS, CONTEXT, &body)?;
     let mut out = Vec::with_capacity(MAGIC.len() + 1 + envelope.len());
@@ -407,7 +426,8 @@ pub(crate) fn parse(bytes: &[u8], ring: &KeyRing) -> Result<Vec<SuspendedPeer>, 
     if bytes.len() < MAGIC.len() + 1 || &bytes[..MAGIC.len()] != MAGIC {
         return Err(corrupt("not a file of saved peers"));
     }
-    if bytes[MAGIC.len()] != VERSION {
+    let version = bytes[MAGIC.len()];
+    if version != VERSION && version != 1 {
         return Err(corrupt("unknown version"));
     }
     let mut body = ring.open_raw(DOMAIN_PEERS, CONTEXT, &bytes[MAGIC.len() + 1..])?;
@@ -419,7 +439,18 @@ pub(crate) fn parse(bytes: &[u8], ring: &KeyRing) -> Result<Vec<SuspendedPeer>, 
         let entry = r
             .take(len as usize)
             .ok_or_else(|| corrupt("truncated entry"))?;
-        peers.push(SuspendedPeer::decode(entry).ok_or_else(|| corrupt("malformed entry"))?);
+        let mut peer = SuspendedPeer::decode(entry).ok_or_else(|| corrupt("malformed entry"))?;
+        if version >= 2 {
+            let n = r.u8().ok_or_else(|| corrupt("truncated"))?;
+            if usize::from(n) > MAX_VERSIONS {
+                return Err(corrupt("malformed entry"));
+            }
+            for _ in 0..n {
+                peer.versions
+                    .push(r.u64().ok_or_else(|| corrupt("truncated"))?);
+            }
+        }
+        peers.push(peer);
     }
     let rest = r.0.len();
     body.zeroize();
@@ -518,6 +549,7 @@ mod tests {
             },
             expires_at: 2_000_000_000,
             binding: Binding::Psk([7; 8]),
+            versions: vec![3, 4],
         }
     }
 
@@ -544,6 +576,7 @@ mod tests {
         assert!(a.reported == b.reported && a.binding == b.binding);
         assert_eq!(a.keys.client.key(16), b.keys.client.key(16));
         assert_eq!(a.keys.server.iv(4), b.keys.server.iv(4));
+        assert_eq!(a.versions, vec![3, 4], "the shared state's versions");
         assert!(!path.exists(), "read once: the file is gone");
         assert!(take_peers(&path, &ring, now).unwrap().is_empty());
         // Expired sessions are left out.

@@ -68,14 +68,15 @@ impl Lease {
     }
 
     /// The lease of a peer taken over from the store (or restored) at `lease_end`, the store
-    /// holding `version` (`None` for a peer restored from a file: its first write is blind):
-    /// nothing may be written until a write of its own above it completed.
-    pub(crate) fn taken_over(lease_end: u64, version: Option<u64>) -> Self {
+    /// holding one of `versions` (the one read; or for a peer restored from a file, those
+    /// this host may have left, at most two; none: its first write is blind): nothing may be
+    /// written until a write of its own above it completed.
+    pub(crate) fn taken_over(lease_end: u64, versions: &[u64]) -> Self {
         Self {
             granted: lease_end,
             in_flight: None,
-            version,
-            pending: None,
+            version: versions.first().copied(),
+            pending: versions.get(1).copied(),
             unwritten: 0,
             dirty_since: None,
         }
@@ -161,11 +162,12 @@ impl Lease {
     /// removal); empty before any write.
     pub(crate) fn ours(&self) -> Vec<u64> {
         let in_flight = self.in_flight.map(|(_, v)| v);
-        self.version
-            .into_iter()
-            .chain(self.pending)
-            .chain(in_flight)
-            .collect()
+        let mut ours: Vec<u64> = self.version.into_iter().chain(self.pending).collect();
+        // An in-flight write reuses the pending version when there is one.
+        if let Some(v) = in_flight.filter(|v| !ours.contains(v)) {
+            ours.push(v);
+        }
+        ours
     }
 
     /// Write sequence numbers below this may be used.
@@ -184,7 +186,7 @@ mod tests {
     #[test]
     fn a_taken_over_lease_writes_nothing_until_its_own_write_completed() {
         let now = Instant::now();
-        let mut l = Lease::taken_over(2048, Some(7));
+        let mut l = Lease::taken_over(2048, &[7]);
         assert!(!l.may_write(2048));
         assert_eq!(l.due(2048, now), Some(2048 + LEASE_BLOCK));
         l.issued(3072, 1);
@@ -203,13 +205,13 @@ mod tests {
     #[test]
     fn writes_expect_the_version_last_read_or_written() {
         let now = Instant::now();
-        let mut l = Lease::taken_over(2048, Some(7));
+        let mut l = Lease::taken_over(2048, &[7]);
         let w = l.issued(3072, 100);
         assert_eq!((w.version, w.expect), (100, Some(vec![7])));
         l.completed(false, now);
         let w = l.issued(3072, 200);
         assert_eq!((w.version, w.expect), (100, Some(vec![7, 100])));
-        assert_eq!(l.ours(), vec![7, 100, 100]);
+        assert_eq!(l.ours(), vec![7, 100]);
         l.completed(true, now);
         let w = l.issued(4096, 300);
         assert_eq!((w.version, w.expect), (300, Some(vec![100])));

@@ -174,6 +174,10 @@ impl Endpoint {
             reported,
             expires_at: lean.expires_at(),
             binding,
+            versions: lean
+                .lease()
+                .map(crate::server::lease::Lease::ours)
+                .unwrap_or_default(),
         })
     }
 
@@ -205,11 +209,12 @@ impl Endpoint {
         now: Instant,
         peer: SuspendedPeer,
     ) -> Result<SocketAddr, RestoreError> {
+        let versions = peer.versions.clone();
         let outcome = self.try_restore(now, peer);
         match &outcome {
             Ok(addr) => {
                 self.stats.restored += 1;
-                self.share_restored(now, *addr);
+                self.share_restored(now, *addr, &versions);
             }
             Err(why) => {
                 tracing::debug!(?why, "saved peer not restored");

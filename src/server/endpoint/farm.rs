@@ -159,15 +159,22 @@ impl Endpoint {
 
     /// Shares the state of a peer restored at `addr` (taken over, or from a file of saved
     /// peers): it writes nothing until a lease above its next sequence number is stored.
-    pub(super) fn share_restored(&mut self, now: Instant, addr: SocketAddr) {
+    /// Its first write expects the version a takeover read, or those a file of saved peers
+    /// names (`saved`).
+    pub(super) fn share_restored(&mut self, now: Instant, addr: SocketAddr, saved: &[u64]) {
         let Some(farm) = self.farm.as_mut() else {
             return;
         };
-        let version = farm.taking.take();
+        let read = farm.taking.take();
+        let versions = if read.is_some() {
+            read.as_slice()
+        } else {
+            saved
+        };
         let Some(lean) = self.peers.get_mut(&addr).and_then(|p| p.lean_mut()) else {
             return;
         };
-        lean.set_lease(Lease::taken_over(lean.record().next_write(), version));
+        lean.set_lease(Lease::taken_over(lean.record().next_write(), versions));
         self.share_due(now, addr);
     }
 
@@ -1054,6 +1061,56 @@ mod tests {
         b.handle(now, addr(1000), &c.send(b"on").remove(0));
         assert_eq!(echo(&mut b), vec![b"on".to_vec()]);
         assert_eq!(b.stats().leases_lost, 0);
+    }
+
+    /// A graceful restart while another host took the peer over: the restored peer's first
+    /// write expects the versions the saving host left (carried in the file of saved peers),
+    /// finds the other host's, and the restored peer is lost, the store unchanged. Without a
+    /// takeover the restored peer goes on. Fails with a blind first write after a restore.
+    #[test]
+    fn a_peer_restored_after_another_host_took_it_over_is_lost() {
+        use crate::server::continuity::{encode, parse};
+        let cert = crate::self_signed_certificate().unwrap();
+        let ring = crate::KeyRing::new(1, [1; 32]);
+        let through_file =
+            |peers: Vec<SuspendedPeer>| parse(&encode(&peers, &ring).unwrap(), &ring).unwrap();
+        let store = Arc::new(SlowStore::new());
+        let now = Instant::now();
+        let at = addr(1000);
+        for taken_over in [true, false] {
+            let mut a = host(store.clone(), &cert);
+            let mut c = CidClient::new(1000, b"cid-8b!!", None);
+            c.pump(&mut a, at, now);
+            store.settle(usize::MAX, || true);
+            let key = store_id(Some(&c.server_cid.lock().clone().unwrap()), at);
+            let mut saved = through_file(a.suspend_all());
+            assert_eq!(saved[0].versions.len(), 1, "the version A wrote");
+            drop(a);
+            if taken_over {
+                let mut b = host(store.clone(), &cert);
+                b.handle(now, at, &c.send(b"to b").remove(0));
+                store.settle(usize::MAX, || true);
+                b.handle_timeout(now);
+                assert_eq!(echo(&mut b), vec![b"to b".to_vec()]);
+            }
+            let before = store.stored(&key);
+            let mut a2 = host(store.clone(), &cert);
+            a2.restore(now, saved.remove(0)).unwrap();
+            store.settle(usize::MAX, || true);
+            a2.handle_timeout(now);
+            if taken_over {
+                assert_eq!(store.stored(&key), before, "the other host's state stays");
+                assert_eq!((a2.stats().leases_lost, a2.peer_count()), (1, 0));
+            } else {
+                assert_eq!(a2.stats().leases_lost, 0);
+                assert!(
+                    store.stored(&key).0 > before.0 - LEASE_BLOCK,
+                    "a lease of its own"
+                );
+                a2.handle(now, at, &c.send(b"on").remove(0));
+                assert_eq!(echo(&mut a2), vec![b"on".to_vec()]);
+            }
+        }
     }
 
     /// Two hosts take one peer over at once (both got a record of it): both read the same
