@@ -30,8 +30,9 @@
 //!   up for a client, and the Redis store's memory tier never holds one.
 //! * **Format.** `version u64 BE | "OSSLPSHR" | format u8 = 2 |` the saved-peer entry below, its
 //!   `next_write` being the **lease end**: no write sequence number at or above it was used.
-//!   A certificate-bound peer with an 8-byte connection ID takes 314 bytes once sealed (the
-//!   expiry and the envelope included; `a_foreign_state_is_refused_and_counted` prints it).
+//!   A certificate-bound peer with an 8-byte connection ID takes 330 bytes once sealed (the
+//!   expiry, the envelope and the Redis store's clear copy of the version included;
+//!   `a_foreign_state_is_refused_and_counted` prints it).
 //! * **Write leases** (`server/lease.rs`). A host seals records only below the lease end of a
 //!   write the store confirmed ([`SessionStore::put_if`](crate::SessionStore::put_if); the
 //!   Redis store sends its comparing `EVAL` script at once and completes on Redis's answer). The

@@ -632,6 +632,7 @@ impl SessionStoreAdmin for MemoryStore {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
     use std::time::{Duration, UNIX_EPOCH};
 
     use super::*;
@@ -747,6 +748,57 @@ mod tests {
         store.put(id(0), sess(30, 100)).unwrap();
         assert_eq!(store.bytes().unwrap(), 30);
         assert_eq!(store.len().unwrap(), 1);
+    }
+
+    fn versioned(v: u64) -> StoredSession {
+        let mut data = v.to_be_bytes().to_vec();
+        data.extend_from_slice(&[7; 24]);
+        StoredSession::from_millis(data, u64::MAX)
+    }
+
+    fn put_if(m: &MemoryStore, v: u64, expect: Option<&[u64]>) -> Result<(), StoreError> {
+        let got = Arc::new(parking_lot::Mutex::new(None));
+        let put = Arc::clone(&got);
+        m.put_if(
+            id(1),
+            versioned(v),
+            expect,
+            PutDone::new(move |r| *put.lock() = Some(r)),
+        );
+        let r = got.lock().take();
+        r.expect("completed at once")
+    }
+
+    #[test]
+    fn conditional_writes_and_removals_compare_the_version() {
+        let m = MemoryStore::builder().build().unwrap();
+        assert!(matches!(
+            put_if(&m, 1, Some(&[1])),
+            Err(StoreError::Conflict)
+        ));
+        put_if(&m, 1, None).unwrap();
+        assert!(matches!(
+            put_if(&m, 2, Some(&[3])),
+            Err(StoreError::Conflict)
+        ));
+        assert_eq!(version_of(m.get(&id(1)).unwrap().unwrap().data()), Some(1));
+        put_if(&m, 2, Some(&[3, 1])).unwrap();
+        assert!(!m.remove_if(&id(1), &[1]).unwrap(), "another version stays");
+        assert!(m.contains(&id(1)));
+        assert!(m.remove_if(&id(1), &[2]).unwrap());
+        assert_eq!(m.usage(), StoreUsage::new(0, 0));
+        // Threads racing on one version: exactly one lands.
+        put_if(&m, 10, None).unwrap();
+        let won: usize = std::thread::scope(|s| {
+            let hs: Vec<_> = (0..8u64)
+                .map(|i| {
+                    let m = &m;
+                    s.spawn(move || put_if(m, 100 + i, Some(&[10])).is_ok())
+                })
+                .collect();
+            hs.into_iter().map(|h| usize::from(h.join().unwrap())).sum()
+        });
+        assert_eq!(won, 1);
     }
 
     #[test]
