@@ -50,6 +50,9 @@ pub const DEFAULT_SESSION_ID_CONTEXT: &[u8] = b"openssl-session-cache";
 pub struct SessionCacheBuilder {
     max_entries: usize,
     max_bytes: usize,
+    /// `max_entries` or `max_bytes` was called: a bound for the default memory store, which a
+    /// store of the caller's own would silently ignore.
+    memory_bounds: bool,
     max_ttl: Duration,
     max_session_size: usize,
     store: Option<Arc<dyn SessionStore>>,
@@ -87,6 +90,7 @@ impl Default for SessionCacheBuilder {
         Self {
             max_entries: 20_480,
             max_bytes: 8 << 20,
+            memory_bounds: false,
             max_ttl: Duration::from_secs(7200),
             max_session_size: 8192,
             store: None,
@@ -107,16 +111,20 @@ impl Default for SessionCacheBuilder {
 
 impl SessionCacheBuilder {
     /// At most this many sessions in the default memory store; beyond it the least recently used
-    /// goes (default 20 480). Ignored when [`store`](Self::store) is set.
+    /// goes (default 20 480). Giving it together with [`store`](Self::store) is an error from
+    /// [`build`](Self::build): bound that store through its own builder.
     pub fn max_entries(mut self, n: usize) -> Self {
         self.max_entries = n;
+        self.memory_bounds = true;
         self
     }
 
     /// At most this many bytes of serialized sessions in the default memory store (default
-    /// 8 MiB). Ignored when [`store`](Self::store) is set.
+    /// 8 MiB). Giving it together with [`store`](Self::store) is an error from
+    /// [`build`](Self::build): bound that store through its own builder.
     pub fn max_bytes(mut self, n: usize) -> Self {
         self.max_bytes = n;
+        self.memory_bounds = true;
         self
     }
 
@@ -136,7 +144,7 @@ impl SessionCacheBuilder {
     }
 
     /// Where sessions are kept (default: a [`MemoryStore`] bounded by `max_entries` and
-    /// `max_bytes`).
+    /// `max_bytes`, which cannot be combined with this).
     pub fn store(mut self, store: Arc<dyn SessionStore>) -> Self {
         self.store = Some(store);
         self
@@ -288,8 +296,16 @@ impl SessionCacheBuilder {
     ///
     /// # Errors
     /// [`Error::Config`] for a session id context longer than 32 bytes, a zero TTL, size limit or
-    /// purge interval, and limits the memory store refuses.
+    /// purge interval, limits the memory store refuses, and `max_entries` or `max_bytes` given
+    /// together with a [`store`](Self::store) (they bound only the default memory store).
     pub fn build(self) -> Result<SessionCache, Error> {
+        if self.memory_bounds && self.store.is_some() {
+            return Err(Error::Config(
+                "max_entries and max_bytes bound the default memory store only: \
+                 bound the given store through its own builder"
+                    .into(),
+            ));
+        }
         if self.session_id_context.len() > 32 {
             return Err(Error::Config(format!(
                 "session id context is {} bytes, at most 32 allowed",
@@ -1062,6 +1078,19 @@ impl Drop for Purger {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn memory_bounds_with_a_store_of_ones_own_are_refused() {
+        let store = || -> Arc<dyn SessionStore> { Arc::new(crate::NullStore) };
+        for b in [
+            SessionCache::builder().max_entries(10).store(store()),
+            SessionCache::builder().store(store()).max_bytes(1 << 20),
+        ] {
+            assert!(matches!(b.build(), Err(Error::Config(_))));
+        }
+        assert!(SessionCache::builder().store(store()).build().is_ok());
+        assert!(SessionCache::builder().max_entries(10).build().is_ok());
+    }
 
     #[test]
     fn expiry_saturates_instead_of_overflowing() {
