@@ -19,10 +19,10 @@
 //! - [`MemoryStore`] is the default store; [`NullStore`] stores nothing; with the `redis` feature a
 //!   shared, encrypted store serves server farms ([`KeyRing`], [`envelope`]); [`snapshot`]
 //!   carries the memory store across restarts.
-//! - [`Dsm`], the DTLS session manager (after RIOT's `dsm`), bounds what peers can make a server
+//! - [`Dsm`](dsm::Dsm), the DTLS session manager (after RIOT's `dsm`), bounds what peers can make a server
 //!   hold: a fixed number of slots with states NONE/HANDSHAKE/ESTABLISHED and `NO_SPACE` when full,
 //!   a separate handshake budget and timeout, a per-source quota, LRU eviction of idle peers, and
-//!   a second-chance idle sweeper. Only [`Authenticated`] traffic keeps a peer alive.
+//!   a second-chance idle sweeper. Only [`Authenticated`](dsm::Authenticated) traffic keeps a peer alive.
 //! - [`Endpoint`] is a sans-IO DTLS 1.2 server library (datagrams and the time in; datagrams,
 //!   events for the application and the next deadline out; [`Endpoint::send`] and
 //!   [`Endpoint::close`] back) with stateless HMAC cookies, DSM admission and the session cache,
@@ -82,7 +82,7 @@
 
 mod cache;
 mod clock;
-mod dsm;
+pub mod dsm;
 mod error;
 mod ex_data;
 mod ffi;
@@ -103,10 +103,6 @@ pub use cache::lookup::PendingLookup;
 pub use cache::policy::SessionInfo;
 pub use cache::{SessionCache, SessionCacheBuilder, DEFAULT_SESSION_ID_CONTEXT};
 pub use clock::{Clock, ManualClock, SystemClock};
-pub use dsm::{
-    Authenticated, Dsm, DsmConfig, DsmStats, FreeReason, PeerKey, PeerState, SocketPeer,
-    StoreOutcome, Sweeper, DEFAULT_MAX_SLOTS,
-};
 pub use error::{Error, RefusedSetting, RestoreError, SendError, StoreError};
 pub use server::{
     certificate_fingerprint, deliver_events, rate_ccm8_by_key_size, self_signed_certificate,

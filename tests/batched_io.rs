@@ -14,9 +14,10 @@ use std::net::{SocketAddr, UdpSocket};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use openssl_session_cache::dsm::DsmConfig;
 use openssl_session_cache::{
-    AppContext, Application, DsmConfig, EndpointStats, Event, IoMode, IoStats, ServerConfig,
-    SessionCache, UdpOptions, UdpServer,
+    AppContext, Application, EndpointStats, Event, IoMode, IoStats, ServerConfig, SessionCache,
+    UdpOptions, UdpServer,
 };
 
 use support::server::{dtls_connect, echo, read_record};

@@ -14,7 +14,8 @@ use std::time::Duration;
 
 use openssl::ssl::{ErrorCode, SslVerifyMode};
 use openssl::x509::store::X509StoreBuilder;
-use openssl_session_cache::{AppContext, Application, CloseReason, DsmConfig, Event, SendError};
+use openssl_session_cache::dsm::DsmConfig;
+use openssl_session_cache::{AppContext, Application, CloseReason, Event, SendError};
 use parking_lot::Mutex;
 
 use support::s_client::{count, s_client_echo, s_client_echo_fast, SClient};

@@ -15,7 +15,8 @@ use std::sync::atomic::{AtomicIsize, Ordering};
 use std::time::{Duration, Instant};
 
 use openssl::ssl::{ErrorCode, Ssl, SslContext, SslMethod, SslOptions, SslStream, SslVerifyMode};
-use openssl_session_cache::{DatagramPipe, DsmConfig, Endpoint, ServerConfig, SessionCache};
+use openssl_session_cache::dsm::DsmConfig;
+use openssl_session_cache::{DatagramPipe, Endpoint, ServerConfig, SessionCache};
 
 static LIVE: AtomicIsize = AtomicIsize::new(0);
 

@@ -31,9 +31,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use openssl_session_cache::{
-    AppContext, CloseReason, DsmConfig, EndpointStats, Event, ServerConfigBuilder,
-};
+use openssl_session_cache::dsm::DsmConfig;
+use openssl_session_cache::{AppContext, CloseReason, EndpointStats, Event, ServerConfigBuilder};
 use parking_lot::Mutex;
 
 use support::s_client::{count, openssl_cli, Lines};

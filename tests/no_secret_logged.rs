@@ -26,10 +26,10 @@ use openssl::ssl::{
     ErrorCode, Ssl, SslContext, SslContextBuilder, SslMethod, SslOptions, SslSession, SslStream,
     SslVerifyMode,
 };
+use openssl_session_cache::dsm::DsmConfig;
 use openssl_session_cache::{
-    DatagramPipe, DsmConfig, Endpoint, KeyRing, ManualClock, MemoryStore, ServerConfig,
-    SessionCache, SessionId, SessionStore, SessionStoreAdmin, StoredSession, TicketKeys,
-    UdpOptions, UdpServer,
+    DatagramPipe, Endpoint, KeyRing, ManualClock, MemoryStore, ServerConfig, SessionCache,
+    SessionId, SessionStore, SessionStoreAdmin, StoredSession, TicketKeys, UdpOptions, UdpServer,
 };
 use support::secrets::{assert_none_shown, shown_in, Secret};
 use support::server::{echo, echo_app, UdpIo};

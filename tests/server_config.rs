@@ -13,7 +13,8 @@ use openssl::ssl::{
     ErrorCode, Ssl, SslContext, SslContextBuilder, SslMethod, SslOptions, SslStream, SslVerifyMode,
 };
 use openssl::x509::store::X509StoreBuilder;
-use openssl_session_cache::{DsmConfig, Error, Event, ServerConfig, SessionCache};
+use openssl_session_cache::dsm::DsmConfig;
+use openssl_session_cache::{Error, Event, ServerConfig, SessionCache};
 use support::server::{echo, recording, Recorded, TestServer, UdpIo};
 
 /// A DTLS client context `tweak` adds to (a PSK, a certificate).

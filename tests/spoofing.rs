@@ -13,8 +13,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use openssl::ssl::{ErrorCode, Ssl, SslContext, SslMethod, SslOptions, SslStream, SslVerifyMode};
+use openssl_session_cache::dsm::DsmConfig;
 use openssl_session_cache::{
-    CloseReason, DatagramPipe, DsmConfig, Endpoint, Event, ServerConfig, SessionCache,
+    CloseReason, DatagramPipe, Endpoint, Event, ServerConfig, SessionCache,
 };
 use rand::{Rng, SeedableRng};
 

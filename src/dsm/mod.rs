@@ -1,5 +1,11 @@
 //! The DTLS session manager ([`Dsm`]): a bounded table of peers, their handshake state, and an
 //! idle sweeper, after RIOT's `dsm` module. The overview and an example are on [`Dsm`].
+//!
+//! The DTLS server runs a [`Dsm`] of its own: its user meets this module only through
+//! [`DsmConfig`] (given to [`ServerConfigBuilder::dsm`](crate::ServerConfigBuilder::dsm)) and
+//! [`DsmStats`] (from the drivers' `dsm_stats`). The rest ([`Dsm`] itself, [`PeerState`] and
+//! [`PeerState::to_riot`], [`SocketPeer`], [`StoreOutcome`], [`Sweeper`], [`Authenticated`]) is
+//! the RIOT-parity API for a server that drives its own peers.
 
 mod slab;
 mod sweeper;
@@ -388,7 +394,7 @@ struct Inner<K, V> {
 /// ```
 /// use std::net::SocketAddr;
 /// use std::time::{Duration, Instant};
-/// use openssl_session_cache::{Authenticated, Dsm, DsmConfig, FreeReason, PeerState};
+/// use openssl_session_cache::dsm::{Authenticated, Dsm, DsmConfig, FreeReason, PeerState};
 ///
 /// let config = DsmConfig::new(2)
 ///     .with_max_handshakes(1)

@@ -27,8 +27,9 @@ use zeroize::Zeroizing;
 
 use super::cid::{CidLayout, CidNegotiation};
 use super::cookie::CookieKeys;
+use crate::dsm::DsmConfig;
 use crate::ex_data::ex_data_index;
-use crate::{DsmConfig, Error, RefusedSetting, SessionCache};
+use crate::{Error, RefusedSetting, SessionCache};
 
 /// The path MTU the server assumes (`SSL_set_mtu`, with `SSL_OP_NO_QUERY_MTU`).
 pub const DEFAULT_MTU: u32 = 1400;

@@ -29,7 +29,8 @@ use super::endpoint::Endpoint;
 use super::io::{bind_workers, IoStats, UdpIo};
 use super::stats::EndpointStats;
 use super::udp::UdpOptions;
-use crate::{DsmStats, Error};
+use crate::dsm::DsmStats;
+use crate::Error;
 
 /// Wakes one task: marks it woken and notifies it.
 #[derive(Debug, Default)]
