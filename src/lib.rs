@@ -103,7 +103,7 @@ pub use cache::lookup::PendingLookup;
 pub use cache::policy::SessionInfo;
 pub use cache::{SessionCache, SessionCacheBuilder, DEFAULT_SESSION_ID_CONTEXT};
 pub use clock::{Clock, ManualClock, SystemClock};
-pub use error::{Error, RefusedSetting, RestoreError, SendError, StoreError};
+pub use error::{Error, FileKind, RefusedSetting, RestoreError, SendError, StoreError};
 pub use server::{
     certificate_fingerprint, deliver_events, rate_ccm8_by_key_size, self_signed_certificate,
     AppContext, Application, CloseReason, ConnectionInfo, DatagramPipe, DropReason, Endpoint,

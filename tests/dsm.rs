@@ -363,7 +363,10 @@ fn invalid_configs_are_rejected() {
     ];
     for config in bad {
         match Dsm::<SocketAddr, ()>::new(config.clone()) {
-            Err(Error::Config(msg)) => assert!(msg.contains("dsm"), "{msg}"),
+            Err(e @ Error::InvalidSetting { .. }) => {
+                let msg = e.to_string();
+                assert!(msg.contains("dsm"), "{msg}")
+            }
             other => panic!("{config:?} gave {other:?}"),
         }
     }

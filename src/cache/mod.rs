@@ -295,30 +295,43 @@ impl SessionCacheBuilder {
     /// Builds the cache.
     ///
     /// # Errors
-    /// [`Error::Config`] for a session id context longer than 32 bytes, a zero TTL, size limit or
-    /// purge interval, limits the memory store refuses, and `max_entries` or `max_bytes` given
+    /// [`Error::InvalidSetting`] for a session id context longer than 32 bytes, a zero TTL, size
+    /// limit, purge batch or purge interval, limits the memory store refuses, and `max_entries` or `max_bytes` given
     /// together with a [`store`](Self::store) (they bound only the default memory store).
     pub fn build(self) -> Result<SessionCache, Error> {
         if self.memory_bounds && self.store.is_some() {
-            return Err(Error::Config(
+            return Err(Error::setting(
+                "max_entries",
                 "max_entries and max_bytes bound the default memory store only: \
-                 bound the given store through its own builder"
-                    .into(),
+                 bound the given store through its own builder",
             ));
         }
         if self.session_id_context.len() > 32 {
-            return Err(Error::Config(format!(
-                "session id context is {} bytes, at most 32 allowed",
-                self.session_id_context.len()
-            )));
-        }
-        if self.max_ttl.is_zero() || self.max_session_size == 0 || self.purge_batch == 0 {
-            return Err(Error::Config(
-                "max_ttl, max_session_size and purge_batch must be non-zero".into(),
+            return Err(Error::setting(
+                "session_id_context",
+                format!(
+                    "session id context is {} bytes, at most 32 allowed",
+                    self.session_id_context.len()
+                ),
             ));
         }
+        for (setting, zero) in [
+            ("max_ttl", self.max_ttl.is_zero()),
+            ("max_session_size", self.max_session_size == 0),
+            ("purge_batch", self.purge_batch == 0),
+        ] {
+            if zero {
+                return Err(Error::setting(
+                    setting,
+                    "max_ttl, max_session_size and purge_batch must be non-zero",
+                ));
+            }
+        }
         if self.purge_interval.is_some_and(|d| d.is_zero()) {
-            return Err(Error::Config("purge interval must be non-zero".into()));
+            return Err(Error::setting(
+                "purge_interval",
+                "purge interval must be non-zero",
+            ));
         }
         let store = match self.store {
             Some(store) => store,
@@ -1086,7 +1099,13 @@ mod tests {
             SessionCache::builder().max_entries(10).store(store()),
             SessionCache::builder().store(store()).max_bytes(1 << 20),
         ] {
-            assert!(matches!(b.build(), Err(Error::Config(_))));
+            assert!(matches!(
+                b.build(),
+                Err(Error::InvalidSetting {
+                    setting: "max_entries",
+                    ..
+                })
+            ));
         }
         assert!(SessionCache::builder().store(store()).build().is_ok());
         assert!(SessionCache::builder().max_entries(10).build().is_ok());

@@ -195,29 +195,40 @@ impl DsmConfig {
 
     fn validate(&self) -> Result<(), Error> {
         if self.max_handshakes > self.max_slots {
-            return Err(Error::Config(format!(
-                "dsm max_handshakes ({}) exceeds max_slots ({})",
-                self.max_handshakes, self.max_slots
-            )));
+            return Err(Error::setting(
+                "max_handshakes",
+                format!(
+                    "dsm max_handshakes ({}) exceeds max_slots ({})",
+                    self.max_handshakes, self.max_slots
+                ),
+            ));
         }
         if self.max_per_source == 0 {
-            return Err(Error::Config(
-                "dsm max_per_source must be at least 1".into(),
+            return Err(Error::setting(
+                "max_per_source",
+                "dsm max_per_source must be at least 1",
             ));
         }
         if self.ipv6_quota_prefix > 128 {
-            return Err(Error::Config(format!(
-                "dsm ipv6_quota_prefix ({}) exceeds 128",
-                self.ipv6_quota_prefix
-            )));
+            return Err(Error::setting(
+                "ipv6_quota_prefix",
+                format!(
+                    "dsm ipv6_quota_prefix ({}) exceeds 128",
+                    self.ipv6_quota_prefix
+                ),
+            ));
         }
         if self.handshake_timeout.is_zero() {
-            return Err(Error::Config(
-                "dsm handshake_timeout must not be zero".into(),
+            return Err(Error::setting(
+                "handshake_timeout",
+                "dsm handshake_timeout must not be zero",
             ));
         }
         if self.idle_tick.is_zero() {
-            return Err(Error::Config("dsm idle_tick must not be zero".into()));
+            return Err(Error::setting(
+                "idle_tick",
+                "dsm idle_tick must not be zero",
+            ));
         }
         Ok(())
     }
@@ -454,7 +465,7 @@ impl<K: PeerKey, V: Clone + Send + 'static> Dsm<K, V> {
     /// A manager with the given configuration.
     ///
     /// # Errors
-    /// [`Error::Config`] if `max_handshakes > max_slots`, `max_per_source == 0`,
+    /// [`Error::InvalidSetting`] if `max_handshakes > max_slots`, `max_per_source == 0`,
     /// `ipv6_quota_prefix > 128`, or a duration is zero.
     pub fn new(config: DsmConfig) -> Result<Self, Error> {
         config.validate()?;

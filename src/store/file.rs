@@ -16,6 +16,8 @@ use std::path::Path;
 
 use zeroize::Zeroizing;
 
+use crate::error::{Error, FileKind};
+
 /// Why a file was not read.
 #[derive(Debug)]
 pub(crate) enum ReadError {
@@ -23,6 +25,17 @@ pub(crate) enum ReadError {
     Io(io::Error),
     /// The path names something that is not to be read; the text says what.
     Refused(String),
+}
+
+impl ReadError {
+    /// The crate's error for reading the `kind` file at `path`.
+    pub(crate) fn into_error(self, kind: FileKind, path: &Path) -> Error {
+        let path = path.to_path_buf();
+        match self {
+            Self::Io(source) => Error::ReadFile { kind, path, source },
+            Self::Refused(reason) => Error::RefusedFile { kind, path, reason },
+        }
+    }
 }
 
 /// Whether a symbolic link at the last component of a path is followed.
