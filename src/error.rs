@@ -10,7 +10,7 @@ use openssl::error::ErrorStack;
 ///
 /// Grouped by what a caller does about them: fix a setting ([`InvalidSetting`](Self::InvalidSetting),
 /// [`InvalidUrl`](Self::InvalidUrl), [`InvalidKeys`](Self::InvalidKeys),
-/// [`RefusedSetting`](Self::RefusedSetting)), fix or replace a file ([`ReadFile`](Self::ReadFile),
+/// `RefusedSetting`), fix or replace a file ([`ReadFile`](Self::ReadFile),
 /// [`RefusedFile`](Self::RefusedFile), [`InvalidFile`](Self::InvalidFile),
 /// [`InvalidPem`](Self::InvalidPem), each naming the file), or look at the store, OpenSSL or
 /// the system ([`Store`](Self::Store), [`Ssl`](Self::Ssl), [`Io`](Self::Io)).
@@ -97,9 +97,11 @@ pub enum Error {
     #[error("i/o: {0}")]
     Io(#[from] io::Error),
     /// A TLS setting would break the DTLS server, so the configuration was refused.
+    #[cfg(feature = "server")]
     #[error("refused tls setting: {0}")]
     RefusedSetting(#[from] RefusedSetting),
     /// A server worker thread panicked (in the endpoint or in the application it runs).
+    #[cfg(feature = "server")]
     #[error("worker {worker} panicked: {message}")]
     WorkerPanic {
         /// Which worker (0-based).
@@ -127,12 +129,14 @@ pub enum FileKind {
     KeyFile,
     /// Trusted client CA certificates
     /// ([`ServerConfigBuilder::client_ca_file`](crate::ServerConfigBuilder::client_ca_file)).
+    #[cfg(feature = "server")]
     ClientCa,
     /// The CA certificates a `rediss://` store trusts.
     RedisCa,
     /// A session snapshot ([`load_snapshot`](crate::load_snapshot)).
     Snapshot,
-    /// The peers a graceful restart saved (`take_peers`).
+    /// The peers a graceful restart saved ([`take_peers`](crate::take_peers)).
+    #[cfg(feature = "server")]
     SavedPeers,
 }
 
@@ -140,9 +144,11 @@ impl fmt::Display for FileKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             Self::KeyFile => "key file",
+            #[cfg(feature = "server")]
             Self::ClientCa => "client ca file",
             Self::RedisCa => "redis ca file",
             Self::Snapshot => "snapshot",
+            #[cfg(feature = "server")]
             Self::SavedPeers => "saved peers",
         })
     }
@@ -152,6 +158,7 @@ impl fmt::Display for FileKind {
 /// record layer it screens, cookies, the session cache).
 ///
 /// See [`ServerConfigBuilder`](crate::ServerConfigBuilder) for what the server sets itself.
+#[cfg(feature = "server")]
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum RefusedSetting {
@@ -168,6 +175,7 @@ pub enum RefusedSetting {
 }
 
 /// Why [`Endpoint::restore`](crate::Endpoint::restore) refused a saved peer (nothing changed).
+#[cfg(feature = "server")]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum RestoreError {
@@ -189,6 +197,7 @@ pub enum RestoreError {
 /// Why [`Endpoint::send`](crate::Endpoint::send) refused to send.
 ///
 /// Nothing was sent and nothing changed for any peer, except with [`Failed`](Self::Failed).
+#[cfg(feature = "server")]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum SendError {

@@ -70,6 +70,10 @@
 //!   of 3.2.2+/3.3.1+ (3.6, 4.0) alike.
 //!
 //! # Crate features
+//! - `server` (default): the DTLS server: [`Endpoint`], [`ServerConfig`], [`UdpServer`] and
+//!   the rest of its API, on `mio` and `quinn-udp`. Without it (`default-features = false`) the
+//!   crate is the TLS session cache, its stores, ticket keys and the [`dsm`], and compiles
+//!   neither of those.
 //! - `redis`: a Redis-backed [`SessionStore`] for server farms (the `redis` crate, on a small
 //!   tokio runtime of its own).
 //! - `tokio`: `TokioServer`, the DTLS server driver on tokio (`tokio::net::UdpSocket`), running
@@ -78,6 +82,22 @@
 //!   and handshake duration histograms (`HANDSHAKE_DURATION_METRIC`) through the `metrics`
 //!   facade; install an exporter (such as `metrics-exporter-prometheus`) before starting the
 //!   server.
+//!
+//! The features `tokio` and `metrics` imply `server`.
+//!
+#![cfg_attr(
+    not(feature = "server"),
+    doc = "[`Endpoint`]: crate#crate-features
+[`Endpoint::send`]: crate#crate-features
+[`Endpoint::close`]: crate#crate-features
+[`ServerConfig`]: crate#crate-features
+[`ServerConfigBuilder`]: crate#crate-features
+[`UdpServer`]: crate#crate-features
+[`IoMode`]: crate#crate-features
+[`Application`]: crate#crate-features
+[`DatagramPipe`]: crate#crate-features
+[`rate_ccm8_by_key_size`]: crate#crate-features"
+)]
 #![deny(unsafe_code)]
 
 mod cache;
@@ -89,6 +109,7 @@ mod ffi;
 #[cfg(feature = "__fuzzing")]
 #[doc(hidden)]
 pub mod fuzzing;
+#[cfg(feature = "server")]
 mod server;
 mod stats;
 mod store;
@@ -103,7 +124,10 @@ pub use cache::lookup::PendingLookup;
 pub use cache::policy::SessionInfo;
 pub use cache::{SessionCache, SessionCacheBuilder, DEFAULT_SESSION_ID_CONTEXT};
 pub use clock::{Clock, ManualClock, SystemClock};
-pub use error::{Error, FileKind, RefusedSetting, RestoreError, SendError, StoreError};
+pub use error::{Error, FileKind, StoreError};
+#[cfg(feature = "server")]
+pub use error::{RefusedSetting, RestoreError, SendError};
+#[cfg(feature = "server")]
 pub use server::{
     certificate_fingerprint, deliver_events, rate_ccm8_by_key_size, self_signed_certificate,
     AppContext, Application, CloseReason, ConnectionInfo, DatagramPipe, DropReason, Endpoint,
@@ -112,6 +136,7 @@ pub use server::{
     DEFAULT_LOOKUP_TIMEOUT, DEFAULT_MAX_DATAGRAM, DEFAULT_MTU, DEFAULT_PARKED_DATAGRAMS,
     DEFAULT_SEND_QUEUE, MAX_CONNECTION_ID_HOST, MAX_RECORD_PLAINTEXT, PSK_CIPHERS,
 };
+#[cfg(feature = "server")]
 pub use server::{save_peers, take_peers};
 #[cfg(feature = "tokio")]
 pub use server::{TokioHandle, TokioServer};
@@ -129,7 +154,7 @@ pub use store::{
 pub use store::{RedisStore, RedisStoreBuilder, RedisStoreStats};
 pub use tickets::{TicketKeys, TicketKeysBuilder, TicketStats};
 
-// Runs the README's code blocks as doctests.
-#[cfg(doctest)]
+// Runs the README's code blocks as doctests (several drive the server).
+#[cfg(all(doctest, feature = "server"))]
 #[doc = include_str!("../README.md")]
 struct ReadmeDoctests;

@@ -7,6 +7,7 @@
 //! the kernel shows every datagram of the burst queued on the server's socket
 //! (`/proc/net/udp`), and counters are read once the worker has published the datagrams they
 //! cover.
+#![cfg(feature = "server")]
 
 mod support;
 

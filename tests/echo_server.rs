@@ -4,6 +4,7 @@
 //! ClientHello flood, a stalled handshake, a full send queue, a wake from another thread). The
 //! applications use the public API only. Every server binds 127.0.0.1:0 and stops when the test
 //! ends; every s_client run is bounded and killed by PID.
+#![cfg(feature = "server")]
 
 mod support;
 

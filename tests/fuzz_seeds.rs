@@ -1,6 +1,7 @@
 //! Writes the seed corpora of the fuzz targets (`fuzz/corpus/<target>/`) from real sessions.
 //! Run by hand when a target or a stored format changes:
 //! `cargo test --all-features --test fuzz_seeds -- --ignored`.
+#![cfg(feature = "server")]
 
 mod support;
 

@@ -6,6 +6,7 @@
 //! The bytes live on the heap are counted exactly: Rust's allocations through a counting global
 //! allocator, OpenSSL's through counting `CRYPTO_set_mem_functions` hooks installed before
 //! OpenSSL allocates anything (this binary holds this one test).
+#![cfg(feature = "server")]
 #![allow(unsafe_code)] // the counting allocators
 
 use std::alloc::{GlobalAlloc, Layout, System};

@@ -20,6 +20,7 @@
 //! TLS and tinydtls built from the sources their `-sys` crates ship, under `target/interop/` (or
 //! `$INTEROP_DIR`). A missing client fails its test with a message saying how to get it; nothing
 //! is skipped.
+#![cfg(feature = "server")]
 
 mod support;
 

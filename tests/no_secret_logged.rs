@@ -10,6 +10,7 @@
 //! type holding one and in the errors returned, in every formatting (`support::secrets`), and
 //! for the PSK keys in the stored sessions too.
 //! (Cookie secrets never leave `src/server/cookie.rs`; its own test does the same for them.)
+#![cfg(feature = "server")]
 
 mod support;
 

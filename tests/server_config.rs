@@ -1,6 +1,7 @@
 //! The server builder cannot surprise: hook calls add up instead of replacing each other
 //! (`configure`, `psk`, `psk_lookup`), and mutual DTLS has named calls (trusted client CAs,
 //! a required client certificate). Real DTLS handshakes over loopback UDP against `UdpServer`.
+#![cfg(feature = "server")]
 
 mod support;
 

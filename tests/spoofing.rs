@@ -7,6 +7,7 @@
 //!
 //! Through the public sans-IO API, with injected time: an `Endpoint`, openssl-crate clients over
 //! `DatagramPipe`s.
+#![cfg(feature = "server")]
 
 use std::net::SocketAddr;
 use std::sync::Arc;

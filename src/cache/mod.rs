@@ -249,13 +249,20 @@ impl SessionCacheBuilder {
     /// identity or a changed key cannot resume an old session, from a snapshot or another host
     /// either.
     ///
-    /// The DTLS server needs no such call: its
-    /// [`psk_lookup`](crate::ServerConfigBuilder::psk_lookup) (and
-    /// [`psk`](crate::ServerConfigBuilder::psk)) are the key source of every connection on its
-    /// context. Give this for contexts of your own with `set_psk_server_callback`, or to check
+    /// The DTLS server needs no such call: its [`psk_lookup`][psk_lookup] (and [`psk`][psk]) are
+    /// the key source of every connection on its context. Give this for contexts of your own with `set_psk_server_callback`, or to check
     /// against another source than the server's lookup (it then takes precedence). With neither,
     /// a PSK session cannot be checked and does not resume (counted in [`CacheStats::stale`]),
     /// unless [`resume_unchecked_psk_sessions`](Self::resume_unchecked_psk_sessions) says so.
+    ///
+    #[cfg_attr(
+        feature = "server",
+        doc = "[psk_lookup]: crate::ServerConfigBuilder::psk_lookup\n[psk]: crate::ServerConfigBuilder::psk"
+    )]
+    #[cfg_attr(
+        not(feature = "server"),
+        doc = "[psk_lookup]: crate#crate-features\n[psk]: crate#crate-features"
+    )]
     pub fn psk_keys(
         mut self,
         lookup: impl Fn(&[u8]) -> Option<zeroize::Zeroizing<Vec<u8>>> + Send + Sync + 'static,
@@ -490,17 +497,20 @@ impl SessionCache {
     }
 
     /// The time by the cache's clock ([`SessionCacheBuilder::clock`]).
+    #[cfg(feature = "server")]
     pub(crate) fn wall_clock(&self) -> SystemTime {
         self.shared.inner.clock.now()
     }
 
     /// The longest a session lives ([`SessionCacheBuilder::max_ttl`]).
+    #[cfg(feature = "server")]
     pub(crate) fn max_ttl(&self) -> Duration {
         self.shared.inner.max_ttl
     }
 
     /// Removes the session `id` as OpenSSL's remove callback would (the endpoint's record layer
     /// received a fatal alert on an association it runs without OpenSSL).
+    #[cfg(feature = "server")]
     pub(crate) fn remove_session_id(&self, id: &SessionId) {
         self.shared.inner.remove_id(id);
     }

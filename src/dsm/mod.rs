@@ -2,10 +2,16 @@
 //! idle sweeper, after RIOT's `dsm` module. The overview and an example are on [`Dsm`].
 //!
 //! The DTLS server runs a [`Dsm`] of its own: its user meets this module only through
-//! [`DsmConfig`] (given to [`ServerConfigBuilder::dsm`](crate::ServerConfigBuilder::dsm)) and
+//! [`DsmConfig`] (given to [`ServerConfigBuilder::dsm`][server-dsm], feature `server`) and
 //! [`DsmStats`] (from the drivers' `dsm_stats`). The rest ([`Dsm`] itself, [`PeerState`] and
 //! [`PeerState::to_riot`], [`SocketPeer`], [`StoreOutcome`], [`Sweeper`], [`Authenticated`]) is
 //! the RIOT-parity API for a server that drives its own peers.
+//!
+#![cfg_attr(
+    feature = "server",
+    doc = "[server-dsm]: crate::ServerConfigBuilder::dsm"
+)]
+#![cfg_attr(not(feature = "server"), doc = "[server-dsm]: crate#crate-features")]
 
 mod slab;
 mod sweeper;
@@ -308,6 +314,7 @@ impl Authenticated {
 
     /// The proof the endpoint's own record layer gives for a record that opened under its
     /// peer's key (the AEAD verified it).
+    #[cfg(feature = "server")]
     pub(crate) fn opened() -> Self {
         Self { _private: () }
     }

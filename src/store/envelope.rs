@@ -55,6 +55,7 @@ pub(crate) const DOMAIN_SESSION: u8 = 1;
 /// Associated-data domain of a snapshot trailer (context = a fixed label).
 pub(crate) const DOMAIN_SNAPSHOT: u8 = 2;
 /// The associated-data domain of a file of saved peers (`server::continuity`).
+#[cfg(feature = "server")]
 pub(crate) const DOMAIN_PEERS: u8 = 3;
 
 /// A set of AES-256-GCM keys by id: one active key seals, every key opens.

@@ -182,6 +182,7 @@ pub(crate) fn write_atomically_with(
 
 /// Deletes the file at `path` and makes the deletion durable (the directory synced), so that it
 /// cannot come back after a crash.
+#[cfg(feature = "server")]
 pub(crate) fn remove_durably(path: &Path) -> io::Result<()> {
     fs::remove_file(path)?;
     let dir = match path.parent() {

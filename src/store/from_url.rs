@@ -17,16 +17,25 @@ use crate::store::SessionStore;
 ///   Cluster reached through the listed nodes.
 ///
 /// The store uses the default prefix, deadline (50 ms), write queue, invalidation and breaker of
-/// [`RedisStore::builder`](crate::RedisStore::builder): its lookups never block
-/// ([`SessionStore::is_remote`] is true) and its writes are write-behind. For a private CA, build
-/// the store with [`RedisStoreBuilder::ca_file`](crate::RedisStoreBuilder::ca_file) instead.
+/// [`RedisStore::builder`][redis-builder]: its lookups never block ([`SessionStore::is_remote`] is
+/// true) and its writes are write-behind. For a private CA, build the store with
+/// [`RedisStoreBuilder::ca_file`][redis-ca-file] instead.
 ///
 /// # Errors
 /// [`Error::InvalidUrl`] if the scheme is not `redis://` (the memory store is the caller's
 /// business) or the crate was built without the `redis` feature; [`Error::InvalidSetting`] if
 /// `key_file` is `None` (sessions are never stored in plaintext from here); the errors of
 /// [`KeyRing::from_file`](crate::KeyRing::from_file) and
-/// [`RedisStoreBuilder::build`](crate::RedisStoreBuilder::build).
+/// [`RedisStoreBuilder::build`][redis-build] (feature `redis`).
+///
+#[cfg_attr(
+    feature = "redis",
+    doc = "[redis-builder]: crate::RedisStore::builder\n[redis-ca-file]: crate::RedisStoreBuilder::ca_file\n[redis-build]: crate::RedisStoreBuilder::build"
+)]
+#[cfg_attr(
+    not(feature = "redis"),
+    doc = "[redis-builder]: crate#crate-features\n[redis-ca-file]: crate#crate-features\n[redis-build]: crate#crate-features"
+)]
 pub fn store_from_url(
     url: &str,
     key_file: Option<&Path>,
