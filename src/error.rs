@@ -133,7 +133,7 @@ pub enum FileKind {
     ClientCa,
     /// The CA certificates a `rediss://` store trusts.
     RedisCa,
-    /// A session snapshot ([`load_snapshot`](crate::load_snapshot)).
+    /// A session snapshot ([`load_snapshot`](crate::snapshot::load_snapshot)).
     Snapshot,
     /// The peers a graceful restart saved ([`take_peers`](crate::take_peers)).
     #[cfg(feature = "server")]

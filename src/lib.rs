@@ -214,9 +214,8 @@ pub use stats::{CacheStats, EvictionStats};
 pub use store::envelope;
 pub use store::snapshot;
 pub use store::{
-    load_snapshot, save_snapshot, store_from_url, KeyRing, LookupDone, LookupMode, MemoryStore,
-    MemoryStoreBuilder, NullStore, SessionId, SessionStore, SessionStoreAdmin, StoreUsage,
-    StoredSession, MAX_SESSION_ID_LEN,
+    store_from_url, KeyRing, LookupDone, LookupMode, MemoryStore, MemoryStoreBuilder, NullStore,
+    SessionId, SessionStore, SessionStoreAdmin, StoreUsage, StoredSession, MAX_SESSION_ID_LEN,
 };
 #[cfg(feature = "redis")]
 pub use store::{RedisStore, RedisStoreBuilder, RedisStoreStats};

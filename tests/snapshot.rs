@@ -11,9 +11,10 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use openssl_session_cache::snapshot::{load_snapshot, save_snapshot};
 use openssl_session_cache::{
-    load_snapshot, save_snapshot, Error, FileKind, KeyRing, MemoryStore, SessionId, SessionStore,
-    SessionStoreAdmin, StoredSession,
+    Error, FileKind, KeyRing, MemoryStore, SessionId, SessionStore, SessionStoreAdmin,
+    StoredSession,
 };
 
 fn t0() -> SystemTime {

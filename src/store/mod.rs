@@ -30,7 +30,6 @@ pub use lookup::{LookupDone, LookupMode};
 pub use memory::{MemoryStore, MemoryStoreBuilder};
 #[cfg(feature = "redis")]
 pub use redis::{RedisStore, RedisStoreBuilder, RedisStoreStats};
-pub use snapshot::{load_snapshot, save_snapshot};
 
 /// The longest session id OpenSSL accepts (`SSL_MAX_SSL_SESSION_ID_LENGTH`).
 pub const MAX_SESSION_ID_LEN: usize = 32;
