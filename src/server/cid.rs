@@ -56,7 +56,7 @@ impl CidLayout {
     pub(crate) fn new(host: &[u8]) -> Result<Self, Error> {
         if host.len() > MAX_CONNECTION_ID_HOST {
             return Err(Error::setting(
-                "connection_ids",
+                "connection_id_host",
                 format!(
                     "connection id host of {} bytes (at most {MAX_CONNECTION_ID_HOST})",
                     host.len()
