@@ -89,7 +89,9 @@
 //!   endpoint/     the sans-IO Endpoint: mod.rs (handle, poll_transmit, poll_timeout, send,
 //!                 close), park.rs (handshakes waiting for a remote lookup), lean.rs (taking a
 //!                 peer over from OpenSSL, its records in and out), continuity.rs (suspending
-//!                 and restoring peers), tests.rs (the endpoint's unit tests)
+//!                 and restoring peers), farm.rs (shared peers: their state written to the
+//!                 store under leases, the takeover of a dead host's peer), tests.rs (the
+//!                 endpoint's unit tests)
 //!   event.rs      what an endpoint hands out: Transmit, Event, ConnectionInfo, CloseReason,
 //!                 DropReason
 //!   stats.rs      EndpointStats, each counter declared once (struct, merge, drops, metrics)
@@ -105,11 +107,13 @@
 //!                 OpenSSL's TLS1-PRF), protect.rs (RecordState: open and seal on EVP AEAD),
 //!                 replay.rs (the anti-replay window), differential.rs (tests against OpenSSL's
 //!                 own record layer)
+//!   lease.rs      a shared peer's sequence-number lease and read mark (pure logic)
 //!   cid.rs        RFC 9146 connection IDs: the extension, their layout, worker steering
 //!   cookie.rs     stateless HMAC cookies under a rotating secret
 //!   continuity.rs SuspendedPeer, save_peers, take_peers: peers carried across a graceful
 //!                 restart, sealed with the key ring
 //!   app.rs        Application, AppContext: the application's side of a server
+//!   router.rs     sends from any thread: which worker holds which peer, an inbox per worker
 //!   driver.rs     the worker body every driver shares (a batch in, events, timers, send,
 //!                 counters)
 //!   io.rs         UDP I/O for the drivers, batched through quinn-udp (IoMode, IoStats)
@@ -169,7 +173,10 @@
 [`IoMode`]: crate#crate-features
 [`Application`]: crate#crate-features
 [`DatagramPipe`]: crate#crate-features
-[`rate_ccm8_by_key_size`]: crate#crate-features"
+[`rate_ccm8_by_key_size`]: crate#crate-features
+[`Endpoint::suspend_all`]: crate#crate-features
+[`save_peers`]: crate#crate-features
+[`ServerConfigBuilder::shared_peers`]: crate#crate-features"
 )]
 #![deny(unsafe_code)]
 
