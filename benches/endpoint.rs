@@ -15,8 +15,9 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use openssl::ssl::{ErrorCode, Ssl, SslContext, SslOptions, SslStream, SslVerifyMode};
+use openssl_session_cache::dsm::DsmConfig;
 use openssl_session_cache::{
-    ClientSessionCache, DatagramPipe, DsmConfig, Endpoint, Event, ServerConfig, SessionCache,
+    ClientSessionCache, DatagramPipe, Endpoint, Event, ServerConfig, SessionCache,
 };
 
 #[path = "support/dtls.rs"]

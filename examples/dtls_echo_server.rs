@@ -93,10 +93,12 @@ use std::time::{Duration, SystemTime};
 use clap::{Parser, ValueEnum};
 use openssl::pkey::PKey;
 use openssl::x509::X509;
+use openssl_session_cache::dsm::DsmConfig;
+use openssl_session_cache::snapshot::{load_snapshot, save_snapshot};
 use openssl_session_cache::{
-    certificate_fingerprint, load_snapshot, save_peers, save_snapshot, store_from_url, take_peers,
-    AppContext, DsmConfig, Event, IoMode, KeyRing, MemoryStore, ServerConfig, SessionCache,
-    SessionStore, SessionStoreAdmin, TicketKeys, UdpOptions, UdpServer,
+    certificate_fingerprint, save_peers, store_from_url, take_peers, AppContext, Event, IoMode,
+    KeyRing, MemoryStore, ServerConfig, SessionCache, SessionStore, SessionStoreAdmin, TicketKeys,
+    UdpOptions, UdpServer,
 };
 
 /// DTLS 1.2 echo server with an external session cache and a DTLS session manager.

@@ -42,7 +42,8 @@ use openssl::ssl::{
     ErrorCode, ShutdownState, Ssl, SslContext, SslMethod, SslMode, SslOptions, SslSession,
     SslSessionCacheMode, SslStream, SslVerifyMode,
 };
-use openssl_session_cache::{DatagramPipe, DsmConfig, Endpoint, Event, ServerConfig, SessionCache};
+use openssl_session_cache::dsm::DsmConfig;
+use openssl_session_cache::{DatagramPipe, Endpoint, Event, ServerConfig, SessionCache};
 
 // ------------------------------------------------------------------ counting allocators
 

@@ -6,10 +6,13 @@
 #![allow(unsafe_code)]
 
 use std::io::{Read, Write};
+#[cfg(feature = "server")]
 use std::time::Duration;
 
 use foreign_types::{ForeignType, ForeignTypeRef};
-use libc::{c_int, c_void};
+use libc::c_int;
+#[cfg(feature = "server")]
+use libc::c_void;
 use openssl::error::ErrorStack;
 use openssl::ssl::{
     ShutdownState, SslCipherRef, SslContextBuilder, SslRef, SslSession, SslSessionRef, SslStream,
@@ -30,25 +33,36 @@ extern "C" {
         ctx: *mut openssl_sys::SSL_CTX,
         cb: Option<TicketKeyCallback>,
     ) -> c_int;
+    #[cfg(feature = "server")]
     fn DTLSv1_listen(s: *mut openssl_sys::SSL, client: *mut BioAddr) -> c_int;
+    #[cfg(feature = "server")]
     fn BIO_ADDR_new() -> *mut BioAddr;
+    #[cfg(feature = "server")]
     fn BIO_ADDR_free(a: *mut BioAddr);
+    #[cfg(feature = "server")]
     fn SSL_free_buffers(ssl: *mut openssl_sys::SSL) -> c_int;
+    #[cfg(feature = "server")]
     fn SSL_alloc_buffers(ssl: *mut openssl_sys::SSL) -> c_int;
     fn OSSL_PARAM_construct_utf8_string(
         key: *const libc::c_char,
         buf: *mut libc::c_char,
         bsize: libc::size_t,
     ) -> openssl_sys::OSSL_PARAM;
+    #[cfg(feature = "server")]
     fn SSL_CTX_set_security_callback(ctx: *mut openssl_sys::SSL_CTX, cb: Option<SecurityCallback>);
+    #[cfg(feature = "server")]
     fn SSL_CTX_get_security_callback(ctx: *const openssl_sys::SSL_CTX) -> Option<SecurityCallback>;
+    #[cfg(feature = "server")]
     fn SSL_CTX_set0_security_ex_data(ctx: *mut openssl_sys::SSL_CTX, ex: *mut c_void);
+    #[cfg(feature = "server")]
     fn SSL_CTX_get0_security_ex_data(ctx: *const openssl_sys::SSL_CTX) -> *mut c_void;
+    #[cfg(feature = "server")]
     fn SSL_CIPHER_get_bits(c: *const openssl_sys::SSL_CIPHER, alg_bits: *mut c_int) -> c_int;
 }
 
 /// `int (*)(const SSL *s, const SSL_CTX *ctx, int op, int bits, int nid, void *other, void *ex)`,
 /// OpenSSL's security callback.
+#[cfg(feature = "server")]
 type SecurityCallback = unsafe extern "C" fn(
     *const openssl_sys::SSL,
     *const openssl_sys::SSL_CTX,
@@ -71,6 +85,7 @@ type TicketKeyCallback = unsafe extern "C" fn(
 ) -> c_int;
 
 /// `DTLS_CTRL_GET_TIMEOUT` from OpenSSL 3.0's `ssl.h` (the `DTLSv1_get_timeout` macro).
+#[cfg(feature = "server")]
 const DTLS_CTRL_GET_TIMEOUT: c_int = 73;
 
 /// A session object of its own, made by the get-session callback and handed to OpenSSL.
@@ -161,6 +176,7 @@ pub(crate) fn session_is_resumable(session: &SslSessionRef) -> bool {
 
 /// OpenSSL's opaque `BIO_ADDR`.
 #[repr(C)]
+#[cfg(feature = "server")]
 struct BioAddr {
     _opaque: [u8; 0],
 }
@@ -171,6 +187,7 @@ struct BioAddr {
 /// record for the handshake, which then goes on from that ClientHello. Returns whether it did
 /// (`false`: the cookie or the record was refused; OpenSSL may have written a
 /// HelloVerifyRequest to the write BIO, which the caller discards).
+#[cfg(feature = "server")]
 pub(crate) fn dtls_listen(ssl: &SslRef) -> bool {
     // SAFETY: BIO_ADDR_new allocates a zeroed address or returns NULL (checked).
     let client = unsafe { BIO_ADDR_new() };
@@ -193,6 +210,7 @@ pub(crate) fn dtls_listen(ssl: &SslRef) -> bool {
 
 /// How long until the DTLS retransmission timer of `ssl` fires (`DTLSv1_get_timeout`), or
 /// `None` when no timer runs.
+#[cfg(feature = "server")]
 pub(crate) fn dtls_get_timeout(ssl: &SslRef) -> Option<Duration> {
     let mut tv = libc::timeval {
         tv_sec: 0,
@@ -232,6 +250,7 @@ pub(crate) fn dtls_get_timeout(ssl: &SslRef) -> Option<Duration> {
 ///   `tls_setup_write_buffer`). Checked on 3.6.2 and 4.0.3.
 ///
 /// A later major release is not assumed to keep that shape: there the buffers are simply kept.
+#[cfg(feature = "server")]
 fn free_buffers_supported(version: i64) -> bool {
     (0x3000_00e0..0x3010_0000).contains(&version)
         || (0x3010_0060..0x3020_0000).contains(&version)
@@ -251,12 +270,13 @@ fn free_buffers_supported(version: i64) -> bool {
 /// write buffer as soon as the ChangeCipherSpec went out (16.6 KB of the 88.9 KB an idle peer
 /// held on 4.0.3, `examples/idle_peer_memory`); a later retransmission sets it up again
 /// (`tls_allocate_write_buffers_default`).
+#[cfg(feature = "server")]
 pub(crate) fn release_buffers_mode_covers_dtls(version: i64) -> bool {
     version >= 0x3020_0000
 }
 
 /// The mode bits set on `ssl` (`SSL_get_mode`).
-#[cfg(test)]
+#[cfg(all(test, feature = "server"))]
 pub(crate) fn ssl_mode(ssl: &SslRef) -> openssl::ssl::SslMode {
     // SAFETY: ssl is live; SSL_CTRL_MODE with larg 0 ORs nothing in and returns the mode.
     let bits = unsafe {
@@ -288,6 +308,7 @@ pub(crate) fn ssl_mode(ssl: &SslRef) -> openssl::ssl::SslMode {
 /// `saved_retransmit_state` in `ssl/statem/statem_dtls.c`), whose write buffer `SSL_free_buffers`
 /// does not reach (it frees the current layers' only); the server's `SSL_MODE_RELEASE_BUFFERS`
 /// frees that one (see [`release_buffers_mode_covers_dtls`]).
+#[cfg(feature = "server")]
 pub(crate) struct LeanStream<S> {
     /// Private: the only `&mut` to it is the one [`with`](Self::with) lends.
     stream: SslStream<S>,
@@ -295,6 +316,7 @@ pub(crate) struct LeanStream<S> {
     released: bool,
 }
 
+#[cfg(feature = "server")]
 impl<S: Read + Write> LeanStream<S> {
     /// Wraps `stream` (its buffers, if any, are kept until [`release_buffers`](Self::release_buffers)).
     pub(crate) fn new(stream: SslStream<S>) -> Self {
@@ -429,7 +451,9 @@ pub(crate) fn max_proto_version(ssl: &SslRef) -> Option<i32> {
 /// `SSL_SECOP_OTHER_CIPHER` and the three cipher operations of OpenSSL's `ssl.h`
 /// (`SSL_SECOP_CIPHER_SUPPORTED`, `_SHARED`, `_CHECK`): the security callback's questions about
 /// one cipher suite (`other` points at its `SSL_CIPHER`, `bits` is its strength).
+#[cfg(feature = "server")]
 const SSL_SECOP_OTHER_CIPHER: c_int = 1 << 16;
+#[cfg(feature = "server")]
 const SECOP_CIPHER_OPS: [c_int; 3] = [
     1 | SSL_SECOP_OTHER_CIPHER,
     2 | SSL_SECOP_OTHER_CIPHER,
@@ -438,6 +462,7 @@ const SECOP_CIPHER_OPS: [c_int; 3] = [
 
 /// The TLS 1.2 / DTLS 1.2 AES-CCM-8 suites (`TLS1_CK_*_CCM_8` in OpenSSL's `tls1.h`): RSA,
 /// DHE-RSA, PSK, DHE-PSK and ECDHE-ECDSA, each with AES-128 and AES-256.
+#[cfg(feature = "server")]
 const CCM8_SUITES: [u32; 10] = [
     0x0300_C0A0,
     0x0300_C0A1,
@@ -458,6 +483,7 @@ const CCM8_SUITES: [u32; 10] = [
 /// (`ssl/ssl_cert.c` `ssl_security_default_callback`: `bits < minbits`, 80 bits at level 1,
 /// 112 at level 2, the default since 3.2). 3.1 is counted in: where a release still rates them by
 /// key size, [`ccm8_security_callback`] changes nothing.
+#[cfg(feature = "server")]
 pub(crate) fn ccm8_rated_below_key_size(version: i64) -> bool {
     version >= 0x3010_0000
 }
@@ -470,6 +496,7 @@ pub(crate) fn ccm8_rated_below_key_size(version: i64) -> bool {
 /// OpenSSL still rates them by key size (3.0, nothing to do), and not on a context whose security
 /// callback already carries data of its own (`SSL_CTX_set0_security_ex_data`: a callback some
 /// C code installed, which is left alone).
+#[cfg(feature = "server")]
 pub(crate) fn rate_ccm8_by_key_size(builder: &mut SslContextBuilder) -> bool {
     if !ccm8_rated_below_key_size(openssl::version::number()) {
         return false;
@@ -510,6 +537,7 @@ pub(crate) fn rate_ccm8_by_key_size(builder: &mut SslContextBuilder) -> bool {
 /// AES-CCM-8 suite it passes the key's strength instead of the suite's rating to the callback
 /// it replaced (kept in `ex`); everything else goes to that callback unchanged. Never unwinds
 /// (no Rust code here can panic).
+#[cfg(feature = "server")]
 unsafe extern "C" fn ccm8_security_callback(
     s: *const openssl_sys::SSL,
     ctx: *const openssl_sys::SSL_CTX,
@@ -754,6 +782,7 @@ unsafe extern "C" fn ticket_key_callback(
 
 /// The TLS 1.2 PRF (RFC 5246 §5), `PRF(secret, label, seed)` with `digest` as its hash, through
 /// OpenSSL's own "TLS1-PRF" KDF (`EVP_KDF_fetch`, `EVP_KDF_derive`): fills `out`.
+#[cfg(feature = "server")]
 pub(crate) fn tls1_prf(
     digest: openssl::hash::MessageDigest,
     secret: &[u8],
@@ -819,7 +848,7 @@ pub(crate) fn tls1_prf(
 /// Makes the next flight of `ssl` time out at once (`DTLS_set_timer_cb`: 1 µs when a timer
 /// starts, a second after an expiry), so that a test gets one retransmission of it without
 /// waiting on OpenSSL's clock.
-#[cfg(test)]
+#[cfg(all(test, feature = "server"))]
 pub(crate) fn dtls_timer_expires_at_once(ssl: &SslRef) {
     extern "C" {
         fn DTLS_set_timer_cb(
@@ -844,7 +873,7 @@ pub(crate) fn dtls_timer_expires_at_once(ssl: &SslRef) {
 
 /// Starts a renegotiation on a client `ssl` (`SSL_renegotiate`): its next handshake call sends
 /// a ClientHello on the established association.
-#[cfg(test)]
+#[cfg(all(test, feature = "server"))]
 pub(crate) fn renegotiate(ssl: &SslRef) -> bool {
     extern "C" {
         fn SSL_renegotiate(s: *mut openssl_sys::SSL) -> c_int;
@@ -859,6 +888,7 @@ pub(crate) fn renegotiate(ssl: &SslRef) -> bool {
 /// to the group's socket whose index it returns, or picks one by its hash when the index is
 /// past the group.
 #[cfg(target_os = "linux")]
+#[cfg(feature = "server")]
 pub(crate) fn attach_reuseport_cbpf(
     socket: &impl std::os::fd::AsRawFd,
     program: &[libc::sock_filter],
@@ -888,7 +918,7 @@ pub(crate) fn attach_reuseport_cbpf(
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "server"))]
 mod tests {
     use super::*;
 

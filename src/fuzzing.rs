@@ -8,9 +8,10 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use crate::cache::der;
+use crate::dsm::DsmConfig;
 use crate::server::record::{screen, ClientHello, HandshakeBudget, Screened};
 use crate::store::{KeyRing, SessionId};
-use crate::{DsmConfig, Endpoint, ServerConfig, SessionCache};
+use crate::{Endpoint, ServerConfig, SessionCache};
 
 const CTX: &[u8] = crate::DEFAULT_SESSION_ID_CONTEXT;
 

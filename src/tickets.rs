@@ -80,20 +80,24 @@ impl TicketKeysBuilder {
     /// Builds the key set.
     ///
     /// # Errors
-    /// [`Error::Config`] when the period is shorter than a second, or `accept_for` does not
+    /// [`Error::InvalidSetting`] when the period is shorter than a second, or `accept_for` does not
     /// cover the session lifetime.
     pub fn build(self) -> Result<TicketKeys, Error> {
         if self.period < Duration::from_secs(1) {
-            return Err(Error::Config(
-                "ticket key period must be at least one second".into(),
+            return Err(Error::setting(
+                "period",
+                "ticket key period must be at least one second",
             ));
         }
         if self.accept_for < self.lifetime {
-            return Err(Error::Config(format!(
-                "ticket keys must keep opening tickets for at least the session lifetime: \
-                 accept_for {:?} is shorter than the lifetime {:?}",
-                self.accept_for, self.lifetime
-            )));
+            return Err(Error::setting(
+                "accept_for",
+                format!(
+                    "ticket keys must keep opening tickets for at least the session lifetime: \
+                     accept_for {:?} is shorter than the lifetime {:?}",
+                    self.accept_for, self.lifetime
+                ),
+            ));
         }
         Ok(TicketKeys {
             inner: Arc::new(Inner {

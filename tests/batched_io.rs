@@ -7,6 +7,7 @@
 //! the kernel shows every datagram of the burst queued on the server's socket
 //! (`/proc/net/udp`), and counters are read once the worker has published the datagrams they
 //! cover.
+#![cfg(feature = "server")]
 
 mod support;
 
@@ -14,9 +15,10 @@ use std::net::{SocketAddr, UdpSocket};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use openssl_session_cache::dsm::DsmConfig;
 use openssl_session_cache::{
-    AppContext, Application, DsmConfig, EndpointStats, Event, IoMode, IoStats, ServerConfig,
-    SessionCache, UdpOptions, UdpServer,
+    AppContext, Application, EndpointStats, Event, IoMode, IoStats, ServerConfig, SessionCache,
+    UdpOptions, UdpServer,
 };
 
 use support::server::{dtls_connect, echo, read_record};

@@ -102,7 +102,7 @@ fn every_invalid_setting_is_refused_on_its_own() {
     ];
     for (what, builder) in bad {
         match builder.build() {
-            Err(Error::Config(msg)) => assert!(!msg.is_empty(), "{what}"),
+            Err(Error::InvalidSetting { reason, .. }) => assert!(!reason.is_empty(), "{what}"),
             other => panic!("{what}: expected a configuration error, got {other:?}"),
         }
     }

@@ -21,9 +21,10 @@ use openssl::ssl::{Ssl, SslAcceptor, SslConnector, SslMethod, SslVerifyMode};
 use openssl::x509::{X509NameBuilder, X509};
 use parking_lot::Mutex;
 
-use openssl_session_cache::{
-    Authenticated, Dsm, DsmConfig, Error, FreeReason, PeerKey, PeerState, SocketPeer, Sweeper,
+use openssl_session_cache::dsm::{
+    Authenticated, Dsm, DsmConfig, FreeReason, PeerKey, PeerState, SocketPeer, Sweeper,
 };
+use openssl_session_cache::Error;
 
 use PeerState::{Established as EST, Handshake as HS, NoSpace, None as NONE};
 
@@ -362,7 +363,10 @@ fn invalid_configs_are_rejected() {
     ];
     for config in bad {
         match Dsm::<SocketAddr, ()>::new(config.clone()) {
-            Err(Error::Config(msg)) => assert!(msg.contains("dsm"), "{msg}"),
+            Err(e @ Error::InvalidSetting { .. }) => {
+                let msg = e.to_string();
+                assert!(msg.contains("dsm"), "{msg}")
+            }
             other => panic!("{config:?} gave {other:?}"),
         }
     }

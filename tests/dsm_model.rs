@@ -20,7 +20,7 @@ use parking_lot::Mutex;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
-use openssl_session_cache::{Authenticated, Dsm, DsmConfig, FreeReason, PeerState};
+use openssl_session_cache::dsm::{Authenticated, Dsm, DsmConfig, FreeReason, PeerState};
 
 const SEC: Duration = Duration::from_secs(1);
 

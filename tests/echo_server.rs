@@ -4,6 +4,7 @@
 //! ClientHello flood, a stalled handshake, a full send queue, a wake from another thread). The
 //! applications use the public API only. Every server binds 127.0.0.1:0 and stops when the test
 //! ends; every s_client run is bounded and killed by PID.
+#![cfg(feature = "server")]
 
 mod support;
 
@@ -14,7 +15,8 @@ use std::time::Duration;
 
 use openssl::ssl::{ErrorCode, SslVerifyMode};
 use openssl::x509::store::X509StoreBuilder;
-use openssl_session_cache::{AppContext, Application, CloseReason, DsmConfig, Event, SendError};
+use openssl_session_cache::dsm::DsmConfig;
+use openssl_session_cache::{AppContext, Application, CloseReason, Event, SendError};
 use parking_lot::Mutex;
 
 use support::s_client::{count, s_client_echo, s_client_echo_fast, SClient};

@@ -4,6 +4,7 @@
 //!
 //! Every server process listens on 127.0.0.1:0, is stopped by PID (SIGTERM/SIGINT for a clean
 //! shutdown, SIGKILL from a drop guard otherwise), and every wait is bounded.
+#![cfg(feature = "server")]
 
 mod support;
 

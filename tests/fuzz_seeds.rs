@@ -1,6 +1,7 @@
 //! Writes the seed corpora of the fuzz targets (`fuzz/corpus/<target>/`) from real sessions.
 //! Run by hand when a target or a stored format changes:
 //! `cargo test --all-features --test fuzz_seeds -- --ignored`.
+#![cfg(feature = "server")]
 
 mod support;
 
@@ -119,7 +120,7 @@ fn write_seed_corpora() {
     }
     let tmp = tempfile::tempdir().unwrap();
     let path = tmp.path().join("s.snap");
-    openssl_session_cache::save_snapshot(&store, &path, &ring, now).unwrap();
+    openssl_session_cache::snapshot::save_snapshot(&store, &path, &ring, now).unwrap();
     let file = std::fs::read(&path).unwrap();
     let mut whole = vec![0u8];
     whole.extend_from_slice(&file);

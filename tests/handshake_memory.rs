@@ -6,6 +6,7 @@
 //! The bytes live on the heap are counted exactly: Rust's allocations through a counting global
 //! allocator, OpenSSL's through counting `CRYPTO_set_mem_functions` hooks installed before
 //! OpenSSL allocates anything (this binary holds this one test).
+#![cfg(feature = "server")]
 #![allow(unsafe_code)] // the counting allocators
 
 use std::alloc::{GlobalAlloc, Layout, System};
@@ -15,7 +16,8 @@ use std::sync::atomic::{AtomicIsize, Ordering};
 use std::time::{Duration, Instant};
 
 use openssl::ssl::{ErrorCode, Ssl, SslContext, SslMethod, SslOptions, SslStream, SslVerifyMode};
-use openssl_session_cache::{DatagramPipe, DsmConfig, Endpoint, ServerConfig, SessionCache};
+use openssl_session_cache::dsm::DsmConfig;
+use openssl_session_cache::{DatagramPipe, Endpoint, ServerConfig, SessionCache};
 
 static LIVE: AtomicIsize = AtomicIsize::new(0);
 

@@ -20,6 +20,7 @@
 //! TLS and tinydtls built from the sources their `-sys` crates ship, under `target/interop/` (or
 //! `$INTEROP_DIR`). A missing client fails its test with a message saying how to get it; nothing
 //! is skipped.
+#![cfg(feature = "server")]
 
 mod support;
 
@@ -31,9 +32,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use openssl_session_cache::{
-    AppContext, CloseReason, DsmConfig, EndpointStats, Event, ServerConfigBuilder,
-};
+use openssl_session_cache::dsm::DsmConfig;
+use openssl_session_cache::{AppContext, CloseReason, EndpointStats, Event, ServerConfigBuilder};
 use parking_lot::Mutex;
 
 use support::s_client::{count, openssl_cli, Lines};

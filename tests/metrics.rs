@@ -13,9 +13,9 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
+use openssl_session_cache::dsm::DsmConfig;
 use openssl_session_cache::{
-    DsmConfig, EndpointStats, ServerConfig, SessionCache, UdpOptions, UdpServer,
-    HANDSHAKE_DURATION_METRIC,
+    EndpointStats, ServerConfig, SessionCache, UdpOptions, UdpServer, HANDSHAKE_DURATION_METRIC,
 };
 
 use support::server::{echo, echo_app, ResumingClients};

@@ -10,6 +10,7 @@
 //! type holding one and in the errors returned, in every formatting (`support::secrets`), and
 //! for the PSK keys in the stored sessions too.
 //! (Cookie secrets never leave `src/server/cookie.rs`; its own test does the same for them.)
+#![cfg(feature = "server")]
 
 mod support;
 
@@ -26,10 +27,10 @@ use openssl::ssl::{
     ErrorCode, Ssl, SslContext, SslContextBuilder, SslMethod, SslOptions, SslSession, SslStream,
     SslVerifyMode,
 };
+use openssl_session_cache::dsm::DsmConfig;
 use openssl_session_cache::{
-    DatagramPipe, DsmConfig, Endpoint, KeyRing, ManualClock, MemoryStore, ServerConfig,
-    SessionCache, SessionId, SessionStore, SessionStoreAdmin, StoredSession, TicketKeys,
-    UdpOptions, UdpServer,
+    DatagramPipe, Endpoint, KeyRing, ManualClock, MemoryStore, ServerConfig, SessionCache,
+    SessionId, SessionStore, SessionStoreAdmin, StoredSession, TicketKeys, UdpOptions, UdpServer,
 };
 use support::secrets::{assert_none_shown, shown_in, Secret};
 use support::server::{echo, echo_app, UdpIo};

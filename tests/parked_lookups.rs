@@ -16,9 +16,9 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use openssl::ssl::{ErrorCode, Ssl, SslSession, SslStream};
+use openssl_session_cache::dsm::DsmConfig;
 use openssl_session_cache::{
-    DsmConfig, EndpointStats, KeyRing, RedisStore, ServerConfig, SessionCache, UdpOptions,
-    UdpServer,
+    EndpointStats, KeyRing, RedisStore, ServerConfig, SessionCache, UdpOptions, UdpServer,
 };
 
 use delay_proxy::DelayProxy;

@@ -196,7 +196,10 @@ fn a_master_down_is_a_counted_miss_and_never_a_stall() {
         let r = &l.result;
         if holder[n] == victim {
             assert!(
-                matches!(r, Err(StoreError::Unavailable(_) | StoreError::Timeout)),
+                matches!(
+                    r,
+                    Err(StoreError::Unavailable(_) | StoreError::BreakerOpen | StoreError::Timeout)
+                ),
                 "lookup {n}: {r:?}"
             );
         } else {
@@ -232,7 +235,7 @@ fn a_master_down_is_a_counted_miss_and_never_a_stall() {
         let r = &l.result;
         if holder[n] == victim {
             assert!(
-                matches!(r, Err(StoreError::Unavailable(_))) && l.inline,
+                matches!(r, Err(StoreError::BreakerOpen)) && l.inline,
                 "lookup {n} (inline {}): {r:?}",
                 l.inline
             );
@@ -315,7 +318,7 @@ fn a_hung_master_is_a_counted_miss_at_the_deadline_and_the_others_serve_on() {
                         l.took
                     );
                 }
-                Err(StoreError::Unavailable(_)) if l.inline => {}
+                Err(StoreError::BreakerOpen) if l.inline => {}
                 other => panic!("lookup {n}: {other:?}"),
             }
         } else {
@@ -360,7 +363,7 @@ fn a_hung_master_is_a_counted_miss_at_the_deadline_and_the_others_serve_on() {
     for (n, l) in lookups(&s, &ids).iter().enumerate() {
         if holder[n] == victim {
             assert!(
-                l.inline && matches!(l.result, Err(StoreError::Unavailable(_))),
+                l.inline && matches!(l.result, Err(StoreError::BreakerOpen)),
                 "lookup {n} (inline {}): {:?}",
                 l.inline,
                 l.result

@@ -1,6 +1,7 @@
 //! The server builder cannot surprise: hook calls add up instead of replacing each other
 //! (`configure`, `psk`, `psk_lookup`), and mutual DTLS has named calls (trusted client CAs,
 //! a required client certificate). Real DTLS handshakes over loopback UDP against `UdpServer`.
+#![cfg(feature = "server")]
 
 mod support;
 
@@ -13,7 +14,8 @@ use openssl::ssl::{
     ErrorCode, Ssl, SslContext, SslContextBuilder, SslMethod, SslOptions, SslStream, SslVerifyMode,
 };
 use openssl::x509::store::X509StoreBuilder;
-use openssl_session_cache::{DsmConfig, Error, Event, ServerConfig, SessionCache};
+use openssl_session_cache::dsm::DsmConfig;
+use openssl_session_cache::{Error, Event, FileKind, ServerConfig, SessionCache};
 use support::server::{echo, recording, Recorded, TestServer, UdpIo};
 
 /// A DTLS client context `tweak` adds to (a PSK, a certificate).
@@ -275,8 +277,41 @@ fn client_ca_settings_that_cannot_work_fail_the_build() {
         ),
     ] {
         match result {
-            Err(Error::Config(msg)) => assert!(!msg.is_empty(), "{what}"),
+            Err(
+                e @ (Error::InvalidSetting { .. }
+                | Error::ReadFile { .. }
+                | Error::InvalidFile { .. }
+                | Error::InvalidPem { .. }),
+            ) => assert!(!e.to_string().is_empty(), "{what}"),
             other => panic!("{what}: expected a configuration error, got {other:?}"),
         }
     }
+}
+
+#[test]
+fn a_missing_client_ca_file_is_a_read_error_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("missing.pem");
+    let result = ServerConfig::builder(SessionCache::builder().build().unwrap())
+        .client_ca_file(&missing)
+        .build();
+    match result {
+        Err(Error::ReadFile {
+            kind: FileKind::ClientCa,
+            path,
+            source,
+        }) => {
+            assert_eq!(path, missing);
+            assert_eq!(source.kind(), std::io::ErrorKind::NotFound);
+        }
+        other => panic!("expected a read error, got {other:?}"),
+    }
+    let err = ServerConfig::builder(SessionCache::builder().build().unwrap())
+        .client_ca_file(&missing)
+        .build()
+        .unwrap_err();
+    // The io::Error is the source, and the message names the file.
+    let source = std::error::Error::source(&err).expect("a source");
+    assert!(source.downcast_ref::<std::io::Error>().is_some());
+    assert!(err.to_string().contains("missing.pem"), "{err}");
 }

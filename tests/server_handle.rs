@@ -3,6 +3,7 @@
 //! server) is refused, and a worker whose application panics is reported as it happens, while
 //! the other workers go on. Every server binds 127.0.0.1:0 and stops when the test ends; every
 //! wait is bounded.
+#![cfg(feature = "server")]
 
 mod support;
 

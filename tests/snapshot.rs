@@ -11,9 +11,10 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use openssl_session_cache::snapshot::{load_snapshot, save_snapshot};
 use openssl_session_cache::{
-    load_snapshot, save_snapshot, Error, KeyRing, MemoryStore, SessionId, SessionStore,
-    SessionStoreAdmin, StoreError, StoredSession,
+    Error, FileKind, KeyRing, MemoryStore, SessionId, SessionStore, SessionStoreAdmin,
+    StoredSession,
 };
 
 fn t0() -> SystemTime {
@@ -54,7 +55,16 @@ fn refused(path: &Path, ring: &KeyRing) -> String {
     let store = MemoryStore::builder().build().unwrap();
     let err = load_snapshot(&store, path, ring, t0()).unwrap_err();
     assert!(
-        matches!(err, Error::Store(StoreError::Corrupt(_))),
+        matches!(
+            err,
+            Error::InvalidFile {
+                kind: FileKind::Snapshot,
+                ..
+            } | Error::RefusedFile {
+                kind: FileKind::Snapshot,
+                ..
+            }
+        ),
         "{err:?}"
     );
     assert_eq!(store.len().unwrap(), 0, "a refused snapshot loads nothing");
@@ -182,7 +192,11 @@ fn a_missing_snapshot_is_an_io_not_found() {
     let dir = tempfile::tempdir().unwrap();
     let store = MemoryStore::builder().build().unwrap();
     match load_snapshot(&store, dir.path().join("none"), &ring(), t0()) {
-        Err(Error::Io(e)) => assert_eq!(e.kind(), std::io::ErrorKind::NotFound),
+        Err(Error::ReadFile {
+            kind: FileKind::Snapshot,
+            source,
+            ..
+        }) => assert_eq!(source.kind(), std::io::ErrorKind::NotFound),
         other => panic!("{other:?}"),
     }
 }
@@ -260,8 +274,18 @@ fn a_symlink_to_a_valid_snapshot_is_not_followed() {
     let real = save(dir.path());
     let link = dir.path().join("link.snap");
     symlink(&real, &link);
-    let msg = refused_quickly(link);
+    let msg = refused_quickly(link.clone());
     assert!(msg.contains("symbolic link"), "{msg}");
+    // A caller can tell the refused path from a corrupt snapshot, and knows which path.
+    let store = MemoryStore::builder().build().unwrap();
+    match load_snapshot(&store, &link, &ring(), t0()) {
+        Err(Error::RefusedFile {
+            kind: FileKind::Snapshot,
+            path,
+            ..
+        }) => assert_eq!(path, link),
+        other => panic!("{other:?}"),
+    }
     // The file itself loads.
     let store = MemoryStore::builder().build().unwrap();
     assert_eq!(load_snapshot(&store, &real, &ring(), t0()).unwrap(), 10);

@@ -7,14 +7,16 @@
 //!
 //! Through the public sans-IO API, with injected time: an `Endpoint`, openssl-crate clients over
 //! `DatagramPipe`s.
+#![cfg(feature = "server")]
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use openssl::ssl::{ErrorCode, Ssl, SslContext, SslMethod, SslOptions, SslStream, SslVerifyMode};
+use openssl_session_cache::dsm::DsmConfig;
 use openssl_session_cache::{
-    CloseReason, DatagramPipe, DsmConfig, Endpoint, Event, ServerConfig, SessionCache,
+    CloseReason, DatagramPipe, Endpoint, Event, ServerConfig, SessionCache,
 };
 use rand::{Rng, SeedableRng};
 

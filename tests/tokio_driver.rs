@@ -13,8 +13,9 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use openssl_session_cache::dsm::DsmConfig;
 use openssl_session_cache::{
-    Application, CloseReason, DsmConfig, Error, Event, IoMode, LookupDone, LookupMode, MemoryStore,
+    Application, CloseReason, Error, Event, IoMode, LookupDone, LookupMode, MemoryStore,
     ServerConfig, ServerConfigBuilder, SessionCache, SessionId, SessionStore, StoreError,
     StoredSession, TokioHandle, TokioServer, UdpOptions,
 };

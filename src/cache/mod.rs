@@ -50,6 +50,9 @@ pub const DEFAULT_SESSION_ID_CONTEXT: &[u8] = b"openssl-session-cache";
 pub struct SessionCacheBuilder {
     max_entries: usize,
     max_bytes: usize,
+    /// `max_entries` or `max_bytes` was called: a bound for the default memory store, which a
+    /// store of the caller's own would silently ignore.
+    memory_bounds: bool,
     max_ttl: Duration,
     max_session_size: usize,
     store: Option<Arc<dyn SessionStore>>,
@@ -87,6 +90,7 @@ impl Default for SessionCacheBuilder {
         Self {
             max_entries: 20_480,
             max_bytes: 8 << 20,
+            memory_bounds: false,
             max_ttl: Duration::from_secs(7200),
             max_session_size: 8192,
             store: None,
@@ -107,16 +111,20 @@ impl Default for SessionCacheBuilder {
 
 impl SessionCacheBuilder {
     /// At most this many sessions in the default memory store; beyond it the least recently used
-    /// goes (default 20 480). Ignored when [`store`](Self::store) is set.
+    /// goes (default 20 480). Giving it together with [`store`](Self::store) is an error from
+    /// [`build`](Self::build): bound that store through its own builder.
     pub fn max_entries(mut self, n: usize) -> Self {
         self.max_entries = n;
+        self.memory_bounds = true;
         self
     }
 
     /// At most this many bytes of serialized sessions in the default memory store (default
-    /// 8 MiB). Ignored when [`store`](Self::store) is set.
+    /// 8 MiB). Giving it together with [`store`](Self::store) is an error from
+    /// [`build`](Self::build): bound that store through its own builder.
     pub fn max_bytes(mut self, n: usize) -> Self {
         self.max_bytes = n;
+        self.memory_bounds = true;
         self
     }
 
@@ -136,7 +144,7 @@ impl SessionCacheBuilder {
     }
 
     /// Where sessions are kept (default: a [`MemoryStore`] bounded by `max_entries` and
-    /// `max_bytes`).
+    /// `max_bytes`, which cannot be combined with this).
     pub fn store(mut self, store: Arc<dyn SessionStore>) -> Self {
         self.store = Some(store);
         self
@@ -241,13 +249,20 @@ impl SessionCacheBuilder {
     /// identity or a changed key cannot resume an old session, from a snapshot or another host
     /// either.
     ///
-    /// The DTLS server needs no such call: its
-    /// [`psk_lookup`](crate::ServerConfigBuilder::psk_lookup) (and
-    /// [`psk`](crate::ServerConfigBuilder::psk)) are the key source of every connection on its
-    /// context. Give this for contexts of your own with `set_psk_server_callback`, or to check
+    /// The DTLS server needs no such call: its [`psk_lookup`][psk_lookup] (and [`psk`][psk]) are
+    /// the key source of every connection on its context. Give this for contexts of your own with `set_psk_server_callback`, or to check
     /// against another source than the server's lookup (it then takes precedence). With neither,
     /// a PSK session cannot be checked and does not resume (counted in [`CacheStats::stale`]),
     /// unless [`resume_unchecked_psk_sessions`](Self::resume_unchecked_psk_sessions) says so.
+    ///
+    #[cfg_attr(
+        feature = "server",
+        doc = "[psk_lookup]: crate::ServerConfigBuilder::psk_lookup\n[psk]: crate::ServerConfigBuilder::psk"
+    )]
+    #[cfg_attr(
+        not(feature = "server"),
+        doc = "[psk_lookup]: crate#crate-features\n[psk]: crate#crate-features"
+    )]
     pub fn psk_keys(
         mut self,
         lookup: impl Fn(&[u8]) -> Option<zeroize::Zeroizing<Vec<u8>>> + Send + Sync + 'static,
@@ -287,22 +302,43 @@ impl SessionCacheBuilder {
     /// Builds the cache.
     ///
     /// # Errors
-    /// [`Error::Config`] for a session id context longer than 32 bytes, a zero TTL, size limit or
-    /// purge interval, and limits the memory store refuses.
+    /// [`Error::InvalidSetting`] for a session id context longer than 32 bytes, a zero TTL, size
+    /// limit, purge batch or purge interval, limits the memory store refuses, and `max_entries` or `max_bytes` given
+    /// together with a [`store`](Self::store) (they bound only the default memory store).
     pub fn build(self) -> Result<SessionCache, Error> {
-        if self.session_id_context.len() > 32 {
-            return Err(Error::Config(format!(
-                "session id context is {} bytes, at most 32 allowed",
-                self.session_id_context.len()
-            )));
-        }
-        if self.max_ttl.is_zero() || self.max_session_size == 0 || self.purge_batch == 0 {
-            return Err(Error::Config(
-                "max_ttl, max_session_size and purge_batch must be non-zero".into(),
+        if self.memory_bounds && self.store.is_some() {
+            return Err(Error::setting(
+                "max_entries",
+                "max_entries and max_bytes bound the default memory store only: \
+                 bound the given store through its own builder",
             ));
         }
+        if self.session_id_context.len() > 32 {
+            return Err(Error::setting(
+                "session_id_context",
+                format!(
+                    "session id context is {} bytes, at most 32 allowed",
+                    self.session_id_context.len()
+                ),
+            ));
+        }
+        for (setting, zero) in [
+            ("max_ttl", self.max_ttl.is_zero()),
+            ("max_session_size", self.max_session_size == 0),
+            ("purge_batch", self.purge_batch == 0),
+        ] {
+            if zero {
+                return Err(Error::setting(
+                    setting,
+                    "max_ttl, max_session_size and purge_batch must be non-zero",
+                ));
+            }
+        }
         if self.purge_interval.is_some_and(|d| d.is_zero()) {
-            return Err(Error::Config("purge interval must be non-zero".into()));
+            return Err(Error::setting(
+                "purge_interval",
+                "purge interval must be non-zero",
+            ));
         }
         let store = match self.store {
             Some(store) => store,
@@ -461,17 +497,20 @@ impl SessionCache {
     }
 
     /// The time by the cache's clock ([`SessionCacheBuilder::clock`]).
+    #[cfg(feature = "server")]
     pub(crate) fn wall_clock(&self) -> SystemTime {
         self.shared.inner.clock.now()
     }
 
     /// The longest a session lives ([`SessionCacheBuilder::max_ttl`]).
+    #[cfg(feature = "server")]
     pub(crate) fn max_ttl(&self) -> Duration {
         self.shared.inner.max_ttl
     }
 
     /// Removes the session `id` as OpenSSL's remove callback would (the endpoint's record layer
     /// received a fatal alert on an association it runs without OpenSSL).
+    #[cfg(feature = "server")]
     pub(crate) fn remove_session_id(&self, id: &SessionId) {
         self.shared.inner.remove_id(id);
     }
@@ -1063,6 +1102,25 @@ impl Drop for Purger {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn memory_bounds_with_a_store_of_ones_own_are_refused() {
+        let store = || -> Arc<dyn SessionStore> { Arc::new(crate::NullStore) };
+        for b in [
+            SessionCache::builder().max_entries(10).store(store()),
+            SessionCache::builder().store(store()).max_bytes(1 << 20),
+        ] {
+            assert!(matches!(
+                b.build(),
+                Err(Error::InvalidSetting {
+                    setting: "max_entries",
+                    ..
+                })
+            ));
+        }
+        assert!(SessionCache::builder().store(store()).build().is_ok());
+        assert!(SessionCache::builder().max_entries(10).build().is_ok());
+    }
 
     #[test]
     fn expiry_saturates_instead_of_overflowing() {

@@ -26,7 +26,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hmac::{Hmac, Mac};
-use openssl::ssl::{SslContext, SslContextBuilder, SslRef, SslSessionRef, SslVersion};
+#[cfg(feature = "server")]
+use openssl::ssl::SslContextBuilder;
+use openssl::ssl::{SslContext, SslRef, SslSessionRef, SslVersion};
 use openssl::x509::X509Ref;
 use sha2::Sha256;
 use zeroize::Zeroizing;
@@ -47,6 +49,7 @@ ex_data_index! {
 
 /// Registers `keys`, the lookup behind `ctx`'s PSK server callback, as the key source the
 /// session policy checks PSK sessions of connections on `ctx` against.
+#[cfg(feature = "server")]
 pub(crate) fn set_context_psk_keys(
     ctx: &mut SslContextBuilder,
     keys: PskKeys,

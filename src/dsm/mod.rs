@@ -1,5 +1,17 @@
 //! The DTLS session manager ([`Dsm`]): a bounded table of peers, their handshake state, and an
 //! idle sweeper, after RIOT's `dsm` module. The overview and an example are on [`Dsm`].
+//!
+//! The DTLS server runs a [`Dsm`] of its own: its user meets this module only through
+//! [`DsmConfig`] (given to [`ServerConfigBuilder::dsm`][server-dsm], feature `server`) and
+//! [`DsmStats`] (from the drivers' `dsm_stats`). The rest ([`Dsm`] itself, [`PeerState`] and
+//! [`PeerState::to_riot`], [`SocketPeer`], [`StoreOutcome`], [`Sweeper`], [`Authenticated`]) is
+//! the RIOT-parity API for a server that drives its own peers.
+//!
+#![cfg_attr(
+    feature = "server",
+    doc = "[server-dsm]: crate::ServerConfigBuilder::dsm"
+)]
+#![cfg_attr(not(feature = "server"), doc = "[server-dsm]: crate#crate-features")]
 
 mod slab;
 mod sweeper;
@@ -189,29 +201,40 @@ impl DsmConfig {
 
     fn validate(&self) -> Result<(), Error> {
         if self.max_handshakes > self.max_slots {
-            return Err(Error::Config(format!(
-                "dsm max_handshakes ({}) exceeds max_slots ({})",
-                self.max_handshakes, self.max_slots
-            )));
+            return Err(Error::setting(
+                "max_handshakes",
+                format!(
+                    "dsm max_handshakes ({}) exceeds max_slots ({})",
+                    self.max_handshakes, self.max_slots
+                ),
+            ));
         }
         if self.max_per_source == 0 {
-            return Err(Error::Config(
-                "dsm max_per_source must be at least 1".into(),
+            return Err(Error::setting(
+                "max_per_source",
+                "dsm max_per_source must be at least 1",
             ));
         }
         if self.ipv6_quota_prefix > 128 {
-            return Err(Error::Config(format!(
-                "dsm ipv6_quota_prefix ({}) exceeds 128",
-                self.ipv6_quota_prefix
-            )));
+            return Err(Error::setting(
+                "ipv6_quota_prefix",
+                format!(
+                    "dsm ipv6_quota_prefix ({}) exceeds 128",
+                    self.ipv6_quota_prefix
+                ),
+            ));
         }
         if self.handshake_timeout.is_zero() {
-            return Err(Error::Config(
-                "dsm handshake_timeout must not be zero".into(),
+            return Err(Error::setting(
+                "handshake_timeout",
+                "dsm handshake_timeout must not be zero",
             ));
         }
         if self.idle_tick.is_zero() {
-            return Err(Error::Config("dsm idle_tick must not be zero".into()));
+            return Err(Error::setting(
+                "idle_tick",
+                "dsm idle_tick must not be zero",
+            ));
         }
         Ok(())
     }
@@ -291,6 +314,7 @@ impl Authenticated {
 
     /// The proof the endpoint's own record layer gives for a record that opened under its
     /// peer's key (the AEAD verified it).
+    #[cfg(feature = "server")]
     pub(crate) fn opened() -> Self {
         Self { _private: () }
     }
@@ -388,7 +412,7 @@ struct Inner<K, V> {
 /// ```
 /// use std::net::SocketAddr;
 /// use std::time::{Duration, Instant};
-/// use openssl_session_cache::{Authenticated, Dsm, DsmConfig, FreeReason, PeerState};
+/// use openssl_session_cache::dsm::{Authenticated, Dsm, DsmConfig, FreeReason, PeerState};
 ///
 /// let config = DsmConfig::new(2)
 ///     .with_max_handshakes(1)
@@ -448,7 +472,7 @@ impl<K: PeerKey, V: Clone + Send + 'static> Dsm<K, V> {
     /// A manager with the given configuration.
     ///
     /// # Errors
-    /// [`Error::Config`] if `max_handshakes > max_slots`, `max_per_source == 0`,
+    /// [`Error::InvalidSetting`] if `max_handshakes > max_slots`, `max_per_source == 0`,
     /// `ipv6_quota_prefix > 128`, or a duration is zero.
     pub fn new(config: DsmConfig) -> Result<Self, Error> {
         config.validate()?;

@@ -55,10 +55,13 @@ impl CidLayout {
     /// A layout with `host` as the host id (at most [`MAX_CONNECTION_ID_HOST`] bytes).
     pub(crate) fn new(host: &[u8]) -> Result<Self, Error> {
         if host.len() > MAX_CONNECTION_ID_HOST {
-            return Err(Error::Config(format!(
-                "connection id host of {} bytes (at most {MAX_CONNECTION_ID_HOST})",
-                host.len()
-            )));
+            return Err(Error::setting(
+                "connection_id_host",
+                format!(
+                    "connection id host of {} bytes (at most {MAX_CONNECTION_ID_HOST})",
+                    host.len()
+                ),
+            ));
         }
         Ok(Self {
             host: host.to_vec(),

@@ -27,8 +27,9 @@ use zeroize::Zeroizing;
 
 use super::cid::{CidLayout, CidNegotiation};
 use super::cookie::CookieKeys;
+use crate::dsm::DsmConfig;
 use crate::ex_data::ex_data_index;
-use crate::{DsmConfig, Error, RefusedSetting, SessionCache};
+use crate::{Error, FileKind, RefusedSetting, SessionCache};
 
 /// The path MTU the server assumes (`SSL_set_mtu`, with `SSL_OP_NO_QUERY_MTU`).
 pub const DEFAULT_MTU: u32 = 1400;
@@ -517,18 +518,27 @@ impl ServerConfigBuilder {
     /// Builds the `SslContext`: the policy, then what the server owns (see the type's docs).
     pub fn build(self) -> Result<Arc<ServerConfig>, Error> {
         if self.mtu < 256 {
-            return Err(Error::Config(format!("mtu {} below 256", self.mtu)));
+            return Err(Error::setting("mtu", format!("mtu {} below 256", self.mtu)));
         }
         if self.cookie_rotation.is_zero() {
-            return Err(Error::Config("cookie rotation period is zero".into()));
+            return Err(Error::setting(
+                "cookie_rotation",
+                "cookie rotation period is zero",
+            ));
         }
         if self.send_queue == 0 {
-            return Err(Error::Config("send queue of 0 datagrams".into()));
+            return Err(Error::setting("send_queue", "send queue of 0 datagrams"));
         }
-        if self.lookup_timeout.is_zero() || self.parked_datagrams == 0 {
-            return Err(Error::Config(
-                "lookup timeout and parked datagrams must be above zero".into(),
-            ));
+        for (setting, zero) in [
+            ("lookup_timeout", self.lookup_timeout.is_zero()),
+            ("parked_datagrams", self.parked_datagrams == 0),
+        ] {
+            if zero {
+                return Err(Error::setting(
+                    setting,
+                    "lookup timeout and parked datagrams must be above zero",
+                ));
+            }
         }
         let peer_addr = peer_addr_index()?;
         let cookies = Arc::new(CookieKeys::new(self.cookie_rotation)?);
@@ -691,22 +701,30 @@ fn trust_client_cas(
     require: bool,
 ) -> Result<(), Error> {
     for path in files {
-        let pem = std::fs::read(path)
-            .map_err(|e| Error::Config(format!("client ca file {}: {e}", path.display())))?;
-        let certs = X509::stack_from_pem(&pem)
-            .map_err(|e| Error::Config(format!("client ca file {}: {e}", path.display())))?;
+        let pem = std::fs::read(path).map_err(|source| Error::ReadFile {
+            kind: FileKind::ClientCa,
+            path: path.clone(),
+            source,
+        })?;
+        let certs = X509::stack_from_pem(&pem).map_err(|source| Error::InvalidPem {
+            kind: FileKind::ClientCa,
+            path: path.clone(),
+            source,
+        })?;
         if certs.is_empty() {
-            return Err(Error::Config(format!(
-                "client ca file {} holds no certificate",
-                path.display()
-            )));
+            return Err(Error::InvalidFile {
+                kind: FileKind::ClientCa,
+                path: path.clone(),
+                reason: "holds no certificate".into(),
+            });
         }
         cas.extend(certs);
     }
     if cas.is_empty() {
         if require {
-            return Err(Error::Config(
-                "require_client_certificate without a trusted client ca".into(),
+            return Err(Error::setting(
+                "require_client_certificate",
+                "require_client_certificate without a trusted client ca",
             ));
         }
         return Ok(());

@@ -96,7 +96,7 @@ use zeroize::{Zeroize, Zeroizing};
 use super::record::keys::{Aead, DirectionKey, RecordKeys};
 use super::record::protect::RecordState;
 use super::record::replay::ReplayWindow;
-use crate::error::{Error, StoreError};
+use crate::error::{Error, FileKind, StoreError};
 use crate::store::envelope::{KeyRing, DOMAIN_PEERS};
 use crate::store::file::{self, Links, ReadError};
 use crate::store::{SessionId, StoredSession};
@@ -481,9 +481,11 @@ pub fn save_peers(
 /// file: no peers.
 ///
 /// # Errors
-/// [`Error::Io`] if the file cannot be read or deleted (then nothing is returned: restoring
-/// state that could be restored again later would risk reusing sequence numbers);
-/// [`Error::Store`] for a file that is corrupt, truncated, or sealed under another key ring.
+/// [`Error::ReadFile`] if the file cannot be read, [`Error::Io`] if it cannot be deleted (then
+/// nothing is returned: restoring state that could be restored again later would risk reusing
+/// sequence numbers); [`Error::RefusedFile`] if the path is not a regular file, a symbolic link
+/// or too large; [`Error::InvalidFile`] for a file that is corrupt, truncated, or sealed under
+/// another key ring.
 pub fn take_peers(
     path: impl AsRef<Path>,
     ring: &KeyRing,
@@ -493,16 +495,17 @@ pub fn take_peers(
     let bytes = match file::read_regular(path, MAX_FILE, Links::Refuse) {
         Ok((b, _)) => b,
         Err(ReadError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(ReadError::Io(e)) => return Err(Error::Io(e)),
-        Err(ReadError::Refused(why)) => {
-            return Err(Error::Store(StoreError::Corrupt(format!(
-                "saved peers at {}: {why}",
-                path.display()
-            ))))
-        }
+        Err(e) => return Err(e.into_error(FileKind::SavedPeers, path)),
     };
     file::remove_durably(path)?;
-    let mut peers = parse(&bytes, ring)?;
+    let mut peers = parse(&bytes, ring).map_err(|e| match e {
+        Error::Store(e) => Error::InvalidFile {
+            kind: FileKind::SavedPeers,
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        },
+        e => e,
+    })?;
     peers.retain(|p| !p.is_expired(now));
     Ok(peers)
 }

@@ -15,7 +15,8 @@ use super::endpoint::Endpoint;
 use super::io::{DatagramSocket, IoMode, IoStats, UdpIo};
 use super::router::Router;
 use super::stats::EndpointStats;
-use crate::{DsmStats, Error};
+use crate::dsm::DsmStats;
+use crate::Error;
 
 /// How often a busy worker publishes its counters for the driver's `stats`; a worker going
 /// idle publishes at most this long after its last change.

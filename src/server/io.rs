@@ -71,12 +71,15 @@ pub(crate) fn bind_workers(
     steering: Option<&CidLayout>,
 ) -> Result<(Vec<UdpSocket>, SocketAddr), Error> {
     if workers == 0 {
-        return Err(Error::Config("workers must be at least 1".into()));
+        return Err(Error::setting("workers", "workers must be at least 1"));
     }
     if steering.is_some() && workers > 256 {
-        return Err(Error::Config(format!(
-            "{workers} workers with connection ids (a connection id names one of at most 256)"
-        )));
+        return Err(Error::setting(
+            "workers",
+            format!(
+                "{workers} workers with connection ids (a connection id names one of at most 256)"
+            ),
+        ));
     }
     let reuse = workers > 1;
     let first = bind(listen, reuse)?;

@@ -41,7 +41,8 @@ use super::endpoint::Endpoint;
 use super::event::Event;
 use super::io::IoStats;
 use super::stats::{EndpointStats, Kind};
-use crate::{CacheStats, DsmStats};
+use crate::dsm::DsmStats;
+use crate::CacheStats;
 
 /// How often a worker publishes its counters' deltas.
 pub(crate) const METRICS_EVERY: Duration = Duration::from_millis(200);

@@ -33,7 +33,8 @@ use super::io::{bind_workers, IoStats, UdpIo};
 use super::router::Router;
 use super::stats::EndpointStats;
 use super::udp::UdpOptions;
-use crate::{DsmStats, Error};
+use crate::dsm::DsmStats;
+use crate::Error;
 
 /// Wakes one task: marks it woken and notifies it.
 #[derive(Debug, Default)]

@@ -33,7 +33,8 @@ use super::endpoint::Endpoint;
 use super::io::{bind_workers, IoMode, IoStats, UdpIo};
 use super::router::Router;
 use super::stats::EndpointStats;
-use crate::{DsmStats, Error};
+use crate::dsm::DsmStats;
+use crate::Error;
 
 const SOCKET: Token = Token(0);
 const WAKER: Token = Token(1);
@@ -559,8 +560,9 @@ mod tests {
     use std::time::{Duration, Instant};
 
     use super::*;
+    use crate::dsm::DsmConfig;
     use crate::server::testing::CidClient;
-    use crate::{AppContext, DsmConfig, Event, SessionCache};
+    use crate::{AppContext, Event, SessionCache};
 
     /// A client with a connection ID over real UDP: each `hop` sends from a new socket (a new
     /// source port), as a device behind a NAT that rebinds.

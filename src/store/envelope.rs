@@ -18,8 +18,9 @@
 //! A stored session is sealed as `[expires_at_ms u64 BE][session bytes]`, so its expiry is
 //! authenticated with it ([`KeyRing::seal_session`], [`KeyRing::open_session`]).
 //!
-//! Opening never panics, whatever the input: a short, tampered, foreign or unknown-key value is
-//! a [`StoreError::Corrupt`].
+//! Opening never panics, whatever the input: a short value is a [`StoreError::Corrupt`], an
+//! unknown key a [`StoreError::UnknownKey`], a tampered or foreign one a
+//! [`StoreError::Unauthentic`].
 
 use std::fmt;
 use std::fs;
@@ -29,8 +30,8 @@ use openssl::rand::rand_bytes;
 use openssl::symm::{decrypt_aead, encrypt_aead, Cipher};
 use zeroize::{Zeroize, Zeroizing};
 
-use crate::error::{Error, StoreError};
-use crate::store::file::{self, Links, ReadError};
+use crate::error::{Error, FileKind, StoreError};
+use crate::store::file::{self, Links};
 use crate::store::{SessionId, StoredSession};
 
 /// The envelope format version this code writes and reads.
@@ -54,6 +55,7 @@ pub(crate) const DOMAIN_SESSION: u8 = 1;
 /// Associated-data domain of a snapshot trailer (context = a fixed label).
 pub(crate) const DOMAIN_SNAPSHOT: u8 = 2;
 /// The associated-data domain of a file of saved peers (`server::continuity`).
+#[cfg(feature = "server")]
 pub(crate) const DOMAIN_PEERS: u8 = 3;
 
 /// A set of AES-256-GCM keys by id: one active key seals, every key opens.
@@ -127,7 +129,7 @@ impl KeyRing {
     /// what they sealed.
     ///
     /// # Errors
-    /// [`Error::Config`] if the ring already holds `id`.
+    /// [`Error::InvalidKeys`] if the ring already holds `id`.
     pub fn rotate(mut self, id: u32, key: [u8; KEY_LEN]) -> Result<Self, Error> {
         self.check_new_id(id)?;
         self.keys.push((id, secret_key(key)));
@@ -137,7 +139,7 @@ impl KeyRing {
     /// Adds `key` as `id`, for opening only; the active key stays active.
     ///
     /// # Errors
-    /// [`Error::Config`] if the ring already holds `id`.
+    /// [`Error::InvalidKeys`] if the ring already holds `id`.
     pub fn with_retired_key(mut self, id: u32, key: [u8; KEY_LEN]) -> Result<Self, Error> {
         self.check_new_id(id)?;
         let at = self.keys.len() - 1;
@@ -147,7 +149,9 @@ impl KeyRing {
 
     fn check_new_id(&self, id: u32) -> Result<(), Error> {
         if self.key(id).is_some() {
-            return Err(Error::Config(format!("key ring already holds key id {id}")));
+            return Err(Error::InvalidKeys(format!(
+                "key ring already holds key id {id}"
+            )));
         }
         Ok(())
     }
@@ -161,17 +165,19 @@ impl KeyRing {
     /// same way. The bytes read are wiped when parsed.
     ///
     /// # Errors
-    /// [`Error::Io`] if the file cannot be opened or read (`NotFound` if there is none);
-    /// [`Error::Config`] naming the file if it is refused, is not UTF-8, or a line is malformed
-    /// (naming the line), an id repeats, or the file holds no key.
+    /// [`Error::ReadFile`] if the file cannot be opened or read (`NotFound` if there is none);
+    /// [`Error::RefusedFile`] if it is not a regular file or too large; [`Error::InvalidFile`]
+    /// if it is not UTF-8, or a line is malformed (naming the line), an id repeats, or the file
+    /// holds no key.
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self, Error> {
         let path = path.as_ref();
-        let in_file = |msg: String| Error::Config(format!("key file {}: {msg}", path.display()));
-        let (bytes, meta) =
-            file::read_regular(path, MAX_KEY_FILE_BYTES, Links::Follow).map_err(|e| match e {
-                ReadError::Io(e) => Error::Io(e),
-                ReadError::Refused(why) => in_file(why),
-            })?;
+        let in_file = |reason: String| Error::InvalidFile {
+            kind: FileKind::KeyFile,
+            path: path.to_path_buf(),
+            reason,
+        };
+        let (bytes, meta) = file::read_regular(path, MAX_KEY_FILE_BYTES, Links::Follow)
+            .map_err(|e| e.into_error(FileKind::KeyFile, path))?;
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
@@ -193,7 +199,7 @@ impl KeyRing {
             ))
         })?;
         Self::parse(text).map_err(|e| match e {
-            Error::Config(msg) => in_file(msg),
+            Error::InvalidKeys(msg) => in_file(msg),
             other => other,
         })
     }
@@ -201,7 +207,8 @@ impl KeyRing {
     /// Parses the key file format (see the type's docs).
     ///
     /// # Errors
-    /// [`Error::Config`] naming the line if a line is malformed, an id repeats, or there is no key.
+    /// [`Error::InvalidKeys`] naming the line if a line is malformed, an id repeats, or there is
+    /// no key.
     pub fn parse(text: &str) -> Result<Self, Error> {
         let mut keys: Vec<(u32, SecretKey)> = Vec::new();
         for (n, line) in text.lines().enumerate() {
@@ -211,27 +218,29 @@ impl KeyRing {
             }
             let lineno = n + 1;
             let (id, hex) = line.split_once(':').ok_or_else(|| {
-                Error::Config(format!("line {lineno}: expected ID:HEX (64 hex digits)"))
+                Error::InvalidKeys(format!("line {lineno}: expected ID:HEX (64 hex digits)"))
             })?;
             let id: u32 = id.trim().parse().map_err(|_| {
-                Error::Config(format!(
+                Error::InvalidKeys(format!(
                     "line {lineno}: key id is not a decimal number from 0 to 4294967295"
                 ))
             })?;
             let key = parse_key_hex(hex.trim()).ok_or_else(|| {
-                Error::Config(format!(
+                Error::InvalidKeys(format!(
                     "line {lineno}: key {id} is not 64 hex digits (32 bytes)"
                 ))
             })?;
             if keys.iter().any(|(k, _)| *k == id) {
-                return Err(Error::Config(format!(
+                return Err(Error::InvalidKeys(format!(
                     "line {lineno}: key id {id} appears twice"
                 )));
             }
             keys.push((id, Box::new(key)));
         }
         if keys.is_empty() {
-            return Err(Error::Config("no key (expected lines of ID:HEX)".into()));
+            return Err(Error::InvalidKeys(
+                "no key (expected lines of ID:HEX)".into(),
+            ));
         }
         Ok(Self { keys })
     }
@@ -295,7 +304,7 @@ impl KeyRing {
     /// Seals `plaintext` for the session `id` under the active key.
     ///
     /// # Errors
-    /// [`StoreError::Backend`] if OpenSSL fails (no randomness, cipher unavailable).
+    /// [`StoreError::Seal`] if OpenSSL fails (no randomness, cipher unavailable).
     pub fn seal(&self, id: &SessionId, plaintext: &[u8]) -> Result<Vec<u8>, StoreError> {
         self.seal_raw(DOMAIN_SESSION, id.as_bytes(), plaintext)
     }
@@ -303,8 +312,10 @@ impl KeyRing {
     /// Opens an envelope sealed for the session `id`.
     ///
     /// # Errors
-    /// [`StoreError::Corrupt`] if the envelope is short, has another version, names a key the
-    /// ring does not hold, or fails authentication (tampered, sealed for another id, other key).
+    /// [`StoreError::Corrupt`] if the envelope is short or has another version,
+    /// [`StoreError::UnknownKey`] if it names a key the ring does not hold,
+    /// [`StoreError::Unauthentic`] if it fails authentication (tampered, sealed for another id,
+    /// other key).
     pub fn open(&self, id: &SessionId, envelope: &[u8]) -> Result<Zeroizing<Vec<u8>>, StoreError> {
         self.open_raw(DOMAIN_SESSION, id.as_bytes(), envelope)
     }
@@ -343,7 +354,7 @@ impl KeyRing {
     ) -> Result<Vec<u8>, StoreError> {
         let (key_id, key) = self.active();
         let mut nonce = [0u8; NONCE_LEN];
-        rand_bytes(&mut nonce).map_err(|e| StoreError::Backend(format!("rand_bytes: {e}")))?;
+        rand_bytes(&mut nonce).map_err(StoreError::Seal)?;
         let aad = aad(*key_id, domain, context);
         let mut tag = [0u8; TAG_LEN];
         let ct = encrypt_aead(
@@ -354,7 +365,7 @@ impl KeyRing {
             plaintext,
             &mut tag,
         )
-        .map_err(|e| StoreError::Backend(format!("aes-256-gcm seal: {e}")))?;
+        .map_err(StoreError::Seal)?;
         let mut out = Vec::with_capacity(OVERHEAD + ct.len());
         out.push(ENVELOPE_VERSION);
         out.extend_from_slice(&key_id.to_be_bytes());
@@ -383,19 +394,13 @@ impl KeyRing {
             )));
         }
         let key_id = u32::from_be_bytes([envelope[1], envelope[2], envelope[3], envelope[4]]);
-        let key = self.key(key_id).ok_or_else(|| {
-            StoreError::Corrupt(format!("envelope sealed with unknown key id {key_id}"))
-        })?;
+        let key = self.key(key_id).ok_or(StoreError::UnknownKey { key_id })?;
         let nonce = &envelope[5..HEADER_LEN];
         let (ct, tag) = envelope[HEADER_LEN..].split_at(envelope.len() - OVERHEAD);
         let aad = aad(key_id, domain, context);
         decrypt_aead(Cipher::aes_256_gcm(), key, Some(nonce), &aad, ct, tag)
             .map(Zeroizing::new)
-            .map_err(|_| {
-                StoreError::Corrupt(format!(
-                    "envelope failed authentication under key id {key_id} (tampered, moved, or another key)"
-                ))
-            })
+            .map_err(|_| StoreError::Unauthentic { key_id })
     }
 }
 
@@ -519,7 +524,15 @@ mod tests {
             let mut bad = env.clone();
             bad[i] ^= 0x01;
             let err = ring.open(&id, &bad).unwrap_err();
-            assert!(matches!(err, StoreError::Corrupt(_)), "byte {i}: {err:?}");
+            assert!(
+                matches!(
+                    err,
+                    StoreError::Corrupt(_)
+                        | StoreError::UnknownKey { .. }
+                        | StoreError::Unauthentic { .. }
+                ),
+                "byte {i}: {err:?}"
+            );
         }
         for cut in 0..env.len() {
             assert!(ring.open(&id, &env[..cut]).is_err(), "cut {cut}");
@@ -624,7 +637,10 @@ mod tests {
         assert!(err.contains("bad.keys") && err.contains("line 1"), "{err}");
         assert!(matches!(
             KeyRing::from_file(dir.path().join("missing")),
-            Err(Error::Io(_))
+            Err(Error::ReadFile {
+                kind: FileKind::KeyFile,
+                ..
+            })
         ));
         let ring = KeyRing::generate().unwrap().rotate(5, [5; 32]).unwrap();
         let good = dir.path().join("good.keys");

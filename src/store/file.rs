@@ -16,6 +16,8 @@ use std::path::Path;
 
 use zeroize::Zeroizing;
 
+use crate::error::{Error, FileKind};
+
 /// Why a file was not read.
 #[derive(Debug)]
 pub(crate) enum ReadError {
@@ -23,6 +25,17 @@ pub(crate) enum ReadError {
     Io(io::Error),
     /// The path names something that is not to be read; the text says what.
     Refused(String),
+}
+
+impl ReadError {
+    /// The crate's error for reading the `kind` file at `path`.
+    pub(crate) fn into_error(self, kind: FileKind, path: &Path) -> Error {
+        let path = path.to_path_buf();
+        match self {
+            Self::Io(source) => Error::ReadFile { kind, path, source },
+            Self::Refused(reason) => Error::RefusedFile { kind, path, reason },
+        }
+    }
 }
 
 /// Whether a symbolic link at the last component of a path is followed.
@@ -169,6 +182,7 @@ pub(crate) fn write_atomically_with(
 
 /// Deletes the file at `path` and makes the deletion durable (the directory synced), so that it
 /// cannot come back after a crash.
+#[cfg(feature = "server")]
 pub(crate) fn remove_durably(path: &Path) -> io::Result<()> {
     fs::remove_file(path)?;
     let dir = match path.parent() {

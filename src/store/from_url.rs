@@ -17,15 +17,25 @@ use crate::store::SessionStore;
 ///   Cluster reached through the listed nodes.
 ///
 /// The store uses the default prefix, deadline (50 ms), write queue, invalidation and breaker of
-/// [`RedisStore::builder`](crate::RedisStore::builder): its lookups never block
-/// ([`SessionStore::is_remote`] is true) and its writes are write-behind. For a private CA, build
-/// the store with [`RedisStoreBuilder::ca_file`](crate::RedisStoreBuilder::ca_file) instead.
+/// [`RedisStore::builder`][redis-builder]: its lookups never block ([`SessionStore::is_remote`] is
+/// true) and its writes are write-behind. For a private CA, build the store with
+/// [`RedisStoreBuilder::ca_file`][redis-ca-file] instead.
 ///
 /// # Errors
-/// [`Error::Config`] if the scheme is not `redis://` (the memory store is the caller's business),
-/// if the crate was built without the `redis` feature, or if `key_file` is `None` (sessions are
-/// never stored in plaintext from here); [`Error::Io`] / [`Error::Config`] if the key file cannot
-/// be read or parsed.
+/// [`Error::InvalidUrl`] if the scheme is not `redis://` (the memory store is the caller's
+/// business) or the crate was built without the `redis` feature; [`Error::InvalidSetting`] if
+/// `key_file` is `None` (sessions are never stored in plaintext from here); the errors of
+/// [`KeyRing::from_file`](crate::KeyRing::from_file) and
+/// [`RedisStoreBuilder::build`][redis-build] (feature `redis`).
+///
+#[cfg_attr(
+    feature = "redis",
+    doc = "[redis-builder]: crate::RedisStore::builder\n[redis-ca-file]: crate::RedisStoreBuilder::ca_file\n[redis-build]: crate::RedisStoreBuilder::build"
+)]
+#[cfg_attr(
+    not(feature = "redis"),
+    doc = "[redis-builder]: crate#crate-features\n[redis-ca-file]: crate#crate-features\n[redis-build]: crate#crate-features"
+)]
 pub fn store_from_url(
     url: &str,
     key_file: Option<&Path>,
@@ -40,10 +50,12 @@ pub fn store_from_url(
         "unix://",
     ];
     if !SCHEMES.iter().any(|s| url.starts_with(s)) {
-        return Err(Error::Config(format!(
-            "unsupported store url {url:?}: expected redis://host:port, rediss://host:port or \
-             redis+cluster://host:port,host:port"
-        )));
+        return Err(Error::InvalidUrl {
+            url: format!("{url:?}"),
+            reason: "unsupported store url: expected redis://host:port, rediss://host:port or \
+                     redis+cluster://host:port,host:port"
+                .into(),
+        });
     }
     build(url, key_file, tier_entries)
 }
@@ -55,10 +67,10 @@ fn build(
     tier_entries: usize,
 ) -> Result<Arc<dyn SessionStore>, Error> {
     let key_file = key_file.ok_or_else(|| {
-        Error::Config(
+        Error::setting(
+            "key_file",
             "a redis store needs a key file to encrypt sessions at rest (--store-key FILE, \
-             lines of ID:HEX64; the last key seals)"
-                .into(),
+             lines of ID:HEX64; the last key seals)",
         )
     })?;
     let ring = crate::store::KeyRing::from_file(key_file)?;
@@ -75,9 +87,11 @@ fn build(
     _key_file: Option<&Path>,
     _tier_entries: usize,
 ) -> Result<Arc<dyn SessionStore>, Error> {
-    Err(Error::Config(
-        "this build has no redis store: rebuild with `--features redis`".into(),
-    ))
+    Err(Error::InvalidUrl {
+        // The scheme only: the rest may hold a password.
+        url: format!("{}://…", _url.split("://").next().unwrap_or_default()),
+        reason: "this build has no redis store: rebuild with `--features redis`".into(),
+    })
 }
 
 #[cfg(test)]

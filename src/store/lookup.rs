@@ -18,7 +18,7 @@ type Callback = Box<dyn FnOnce(Result<Option<StoredSession>, StoreError>) + Send
 
 /// The other end of a lookup: whoever runs it calls [`complete`](Self::complete) once, from any
 /// thread. Dropped without completing (a store that lost the request, a worker that died), it
-/// completes with [`StoreError::Unavailable`], so a waiting handshake is never left hanging.
+/// completes with [`StoreError::Stopped`], so a waiting handshake is never left hanging.
 pub struct LookupDone {
     callback: Option<Callback>,
 }
@@ -43,9 +43,7 @@ impl LookupDone {
 impl Drop for LookupDone {
     fn drop(&mut self) {
         if let Some(f) = self.callback.take() {
-            f(Err(StoreError::Unavailable(
-                "lookup dropped before it completed".into(),
-            )));
+            f(Err(StoreError::Stopped));
         }
     }
 }
@@ -133,12 +131,9 @@ mod tests {
     }
 
     #[test]
-    fn dropped_uncompleted_it_reports_unavailable() {
+    fn dropped_uncompleted_it_reports_stopped() {
         let (tx, rx) = mpsc::channel();
         drop(LookupDone::new(move |r| tx.send(r).unwrap()));
-        assert!(matches!(
-            rx.try_recv().unwrap(),
-            Err(StoreError::Unavailable(_))
-        ));
+        assert!(matches!(rx.try_recv().unwrap(), Err(StoreError::Stopped)));
     }
 }

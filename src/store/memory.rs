@@ -116,19 +116,26 @@ impl MemoryStoreBuilder {
     /// Builds the store.
     ///
     /// # Errors
-    /// [`Error::Config`] if a limit is 0 or the shard count is not in 1..=64.
+    /// [`Error::InvalidSetting`] if a limit is 0 or the shard count is not in 1..=64.
     pub fn build(self) -> Result<MemoryStore, Error> {
-        if self.max_entries == 0 || self.max_bytes == 0 {
-            return Err(Error::Config(
-                "memory store limits must be at least 1".into(),
-            ));
+        for (setting, zero) in [
+            ("max_entries", self.max_entries == 0),
+            ("max_bytes", self.max_bytes == 0),
+        ] {
+            if zero {
+                return Err(Error::setting(
+                    setting,
+                    "memory store limits must be at least 1",
+                ));
+            }
         }
         let shards = match self.shards {
             Some(n) if (1..=MAX_SHARDS).contains(&n) => n,
             Some(n) => {
-                return Err(Error::Config(format!(
-                    "shard count {n} is not in 1..={MAX_SHARDS}"
-                )))
+                return Err(Error::setting(
+                    "shards",
+                    format!("shard count {n} is not in 1..={MAX_SHARDS}"),
+                ))
             }
             None => default_shards(self.max_entries, self.max_bytes),
         };

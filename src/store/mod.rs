@@ -30,7 +30,6 @@ pub use lookup::{LookupDone, LookupMode, PutDone};
 pub use memory::{MemoryStore, MemoryStoreBuilder};
 #[cfg(feature = "redis")]
 pub use redis::{RedisStore, RedisStoreBuilder, RedisStoreStats};
-pub use snapshot::{load_snapshot, save_snapshot};
 
 /// The longest session id OpenSSL accepts (`SSL_MAX_SSL_SESSION_ID_LENGTH`).
 pub const MAX_SESSION_ID_LEN: usize = 32;
@@ -82,6 +81,7 @@ impl SessionId {
     /// The id under which a DTLS peer's record state is shared (a farm's crash failover): 32
     /// bytes, [`PEER_STATE_PREFIX`] then the first 24 bytes of the SHA-256 of `kind` and
     /// `key` (the peer's connection ID, or its address for a peer without one).
+    #[cfg_attr(not(feature = "server"), allow(dead_code))]
     pub(crate) fn for_peer_state(kind: u8, key: &[u8]) -> Self {
         let mut h = openssl::sha::Sha256::new();
         h.update(b"openssl-session-cache peer state v1");

@@ -35,9 +35,9 @@ use std::time::SystemTime;
 
 use openssl::sha::sha256;
 
-use crate::error::{Error, StoreError};
+use crate::error::{Error, FileKind, StoreError};
 use crate::store::envelope::{envelope_key_id, KeyRing, DOMAIN_SNAPSHOT, OVERHEAD};
-use crate::store::file::{self, Links, ReadError};
+use crate::store::file::{self, Links};
 use crate::store::{SessionId, SessionStoreAdmin, StoredSession, MAX_SESSION_ID_LEN};
 
 /// The first bytes of a snapshot file.
@@ -82,7 +82,7 @@ pub(crate) fn encode(
     ring: &KeyRing,
 ) -> Result<Vec<u8>, Error> {
     let count = u32::try_from(sessions.len())
-        .map_err(|_| Error::Config("too many sessions for one snapshot".into()))?;
+        .map_err(|_| Error::setting("snapshot", "too many sessions for one snapshot"))?;
 
     let mut buf =
         Vec::with_capacity(HEADER_LEN + sessions.iter().map(|(_, s)| s.len() + 100).sum::<usize>());
@@ -95,7 +95,7 @@ pub(crate) fn encode(
         buf.push(id.as_bytes().len() as u8);
         buf.extend_from_slice(id.as_bytes());
         let len = u32::try_from(env.len())
-            .map_err(|_| Error::Config("a session is too large for a snapshot".into()))?;
+            .map_err(|_| Error::setting("snapshot", "a session is too large for a snapshot"))?;
         buf.extend_from_slice(&len.to_be_bytes());
         buf.extend_from_slice(&env);
     }
@@ -124,9 +124,11 @@ pub(crate) fn trailer(ring: &KeyRing, body: &[u8]) -> Result<Vec<u8>, Error> {
 /// ([`StoreError::TooLarge`]) is skipped.
 ///
 /// # Errors
-/// [`Error::Io`] if the file cannot be read (`NotFound` if there is none);
-/// [`Error::Store`] with [`StoreError::Corrupt`] naming the file and the problem if the snapshot
-/// is refused, or the store's own error if an insert fails.
+/// [`Error::ReadFile`] if the file cannot be read (`NotFound` if there is none);
+/// [`Error::RefusedFile`] if the path is not a regular file, a symbolic link, or too large;
+/// [`Error::InvalidFile`] naming the problem if the snapshot is malformed, truncated or sealed
+/// under a key the ring does not hold; [`Error::Store`] with the store's own error if an
+/// insert fails.
 pub fn load_snapshot(
     store: &dyn SessionStoreAdmin,
     path: impl AsRef<Path>,
@@ -134,18 +136,15 @@ pub fn load_snapshot(
     now: SystemTime,
 ) -> Result<usize, Error> {
     let path = path.as_ref();
-    let refuse = |why: String| {
-        Error::Store(StoreError::Corrupt(format!(
-            "snapshot {} refused: {why}",
-            path.display()
-        )))
-    };
     let buf = match file::read_regular(path, MAX_SNAPSHOT_BYTES, Links::Refuse) {
         Ok((buf, _)) => buf,
-        Err(ReadError::Io(e)) => return Err(Error::Io(e)),
-        Err(ReadError::Refused(why)) => return Err(refuse(why)),
+        Err(e) => return Err(e.into_error(FileKind::Snapshot, path)),
     };
-    let sessions = parse(&buf, ring, now).map_err(refuse)?;
+    let sessions = parse(&buf, ring, now).map_err(|reason| Error::InvalidFile {
+        kind: FileKind::Snapshot,
+        path: path.to_path_buf(),
+        reason,
+    })?;
     let mut inserted = 0;
     for (id, session) in sessions {
         match store.put(id, session) {

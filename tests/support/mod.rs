@@ -10,6 +10,7 @@
 pub mod child;
 pub mod s_client;
 pub mod secrets;
+#[cfg(feature = "server")]
 pub mod server;
 
 use std::io::{self, Read, Write};

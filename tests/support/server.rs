@@ -7,9 +7,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use openssl::ssl::{ErrorCode, Ssl, SslContext, SslMethod, SslOptions, SslStream, SslVerifyMode};
+use openssl_session_cache::dsm::DsmConfig;
 use openssl_session_cache::{
-    AppContext, Application, DatagramPipe, DsmConfig, Event, ServerConfig, ServerConfigBuilder,
-    SessionCache, UdpOptions, UdpServer,
+    AppContext, Application, DatagramPipe, Event, ServerConfig, ServerConfigBuilder, SessionCache,
+    UdpOptions, UdpServer,
 };
 use parking_lot::Mutex;
 

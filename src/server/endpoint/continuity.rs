@@ -12,11 +12,12 @@ use openssl::hash::MessageDigest;
 
 use super::Endpoint;
 use crate::cache::policy::{context_keys, psk_fingerprint};
+use crate::dsm::PeerState;
 use crate::server::continuity::{unix_secs, Binding, SuspendedPeer};
 use crate::server::event::{CloseReason, ConnectionInfo, Event};
 use crate::server::lean::Lean;
 use crate::server::peer::{DsmKey, Peer};
-use crate::{PeerState, RestoreError};
+use crate::RestoreError;
 
 /// The names of the AEAD suites OpenSSL offers for DTLS 1.2, for the `&'static str` a restored
 /// peer's [`ConnectionInfo::cipher`] is.

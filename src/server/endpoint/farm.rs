@@ -439,9 +439,13 @@ impl Endpoint {
         let stored = match result {
             Ok(Some(stored)) => stored,
             Ok(None) => return self.drop_datagram(t.from, t.reason),
-            Err(StoreError::Corrupt(why)) => {
+            Err(
+                e @ (StoreError::Corrupt(_)
+                | StoreError::UnknownKey { .. }
+                | StoreError::Unauthentic { .. }),
+            ) => {
                 // Sealed under another key ring, or tampered.
-                tracing::debug!(%why, "shared peer state refused");
+                tracing::debug!(error = %e, "shared peer state refused");
                 self.stats.takeovers_refused += 1;
                 return self.drop_datagram(t.from, t.reason);
             }

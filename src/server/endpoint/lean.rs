@@ -5,14 +5,15 @@ use std::net::SocketAddr;
 use std::time::Instant;
 
 use super::Endpoint;
+use crate::dsm::Authenticated;
+use crate::dsm::PeerState;
 use crate::server::event::{CloseReason, DropReason, Event};
 use crate::server::peer::DsmKey;
 use crate::server::record::protect::{
     Rejected, SealError, CONTENT_ALERT, CONTENT_APPLICATION_DATA, CONTENT_HANDSHAKE,
 };
 use crate::server::record::records;
-use crate::PeerState;
-use crate::{Authenticated, SendError};
+use crate::SendError;
 
 /// Handshake message types a lean peer looks at.
 const HS_CLIENT_HELLO: u8 = 1;

@@ -16,7 +16,8 @@ use super::record::protect::Crypto;
 use super::record::{screen, ClientHello, NotHello, Screened};
 use super::stats::EndpointStats;
 use super::timers::{Timer, TimerHeap};
-use crate::{ffi, Authenticated, Dsm, DsmStats, Error, FreeReason, PeerState, SendError};
+use crate::dsm::{Authenticated, Dsm, DsmStats, FreeReason, PeerState};
+use crate::{ffi, Error, SendError};
 use park::ParkedLookups;
 
 pub(crate) mod continuity;

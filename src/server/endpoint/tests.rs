@@ -8,13 +8,14 @@ use openssl::ssl::{ErrorCode, SslSession};
 use rand::{Rng, SeedableRng};
 
 use super::*;
+use crate::dsm::DsmConfig;
 use crate::server::config::{
     ServerConfigBuilder, DEFAULT_CIPHERS, DEFAULT_MAX_DATAGRAM, DEFAULT_MTU,
 };
 use crate::server::peer::DsmKey;
 use crate::server::record::test_hello;
 use crate::server::testing::{addr, CidClient, Client};
-use crate::{DsmConfig, RestoreError, SessionCache};
+use crate::{RestoreError, SessionCache};
 
 fn builder() -> ServerConfigBuilder {
     ServerConfig::builder(SessionCache::builder().build().unwrap())

@@ -32,9 +32,7 @@ impl RedisStore {
         f: impl FnOnce(&mut [Connection]) -> RedisResult<T>,
     ) -> Result<T, StoreError> {
         if self.background.is_current() {
-            return Err(StoreError::Unavailable(
-                "redis admin call on the store's own background thread".into(),
-            ));
+            return Err(StoreError::OwnThread);
         }
         let s = &self.shared;
         let result = self.admin_connections().and_then(|mut conns| f(&mut conns));

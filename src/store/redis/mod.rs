@@ -32,7 +32,7 @@ use self::invalidation::Coherence;
 use self::runtime::{Background, Link};
 use self::write_behind::{Enqueued, Pending, WriteQueue};
 use crate::clock::unix_millis;
-use crate::error::{Error, StoreError};
+use crate::error::{Error, FileKind, StoreError};
 use crate::stats::{bump, EvictionStats};
 use crate::store::envelope::{hex_val, KeyRing};
 use crate::store::{
@@ -203,43 +203,57 @@ impl RedisStoreBuilder {
     /// learn at start-up whether Redis can be reached (a wrong CA, password or address).
     ///
     /// # Errors
-    /// [`Error::Config`] if a URL does not parse, ends in `#insecure`, or (in a cluster) names a
-    /// Unix socket or mixes `redis://` and `rediss://`; if a CA file was given for a plain
-    /// `redis://` URL, cannot be read or holds no PEM certificate; if a timeout is zero, the
-    /// write queue, failure count or prefix is empty/zero, a cluster's prefix holds a hash tag
-    /// (`{…}`, which would put every session in one slot), or neither a key ring nor the
-    /// plaintext opt-in was given; [`Error::Io`] if the background thread cannot be started.
+    /// [`Error::InvalidUrl`] if a URL does not parse, ends in `#insecure`, or (in a cluster)
+    /// names a Unix socket or mixes `redis://` and `rediss://`; [`Error::InvalidSetting`] if a
+    /// CA file was given for a plain `redis://` URL, a timeout is zero, the write queue, failure
+    /// count or prefix is empty/zero, a cluster's prefix holds a hash tag (`{…}`, which would
+    /// put every session in one slot), or neither a key ring nor the plaintext opt-in was given;
+    /// [`Error::ReadFile`] / [`Error::InvalidFile`] if the CA file cannot be read or holds no
+    /// PEM certificate; [`Error::Io`] if the background thread cannot be started.
     pub fn build(self) -> Result<RedisStore, Error> {
-        let codec = match (self.key_ring, self.plaintext) {
-            (Some(ring), false) => Codec::sealed(ring),
-            (None, true) => Codec::Plaintext,
-            (Some(_), true) => {
-                return Err(Error::Config(
-                    "redis store: give either a key ring or the plaintext opt-in, not both".into(),
-                ))
-            }
-            (None, false) => {
-                return Err(Error::Config(
+        let codec =
+            match (self.key_ring, self.plaintext) {
+                (Some(ring), false) => Codec::sealed(ring),
+                (None, true) => Codec::Plaintext,
+                (Some(_), true) => {
+                    return Err(Error::setting(
+                        "key_ring",
+                        "redis store: give either a key ring or the plaintext opt-in, not both",
+                    ))
+                }
+                (None, false) => return Err(Error::setting(
+                    "key_ring",
                     "redis store needs a key ring (key_ring(), or a key file) to encrypt sessions \
-                     at rest; to store them in plaintext call plaintext_i_understand_the_risk()"
-                        .into(),
-                ))
+                     at rest; to store them in plaintext call plaintext_i_understand_the_risk()",
+                )),
+            };
+        for (setting, zero) in [
+            ("op_timeout", self.op_timeout.is_zero()),
+            ("heartbeat", self.heartbeat.is_zero()),
+            ("admin_timeout", self.admin_timeout.is_zero()),
+        ] {
+            if zero {
+                return Err(Error::setting(
+                    setting,
+                    "redis store: the operation, heartbeat and admin timeouts must be above zero",
+                ));
             }
-        };
-        if self.op_timeout.is_zero() || self.heartbeat.is_zero() || self.admin_timeout.is_zero() {
-            return Err(Error::Config(
-                "redis store: the operation, heartbeat and admin timeouts must be above zero"
-                    .into(),
-            ));
         }
-        if self.write_queue == 0 || self.breaker_failures == 0 {
-            return Err(Error::Config(
-                "redis store: write queue and breaker failure count must be at least 1".into(),
-            ));
+        for (setting, zero) in [
+            ("write_queue", self.write_queue == 0),
+            ("breaker", self.breaker_failures == 0),
+        ] {
+            if zero {
+                return Err(Error::setting(
+                    setting,
+                    "redis store: write queue and breaker failure count must be at least 1",
+                ));
+            }
         }
         if self.prefix.is_empty() {
-            return Err(Error::Config(
-                "redis store: the key prefix must not be empty".into(),
+            return Err(Error::setting(
+                "prefix",
+                "redis store: the key prefix must not be empty",
             ));
         }
         let (is_cluster, urls) = match self.target {
@@ -250,16 +264,20 @@ impl RedisStoreBuilder {
             Target::Cluster(nodes) => (true, nodes),
         };
         if urls.is_empty() {
-            return Err(Error::Config(
-                "redis store: a cluster needs at least one node url".into(),
+            return Err(Error::setting(
+                "cluster",
+                "redis store: a cluster needs at least one node url",
             ));
         }
         if is_cluster && hash_tag(self.prefix.as_bytes()).is_some() {
-            return Err(Error::Config(format!(
-                "redis store: the prefix {:?} holds a hash tag ({{...}}): in a cluster every \
-                 session would hash to one slot",
-                self.prefix
-            )));
+            return Err(Error::setting(
+                "prefix",
+                format!(
+                    "redis store: the prefix {:?} holds a hash tag ({{...}}): in a cluster every \
+                     session would hash to one slot",
+                    self.prefix
+                ),
+            ));
         }
         let shown = if is_cluster {
             redact_nodes(&urls)
@@ -272,25 +290,28 @@ impl RedisStoreBuilder {
             .collect::<Result<Vec<_>, _>>()?;
         let tls = infos.iter().filter(|i| is_tls(i)).count();
         if tls != 0 && tls != infos.len() {
-            return Err(Error::Config(format!(
-                "redis store: {shown}: use rediss:// for every node or for none"
-            )));
+            return Err(Error::InvalidUrl {
+                url: shown,
+                reason: "redis store: use rediss:// for every node or for none".into(),
+            });
         }
         if is_cluster
             && infos
                 .iter()
                 .any(|i| matches!(i.addr(), ConnectionAddr::Unix(_)))
         {
-            return Err(Error::Config(format!(
-                "redis store: {shown}: a cluster is reached over TCP, not a unix socket"
-            )));
+            return Err(Error::InvalidUrl {
+                url: shown,
+                reason: "redis store: a cluster is reached over TCP, not a unix socket".into(),
+            });
         }
         let certs = match &self.ca_file {
             None => None,
             Some(_) if tls == 0 => {
-                return Err(Error::Config(format!(
-                    "redis store: a CA file was given but {shown} is not a rediss:// url"
-                )))
+                return Err(Error::setting(
+                    "ca_file",
+                    format!("redis store: a CA file was given but {shown} is not a rediss:// url"),
+                ))
             }
             Some(path) => Some(read_ca_file(path)?),
         };
@@ -299,7 +320,10 @@ impl RedisStoreBuilder {
                 Some(certs) => Client::build_with_tls(info, certs.clone()),
                 None => Client::open(info),
             }
-            .map_err(|e| Error::Config(format!("redis store: {shown}: {e}")))
+            .map_err(|e| Error::InvalidUrl {
+                url: shown.clone(),
+                reason: format!("redis store: {e}"),
+            })
         };
         let nodes = infos
             .iter()
@@ -368,15 +392,18 @@ impl RedisStoreBuilder {
 /// round trip) and no Nagle (pipelined requests go out as they come, not behind the previous
 /// one's ACK).
 fn connection_info(url: &str) -> Result<ConnectionInfo, Error> {
-    let bad_url =
-        |e: RedisError| Error::Config(format!("redis store: bad url {}: {e}", redact_url(url)));
+    let bad_url = |e: RedisError| Error::InvalidUrl {
+        url: redact_url(url),
+        reason: format!("redis store: bad url: {e}"),
+    };
     let info = url.into_connection_info().map_err(bad_url)?;
     if matches!(info.addr(), ConnectionAddr::TcpTls { insecure: true, .. }) {
-        return Err(Error::Config(format!(
-            "redis store: {}: certificate verification cannot be turned off (#insecure); \
-             give the CA with ca_file()",
-            redact_url(url)
-        )));
+        return Err(Error::InvalidUrl {
+            url: redact_url(url),
+            reason: "redis store: certificate verification cannot be turned off (#insecure); \
+                     give the CA with ca_file()"
+                .into(),
+        });
     }
     let settings = info.redis_settings().clone().set_skip_set_lib_name();
     let tcp = info.tcp_settings().clone().set_nodelay(true);
@@ -389,21 +416,21 @@ fn is_tls(info: &ConnectionInfo) -> bool {
 
 /// Reads a CA file for [`RedisStoreBuilder::ca_file`], refusing one without a certificate.
 fn read_ca_file(path: &Path) -> Result<TlsCertificates, Error> {
-    let pem = std::fs::read(path).map_err(|e| {
-        Error::Config(format!(
-            "redis store: cannot read CA file {}: {e}",
-            path.display()
-        ))
+    let pem = std::fs::read(path).map_err(|source| Error::ReadFile {
+        kind: FileKind::RedisCa,
+        path: path.to_path_buf(),
+        source,
     })?;
     match openssl::x509::X509::stack_from_pem(&pem) {
         Ok(certs) if !certs.is_empty() => Ok(TlsCertificates {
             client_tls: None,
             root_cert: Some(pem),
         }),
-        _ => Err(Error::Config(format!(
-            "redis store: CA file {} holds no PEM certificate",
-            path.display()
-        ))),
+        _ => Err(Error::InvalidFile {
+            kind: FileKind::RedisCa,
+            path: path.to_path_buf(),
+            reason: "holds no PEM certificate".into(),
+        }),
     }
 }
 
@@ -430,10 +457,12 @@ fn cluster_url_nodes(url: &str) -> Result<Option<Vec<String>>, Error> {
         .map(|h| format!("{scheme}://{userinfo}{h}{tail}"))
         .collect();
     if nodes.is_empty() {
-        return Err(Error::Config(format!(
-            "redis store: {} names no node (expected {scheme}+cluster://host:port,host:port)",
-            redact_url(url)
-        )));
+        return Err(Error::InvalidUrl {
+            url: redact_url(url),
+            reason: format!(
+                "redis store: names no node (expected {scheme}+cluster://host:port,host:port)"
+            ),
+        });
     }
     Ok(Some(nodes))
 }
@@ -457,7 +486,7 @@ pub struct RedisStoreStats {
     pub redis_errors: u64,
     /// Of those, the ones that ran out of time.
     pub timeouts: u64,
-    /// Lookups answered at once with [`StoreError::Unavailable`] because the breaker was open.
+    /// Lookups answered at once with [`StoreError::BreakerOpen`].
     pub breaker_open_skips: u64,
     /// Times the breaker opened.
     pub breaker_opens: u64,
@@ -637,7 +666,7 @@ pub(crate) struct Shared {
 ///   completed 52 ms after their call at the median, 57.6 ms at most, on a loaded 2-core
 ///   machine). A lookup that runs out of time completes with [`StoreError::Timeout`], counted;
 ///   one the store drops (the store itself dropped) completes with
-///   [`StoreError::Unavailable`]. The blocking [`get`](SessionStore::get) and
+///   [`StoreError::Stopped`]. The blocking [`get`](SessionStore::get) and
 ///   [`take`](SessionStore::take), kept for admin use and tests, wait for such a lookup, so they
 ///   too return within the deadline (plus a 50 ms grace for scheduling).
 /// - **Writes are write-behind**: [`put`](SessionStore::put) and [`remove`](SessionStore::remove)
@@ -654,7 +683,7 @@ pub(crate) struct Shared {
 ///   the whole farm. A take never trusts the memory tier.
 /// - **A circuit breaker** skips Redis for a back-off period after consecutive failures
 ///   (connection refused or dropped, deadline passed), then lets one request through to probe.
-///   Lookups refused by it complete at once with [`StoreError::Unavailable`]; the writer waits.
+///   Lookups refused by it complete at once with [`StoreError::BreakerOpen`]; the writer waits.
 ///   A probe that is cancelled or panics before reporting gives its slot back.
 /// - **Reconnects** happen on the background thread: a connection that failed is dropped and the
 ///   next operation opens a fresh one (one retry within the same deadline when an idle
@@ -704,7 +733,7 @@ pub(crate) struct Shared {
 ///
 /// Dropping the store gives queued writes up to the operation deadline to reach Redis, then
 /// stops its background thread; lookups still in flight complete with
-/// [`StoreError::Unavailable`].
+/// [`StoreError::Stopped`].
 pub struct RedisStore {
     shared: Arc<Shared>,
     background: Background,
@@ -859,10 +888,7 @@ impl RedisStore {
     /// the store's own background thread.
     pub fn check(&self) -> Result<(), Error> {
         if self.background.is_current() {
-            return Err(StoreError::Unavailable(
-                "redis check on the store's own background thread".into(),
-            )
-            .into());
+            return Err(StoreError::OwnThread.into());
         }
         let s = Arc::clone(&self.shared);
         let wait = s.admin_timeout.max(TOPOLOGY_MIN_TIMEOUT);
@@ -890,9 +916,7 @@ impl RedisStore {
         let r = match rx.recv_timeout(wait + BLOCKING_GRACE) {
             Ok(r) => r,
             Err(mpsc::RecvTimeoutError::Timeout) => Err(StoreError::Timeout),
-            Err(mpsc::RecvTimeoutError::Disconnected) => Err(StoreError::Unavailable(
-                "redis store background thread stopped".into(),
-            )),
+            Err(mpsc::RecvTimeoutError::Disconnected) => Err(StoreError::Stopped),
         };
         r.map_err(|e| {
             bump(&self.shared.counters.admin_errors);
@@ -909,15 +933,16 @@ impl RedisStore {
     /// keys are wiped once no operation in flight uses them.
     ///
     /// # Errors
-    /// [`Error::Config`] if the store was built with
+    /// [`Error::InvalidSetting`] if the store was built with
     /// [`plaintext_i_understand_the_risk`](RedisStoreBuilder::plaintext_i_understand_the_risk)
     /// (it has no ring to replace).
     pub fn replace_key_ring(&self, ring: KeyRing) -> Result<(), Error> {
         if self.shared.codec.replace_ring(ring) {
             Ok(())
         } else {
-            Err(Error::Config(
-                "redis store: a plaintext store has no key ring to replace".into(),
+            Err(Error::setting(
+                "key_ring",
+                "redis store: a plaintext store has no key ring to replace",
             ))
         }
     }
@@ -970,9 +995,7 @@ impl RedisStore {
         let key = s.key_for(&id);
         let Some(permit) = s.breaker_for(key.as_bytes()).admit(Instant::now()) else {
             bump(&s.counters.breaker_open_skips);
-            done.complete(Err(StoreError::Unavailable(
-                "redis circuit breaker open: redis skipped".into(),
-            )));
+            done.complete(Err(StoreError::BreakerOpen));
             return;
         };
         bump(&s.counters.remote_lookups);
@@ -998,9 +1021,7 @@ impl RedisStore {
             return r;
         }
         if self.background.is_current() {
-            return Err(StoreError::Unavailable(
-                "blocking redis call on the store's own background thread: use lookup".into(),
-            ));
+            return Err(StoreError::OwnThread);
         }
         let (tx, rx) = mpsc::sync_channel(1);
         self.start_remote(
@@ -1013,9 +1034,7 @@ impl RedisStore {
         match rx.recv_timeout(self.shared.op_timeout + BLOCKING_GRACE) {
             Ok(r) => r,
             Err(mpsc::RecvTimeoutError::Timeout) => Err(StoreError::Timeout),
-            Err(mpsc::RecvTimeoutError::Disconnected) => Err(StoreError::Unavailable(
-                "redis store background thread stopped".into(),
-            )),
+            Err(mpsc::RecvTimeoutError::Disconnected) => Err(StoreError::Stopped),
         }
     }
 }
@@ -1098,7 +1117,7 @@ impl SessionStore for RedisStore {
     }
 
     /// Never blocks: a tier hit or a queued write of this host completes `done` at once, as does
-    /// an open breaker (with [`StoreError::Unavailable`]); otherwise `done` completes on the
+    /// an open breaker (with [`StoreError::BreakerOpen`]); otherwise `done` completes on the
     /// store's background thread within the operation deadline.
     fn lookup(&self, id: SessionId, mode: LookupMode, done: LookupDone) {
         match self.local(&id, mode) {
@@ -1302,7 +1321,10 @@ mod tests {
             sealed().breaker(0, Duration::from_secs(1)),
             sealed().write_queue(0),
         ] {
-            assert!(matches!(b.build(), Err(Error::Config(_))));
+            assert!(matches!(
+                b.build(),
+                Err(Error::InvalidSetting { .. } | Error::InvalidUrl { .. })
+            ));
         }
     }
 
@@ -1339,7 +1361,12 @@ mod tests {
         let ring = KeyRing::generate().unwrap();
         let sealed = |url: &str| RedisStore::builder(url).key_ring(ring.clone());
         let refused = |b: RedisStoreBuilder| match b.build() {
-            Err(Error::Config(msg)) => msg,
+            Err(
+                e @ (Error::InvalidSetting { .. }
+                | Error::InvalidUrl { .. }
+                | Error::ReadFile { .. }
+                | Error::InvalidFile { .. }),
+            ) => e.to_string(),
             other => panic!("not refused: {other:?}"),
         };
         let msg = refused(sealed("rediss://127.0.0.1:1/#insecure"));
@@ -1347,7 +1374,7 @@ mod tests {
         let msg = refused(sealed("redis://127.0.0.1:1").ca_file("/nonexistent"));
         assert!(msg.contains("not a rediss:// url"), "{msg}");
         let msg = refused(sealed("rediss://127.0.0.1:1").ca_file("/nonexistent/ca.pem"));
-        assert!(msg.contains("cannot read CA file"), "{msg}");
+        assert!(msg.contains("cannot read redis ca file"), "{msg}");
         let dir = tempfile::tempdir().unwrap();
         let junk = dir.path().join("junk.pem");
         std::fs::write(&junk, "not a certificate").unwrap();
@@ -1376,7 +1403,10 @@ mod tests {
             RedisStore::cluster_builder(none)
                 .key_ring(ring.clone())
                 .build(),
-            Err(Error::Config(_))
+            Err(Error::InvalidSetting {
+                setting: "cluster",
+                ..
+            })
         ));
         let store = RedisStore::cluster_builder(["redis://127.0.0.1:1", "redis://127.0.0.1:2"])
             .key_ring(ring.clone())
@@ -1390,7 +1420,10 @@ mod tests {
         let store = plain("redis://127.0.0.1:1").build().unwrap();
         assert!(matches!(
             store.replace_key_ring(KeyRing::generate().unwrap()),
-            Err(Error::Config(_))
+            Err(Error::InvalidSetting {
+                setting: "key_ring",
+                ..
+            })
         ));
         let sealed = RedisStore::builder("redis://127.0.0.1:1")
             .key_ring(KeyRing::new(1, [1; 32]))
@@ -1484,7 +1517,7 @@ mod tests {
             LookupMode::Get,
             LookupDone::new(move |r| tx.send(r).unwrap()),
         );
-        assert!(matches!(rx.try_recv(), Ok(Err(StoreError::Unavailable(_)))));
+        assert!(matches!(rx.try_recv(), Ok(Err(StoreError::BreakerOpen))));
         assert_eq!(store.stats().breaker_open_skips, 1);
         assert_eq!(store.stats().redis_errors, 2);
         // Writes are only queued: they neither fail nor wait.
