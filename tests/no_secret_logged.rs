@@ -82,8 +82,11 @@ fn client_ctx(tweak: impl FnOnce(&mut SslContextBuilder)) -> SslContext {
 }
 
 /// A PSK client, without tickets (so that its session is stored in the cache).
+/// A client offering only `PSK-AES128-CCM8`, rated by its key size (OpenSSL 3.2+ refuses the
+/// suite at the default security level otherwise).
 fn psk_client(key: [u8; 16]) -> SslContext {
     client_ctx(move |b| {
+        openssl_session_cache::rate_ccm8_by_key_size(b);
         b.set_options(SslOptions::NO_TICKET);
         b.set_cipher_list("PSK-AES128-CCM8").unwrap();
         b.set_psk_client_callback(move |_, _, id, out| {
