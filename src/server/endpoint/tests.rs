@@ -969,6 +969,86 @@ fn lost_flight_is_retransmitted_by_the_timer() {
     assert_eq!(ep.stats().handshakes, 1);
 }
 
+/// `timeouts_handled` counts calls, one each (a mutant that multiplied it stayed at 0).
+#[test]
+fn every_call_to_handle_timeout_is_counted() {
+    let mut ep = Endpoint::new(config()).unwrap();
+    let now = Instant::now();
+    for n in 1..=3 {
+        ep.handle_timeout(now);
+        assert_eq!(ep.stats().timeouts_handled, n);
+    }
+}
+
+/// The bound on queued data and drop events counts what is queued, not what was ever queued:
+/// an application that polls every event never loses one, however many pass.
+#[test]
+fn events_polled_as_they_come_are_never_dropped_by_the_queue_bound() {
+    let mut ep = Endpoint::new(config()).unwrap();
+    let now = Instant::now();
+    for _ in 0..2 * super::MAX_QUEUED_EVENTS + 1 {
+        ep.handle(now, addr(1), b"GET / HTTP/1.1\r\n\r\n");
+        assert!(matches!(ep.poll_event(), Some(Event::Dropped { .. })));
+    }
+    assert_eq!(ep.stats().dropped_events, 0);
+    // Unpolled, the queue holds its bound and counts the rest.
+    for _ in 0..super::MAX_QUEUED_EVENTS + 3 {
+        ep.handle(now, addr(1), b"GET / HTTP/1.1\r\n\r\n");
+    }
+    assert_eq!(ep.stats().dropped_events, 3);
+    assert_eq!(events(&mut ep).len(), super::MAX_QUEUED_EVENTS);
+}
+
+/// `close_all` shuts every peer down: close_notify to the established one, both freed, each
+/// reported closed by shutdown.
+#[test]
+fn close_all_sends_close_notify_and_frees_every_peer() {
+    let mut ep = Endpoint::new(config()).unwrap();
+    let now = Instant::now();
+    let mut c = Client::new(1000, None);
+    pump(&mut ep, &mut c, now);
+    half_open(&mut ep, 1001, now);
+    assert_eq!(ep.peer_count(), 2);
+    while ep.poll_event().is_some() {}
+    while ep.poll_transmit().is_some() {}
+    ep.close_all();
+    assert_eq!(ep.peer_count(), 0);
+    let closed: Vec<_> = events(&mut ep)
+        .into_iter()
+        .filter_map(|e| match e {
+            Event::Closed { peer, reason } => Some((peer, reason)),
+            _ => None,
+        })
+        .collect();
+    assert!(
+        closed.contains(&(c.addr, CloseReason::Shutdown)),
+        "{closed:?}"
+    );
+    let bye = ep.poll_transmit().expect("close_notify");
+    assert_eq!(bye.to, c.addr);
+    c.stream.get_mut().push(bye.payload);
+    c.drive();
+    assert!(c
+        .stream
+        .get_shutdown()
+        .contains(openssl::ssl::ShutdownState::RECEIVED));
+}
+
+/// `is_connected` is true only for a peer whose handshake finished and that is still open.
+#[test]
+fn is_connected_only_while_established() {
+    let mut ep = Endpoint::new(config()).unwrap();
+    let now = Instant::now();
+    assert!(!ep.is_connected(addr(9)), "unknown");
+    let mut c = Client::new(1000, None);
+    pump(&mut ep, &mut c, now);
+    half_open(&mut ep, 1001, now);
+    assert!(!ep.is_connected(addr(1001)), "handshaking");
+    assert!(ep.is_connected(c.addr));
+    assert!(ep.close(c.addr));
+    assert!(!ep.is_connected(c.addr), "closed");
+}
+
 #[test]
 fn what_only_the_handshake_needs_goes_when_it_finishes() {
     let mut ep = Endpoint::new(config()).unwrap();
