@@ -1049,6 +1049,24 @@ fn is_connected_only_while_established() {
     assert!(!ep.is_connected(c.addr), "closed");
 }
 
+/// A peer timer due exactly at the time given is run, not put back: `handle_timeout` at the
+/// deadline `poll_timeout` gave returns (a mutant that re-armed a timer due now looped forever),
+/// and the next deadline is later. (OpenSSL's own timer reads the real clock, so nothing is
+/// resent yet.)
+#[test]
+fn a_timer_due_exactly_now_is_run_not_rearmed_for_now() {
+    let mut ep = Endpoint::new(config()).unwrap();
+    let mut c = Client::new(1000, None);
+    for d in cookie_exchange(&mut ep, &mut c, Instant::now()) {
+        ep.handle(Instant::now(), c.addr, &d);
+    }
+    while ep.poll_transmit().is_some() {}
+    let deadline = ep.poll_timeout().unwrap();
+    ep.handle_timeout(deadline);
+    assert_eq!(ep.peer_count(), 1);
+    assert!(ep.poll_timeout().unwrap() > deadline);
+}
+
 #[test]
 fn what_only_the_handshake_needs_goes_when_it_finishes() {
     let mut ep = Endpoint::new(config()).unwrap();
