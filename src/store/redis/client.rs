@@ -357,6 +357,23 @@ impl Shared {
         done.complete(result);
     }
 
+    /// What a confirmed write sends: the key, the sealed value (the session's bytes are dropped
+    /// here) and the milliseconds it has left; an already expired session is refused.
+    fn sealed_for_put(
+        &self,
+        id: &SessionId,
+        session: StoredSession,
+    ) -> Result<(String, Vec<u8>, u64), StoreError> {
+        let ttl_ms = session
+            .expires_at_millis()
+            .saturating_sub(crate::clock::unix_millis(std::time::SystemTime::now()));
+        if ttl_ms == 0 {
+            return Err(StoreError::Unavailable("value already expired".into()));
+        }
+        let value = self.codec.encode(id, &session)?;
+        Ok((self.key_for(id), value, ttl_ms))
+    }
+
     /// `SET key value PX ttl` of a sealed `session`, straight to Redis (no queue, no tier),
     /// within `deadline`; `done` learns whether Redis acknowledged it.
     pub(crate) async fn remote_put(
@@ -367,22 +384,13 @@ impl Shared {
         deadline: Instant,
         done: PutDone,
     ) {
-        let key = self.key_for(&id);
-        let ttl_ms = session
-            .expires_at_millis()
-            .saturating_sub(crate::clock::unix_millis(std::time::SystemTime::now()));
-        if ttl_ms == 0 {
-            drop(permit);
-            return done.complete(Err(StoreError::Unavailable("value already expired".into())));
-        }
-        let value = match self.codec.encode(&id, &session) {
-            Ok(v) => v,
+        let (key, value, ttl_ms) = match self.sealed_for_put(&id, session) {
+            Ok(sealed) => sealed,
             Err(e) => {
                 drop(permit);
                 return done.complete(Err(e));
             }
         };
-        drop(session);
         let set = ::redis::cmd("SET")
             .arg(&key)
             .arg(value)
@@ -429,22 +437,13 @@ impl Shared {
         deadline: Instant,
         done: PutDone,
     ) {
-        let key = self.key_for(&id);
-        let ttl_ms = session
-            .expires_at_millis()
-            .saturating_sub(crate::clock::unix_millis(std::time::SystemTime::now()));
-        if ttl_ms == 0 {
-            drop(permit);
-            return done.complete(Err(StoreError::Unavailable("value already expired".into())));
-        }
-        let value = match self.codec.encode(&id, &session) {
-            Ok(v) => v,
+        let (key, value, ttl_ms) = match self.sealed_for_put(&id, session) {
+            Ok(sealed) => sealed,
             Err(e) => {
                 drop(permit);
                 return done.complete(Err(e));
             }
         };
-        drop(session);
         let mut eval = ::redis::cmd("EVAL");
         eval.arg(Self::PUT_IF)
             .arg(1)
