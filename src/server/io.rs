@@ -41,7 +41,7 @@ pub struct IoStats {
     pub recv_calls: u64,
     /// Datagrams received.
     pub datagrams_received: u64,
-    /// Send system calls (`sendmsg`, `sendto`), refused ones included.
+    /// Send system calls (`sendto`), refused ones included.
     pub send_calls: u64,
     /// Datagrams sent (in [`IoMode::Batched`] consecutive datagrams to one peer may have been
     /// joined into one).
@@ -226,12 +226,13 @@ impl UdpIo {
         }
         let state = &self.state;
         let meta = &mut self.meta;
-        let mut slices: Vec<IoSliceMut<'_>> =
-            self.buf.chunks_mut(SLOT).map(IoSliceMut::new).collect();
+        // The receive buffers as slices, on the stack (no allocation per system call).
+        let mut chunks = self.buf.chunks_mut(SLOT);
+        let mut slices: [IoSliceMut<'_>; quinn_udp::BATCH_SIZE] =
+            std::array::from_fn(|_| IoSliceMut::new(chunks.next().unwrap_or_default()));
         let n = socket.raw_io(false, || {
             state.recv(UdpSockRef::from(socket), &mut slices, meta)
         })?;
-        drop(slices);
         let mut datagrams = 0;
         for (i, m) in self.meta[..n].iter().enumerate() {
             let slot = &self.buf[i * SLOT..i * SLOT + m.len];
@@ -264,26 +265,16 @@ impl UdpIo {
         self.out.push_back(t);
     }
 
-    /// Sends what is queued; `false` if the socket would block (the rest waits).
+    /// Sends what is queued; `false` if the socket would block (the rest waits). One `sendto`
+    /// per datagram in either mode: each goes to its own peer, and the endpoint sets no ECN,
+    /// source address or segment size, so `quinn-udp`'s `sendmsg` would only add the control
+    /// message it always builds (an `IP_TOS` of 0) for the kernel to parse.
     pub(crate) fn flush<S: DatagramSocket>(&mut self, socket: &S) -> bool {
         while let Some(t) = self.out.front() {
             self.stats.send_calls += 1;
-            let sent = match self.mode {
-                IoMode::Single => socket
-                    .raw_io(true, || socket.send_one(&t.payload, t.to))
-                    .map(drop),
-                IoMode::Batched => {
-                    let transmit = quinn_udp::Transmit {
-                        destination: t.to,
-                        ecn: None,
-                        contents: &t.payload,
-                        segment_size: None,
-                        src_ip: None,
-                    };
-                    let state = &self.state;
-                    socket.raw_io(true, || state.try_send(UdpSockRef::from(socket), &transmit))
-                }
-            };
+            let sent = socket
+                .raw_io(true, || socket.send_one(&t.payload, t.to))
+                .map(drop);
             match sent {
                 Ok(()) => self.stats.datagrams_sent += 1,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,

@@ -245,7 +245,7 @@ counters!(CacheCounters, CacheStats, "session_cache_", [
 counters!(IoCounters, IoStats, "dtls_udp_", [
     recv_calls: "Receive system calls (recvmmsg, recvfrom)",
     datagrams_received: "Datagrams received",
-    send_calls: "Send system calls (sendmsg, sendto)",
+    send_calls: "Send system calls (sendto)",
     datagrams_sent: "Datagrams sent",
 ]);
 

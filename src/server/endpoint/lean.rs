@@ -136,6 +136,7 @@ impl Endpoint {
                 opened_any = true;
                 self.dsm.touch(&peer.dsm_key, Authenticated::opened(), now);
             }
+            let id = peer.id;
             let Some(lean) = peer.lean_mut() else {
                 return;
             };
@@ -189,7 +190,6 @@ impl Endpoint {
                 self.stats.bytes_received += data.len() as u64;
                 self.event(Event::Data { peer: addr, data });
             }
-            let id = self.peers.get(&addr).map_or(0, |p| p.id);
             for d in send {
                 self.transmit(addr, d, id);
             }

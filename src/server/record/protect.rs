@@ -43,11 +43,38 @@ pub(crate) const CONTENT_TLS12_CID: u8 = 25;
 /// setting a nonce, not a key setup; past that, the least recently used context is keyed anew.
 const KEYED_CONTEXTS: usize = 64;
 
+/// Hashes a key id ([`DirectionKey::id`]) for the keyed-context caches. Key ids come from the
+/// process's own counter, never from the network, so SipHash's defence against chosen keys buys
+/// nothing here; a multiply by the golden ratio spreads consecutive ids over the hash bits (the
+/// table uses the top ones as tags). Two of these lookups are made per record.
+#[derive(Default, Clone, Copy)]
+struct KeyIdHasher(u64);
+
+impl std::hash::Hasher for KeyIdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        // Not reached for u64 keys; kept correct for any other use.
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+}
+
+/// The keyed contexts of one AEAD and direction, by key id.
+type KeyedContexts = lru::LruCache<u64, CipherCtx, std::hash::BuildHasherDefault<KeyIdHasher>>;
+
 /// An EVP cipher fetched once and, for each direction, contexts keyed for recent peers' keys.
 struct AeadContexts {
     cipher: Cipher,
-    seal: lru::LruCache<u64, CipherCtx>,
-    open: lru::LruCache<u64, CipherCtx>,
+    seal: KeyedContexts,
+    open: KeyedContexts,
 }
 
 /// The endpoint's EVP contexts, per AEAD, made on first use.
@@ -72,7 +99,7 @@ fn slot(aead: Aead) -> usize {
 /// The context keyed with `key` in `cache` (keyed now if it was not), its nonce set to `nonce`
 /// for one record.
 fn keyed<'a>(
-    cache: &'a mut lru::LruCache<u64, CipherCtx>,
+    cache: &'a mut KeyedContexts,
     cipher: &Cipher,
     aead: Aead,
     key: &DirectionKey,
@@ -87,9 +114,11 @@ fn keyed<'a>(
         }
     };
     if cache.contains(&key.id()) {
+        // One more lookup than needed (the borrow checker cannot return the first one's
+        // borrow); cheap with this hasher.
         let ctx = cache.get_mut(&key.id()).expect("BUG: just looked up");
         init(ctx, None)?;
-        return Ok(cache.get_mut(&key.id()).expect("BUG: just looked up"));
+        return Ok(ctx);
     }
     // A context to key: a new one, or the least recently used one (its old key schedule is
     // overwritten by the new key's).
@@ -124,8 +153,8 @@ impl Crypto {
             let cap = std::num::NonZeroUsize::new(KEYED_CONTEXTS).expect("BUG: not zero");
             *entry = Some(AeadContexts {
                 cipher: Cipher::fetch(None, aead.evp_name(), None)?,
-                seal: lru::LruCache::new(cap),
-                open: lru::LruCache::new(cap),
+                seal: KeyedContexts::with_hasher(cap, Default::default()),
+                open: KeyedContexts::with_hasher(cap, Default::default()),
             });
         }
         Ok(entry.as_mut().expect("BUG: just set"))
