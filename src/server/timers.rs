@@ -207,6 +207,22 @@ mod tests {
         owners.insert(7, heap.push(7, t0));
         heap.compact(owners.len(), live(&owners));
         assert_eq!(heap.len(), 1, "over it: rebuilt");
+        // The bound grows by two per owner: with three owners it is 70 entries.
+        let mut heap = TimerHeap::new();
+        let mut owners = HashMap::new();
+        for i in 0..(2 * 3 + TIMER_HEAP_SPARE) as u64 {
+            let key = (i % 3) as u32;
+            owners.insert(key, heap.push(key, t0 + Duration::from_millis(i)));
+        }
+        heap.compact(owners.len(), live(&owners));
+        assert_eq!(
+            heap.len(),
+            2 * 3 + TIMER_HEAP_SPARE,
+            "three owners at the bound: kept"
+        );
+        owners.insert(0, heap.push(0, t0));
+        heap.compact(owners.len(), live(&owners));
+        assert_eq!(heap.len(), 3, "one over it: rebuilt to the live entries");
     }
 
     #[test]

@@ -678,6 +678,75 @@ fn a_lookup_past_its_bound_is_a_full_handshake_never_a_hung_peer() {
 }
 
 #[test]
+fn a_completed_lookup_of_a_peer_that_went_neither_counts_nor_drives_the_next_peer_at_its_address() {
+    let (mut ep, store, session, _) = parked_setup();
+    let now = Instant::now();
+    let mut first = Client::new(1001, Some(&session));
+    pump(&mut ep, &mut first, now);
+    assert_eq!(ep.stats().parked, 1);
+    // Its lookup completes (its waker records it as ready), but the peer is closed before the
+    // endpoint gets to it.
+    assert_eq!(store.release(), 1);
+    assert!(ep.close(first.addr));
+    assert_eq!(ep.stats().parked, 0);
+    // A new client from the same address parks on a lookup of its own.
+    let mut second = Client::new(1001, Some(&session));
+    pump(&mut ep, &mut second, now);
+    assert_eq!(ep.stats().parked, 1);
+    assert_eq!(store.held.lock().len(), 1);
+    // The first peer's completion is stale: not counted, and the second peer stays parked.
+    ep.handle_timeout(now);
+    let s = ep.stats();
+    assert_eq!(
+        (s.lookups_completed, s.lookups_timed_out, s.parked),
+        (0, 0, 1),
+        "{s:?}"
+    );
+    assert_eq!(ep.peer_state(second.addr), PeerState::Handshake);
+    // Its own answer resumes it.
+    assert_eq!(store.release(), 1);
+    ep.handle_timeout(now);
+    let s = ep.stats();
+    assert_eq!((s.lookups_completed, s.parked), (1, 0), "{s:?}");
+    pump(&mut ep, &mut second, now);
+    assert!(second.established && second.stream.ssl().session_reused());
+}
+
+#[test]
+fn a_parked_peer_closed_leaves_no_live_lookup_and_the_others_stay_parked() {
+    let (mut ep, store, session, _) = parked_setup();
+    let now = Instant::now();
+    let mut gone = Client::new(1001, Some(&session));
+    pump(&mut ep, &mut gone, now);
+    let mut kept = Client::new(1002, Some(&session));
+    pump(&mut ep, &mut kept, now + Duration::from_millis(10));
+    assert_eq!(ep.stats().parked, 2);
+    assert!(ep.close(gone.addr));
+    assert_eq!(ep.stats().parked, 1, "the other one is still parked");
+    // The closed peer's lookup deadline is no longer one: the next is the kept peer's.
+    assert_eq!(
+        ep.parked.next_deadline(&ep.peers),
+        Some(now + Duration::from_millis(310)),
+        "only the kept peer's lookup deadline"
+    );
+    // Past both deadlines, only the kept peer's lookup times out.
+    ep.handle_timeout(now + Duration::from_millis(310));
+    let s = ep.stats();
+    assert_eq!(
+        (s.lookups_timed_out, s.lookups_completed, s.parked),
+        (1, 0, 0),
+        "{s:?}"
+    );
+    // Both answers arriving now are dropped: both lookups were abandoned. Only the kept peer's
+    // handshake went on without its answer (`abandoned` counts those); the closed one is gone.
+    assert_eq!(store.release(), 2);
+    ep.handle_timeout(now + Duration::from_millis(400));
+    let cache = ep.config().session_cache().stats();
+    assert_eq!((cache.hits, cache.abandoned), (0, 1), "{cache:?}");
+    assert_eq!(ep.stats().lookups_completed, 0);
+}
+
+#[test]
 fn garbage_and_strays_are_dropped_and_counted() {
     let mut ep = Endpoint::new(config()).unwrap();
     let now = Instant::now();
