@@ -57,8 +57,9 @@ impl Wake for ParkWake {
 pub(super) struct ParkedLookups {
     /// The lookup deadlines (an entry is live while its peer's [`Parked`] holds it).
     timers: TimerHeap<SocketAddr>,
-    /// Parked peers whose lookup completed.
-    ready: Ready,
+    /// Parked peers whose lookup completed (visible to the endpoint's tests, which empty it to
+    /// stand for an answer that arrives while the endpoint is at work).
+    pub(super) ready: Ready,
     /// Peers parked now.
     count: usize,
 }

@@ -747,6 +747,29 @@ fn a_parked_peer_closed_leaves_no_live_lookup_and_the_others_stay_parked() {
 }
 
 #[test]
+fn a_lookup_answered_as_its_deadline_passes_counts_as_completed_and_resumes() {
+    let (mut ep, store, session, _) = parked_setup();
+    let now = Instant::now();
+    let mut resuming = Client::new(1001, Some(&session));
+    pump(&mut ep, &mut resuming, now);
+    assert_eq!(ep.stats().parked, 1);
+    // The answer arrives on the store's thread after handle_timeout took the ready list and
+    // before it looked at the deadlines: the peer is not in the list, its deadline is due,
+    // and its lookup has an answer (as here, where the list the waker filled is emptied).
+    assert_eq!(store.release(), 1);
+    ep.parked.ready.lock().clear();
+    ep.handle_timeout(now + Duration::from_millis(300));
+    let s = ep.stats();
+    assert_eq!(
+        (s.lookups_completed, s.lookups_timed_out, s.parked),
+        (1, 0, 0),
+        "{s:?}"
+    );
+    pump(&mut ep, &mut resuming, now + Duration::from_millis(300));
+    assert!(resuming.established && resuming.stream.ssl().session_reused());
+}
+
+#[test]
 fn garbage_and_strays_are_dropped_and_counted() {
     let mut ep = Endpoint::new(config()).unwrap();
     let now = Instant::now();
