@@ -168,6 +168,9 @@ struct Args {
     /// Sessions kept in memory in front of a redis store (0 = none).
     #[arg(long, default_value_t = 1024)]
     tier_entries: usize,
+    /// Sessions kept decoded beside the store, so that resuming skips decoding (0 = none).
+    #[arg(long, default_value_t = 1024)]
+    decoded_entries: usize,
     /// Memory store only: load the sessions in this encrypted snapshot at start (if it exists;
     /// a corrupt or foreign one is refused, moved to FILE.refused, and the cache starts empty)
     /// and write them to it at clean shutdown (Ctrl-C, SIGTERM). Needs --store-key.
@@ -247,6 +250,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     let (store, snapshot) = open_store(&args)?;
     let mut cache = SessionCache::builder()
         .store(Arc::clone(&store))
+        .decoded_entries(args.decoded_entries)
         .max_ttl(Duration::from_secs(args.session_ttl));
     let tickets = match (&args.store_key, args.tickets) {
         (Some(file), true) => {

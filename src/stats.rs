@@ -5,7 +5,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 /// A snapshot of a [`SessionCache`](crate::SessionCache)'s counters, from
 /// [`SessionCache::stats`](crate::SessionCache::stats).
 ///
-/// Counters only grow; `entries` and `bytes` are the store's occupancy when the snapshot was taken.
+/// Counters only grow; `entries` and `bytes` are the store's occupancy when the snapshot was
+/// taken, `decoded_entries` the decoded tier's.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct CacheStats {
@@ -60,6 +61,12 @@ pub struct CacheStats {
     pub entries: u64,
     /// Bytes of session data in the store now (0 if the store could not say).
     pub bytes: u64,
+    /// Sessions in the decoded tier now (at most
+    /// [`decoded_entries`](crate::SessionCacheBuilder::decoded_entries), about 1 KiB each). An
+    /// entry stays until the store says its session is gone or the tier's LRU bound pushes it
+    /// out; a lookup the store failed leaves it, so after store outages the tier fills up to
+    /// its bound with sessions nobody offers again, and stays there.
+    pub decoded_entries: u64,
 }
 
 /// Eviction counts kept by a store, merged into [`CacheStats`].
@@ -114,6 +121,7 @@ impl Counters {
         evictions: EvictionStats,
         entries: u64,
         bytes: u64,
+        decoded_entries: u64,
     ) -> CacheStats {
         let r = |c: &AtomicU64| c.load(Ordering::Relaxed);
         CacheStats {
@@ -136,6 +144,7 @@ impl Counters {
             store_errors: r(&self.store_errors),
             entries,
             bytes,
+            decoded_entries,
         }
     }
 }

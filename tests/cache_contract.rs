@@ -345,3 +345,75 @@ fn a_session_larger_than_the_store_holds_is_an_oversize_reject_not_an_insert() {
         "{s:?}"
     );
 }
+
+/// A memory store whose lookups fail while `down` is set (a store that is restarting).
+#[derive(Debug)]
+struct FlakyStore {
+    down: std::sync::atomic::AtomicBool,
+    inner: MemoryStore,
+}
+
+impl SessionStore for FlakyStore {
+    fn get(&self, id: &SessionId) -> Result<Option<StoredSession>, StoreError> {
+        if self.down.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(StoreError::Unavailable("restarting".into()));
+        }
+        self.inner.get(id)
+    }
+    fn put(&self, id: SessionId, s: StoredSession) -> Result<(), StoreError> {
+        self.inner.put(id, s)
+    }
+    fn take(&self, id: &SessionId) -> Result<Option<StoredSession>, StoreError> {
+        self.inner.take(id)
+    }
+    fn remove(&self, id: &SessionId) -> Result<bool, StoreError> {
+        self.inner.remove(id)
+    }
+}
+
+/// What the decoded tier holds (`decoded_entries` in the stats): each session resumed once,
+/// up to the tier's bound; a lookup the store failed leaves its entry (the store must confirm
+/// before a kept session is used), a session the store no longer has takes its entry away.
+/// After store outages the tier fills to its bound and stays there (the soak's slow RSS rise).
+#[test]
+fn the_decoded_tier_holds_at_most_its_bound_and_a_failed_lookup_leaves_its_entry() {
+    let store = Arc::new(FlakyStore {
+        down: false.into(),
+        inner: MemoryStore::builder().build().unwrap(),
+    });
+    let cache = SessionCache::builder()
+        .store(store.clone())
+        .decoded_entries(2)
+        .build()
+        .unwrap();
+    let server = server_ctx(Proto::Dtls12, &cache, false);
+    let sessions: Vec<_> = (0..3)
+        .map(|_| {
+            let client = client_ctx(Proto::Dtls12, false);
+            let full = connect(&server, &client, None, ServerClose::Clean);
+            (client, full.session.expect("a session"))
+        })
+        .collect();
+    assert_eq!(cache.stats().decoded_entries, 0, "nothing resumed yet");
+    for (i, (client, session)) in sessions.iter().enumerate() {
+        let out = connect(&server, client, Some(session), ServerClose::Clean);
+        assert!(out.server_reused);
+        assert_eq!(cache.stats().decoded_entries, (i as u64 + 1).min(2));
+    }
+    // The store fails: a miss, and the kept sessions stay.
+    store.down.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (client, session) = &sessions[2];
+    let out = connect(&server, client, Some(session), ServerClose::Clean);
+    assert!(!out.server_reused);
+    let s = cache.stats();
+    assert_eq!((s.store_errors, s.decoded_entries), (1, 2), "{s:?}");
+    // Back, but without that session (a restarted store that lost it): its entry goes.
+    store.down.store(false, std::sync::atomic::Ordering::SeqCst);
+    assert!(store
+        .inner
+        .remove(&SessionId::new(session.id()).unwrap())
+        .unwrap());
+    let out = connect(&server, client, Some(session), ServerClose::Clean);
+    assert!(!out.server_reused);
+    assert_eq!(cache.stats().decoded_entries, 1);
+}

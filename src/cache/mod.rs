@@ -482,9 +482,10 @@ impl SessionCache {
     pub fn stats(&self) -> CacheStats {
         let inner = &self.shared.inner;
         let usage = inner.store.usage();
+        let decoded = inner.decoded.as_ref().map_or(0, |t| t.lock().len() as u64);
         inner
             .counters
-            .snapshot(inner.store.evictions(), usage.entries, usage.bytes)
+            .snapshot(inner.store.evictions(), usage.entries, usage.bytes, decoded)
     }
 
     /// Stores `session` as if OpenSSL had just handed it to the new-session callback (to warm a

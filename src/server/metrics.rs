@@ -25,7 +25,8 @@
 //!   `session_cache_evicted_capacity_total`, `session_cache_evicted_bytes_total`,
 //!   `session_cache_removed_total`, `session_cache_decode_errors_total`,
 //!   `session_cache_rejected_oversize_total`, `session_cache_store_errors_total` (see
-//!   [`CacheStats`] for each); gauges `session_store_entries`, `session_store_bytes`.
+//!   [`CacheStats`] for each); gauges `session_store_entries`, `session_store_bytes`,
+//!   `session_cache_decoded_entries` (sessions held decoded beside the store).
 //! - UDP I/O: `dtls_udp_recv_calls_total`, `dtls_udp_datagrams_received_total`,
 //!   `dtls_udp_send_calls_total`, `dtls_udp_datagrams_sent_total`.
 //! - The histogram [`HANDSHAKE_DURATION_METRIC`] (`dtls_handshake_duration_seconds`, label
@@ -254,6 +255,10 @@ gauges!(StoreGauges, CacheStats, "session_store_", [
     bytes: "Bytes of session data in the session store now",
 ]);
 
+gauges!(CacheGauges, CacheStats, "session_cache_", [
+    decoded_entries: "Sessions held decoded beside the store (the decoded tier) now",
+]);
+
 /// One worker's metrics: its handles and the snapshots its last deltas were taken against.
 pub(crate) struct Publisher {
     /// Worker 0 also publishes the shared session cache's counters.
@@ -263,6 +268,7 @@ pub(crate) struct Publisher {
     dsm: (DsmCounters, DsmGauges, DsmStats),
     io: (IoCounters, IoStats),
     cache_stats: (CacheCounters, StoreGauges, CacheStats),
+    cache_gauges: CacheGauges,
     full: Histogram,
     resumed: Histogram,
 }
@@ -285,6 +291,7 @@ impl Publisher {
                 StoreGauges::new(),
                 CacheStats::default(),
             ),
+            cache_gauges: CacheGauges::new(),
             full: metrics::histogram!(HANDSHAKE_DURATION_METRIC, "kind" => "full"),
             resumed: metrics::histogram!(HANDSHAKE_DURATION_METRIC, "kind" => "resumed"),
         }
@@ -333,6 +340,7 @@ impl Publisher {
             // are the totals, so they are set, not added to.
             self.cache_stats.0.publish_absolute(&c);
             self.cache_stats.1.set_all(&c);
+            self.cache_gauges.set_all(&c);
             self.cache_stats.2 = c;
         }
     }
@@ -354,6 +362,7 @@ mod tests {
             DsmGauges::NAMES,
             CacheCounters::NAMES,
             StoreGauges::NAMES,
+            CacheGauges::NAMES,
             IoCounters::NAMES,
             &[HANDSHAKE_DURATION_METRIC],
         ];

@@ -2128,3 +2128,185 @@ fn cid_echo_cost() {
         }
     }
 }
+
+/// Records both ways on an established peer, lean or keeping its `Ssl`: counted by records and
+/// bytes, the send queue bounded, the largest record taken and one byte more refused.
+fn records_are_counted_and_the_send_queue_bounded(lean: bool) {
+    let config = builder().lean_peers(lean).send_queue(3).build().unwrap();
+    let mut ep = Endpoint::new(config).unwrap();
+    let now = Instant::now();
+    let mut c = Client::new(1000, None);
+    pump(&mut ep, &mut c, now);
+    assert!(c.established);
+    assert_eq!(ep.peers[&c.addr].is_lean(), lean);
+    while ep.poll_event().is_some() {}
+    let mut inbound = c.send(b"hello");
+    inbound.extend(c.send(b"there!"));
+    for d in inbound {
+        ep.handle(now, c.addr, &d);
+    }
+    let s = ep.stats();
+    assert_eq!((s.records_received, s.bytes_received), (2, 11), "{s:?}");
+    assert_eq!(
+        ep.send(c.addr, &vec![7; MAX_RECORD_PLAINTEXT + 1]),
+        Err(SendError::TooLarge)
+    );
+    ep.send(c.addr, &vec![7; MAX_RECORD_PLAINTEXT]).unwrap();
+    ep.send(c.addr, b"ab").unwrap();
+    ep.send(c.addr, b"cde").unwrap();
+    assert_eq!(ep.send(c.addr, b"f"), Err(SendError::QueueFull));
+    let s = ep.stats();
+    assert_eq!(
+        (s.records_sent, s.bytes_sent, s.send_queue_full),
+        (3, MAX_RECORD_PLAINTEXT as u64 + 5, 1),
+        "{s:?}"
+    );
+    let sent: Vec<_> = std::iter::from_fn(|| ep.poll_transmit()).collect();
+    assert_eq!(sent.len(), 3);
+    assert!(
+        sent[0].payload.len() > MAX_RECORD_PLAINTEXT,
+        "the whole record"
+    );
+    // The queue has room again.
+    ep.send(c.addr, b"g").unwrap();
+}
+
+#[test]
+fn records_are_counted_and_the_send_queue_bounded_for_lean_peers() {
+    records_are_counted_and_the_send_queue_bounded(true);
+}
+
+#[test]
+fn records_are_counted_and_the_send_queue_bounded_for_peers_keeping_their_ssl() {
+    records_are_counted_and_the_send_queue_bounded(false);
+}
+
+#[test]
+fn authenticated_data_keeps_a_peer_keeping_its_ssl_from_going_idle() {
+    let dsm = DsmConfig::new(8).with_idle_tick(Duration::from_secs(10));
+    let config = builder().dsm(dsm).lean_peers(false).build().unwrap();
+    let mut ep = Endpoint::new(config).unwrap();
+    let t0 = Instant::now();
+    let mut c = Client::new(3, None);
+    pump(&mut ep, &mut c, t0);
+    assert!(c.established && !ep.peers[&c.addr].is_lean());
+    let at = |s: u64| t0 + Duration::from_secs(s);
+    for s in [5, 10, 15] {
+        ep.handle_timeout(at(s));
+    }
+    for d in c.send(b"still here") {
+        ep.handle(at(15), c.addr, &d);
+    }
+    for s in [20, 25] {
+        ep.handle_timeout(at(s));
+    }
+    assert_eq!(ep.peer_state(addr(3)), PeerState::Established);
+    for s in [30, 35, 40, 45] {
+        ep.handle_timeout(at(s));
+    }
+    assert_eq!(
+        ep.peer_state(addr(3)),
+        PeerState::None,
+        "silent for two passes"
+    );
+}
+
+#[test]
+fn rescheduling_a_peer_whose_deadline_did_not_move_adds_no_timer_entry() {
+    let mut ep = Endpoint::new(config()).unwrap();
+    let now = Instant::now();
+    half_open(&mut ep, 7, now);
+    let at = addr(7);
+    let deadline = ep.peers[&at]
+        .deadline()
+        .expect("a handshake has a deadline");
+    assert_eq!(ep.peers[&at].timer.map(Timer::at), Some(deadline));
+    let entries = ep.timers.len();
+    for _ in 0..10 {
+        ep.schedule(at);
+    }
+    assert_eq!(
+        ep.timers.len(),
+        entries,
+        "no entry pushed for the same deadline"
+    );
+    assert_eq!(ep.peers[&at].timer.map(Timer::at), Some(deadline));
+}
+
+#[test]
+fn a_closed_peers_timer_entry_is_no_longer_live() {
+    let mut ep = Endpoint::new(config()).unwrap();
+    let now = Instant::now();
+    half_open(&mut ep, 7, now);
+    let timer = ep.peers[&addr(7)].timer.expect("armed");
+    assert!(Endpoint::timer_is_live(&ep.peers, &addr(7), timer));
+    assert!(ep.close(addr(7)));
+    assert!(!Endpoint::timer_is_live(&ep.peers, &addr(7), timer));
+    let peers = &ep.peers;
+    assert_eq!(
+        ep.timers
+            .next_deadline(|a, t| Endpoint::timer_is_live(peers, a, t)),
+        None
+    );
+}
+
+#[test]
+fn the_handshaking_gauge_counts_only_unfinished_handshakes() {
+    let mut ep = Endpoint::new(config()).unwrap();
+    let now = Instant::now();
+    half_open(&mut ep, 7, now);
+    while ep.poll_transmit().is_some() {}
+    let mut c = Client::new(1000, None);
+    pump(&mut ep, &mut c, now);
+    assert_eq!(ep.stats().handshaking, 1, "the half-open one");
+    // An established peer going does not change it; the half-open one going does.
+    assert!(ep.close(c.addr));
+    assert_eq!(ep.stats().handshaking, 1);
+    assert!(ep.close(addr(7)));
+    assert_eq!(ep.stats().handshaking, 0);
+}
+
+#[test]
+fn a_cid_clients_finished_alone_in_its_datagram_completes_the_handshake() {
+    // Some clients send each record of a flight in a datagram of its own: the client's
+    // Finished, a tls12_cid record, then arrives alone, before the peer has gone lean.
+    let mut ep = Endpoint::new(config()).unwrap();
+    let now = Instant::now();
+    let mut c = CidClient::new(1000, b"client-cid", None);
+    let at = addr(1000);
+    let cid_len = ep.config().cid_len();
+    let mut out = c.drive();
+    let mut cid_records = 0;
+    for _ in 0..20 {
+        for d in out.drain(..) {
+            for r in crate::server::record::records(&d, cid_len) {
+                cid_records += usize::from(r[0] == 25);
+                ep.handle(now, at, r);
+            }
+        }
+        let mut any = false;
+        while let Some(t) = ep.poll_transmit() {
+            c.inbound(t.payload);
+            any = true;
+        }
+        out = c.drive();
+        if !any && out.is_empty() {
+            break;
+        }
+    }
+    assert_eq!(cid_records, 1, "the Finished, alone");
+    assert!(c.client.established);
+    assert!(ep.peers[&at].is_lean());
+    assert_eq!(ep.stats().dropped(), 0);
+    while ep.poll_event().is_some() {}
+    for d in c.send(b"after a split flight") {
+        ep.handle(now, at, &d);
+    }
+    assert_eq!(
+        echo(&mut ep).last(),
+        Some(&Event::Data {
+            peer: at,
+            data: b"after a split flight".to_vec()
+        })
+    );
+}
