@@ -2151,6 +2151,8 @@ fn records_are_counted_and_the_send_queue_bounded(lean: bool) {
         ep.send(c.addr, &vec![7; MAX_RECORD_PLAINTEXT + 1]),
         Err(SendError::TooLarge)
     );
+    let datagrams_out = ep.stats().datagrams_out;
+    assert!(datagrams_out > 0, "the handshake's flights");
     ep.send(c.addr, &vec![7; MAX_RECORD_PLAINTEXT]).unwrap();
     ep.send(c.addr, b"ab").unwrap();
     ep.send(c.addr, b"cde").unwrap();
@@ -2163,6 +2165,7 @@ fn records_are_counted_and_the_send_queue_bounded(lean: bool) {
     );
     let sent: Vec<_> = std::iter::from_fn(|| ep.poll_transmit()).collect();
     assert_eq!(sent.len(), 3);
+    assert_eq!(ep.stats().datagrams_out, datagrams_out + 3);
     assert!(
         sent[0].payload.len() > MAX_RECORD_PLAINTEXT,
         "the whole record"
@@ -2309,4 +2312,27 @@ fn a_cid_clients_finished_alone_in_its_datagram_completes_the_handshake() {
             data: b"after a split flight".to_vec()
         })
     );
+}
+
+#[test]
+fn a_dsm_slot_whose_connection_id_names_no_peer_never_blocks_a_new_handshake() {
+    // A slot keyed by a connection ID the endpoint no longer maps to a peer (a state the
+    // endpoint never leaves behind; made by hand here): evicted for a new handshake, which
+    // goes on, and nothing else is closed.
+    let dsm = DsmConfig::new(1)
+        .with_max_per_source(2)
+        .with_evict_idle_after(Some(Duration::from_secs(1)));
+    let mut ep = Endpoint::new(config_with(dsm)).unwrap();
+    let t0 = Instant::now();
+    let stray = DsmKey::Cid(
+        vec![0, 1, 2, 3, 4, 5, 6, 7].into(),
+        crate::dsm::PeerKey::source(&addr(1)),
+    );
+    ep.dsm.store(&stray, PeerState::Established, (), false, t0);
+    half_open(&mut ep, 2, t0 + Duration::from_secs(2));
+    assert_eq!(ep.peer_state(addr(2)), PeerState::Handshake);
+    assert_eq!(ep.stats().dropped_no_space, 0);
+    assert!(!events(&mut ep)
+        .iter()
+        .any(|e| matches!(e, Event::Closed { .. })));
 }
