@@ -744,6 +744,33 @@ mod tests {
         assert_eq!(b.stats().handshakes, 0);
     }
 
+    /// A shared peer the application closes takes its state out of the store: no host can take
+    /// over an association that ended.
+    #[test]
+    fn a_closed_shared_peer_leaves_no_state_in_the_store() {
+        let cert = crate::self_signed_certificate().unwrap();
+        let store: Arc<dyn SessionStore> = Arc::new(MemoryStore::builder().build().unwrap());
+        let now = Instant::now();
+        let mut a = host(Arc::clone(&store), &cert);
+        let mut c = Client::new(1000, None);
+        pump(&mut a, &mut c, now);
+        assert!(a.is_connected(c.addr));
+        let key = store_id(None, c.addr);
+        assert!(
+            store.get(&key).unwrap().is_some(),
+            "shared once established"
+        );
+        assert!(a.close(c.addr));
+        assert!(store.get(&key).unwrap().is_none(), "gone with the peer");
+        // A record of it at another host finds nothing to take over.
+        let mut b = host(Arc::clone(&store), &cert);
+        let d = c.send(b"late");
+        b.handle(now, c.addr, &d[0]);
+        let s = b.stats();
+        assert_eq!((s.takeover_lookups, s.takeovers), (1, 0), "{s:?}");
+        assert_eq!(b.peer_count(), 0);
+    }
+
     /// A state whose session expired (by the taking-over host's clock) is refused and counted;
     /// so is one asked for by a record from another address when the peer has no connection
     /// ID (its state is found by address only).
