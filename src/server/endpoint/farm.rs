@@ -910,6 +910,36 @@ mod tests {
         assert_eq!(slow.mem.usage(), stored, "the store is as it was");
     }
 
+    /// After a lease write fails, the write is asked for again only after [`MARK_DELAY`]: forged
+    /// records from the peer's address never make the host ask a failing store sooner (each
+    /// would otherwise be a store write an off-path sender could cause).
+    #[test]
+    fn forged_records_never_hurry_a_failed_lease_write() {
+        let cert = crate::self_signed_certificate().unwrap();
+        let slow = Arc::new(SlowStore::new());
+        let store: Arc<dyn SessionStore> = slow.clone();
+        let now = Instant::now();
+        let mut a = host(Arc::clone(&store), &cert);
+        let mut c = Client::new(1000, None);
+        pump(&mut a, &mut c, now);
+        assert!(a.is_connected(c.addr));
+        assert_eq!(slow.waiting(), 1, "the first lease write");
+        slow.settle(usize::MAX, || false);
+        a.handle_timeout(now);
+        assert_eq!(a.stats().lease_writes_failed, 1);
+        let mut forged = c.send(b"x").remove(0);
+        let last = forged.len() - 1;
+        forged[last] ^= 1;
+        for _ in 0..10 {
+            a.handle(now, c.addr, &forged);
+        }
+        assert_eq!(a.stats().records_unopened, 10);
+        assert_eq!(slow.waiting(), 0, "no write asked for by a forged record");
+        // Its retry comes after the delay.
+        a.handle_timeout(now + MARK_DELAY);
+        assert_eq!(slow.waiting(), 1, "asked for again after the delay");
+    }
+
     /// A store that never answers a lookup (nor writes).
     #[derive(Debug)]
     struct NeverStore;
