@@ -2267,6 +2267,11 @@ fn the_handshaking_gauge_counts_only_unfinished_handshakes() {
     assert_eq!(ep.stats().handshaking, 1);
     assert!(ep.close(addr(7)));
     assert_eq!(ep.stats().handshaking, 0);
+    assert_eq!(
+        ep.stats().closed_locally,
+        2,
+        "both closed by the application"
+    );
 }
 
 #[test]
