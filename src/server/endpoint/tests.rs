@@ -306,6 +306,7 @@ fn close_notify_keeps_the_session_resumable() {
         peer: c.addr,
         reason: CloseReason::CloseNotify
     }));
+    assert_eq!(ep.stats().closed, 1, "closed by the peer's close_notify");
     let answer = ep.poll_transmit().expect("close_notify answered");
     assert_eq!(answer.to, c.addr);
     let mut again = Client::new(1001, Some(&session));
@@ -2340,4 +2341,46 @@ fn a_dsm_slot_whose_connection_id_names_no_peer_never_blocks_a_new_handshake() {
     assert!(!events(&mut ep)
         .iter()
         .any(|e| matches!(e, Event::Closed { .. })));
+}
+
+#[test]
+fn a_record_with_a_strangers_connection_id_from_a_handshaking_peer_is_dropped_and_the_handshake_goes_on(
+) {
+    let mut ep = Endpoint::new(config()).unwrap();
+    let now = Instant::now();
+    let mut c = CidClient::new(1000, b"client-cid", None);
+    let at = addr(1000);
+    // The client's first flights; the server's answer to its cookie hello waits.
+    for d in c.drive() {
+        ep.handle(now, at, &d);
+    }
+    let hvr = ep.poll_transmit().expect("a HelloVerifyRequest");
+    c.inbound(hvr.payload);
+    for d in c.drive() {
+        ep.handle(now, at, &d);
+    }
+    assert_eq!(ep.peer_state(at), PeerState::Handshake);
+    // A tls12_cid record from its address, with a connection ID that is not its own.
+    let stranger = vec![0x5a; ep.config().cid_len()];
+    let mut rec = vec![25, 0xfe, 0xfd, 0, 1, 0, 0, 0, 0, 0, 1];
+    rec.extend_from_slice(&stranger);
+    rec.extend_from_slice(&40u16.to_be_bytes());
+    rec.extend_from_slice(&[7; 40]);
+    ep.handle(now, at, &rec);
+    assert_eq!(ep.stats().dropped_unknown_cid, 1);
+    // The handshake goes on and the peer talks.
+    c.pump(&mut ep, at, now);
+    assert!(c.client.established);
+    assert_eq!(ep.stats().failed, 0);
+    while ep.poll_event().is_some() {}
+    for d in c.send(b"still fine") {
+        ep.handle(now, at, &d);
+    }
+    assert_eq!(
+        echo(&mut ep).last(),
+        Some(&Event::Data {
+            peer: at,
+            data: b"still fine".to_vec()
+        })
+    );
 }
