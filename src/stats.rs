@@ -63,9 +63,8 @@ pub struct CacheStats {
     pub bytes: u64,
     /// Sessions in the decoded tier now (at most
     /// [`decoded_entries`](crate::SessionCacheBuilder::decoded_entries), about 1 KiB each). An
-    /// entry stays until the store says its session is gone or the tier's LRU bound pushes it
-    /// out; a lookup the store failed leaves it, so after store outages the tier fills up to
-    /// its bound with sessions nobody offers again, and stays there.
+    /// entry goes when a lookup of its session does not resume from the store (gone, expired,
+    /// refused, or the store failed) or when the tier's LRU bound pushes it out.
     pub decoded_entries: u64,
 }
 

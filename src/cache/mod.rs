@@ -806,6 +806,9 @@ impl Inner {
             Err(e) => {
                 tracing::debug!(error = %e, "session store lookup failed; full handshake");
                 bump(&self.counters.store_errors);
+                // Its client gets a new session from the full handshake and seldom offers this
+                // one again: a kept copy would only wait for the tier's bound to push it out.
+                self.forget_decoded(&id);
                 return None;
             }
         };
