@@ -64,7 +64,7 @@ pub struct CacheStats {
     /// Sessions in the decoded tier now (at most
     /// [`decoded_entries`](crate::SessionCacheBuilder::decoded_entries), about 1 KiB each). An
     /// entry goes when a lookup of its session does not resume from the store (gone, expired,
-    /// refused, or the store failed) or when the tier's LRU bound pushes it out.
+    /// refused by today's policy, or the store failed) or when the tier's LRU bound pushes it out.
     pub decoded_entries: u64,
 }
 

@@ -632,6 +632,23 @@ mod tests {
         Endpoint::new(config).unwrap()
     }
 
+    /// A host over `store` with one plain client connected to it (its first lease written or
+    /// waiting in the store).
+    fn connected(
+        store: &Arc<dyn SessionStore>,
+        cert: &(
+            openssl::x509::X509,
+            openssl::pkey::PKey<openssl::pkey::Private>,
+        ),
+        now: Instant,
+    ) -> (Endpoint, Client) {
+        let mut a = host(Arc::clone(store), cert);
+        let mut c = Client::new(1000, None);
+        pump(&mut a, &mut c, now);
+        assert!(a.is_connected(c.addr));
+        (a, c)
+    }
+
     /// Moves datagrams between a plain client and `ep` until nothing moves.
     fn pump(ep: &mut Endpoint, c: &mut Client, now: Instant) {
         let mut out = c.drive();
@@ -688,10 +705,7 @@ mod tests {
         let cert = crate::self_signed_certificate().unwrap();
         let store: Arc<dyn SessionStore> = Arc::new(MemoryStore::builder().build().unwrap());
         let now = Instant::now();
-        let mut a = host(Arc::clone(&store), &cert);
-        let mut c = Client::new(1000, None);
-        pump(&mut a, &mut c, now);
-        assert!(a.is_connected(c.addr));
+        let (mut a, mut c) = connected(&store, &cert, now);
         let mut sent: Vec<Vec<u8>> = Vec::new();
         // Three records, then the mark's delay passes: it is written.
         for i in 0..3u8 {
@@ -751,10 +765,7 @@ mod tests {
         let cert = crate::self_signed_certificate().unwrap();
         let store: Arc<dyn SessionStore> = Arc::new(MemoryStore::builder().build().unwrap());
         let now = Instant::now();
-        let mut a = host(Arc::clone(&store), &cert);
-        let mut c = Client::new(1000, None);
-        pump(&mut a, &mut c, now);
-        assert!(a.is_connected(c.addr));
+        let (mut a, mut c) = connected(&store, &cert, now);
         let key = store_id(None, c.addr);
         assert!(
             store.get(&key).unwrap().is_some(),
@@ -779,9 +790,7 @@ mod tests {
         let cert = crate::self_signed_certificate().unwrap();
         let store: Arc<dyn SessionStore> = Arc::new(MemoryStore::builder().build().unwrap());
         let now = Instant::now();
-        let mut a = host(Arc::clone(&store), &cert);
-        let mut c = Client::new(1000, None);
-        pump(&mut a, &mut c, now);
+        let (a, mut c) = connected(&store, &cert, now);
         drop(a);
         let d = c.send(b"late").remove(0);
         let clock = Arc::new(crate::ManualClock::starting_now());
@@ -827,9 +836,7 @@ mod tests {
         let cert = crate::self_signed_certificate().unwrap();
         let store: Arc<dyn SessionStore> = Arc::new(MemoryStore::builder().build().unwrap());
         let now = Instant::now();
-        let mut a = host(Arc::clone(&store), &cert);
-        let mut c = Client::new(1000, None);
-        pump(&mut a, &mut c, now);
+        let (_a, c) = connected(&store, &cert, now);
         let key = store_id(None, c.addr);
         assert!(
             store.get(&key).unwrap().is_some(),
@@ -919,10 +926,7 @@ mod tests {
         let slow = Arc::new(SlowStore::new());
         let store: Arc<dyn SessionStore> = slow.clone();
         let now = Instant::now();
-        let mut a = host(Arc::clone(&store), &cert);
-        let mut c = Client::new(1000, None);
-        pump(&mut a, &mut c, now);
-        assert!(a.is_connected(c.addr));
+        let (mut a, mut c) = connected(&store, &cert, now);
         assert_eq!(slow.waiting(), 1, "the first lease write");
         slow.settle(usize::MAX, || false);
         a.handle_timeout(now);

@@ -871,14 +871,16 @@ fn an_idle_peer_evicted_for_a_new_handshake_closes_as_evicted() {
     assert_eq!(ep.peer_state(addr(2)), PeerState::Handshake);
 }
 
-#[test]
-fn authenticated_data_keeps_a_peer_from_going_idle() {
+/// Authenticated data refreshes a peer against the idle sweeper, lean or keeping its `Ssl`.
+fn authenticated_data_keeps_a_peer_from_going_idle_when(lean: bool) {
     let dsm = DsmConfig::new(8).with_idle_tick(Duration::from_secs(10));
-    let mut ep = Endpoint::new(config_with(dsm)).unwrap();
+    let config = builder().dsm(dsm).lean_peers(lean).build().unwrap();
+    let mut ep = Endpoint::new(config).unwrap();
     let t0 = Instant::now();
     let mut c = Client::new(3, None);
     pump(&mut ep, &mut c, t0);
     assert!(c.established);
+    assert_eq!(ep.peers[&c.addr].is_lean(), lean);
     let at = |s: u64| t0 + Duration::from_secs(s);
     // The sweeper passes every 10 s: a peer unused between two passes goes.
     for s in [5, 10, 15] {
@@ -899,6 +901,11 @@ fn authenticated_data_keeps_a_peer_from_going_idle() {
         PeerState::None,
         "silent for two passes"
     );
+}
+
+#[test]
+fn authenticated_data_keeps_a_peer_from_going_idle() {
+    authenticated_data_keeps_a_peer_from_going_idle_when(true);
 }
 
 #[test]
@@ -2187,32 +2194,7 @@ fn records_are_counted_and_the_send_queue_bounded_for_peers_keeping_their_ssl() 
 
 #[test]
 fn authenticated_data_keeps_a_peer_keeping_its_ssl_from_going_idle() {
-    let dsm = DsmConfig::new(8).with_idle_tick(Duration::from_secs(10));
-    let config = builder().dsm(dsm).lean_peers(false).build().unwrap();
-    let mut ep = Endpoint::new(config).unwrap();
-    let t0 = Instant::now();
-    let mut c = Client::new(3, None);
-    pump(&mut ep, &mut c, t0);
-    assert!(c.established && !ep.peers[&c.addr].is_lean());
-    let at = |s: u64| t0 + Duration::from_secs(s);
-    for s in [5, 10, 15] {
-        ep.handle_timeout(at(s));
-    }
-    for d in c.send(b"still here") {
-        ep.handle(at(15), c.addr, &d);
-    }
-    for s in [20, 25] {
-        ep.handle_timeout(at(s));
-    }
-    assert_eq!(ep.peer_state(addr(3)), PeerState::Established);
-    for s in [30, 35, 40, 45] {
-        ep.handle_timeout(at(s));
-    }
-    assert_eq!(
-        ep.peer_state(addr(3)),
-        PeerState::None,
-        "silent for two passes"
-    );
+    authenticated_data_keeps_a_peer_from_going_idle_when(false);
 }
 
 #[test]
