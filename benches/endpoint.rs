@@ -1,13 +1,16 @@
 //! Server CPU per resumed DTLS 1.2 handshake, in-process and without sockets: the sans-IO
 //! `Endpoint` (stateless cookie exchange, DSM admission, the session cache, close_notify, its
 //! timers and maps) against OpenSSL's server side alone with its internal cache (the baseline of
-//! `benches/resumption.rs`), measured in the same run. The difference between this and the
+//! `benches/resumption.rs`), and against OpenSSL alone doing the endpoint's whole exchange (a
+//! cookie through `SSL_OP_COOKIE_EXCHANGE`, the resumption, the client's close_notify answered
+//! with the server's), all measured in the same run. The difference between this and the
 //! figure under real load (`scripts/driver_bench.sh`) is what the sockets and the driver cost.
 //!
 //! Client and endpoint run in one thread in lockstep over in-memory datagrams; only the time in
 //! the endpoint's calls (handle, poll_transmit, poll_event) is counted. The two are run
 //! interleaved and each handshake is timed alone; the medians are compared (a shared machine's
-//! preemption only lengthens samples). Run: `cargo bench --bench endpoint` (`ROUNDS=N`).
+//! preemption only lengthens samples). Run: `cargo bench --bench endpoint` (`ROUNDS=N`;
+//! `LEAN=0` runs the endpoint with lean peers off, its peers keeping their `Ssl`).
 #![allow(missing_docs)]
 
 use std::hint::black_box;
@@ -23,7 +26,7 @@ use openssl_session_cache::{
 #[path = "support/dtls.rs"]
 mod dtls;
 
-use dtls::{dtls_builder, handshake, identity, server_ctx, Pki};
+use dtls::{cookie_server_ctx, dtls_builder, full_exchange, handshake, identity, server_ctx, Pki};
 
 /// Moves what the client wrote to the endpoint and back until the client's handshake is done,
 /// then sends close_notify; returns the time spent in the endpoint and whether it resumed.
@@ -117,6 +120,9 @@ fn main() {
     let internal = server_ctx(&pki, false, None);
     let client = dtls::client_ctx(&pki, false);
     let (_, session, _, _) = handshake(&internal, &client, None);
+    // OpenSSL alone doing the endpoint's whole exchange: cookie, resumption, close_notify.
+    let cookie = cookie_server_ctx(&pki);
+    let (_, cookie_session, _, _) = handshake(&cookie, &client, None);
 
     let cache = SessionCache::builder().build().unwrap();
     let mut b = dtls_builder();
@@ -125,6 +131,7 @@ fn main() {
     let config = ServerConfig::builder(cache.clone())
         .context(b)
         .dsm(DsmConfig::new(4096))
+        .lean_peers(std::env::var("LEAN").map_or(true, |v| v != "0"))
         .build()
         .unwrap();
     let mut ep = Endpoint::new(config).unwrap();
@@ -146,7 +153,7 @@ fn main() {
     // handshake timed on its own and the median read (preemption only adds to a sample).
     // ONLY=baseline or ONLY=endpoint runs one side (for a profiler).
     let only = std::env::var("ONLY").unwrap_or_default();
-    let (mut base, mut endpoint) = (Vec::new(), Vec::new());
+    let (mut base, mut full, mut endpoint) = (Vec::new(), Vec::new(), Vec::new());
     for i in 0..rounds + rounds / 10 {
         let (t, _, reused, _) = if only != "endpoint" {
             handshake(&internal, &client, Some(&session))
@@ -159,6 +166,12 @@ fn main() {
             )
         };
         assert!(reused);
+        let (f, reused) = if only != "endpoint" {
+            full_exchange(&cookie, &client, &cookie_session)
+        } else {
+            (Duration::from_micros(1), true)
+        };
+        assert!(reused);
         let (e, resumed) = if only != "baseline" {
             endpoint_connection(&mut ep, &endpoint_client, &sessions, next_addr())
         } else {
@@ -167,6 +180,7 @@ fn main() {
         assert!(resumed);
         if i >= rounds / 10 {
             base.push(t);
+            full.push(f);
             endpoint.push(black_box(e));
         }
     }
@@ -189,15 +203,23 @@ fn main() {
     let s = cache.stats();
     assert_eq!(s.misses, 0, "{s:?}");
     let (b50, b10) = summary(&mut base);
+    let (f50, f10) = summary(&mut full);
     let (e50, e10) = summary(&mut endpoint);
     println!(
         "server CPU per resumed DTLS 1.2 handshake, in-process, {rounds} rounds (median / p10):"
     );
     println!("  openssl_internal_cache (baseline)            {b50:6.1} / {b10:6.1} us");
     println!(
-        "  endpoint: cookie exchange + close_notify     {e50:6.1} / {e10:6.1} us   ratio {:.2} / {:.2}",
+        "  openssl_cookie_close (cookie + close_notify)  {f50:6.1} / {f10:6.1} us   ratio {:.2} / {:.2}",
+        f50 / b50,
+        f10 / b10
+    );
+    println!(
+        "  endpoint: cookie exchange + close_notify     {e50:6.1} / {e10:6.1} us   ratio {:.2} / {:.2}, {:.2} / {:.2} of openssl_cookie_close",
         e50 / b50,
-        e10 / b10
+        e10 / b10,
+        e50 / f50,
+        e10 / f10
     );
     for (name, mut v) in [
         "first ClientHello -> HelloVerifyRequest",

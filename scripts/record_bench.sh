@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # Server CPU per echoed record under CLIENTS (default 16) closed-loop clients sending SIZE-byte
 # (default 100) records over established connections, against a plain UDP echo server (no
-# crypto: the kernel's datagram cost, the floor) on the same load, and against the same DTLS
-# server with lean peers off. RUNS (default 3) alternating rounds; the medians are the figures.
+# crypto: the kernel's datagram cost, the floor) on the same load, against the same echo server
+# doing one EVP AES-256-GCM seal and open per datagram and nothing else (`udp_echo --aead`: the
+# EVP floor, what any server protecting records with OpenSSL's EVP pays at least), and against
+# the same DTLS server with lean peers off. RUNS (default 3) alternating rounds; the medians are
+# the figures.
 #
 # Server CPU = utime + stime of the server process from /proc/PID/stat over the measured
 # seconds (the load connects first), divided by the echoes the load counted. The load
 # (examples/record_load.rs, one thread, mio) prints its own CPU per echo too.
-# Binds 127.0.0.1:4641-4643 only; stops what it started, by PID.
+# Binds 127.0.0.1:4641-4644 only; stops what it started, by PID.
 #
 #   bash scripts/record_bench.sh            # CLIENTS=16 SIZE=100 SECONDS_EACH=5 RUNS=3
 set -u
@@ -27,7 +30,7 @@ measure() { # name port server-command...
   local pid=$!
   sleep 0.7
   local plain=""
-  [ "$name" = plain ] && plain="--plain"
+  [ "$name" = plain ] || [ "$name" = floor ] && plain="--plain"
   # The load connects first; the server's CPU is read around the measured seconds only, which
   # the load announces by its start (connect takes well under the settle time below).
   $B/record_load --server 127.0.0.1:$port --clients "$CLIENTS" --size "$SIZE" \
@@ -49,16 +52,19 @@ measure() { # name port server-command...
   echo "$name $us $rate $lcpu"
 }
 
-echo "| round | plain UDP echo µs/echo | DTLS lean µs/echo | lean / plain | DTLS with Ssl µs/echo | Ssl / plain | echoes/s plain, lean, Ssl | load µs/echo (plain, lean, Ssl) |"
-echo "|---:|---:|---:|---:|---:|---:|---|---|"
+echo "| round | plain UDP echo µs/echo | EVP floor µs/echo | floor / plain | DTLS lean µs/echo | lean / plain | lean / floor | DTLS with Ssl µs/echo | Ssl / plain | echoes/s plain, floor, lean, Ssl | load µs/echo (plain, floor, lean, Ssl) |"
+echo "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"
 for round in $(seq "$RUNS"); do
   read -r _ pu pr pl < <(measure plain 4641 $B/udp_echo --listen 127.0.0.1:4641)
+  read -r _ fu fr fl < <(measure floor 4644 $B/udp_echo --listen 127.0.0.1:4644 --aead)
   read -r _ lu lr ll < <(measure lean 4642 $B/dtls_echo_server --listen 127.0.0.1:4642 \
       --stats-interval 0 --max-peers 4096 --per-ip 4096)
   read -r _ su sr sl < <(measure ssl 4643 $B/dtls_echo_server --listen 127.0.0.1:4643 \
       --stats-interval 0 --max-peers 4096 --per-ip 4096 --lean-peers false)
-  printf "| %s | %s | %s | %s | %s | %s | %s, %s, %s | %s, %s, %s |\n" "$round" "$pu" "$lu" \
-    "$(echo "scale=2; $lu/$pu" | bc)" "$su" "$(echo "scale=2; $su/$pu" | bc)" \
-    "$pr" "$lr" "$sr" "$pl" "$ll" "$sl"
+  printf "| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s, %s, %s, %s | %s, %s, %s, %s |\n" \
+    "$round" "$pu" "$fu" "$(echo "scale=2; $fu/$pu" | bc)" "$lu" \
+    "$(echo "scale=2; $lu/$pu" | bc)" "$(echo "scale=2; $lu/$fu" | bc)" \
+    "$su" "$(echo "scale=2; $su/$pu" | bc)" \
+    "$pr" "$fr" "$lr" "$sr" "$pl" "$fl" "$ll" "$sl"
 done
 rm -f /tmp/record_bench.$$

@@ -159,3 +159,94 @@ pub fn handshake(
     server_time += t.elapsed();
     (server_time, sess, reused, server_sess)
 }
+
+/// The baseline server context (OpenSSL's internal cache, as [`server_ctx`] makes it without a
+/// cache of ours) that also asks every client for a cookie (`SSL_OP_COOKIE_EXCHANGE`): OpenSSL
+/// doing the exchange the endpoint does, on its own. The cookie is an HMAC-SHA256 of the
+/// client's address (one fixed address here: the in-memory pipe has none), as the endpoint's is.
+pub fn cookie_server_ctx(pki: &Pki) -> SslContext {
+    use hmac::{Hmac, Mac};
+    let mut b = dtls_builder();
+    b.set_certificate(&pki.server.0).unwrap();
+    b.set_private_key(&pki.server.1).unwrap();
+    b.set_session_cache_mode(SslSessionCacheMode::SERVER);
+    b.set_options(SslOptions::NO_TICKET | SslOptions::COOKIE_EXCHANGE);
+    b.set_session_id_context(DEFAULT_SESSION_ID_CONTEXT)
+        .unwrap();
+    let keyed = Hmac::<sha2::Sha256>::new_from_slice(&[7u8; 32]).unwrap();
+    let tag = move |_: &openssl::ssl::SslRef| {
+        let mut mac = keyed.clone();
+        mac.update(&[4, 127, 0, 0, 1, 0x27, 0x10]);
+        mac.finalize().into_bytes()
+    };
+    let verify = tag.clone();
+    b.set_cookie_generate_cb(move |ssl, out| {
+        let t = tag(ssl);
+        out[..t.len()].copy_from_slice(&t);
+        Ok(t.len())
+    });
+    b.set_cookie_verify_cb(move |ssl, cookie| {
+        let t = verify(ssl);
+        // Compared in constant time, as the endpoint compares its cookies.
+        t.len() == cookie.len() && openssl::memcmp::eq(&t, cookie)
+    });
+    b.build()
+}
+
+/// What the endpoint does for a resuming client, done by OpenSSL alone on `server` (a
+/// [`cookie_server_ctx`]): the first ClientHello answered with a HelloVerifyRequest, the one with
+/// the cookie, the resumed handshake, the client's close_notify read and answered with the
+/// server's own, the `SSL` freed. Returns the server's time and whether it resumed.
+pub fn full_exchange(
+    server: &SslContext,
+    client: &SslContext,
+    session: &SslSession,
+) -> (Duration, bool) {
+    use std::io::Read;
+    let mut c_ssl = Ssl::new(client).unwrap();
+    c_ssl.set_mtu(1400).unwrap();
+    #[allow(unsafe_code)]
+    // SAFETY: the client context keeps no internal cache (default SERVER mode on a client).
+    unsafe {
+        c_ssl.set_session(session).unwrap()
+    };
+    let mut server_time = Duration::ZERO;
+    let mut c = step(c_ssl.connect(DatagramPipe::new()));
+    let t = Instant::now();
+    let mut s_ssl = Ssl::new(server).unwrap();
+    s_ssl.set_mtu(1400).unwrap();
+    let mut s = step(s_ssl.accept(DatagramPipe::new()));
+    server_time += t.elapsed();
+    loop {
+        deliver(&mut s, &mut c);
+        if let Side::Mid(m) = c {
+            c = step(m.handshake());
+        }
+        deliver(&mut c, &mut s);
+        if let Side::Mid(m) = s {
+            let t = Instant::now();
+            s = step(m.handshake());
+            server_time += t.elapsed();
+        }
+        if let (Side::Done(_), Side::Done(_)) = (&c, &s) {
+            break;
+        }
+    }
+    let (Side::Done(mut c), Side::Done(mut s)) = (c, s) else {
+        unreachable!()
+    };
+    // The client's close_notify; the server reads it and answers with its own.
+    c.shutdown().unwrap();
+    for d in c.get_mut().take_outbound() {
+        s.get_mut().push(d);
+    }
+    let t = Instant::now();
+    let reused = s.ssl().session_reused();
+    let mut buf = [0u8; 64];
+    let n = s.read(&mut buf).unwrap();
+    assert_eq!(n, 0, "the client's close_notify");
+    s.shutdown().unwrap();
+    drop(s);
+    server_time += t.elapsed();
+    (server_time, reused)
+}

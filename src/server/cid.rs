@@ -145,11 +145,13 @@ fn decode(body: &[u8]) -> Option<&[u8]> {
 }
 
 /// Registers the `connection_id` extension on `ctx`: the ClientHello's is read into the
-/// connection's [`PeerInfo`], and a ServerHello answering one carries the connection ID the
-/// endpoint chose for the peer (also in its `PeerInfo`). Resumed handshakes negotiate again.
+/// connection's [`PeerInfo`], and a ServerHello answering one carries a connection ID drawn
+/// then from `layout` for the peer's worker (kept in its `PeerInfo`): a client that does not
+/// offer the extension costs no random draw. Resumed handshakes negotiate again.
 pub(crate) fn install(
     ctx: &mut SslContextBuilder,
     index: openssl::ex_data::Index<openssl::ssl::Ssl, PeerInfo>,
+    layout: CidLayout,
 ) -> Result<(), Error> {
     let context = ExtensionContext::DTLS_ONLY
         | ExtensionContext::CLIENT_HELLO
@@ -162,12 +164,20 @@ pub(crate) fn install(
             let Some(info) = ssl.ex_data_mut(index) else {
                 return Ok(None);
             };
-            match (&info.cid.ours, &info.cid.theirs) {
-                (Some(ours), Some(_)) => {
+            if info.cid.theirs.is_none() {
+                return Ok(None);
+            }
+            if info.cid.ours.is_none() {
+                // A failed draw (OpenSSL's DRBG) leaves the extension unanswered: the
+                // handshake goes on without connection IDs.
+                info.cid.ours = layout.generate(info.cid.worker).ok();
+            }
+            match &info.cid.ours {
+                Some(ours) => {
                     info.cid.negotiated = true;
                     Ok(Some(encode(ours)))
                 }
-                _ => Ok(None),
+                None => Ok(None),
             }
         },
         move |ssl, _context, body, _cert| {
@@ -185,7 +195,10 @@ pub(crate) fn install(
 /// What one connection's handshake settled about connection IDs (in its [`PeerInfo`]).
 #[derive(Debug, Clone, Default)]
 pub(crate) struct CidNegotiation {
-    /// The connection ID the endpoint chose for the peer's records (none: CID off).
+    /// The worker holding the association: the first byte of the connection ID drawn for it.
+    pub(crate) worker: u8,
+    /// The connection ID the endpoint chose for the peer's records, drawn when the ServerHello
+    /// answers the client's extension (none before, or with CID off).
     pub(crate) ours: Option<Vec<u8>>,
     /// The connection ID the client asked for in our records (`Some(empty)`: none, but it
     /// sends ours), if it offered the extension.

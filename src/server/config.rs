@@ -626,7 +626,7 @@ impl ServerConfigBuilder {
         self.cache.install(&mut ctx)?;
         let connection_id = if self.connection_id && self.lean_peers {
             let layout = CidLayout::new(&self.connection_id_host)?;
-            super::cid::install(&mut ctx, peer_addr)?;
+            super::cid::install(&mut ctx, peer_addr, layout.clone())?;
             Some(layout)
         } else {
             None

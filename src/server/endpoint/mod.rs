@@ -381,10 +381,7 @@ impl Endpoint {
                 addr: from,
                 verified_cookie: verified_cookie.to_vec(),
                 cid: super::cid::CidNegotiation {
-                    ours: match &self.config.connection_id {
-                        Some(layout) => Some(layout.generate(self.worker)?),
-                        None => None,
-                    },
+                    worker: self.worker,
                     ..Default::default()
                 },
             },

@@ -1771,6 +1771,49 @@ fn a_resumed_handshake_negotiates_connection_ids_again() {
 }
 
 #[test]
+fn a_connection_id_is_drawn_only_for_a_client_that_offers_the_extension() {
+    let mut ep = Endpoint::new(config()).unwrap();
+    let now = Instant::now();
+    // Whether the handshaking peer at `port` has a connection ID drawn for it.
+    let drawn = |ep: &Endpoint, port| {
+        let peer = &ep.peers[&addr(port)];
+        assert!(!peer.is_established(), "stopped in its handshake");
+        peer.ssl()
+            .and_then(|s| s.ex_data(ep.config.peer_addr))
+            .map(|info| info.cid.ours.is_some())
+    };
+    // Each client stopped while the server waits for its second flight: ClientHello and
+    // HelloVerifyRequest, then the ClientHello with the cookie and the server's flight.
+    let mut plain = Client::new(1000, None);
+    for _ in 0..2 {
+        for d in plain.drive() {
+            ep.handle(now, addr(1000), &d);
+        }
+        while let Some(t) = ep.poll_transmit() {
+            plain.stream.get_mut().push(t.payload);
+        }
+    }
+    assert_eq!(drawn(&ep, 1000), Some(false), "no extension, no draw");
+    let mut cid = CidClient::new(1001, b"c", None);
+    for _ in 0..2 {
+        for d in cid.drive() {
+            ep.handle(now, addr(1001), &d);
+        }
+        while let Some(t) = ep.poll_transmit() {
+            cid.inbound(t.payload);
+        }
+    }
+    assert_eq!(drawn(&ep, 1001), Some(true), "drawn for the ServerHello");
+    cid.pump(&mut ep, addr(1001), now);
+    assert!(cid.client.established);
+    assert_eq!(
+        ep.peers[&addr(1001)].our_cid(),
+        cid.server_cid.lock().as_deref(),
+        "the one drawn is the one the client was given"
+    );
+}
+
+#[test]
 fn connection_ids_off_leave_the_extension_unanswered() {
     let mut ep = Endpoint::new(builder().connection_id(false).build().unwrap()).unwrap();
     let now = Instant::now();
