@@ -23,13 +23,13 @@ CLIENTS=${CLIENTS:-4}
 SECONDS_EACH=${SECONDS_EACH:-4}
 RUNS=${RUNS:-3}
 cargo build --release --features metrics --examples --quiet || exit 1
-B=target/release/examples
+B=${CARGO_TARGET_DIR:-target}/release/examples
 
 echo "## in-process baseline: cargo bench --bench endpoint (interleaved, medians)"
 bench=$(cargo bench --bench endpoint 2>/dev/null | grep " us")
 echo "$bench"
 base_us=$(echo "$bench" | awk '/openssl_internal_cache/ { print $3 }')
-full_us=$(echo "$bench" | awk '/openssl_cookie_close/ { print $5 }')
+full_us=$(echo "$bench" | awk '$1 == "openssl_cookie_close" { print $5 }')
 
 ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
 scrape() { curl -s "http://127.0.0.1:$1/metrics"; }

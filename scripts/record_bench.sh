@@ -20,7 +20,7 @@ SIZE=${SIZE:-100}
 SECONDS_EACH=${SECONDS_EACH:-5}
 RUNS=${RUNS:-3}
 cargo build --release --examples --quiet || exit 1
-B=target/release/examples
+B=${CARGO_TARGET_DIR:-target}/release/examples
 
 ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
 

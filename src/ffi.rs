@@ -918,6 +918,63 @@ pub(crate) fn attach_reuseport_cbpf(
     }
 }
 
+/// Sets the integer socket option `level`/`name` of `socket` to `value` (`setsockopt`).
+#[cfg(target_os = "linux")]
+#[cfg(feature = "server")]
+pub(crate) fn set_int_sockopt(
+    socket: &impl std::os::fd::AsFd,
+    level: c_int,
+    name: c_int,
+    value: c_int,
+) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: the descriptor is borrowed from a live socket for the call; the option value is
+    // a local `c_int` whose size is passed with it, and the kernel only reads it during the call.
+    let r = unsafe {
+        libc::setsockopt(
+            socket.as_fd().as_raw_fd(),
+            level,
+            name,
+            std::ptr::from_ref(&value).cast::<c_void>(),
+            std::mem::size_of::<c_int>() as libc::socklen_t,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// The integer socket option `level`/`name` of `socket` (`getsockopt`; tests).
+#[cfg(target_os = "linux")]
+#[cfg(all(test, feature = "server"))]
+pub(crate) fn int_sockopt(
+    socket: &impl std::os::fd::AsFd,
+    level: c_int,
+    name: c_int,
+) -> std::io::Result<c_int> {
+    use std::os::fd::AsRawFd;
+    let mut value: c_int = 0;
+    let mut len = std::mem::size_of::<c_int>() as libc::socklen_t;
+    // SAFETY: the descriptor is borrowed from a live socket for the call; `value` and `len` are
+    // locals, `len` holding `value`'s size, so the kernel writes at most that many bytes.
+    let r = unsafe {
+        libc::getsockopt(
+            socket.as_fd().as_raw_fd(),
+            level,
+            name,
+            std::ptr::from_mut(&mut value).cast::<c_void>(),
+            &mut len,
+        )
+    };
+    if r == 0 {
+        Ok(value)
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
 #[cfg(all(test, feature = "server"))]
 mod tests {
     use super::*;

@@ -154,6 +154,32 @@ impl DatagramSocket for tokio::net::UdpSocket {
     }
 }
 
+/// The control messages `quinn-udp` turns on for every datagram received that the endpoint
+/// never reads: the ToS byte (ECN), the destination address (`IP_PKTINFO`; replies go out by
+/// `sendto` without a source, so the kernel's route picks it) and a receive timestamp
+/// (`SO_TIMESTAMPNS`, which also makes the kernel timestamp every packet it receives). GRO is
+/// kept: it joins datagrams the endpoint does read.
+#[cfg(target_os = "linux")]
+const UNREAD_CONTROL_MESSAGES: [(libc::c_int, libc::c_int); 5] = [
+    (libc::IPPROTO_IP, libc::IP_RECVTOS),
+    (libc::IPPROTO_IP, libc::IP_PKTINFO),
+    (libc::IPPROTO_IPV6, libc::IPV6_RECVTCLASS),
+    (libc::IPPROTO_IPV6, libc::IPV6_RECVPKTINFO),
+    (libc::SOL_SOCKET, libc::SO_TIMESTAMPNS),
+];
+
+/// Turns [`UNREAD_CONTROL_MESSAGES`] off on `socket`, so that receiving a datagram costs the
+/// kernel no control message to build and copy out. Best effort: an option the socket's
+/// family does not have is refused, and changes nothing.
+fn quiet_control_messages<S: AsFd>(socket: &S) {
+    #[cfg(target_os = "linux")]
+    for (level, name) in UNREAD_CONTROL_MESSAGES {
+        let _ = crate::ffi::set_int_sockopt(socket, level, name, 0);
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = socket;
+}
+
 /// Receive slot size: larger than any UDP datagram (oversized ones are seen whole and dropped
 /// by the endpoint), and than what GRO may hand over in one slot.
 const SLOT: usize = 65536;
@@ -186,6 +212,7 @@ impl UdpIo {
     /// I/O state for `socket` (made non-blocking), coalescing up to `mtu` bytes per datagram.
     pub(crate) fn new<S: AsFd>(socket: &S, mode: IoMode, mtu: usize) -> io::Result<Self> {
         let state = UdpSocketState::new(UdpSockRef::from(socket))?;
+        quiet_control_messages(socket);
         let slots = match mode {
             IoMode::Batched => quinn_udp::BATCH_SIZE,
             IoMode::Single => 1,
@@ -283,5 +310,52 @@ impl UdpIo {
             self.out.pop_front();
         }
         true
+    }
+}
+
+#[cfg(all(test, target_os = "linux"))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn receiving_asks_the_kernel_for_no_control_message_the_endpoint_does_not_read() {
+        let std_socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+        std_socket.set_nonblocking(true).unwrap();
+        let socket = mio::net::UdpSocket::from_std(std_socket);
+        let (level, name) = (libc::SOL_SOCKET, libc::SO_TIMESTAMPNS);
+        // quinn-udp turns them on ...
+        UdpSocketState::new(UdpSockRef::from(&socket)).unwrap();
+        assert_eq!(crate::ffi::int_sockopt(&socket, level, name).unwrap(), 1);
+        // ... and the endpoint's I/O state turns them off again.
+        let mut io = UdpIo::new(&socket, IoMode::Batched, 1400).unwrap();
+        for (level, name) in [
+            (libc::IPPROTO_IP, libc::IP_RECVTOS),
+            (libc::IPPROTO_IP, libc::IP_PKTINFO),
+            (libc::SOL_SOCKET, libc::SO_TIMESTAMPNS),
+        ] {
+            assert_eq!(
+                crate::ffi::int_sockopt(&socket, level, name).unwrap(),
+                0,
+                "{name}"
+            );
+        }
+        // Datagrams still arrive, whole and from their source, batched.
+        let peer = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let to = socket.local_addr().unwrap();
+        peer.send_to(b"one", to).unwrap();
+        peer.send_to(b"two!", to).unwrap();
+        let mut got = Vec::new();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while got.len() < 2 && std::time::Instant::now() < deadline {
+            match io.recv(&socket, |from, d| got.push((from, d.to_vec()))) {
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    std::thread::sleep(std::time::Duration::from_millis(1))
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+        let from = peer.local_addr().unwrap();
+        assert_eq!(got, vec![(from, b"one".to_vec()), (from, b"two!".to_vec())]);
     }
 }
