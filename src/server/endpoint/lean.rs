@@ -93,7 +93,10 @@ impl Endpoint {
         let mut opened_n = 0u32;
         let mut end = None;
         for record in records(datagram, cid_len) {
-            let Some(lean) = self.peers.get_mut(&addr).and_then(|p| p.lean_mut()) else {
+            let Some(peer) = self.peers.get_mut(&addr) else {
+                return;
+            };
+            let Some(lean) = peer.lean_mut() else {
                 return;
             };
             let opened = match lean.open(&mut self.crypto, record, &mut self.plain) {
@@ -119,7 +122,8 @@ impl Endpoint {
                 }
                 Err(Rejected::Malformed | Rejected::OtherEpoch | Rejected::Overflow) => continue,
             };
-            if from != addr {
+            // The peer looked up once per record, again only after it moved.
+            let peer = if from != addr {
                 if opened.newest && !self.peers.contains_key(&from) {
                     addr = self.migrate(addr, from);
                 } else {
@@ -127,9 +131,12 @@ impl Endpoint {
                     // peer stays where it is.
                     self.stats.migrations_refused_old += 1;
                 }
-            }
-            let Some(peer) = self.peers.get_mut(&addr) else {
-                return;
+                let Some(peer) = self.peers.get_mut(&addr) else {
+                    return;
+                };
+                peer
+            } else {
+                peer
             };
             opened_n += 1;
             if !opened_any {
@@ -231,21 +238,21 @@ impl Endpoint {
         to
     }
 
-    /// [`Endpoint::send`] for a lean peer (the checks done): seals one record.
-    pub(super) fn send_lean(&mut self, addr: SocketAddr, data: &[u8]) -> Result<(), SendError> {
-        let Some(peer) = self.peers.get_mut(&addr) else {
-            return Err(SendError::UnknownPeer);
-        };
-        let id = peer.id;
-        let Some(lean) = peer.lean_mut() else {
-            return Err(SendError::UnknownPeer);
-        };
-        match lean.seal(&mut self.crypto, CONTENT_APPLICATION_DATA, data) {
+    /// What [`Endpoint::send`] does after sealing a record for the lean peer `id` at `addr`
+    /// (the checks done, the peer's queue counted if it sealed): queues the record, or closes
+    /// the peer on a failure. `shared`: the peer's state is in a farm's store.
+    pub(super) fn sent_lean(
+        &mut self,
+        addr: SocketAddr,
+        id: u64,
+        len: usize,
+        sealed: Result<Vec<u8>, SealError>,
+        shared: bool,
+    ) -> Result<(), SendError> {
+        match sealed {
             Ok(record) => {
-                let shared = lean.lease().is_some();
-                peer.queued += 1;
                 self.stats.records_sent += 1;
-                self.stats.bytes_sent += data.len() as u64;
+                self.stats.bytes_sent += len as u64;
                 self.transmit(addr, record, id);
                 if let (true, Some(now)) = (shared, self.last_now) {
                     self.share_due(now, addr);

@@ -536,8 +536,19 @@ impl Endpoint {
         if data.is_empty() {
             return Ok(());
         }
-        if p.is_lean() {
-            return self.send_lean(peer, data);
+        if let Some(lean) = p.lean_mut() {
+            // Sealed under the one lookup the checks made.
+            let sealed = lean.seal(
+                &mut self.crypto,
+                super::record::protect::CONTENT_APPLICATION_DATA,
+                data,
+            );
+            let shared = lean.lease().is_some();
+            if sealed.is_ok() {
+                p.queued += 1;
+            }
+            let id = p.id;
+            return self.sent_lean(peer, id, data.len(), sealed, shared);
         }
         if p.write(data).is_err() {
             self.flush_peer(peer);
