@@ -116,6 +116,11 @@ impl CookieKeys {
     }
 
     /// Retires the current secret if its period ended at `now`; returns whether it rotated.
+    ///
+    /// Periods keep to the schedule the first call starts, however late a call comes: a
+    /// secret is current for one period and previous for the next, so a cookie never verifies
+    /// two periods after its secret became current. A call that comes after both periods of
+    /// the current secret ended (nothing called for a whole period) replaces both secrets.
     pub(crate) fn rotate_if_due(&self, now: Instant) -> Result<bool, ErrorStack> {
         let due = |keys: &Keys| keys.next_rotation.is_none_or(|at| now >= at);
         if !due(&self.keys.load()) {
@@ -127,13 +132,31 @@ impl CookieKeys {
             return Ok(false); // another worker rotated meanwhile
         }
         let mut next = Keys::clone(&keys);
-        next.next_rotation = Some(now + self.rotate_every);
-        let rotated = keys.next_rotation.is_some();
-        if rotated {
+        let Some(at) = keys.next_rotation else {
+            // Time starts: the first period ends one period from now.
+            next.next_rotation = Some(now + self.rotate_every);
+            self.keys.store(Arc::new(next));
+            return Ok(false);
+        };
+        // The first boundary of the schedule after `now`.
+        let period = self.rotate_every.max(Duration::from_nanos(1));
+        let behind = (now - at).as_nanos() / period.as_nanos();
+        next.next_rotation = Some(
+            u64::try_from((behind + 1) * period.as_nanos())
+                .ok()
+                .and_then(|n| at.checked_add(Duration::from_nanos(n)))
+                .filter(|t| *t > now)
+                .unwrap_or(now + period),
+        );
+        if behind == 0 {
             next.previous = Some(std::mem::replace(&mut next.current, Secret::random()?));
+        } else {
+            // The current secret's second period ended too: neither may verify any more.
+            next.current = Secret::random()?;
+            next.previous = None;
         }
         self.keys.store(Arc::new(next));
-        Ok(rotated)
+        Ok(true)
     }
 
     /// When the next rotation is due, once time has started.
@@ -374,6 +397,35 @@ mod tests {
             "two rotations later the old cookie fails"
         );
         assert!(keys.verify(a, &new));
+    }
+
+    #[test]
+    fn a_late_rotation_keeps_to_the_schedule_and_a_cookie_dies_two_periods_after_its_secret() {
+        let keys = CookieKeys::new(Duration::from_secs(10)).unwrap();
+        let t0 = Instant::now();
+        let a = addr("10.0.0.1:5684");
+        keys.rotate_if_due(t0).unwrap();
+        let first = keys.generate(a);
+        // Nothing calls until 5 s after the first period ended: one rotation, and the next
+        // boundary stays on the schedule (t0 + 20), not a period from the late call.
+        assert!(keys.rotate_if_due(t0 + Duration::from_secs(15)).unwrap());
+        assert_eq!(keys.next_rotation(), Some(t0 + Duration::from_secs(20)));
+        assert!(keys.verify(a, &first), "the previous secret still verifies");
+        let second = keys.generate(a);
+        assert!(keys.rotate_if_due(t0 + Duration::from_secs(20)).unwrap());
+        assert!(
+            !keys.verify(a, &first),
+            "two periods after its secret became current"
+        );
+        assert!(keys.verify(a, &second));
+        // Nothing calls for more than a whole period: both secrets go.
+        assert!(keys.rotate_if_due(t0 + Duration::from_secs(47)).unwrap());
+        assert_eq!(keys.next_rotation(), Some(t0 + Duration::from_secs(50)));
+        assert!(
+            !keys.verify(a, &second),
+            "its secret's second period ended at t0 + 40"
+        );
+        assert!(keys.verify(a, &keys.generate(a)));
     }
 
     #[test]

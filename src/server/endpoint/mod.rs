@@ -188,7 +188,6 @@ impl Endpoint {
     fn handle_datagram(&mut self, now: Instant, from: SocketAddr, datagram: &[u8]) {
         self.stats.datagrams_in += 1;
         self.last_now = Some(now);
-        self.rotate_cookies(now);
         if datagram.len() > self.config.max_datagram {
             self.drop_datagram(from, DropReason::Oversize);
             return;
@@ -290,6 +289,9 @@ impl Endpoint {
             }
             Err(NotHello::Fragmented) => return self.drop_datagram(from, DropReason::Fragmented),
         };
+        // Secrets checked for rotation where cookies are made and verified, not on every
+        // datagram (the timers rotate them on schedule too: `poll_timeout` holds the next).
+        self.rotate_cookies(now);
         let cookie_ok =
             !hello.cookie().is_empty() && self.config.cookies.verify(from, hello.cookie());
         if !cookie_ok {
