@@ -108,12 +108,13 @@ fn step(r: Result<SslStream<DatagramPipe>, HandshakeError<DatagramPipe>>) -> Sid
     }
 }
 
-/// One handshake in lockstep; returns (server time, client session, reused, server session).
-pub fn handshake(
+/// A client (resuming `session` if given) and a server on `server` run their handshake in
+/// lockstep until both are done; returns the time spent in the server's calls and both streams.
+fn lockstep(
     server: &SslContext,
     client: &SslContext,
     session: Option<&SslSession>,
-) -> (Duration, SslSession, bool, SslSession) {
+) -> (Duration, SslStream<DatagramPipe>, SslStream<DatagramPipe>) {
     let mut c_ssl = Ssl::new(client).unwrap();
     c_ssl.set_mtu(1400).unwrap();
     if let Some(s) = session {
@@ -145,9 +146,19 @@ pub fn handshake(
             break;
         }
     }
-    let (Side::Done(mut c), Side::Done(mut s)) = (c, s) else {
+    let (Side::Done(c), Side::Done(s)) = (c, s) else {
         unreachable!()
     };
+    (server_time, c, s)
+}
+
+/// One handshake in lockstep; returns (server time, client session, reused, server session).
+pub fn handshake(
+    server: &SslContext,
+    client: &SslContext,
+    session: Option<&SslSession>,
+) -> (Duration, SslSession, bool, SslSession) {
+    let (mut server_time, mut c, mut s) = lockstep(server, client, session);
     let reused = s.ssl().session_reused();
     // Keep both sessions resumable when the streams drop.
     s.set_shutdown(ShutdownState::SENT);
@@ -203,45 +214,14 @@ pub fn full_exchange(
     session: &SslSession,
 ) -> (Duration, bool) {
     use std::io::Read;
-    let mut c_ssl = Ssl::new(client).unwrap();
-    c_ssl.set_mtu(1400).unwrap();
-    #[allow(unsafe_code)]
-    // SAFETY: the client context keeps no internal cache (default SERVER mode on a client).
-    unsafe {
-        c_ssl.set_session(session).unwrap()
-    };
-    let mut server_time = Duration::ZERO;
-    let mut c = step(c_ssl.connect(DatagramPipe::new()));
-    let t = Instant::now();
-    let mut s_ssl = Ssl::new(server).unwrap();
-    s_ssl.set_mtu(1400).unwrap();
-    let mut s = step(s_ssl.accept(DatagramPipe::new()));
-    server_time += t.elapsed();
-    loop {
-        deliver(&mut s, &mut c);
-        if let Side::Mid(m) = c {
-            c = step(m.handshake());
-        }
-        deliver(&mut c, &mut s);
-        if let Side::Mid(m) = s {
-            let t = Instant::now();
-            s = step(m.handshake());
-            server_time += t.elapsed();
-        }
-        if let (Side::Done(_), Side::Done(_)) = (&c, &s) {
-            break;
-        }
-    }
-    let (Side::Done(mut c), Side::Done(mut s)) = (c, s) else {
-        unreachable!()
-    };
+    let (mut server_time, mut c, mut s) = lockstep(server, client, Some(session));
+    let reused = s.ssl().session_reused();
     // The client's close_notify; the server reads it and answers with its own.
     c.shutdown().unwrap();
     for d in c.get_mut().take_outbound() {
         s.get_mut().push(d);
     }
     let t = Instant::now();
-    let reused = s.ssl().session_reused();
     let mut buf = [0u8; 64];
     let n = s.read(&mut buf).unwrap();
     assert_eq!(n, 0, "the client's close_notify");
